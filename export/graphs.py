@@ -1,0 +1,216 @@
+"""The graphs that cross the serving boundary, and their export to ONNX with self-checks.
+
+Entropy coding never runs inside the inference server. The encoder graph maps images to
+the integer symbols the coder takes, ``round(y - median)`` per channel (int32, coder
+layout ``(B, C, T)``), and also returns the continuous latent for quality checks; the
+decoder graphs map symbols back to embeddings ``(B, T, C)`` or through the first MAE
+decoder block to ``(B, T - 1, D)``. Batch is a dynamic axis; the image size is fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from nec_models.nec import NECFactorized
+from nec_serve.errors import ExportCheckFailed
+
+__all__ = [
+    "EncoderGraph",
+    "DecoderGraph",
+    "GraphSpec",
+    "ParityReport",
+    "export_onnx",
+    "check_graph",
+    "LATENT_ATOL",
+    "EMBEDDING_ATOL",
+]
+
+log = logging.getLogger(__name__)
+
+# ORT and PyTorch order float reductions differently; over 12 ViT-B blocks the final-norm
+# output differs by ~1e-5 typically. 1e-3 is far below the quantization step of 1.
+LATENT_ATOL = 1e-3
+EMBEDDING_ATOL = 1e-4
+# A symbol may flip only where y - median lies within this distance of a rounding edge.
+HALF_BAND = 1e-3
+# ...and such flips must be rare.
+MAX_FLIP_FRACTION = 1e-4
+
+
+class EncoderGraph(nn.Module):
+    """images ``(B, 3, H, W)`` float32 -> symbols ``(B, C, T)`` int32, latent float32."""
+
+    def __init__(self, model: NECFactorized):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symbols for the coder and the continuous latent they round."""
+        latent = self.model.latent(images)
+        return self.model.symbols(latent), latent
+
+
+class DecoderGraph(nn.Module):
+    """symbols ``(B, C, T)`` int32 -> embeddings, optionally through decoder block 1."""
+
+    def __init__(self, model: NECFactorized, first_block: bool = False):
+        super().__init__()
+        self.model = model
+        self.first_block = first_block
+
+    def forward(self, symbols: torch.Tensor) -> torch.Tensor:
+        """Dequantized embeddings ``(B, T, C)`` or block-1 features ``(B, T-1, D)``."""
+        embeddings = self.model.dequantize(symbols)
+        if self.first_block:
+            return self.model.first_decoder_block(embeddings)
+        return embeddings
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Names, dtypes and per-item shapes (no batch axis) of one graph's tensors."""
+
+    inputs: tuple[tuple[str, str, tuple[int, ...]], ...]
+    outputs: tuple[tuple[str, str, tuple[int, ...]], ...]
+
+
+@dataclass
+class ParityReport:
+    """How an exported graph compares with PyTorch on the same inputs."""
+
+    graph: str
+    batch: int
+    output: str
+    max_abs_err: float
+    mean_abs_err: float
+    atol: float
+    symbols_total: int = 0
+    symbol_mismatches: int = 0
+    mismatches_near_half: int = 0
+    sha256: str = ""
+
+    def as_dict(self) -> dict:
+        """Plain dict for the manifest."""
+        return asdict(self)
+
+
+def export_onnx(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    input_name: str,
+    output_names: list[str],
+) -> Path:
+    """Export ``module`` to a single ONNX file with a dynamic batch axis and full check."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=output_names,
+            dynamic_shapes={next(iter(_forward_args(module))): {0: batch}},
+            external_data=False,  # Triton wants one file per model
+            dynamo=True,
+            verbose=False,
+        )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path
+
+
+def _forward_args(module: nn.Module) -> list[str]:
+    import inspect
+
+    return [p for p in inspect.signature(module.forward).parameters if p != "self"]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU onnxruntime session for ``path`` (``threads`` 0 = onnxruntime's default)."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_graph(
+    name: str,
+    module: nn.Module,
+    path: Path,
+    inputs: torch.Tensor,
+    medians: torch.Tensor | None = None,
+) -> ParityReport:
+    """Run PyTorch and onnxruntime on ``inputs`` and compare; raise if out of tolerance.
+
+    For the encoder (``medians`` given) the first output is symbols and the second the
+    latent: the latent must agree within :data:`LATENT_ATOL`, and a symbol may differ
+    only where ``latent - median`` lies within :data:`HALF_BAND` of a rounding edge,
+    in at most :data:`MAX_FLIP_FRACTION` of symbols. Decoders must agree within
+    :data:`EMBEDDING_ATOL`.
+    """
+    sess = session(path)
+    with torch.no_grad():
+        ref = module(inputs)
+    got = sess.run(None, {sess.get_inputs()[0].name: inputs.numpy()})
+    if medians is None:
+        ref_np = ref.numpy()
+        err = np.abs(got[0] - ref_np)
+        report = ParityReport(
+            name,
+            len(inputs),
+            sess.get_outputs()[0].name,
+            float(err.max()),
+            float(err.mean()),
+            EMBEDDING_ATOL,
+            sha256=_sha256(path),
+        )
+        if report.max_abs_err > EMBEDDING_ATOL or got[0].shape != ref_np.shape:
+            raise ExportCheckFailed(f"{name}: ONNX differs from PyTorch: {report}")
+        return report
+    ref_sym, ref_lat = (t.numpy() for t in ref)
+    got_sym, got_lat = got
+    err = np.abs(got_lat - ref_lat)
+    mismatch = got_sym != ref_sym
+    centred = ref_lat - medians.numpy()[None, :, None]
+    near_half = np.abs(np.abs(centred - np.floor(centred)) - 0.5) <= HALF_BAND
+    report = ParityReport(
+        name,
+        len(inputs),
+        "latent",
+        float(err.max()),
+        float(err.mean()),
+        LATENT_ATOL,
+        symbols_total=int(ref_sym.size),
+        symbol_mismatches=int(mismatch.sum()),
+        mismatches_near_half=int((mismatch & near_half).sum()),
+        sha256=_sha256(path),
+    )
+    if got_sym.dtype != np.int32 or got_sym.shape != ref_sym.shape:
+        raise ExportCheckFailed(f"{name}: symbols are {got_sym.dtype}{got_sym.shape}")
+    if report.max_abs_err > LATENT_ATOL:
+        raise ExportCheckFailed(f"{name}: latent differs from PyTorch: {report}")
+    far = report.symbol_mismatches - report.mismatches_near_half
+    if far or report.symbol_mismatches > MAX_FLIP_FRACTION * report.symbols_total + 1:
+        raise ExportCheckFailed(f"{name}: symbols differ from PyTorch: {report}")
+    log.info("%s parity: %s", name, report)
+    return report

@@ -1,0 +1,193 @@
+"""Export a NEC model: ONNX graphs, frozen entropy tables, Triton model repositories.
+
+Layout of an export directory::
+
+    <out>/manifest.json                    what was exported, hashes, parity numbers
+    <out>/entropy_tables.bin (+ .sha256)   frozen tables the coder uses
+    <out>/onnx/<graph>.onnx                the checked graphs
+    <out>/model_repository_gpu/<graph>/config.pbtxt, 1/model.onnx, 1/entropy_tables.bin
+    <out>/model_repository_cpu/...         the same graphs with the CPU configuration
+
+Files in the two repositories are hard links to ``onnx/`` where the filesystem allows,
+so the second variant costs no space. The tables travel inside each repository too, so
+the repository uploaded for Triton is enough for a coder to find them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nec_export.graphs import DecoderGraph, EncoderGraph, check_graph, export_onnx
+from nec_export.triton import DataType, TensorSpec, cpu_config, gpu_config, to_pbtxt
+from nec_models.nec import NECClassifier, NECFactorized, NECHyperprior
+from nec_serve import __version__
+from nec_serve.errors import InvalidInput
+from nec_serve.tables import TABLES_FILENAME, EntropyTables
+
+__all__ = ["tables_from_model", "export_model", "ExportOptions", "GRAPH_NAMES"]
+
+ENCODER = "nec_encoder"
+DECODER = "nec_decoder"
+DECODER_BLOCK1 = "nec_decoder_block1"
+GRAPH_NAMES = (ENCODER, DECODER, DECODER_BLOCK1)
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Knobs of an export."""
+
+    version: str = "1"
+    gpu_max_batch: int = 32
+    cpu_max_batch: int = 8
+    cpu_instances: int = 1
+    check_batch: int = 4  # >= 2: torch.export specialises a batch of 1
+    seed: int = 0
+
+
+def tables_from_model(model: NECFactorized) -> EntropyTables:
+    """Freeze the bottleneck's tables: the checkpoint's own if it has them, else update().
+
+    A checkpoint saved after CompressAI's ``update()`` carries the tables it was evaluated
+    with; those are used as they are, since recomputing them elsewhere may differ.
+    """
+    eb = model.entropy_bottleneck
+    if eb._quantized_cdf.numel() == 0 or eb._offset.numel() == 0:
+        eb.update(force=True)
+    return EntropyTables(
+        quantized_cdf=eb._quantized_cdf.cpu().numpy(),
+        cdf_length=eb._cdf_length.cpu().numpy(),
+        offset=eb._offset.cpu().numpy(),
+        medians=model.medians().cpu().numpy(),
+        precision=int(eb.entropy_coder_precision),
+    )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _check_exportable(model: torch.nn.Module) -> NECFactorized:
+    if isinstance(model, NECClassifier):
+        return model.backbone
+    if isinstance(model, NECHyperprior):
+        raise InvalidInput(
+            "the hyperprior NEC model is not exported for serving: its decoder derives "
+            "Gaussian scale indexes from a float network output, which differs in the last "
+            "bit between machines and corrupts streams (DESIGN section 3)"
+        )
+    if not isinstance(model, NECFactorized):
+        raise InvalidInput(f"cannot export {type(model).__name__}: not an NEC model")
+    return model
+
+
+def export_model(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    options: ExportOptions = ExportOptions(),
+    checkpoint_sha256: str | None = None,
+) -> dict:
+    """Export graphs, tables and both Triton repositories; returns the manifest.
+
+    Every graph is checked against PyTorch on a batch of ``options.check_batch`` random
+    images (see :func:`nec_export.graphs.check_graph`); a failed check raises and leaves
+    no manifest, so a half-done export is never mistaken for a good one.
+    """
+    nec = _check_exportable(model).eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    tables = tables_from_model(nec)
+    tables.save(out / TABLES_FILENAME)
+
+    c, t, s = nec.embed_dim, nec.num_tokens, nec.img_size
+    gen = torch.Generator().manual_seed(options.seed)
+    images = torch.randn(options.check_batch, nec.in_chans, s, s, generator=gen)
+    enc = EncoderGraph(nec)
+    with torch.no_grad():
+        symbols = enc(images)[0]
+    graphs = {
+        ENCODER: (enc, images[:2], "images", ["symbols", "latent"]),
+        DECODER: (DecoderGraph(nec), symbols[:2], "symbols", ["embeddings"]),
+        DECODER_BLOCK1: (DecoderGraph(nec, True), symbols[:2], "symbols", ["features"]),
+    }
+    specs = {
+        ENCODER: (
+            (TensorSpec("images", DataType.TYPE_FP32, (nec.in_chans, s, s)),),
+            (
+                TensorSpec("symbols", DataType.TYPE_INT32, (c, t)),
+                TensorSpec("latent", DataType.TYPE_FP32, (c, t)),
+            ),
+        ),
+        DECODER: (
+            (TensorSpec("symbols", DataType.TYPE_INT32, (c, t)),),
+            (TensorSpec("embeddings", DataType.TYPE_FP32, (t, c)),),
+        ),
+        DECODER_BLOCK1: (
+            (TensorSpec("symbols", DataType.TYPE_INT32, (c, t)),),
+            (TensorSpec("features", DataType.TYPE_FP32, (t - 1, nec.decoder_embed_dim)),),
+        ),
+    }
+    parity = {}
+    for name, (module, example, in_name, out_names) in graphs.items():
+        path = export_onnx(module, example, out / "onnx" / f"{name}.onnx", in_name, out_names)
+        check_in = images if name == ENCODER else symbols
+        medians = nec.medians() if name == ENCODER else None
+        parity[name] = check_graph(name, module, path, check_in, medians).as_dict()
+
+    for variant in ("gpu", "cpu"):
+        repo = out / f"model_repository_{variant}"
+        for name, (inputs, outputs) in specs.items():
+            if variant == "gpu":
+                cfg = gpu_config(name, inputs, outputs, max_batch_size=options.gpu_max_batch)
+            else:
+                cfg = cpu_config(
+                    name,
+                    inputs,
+                    outputs,
+                    max_batch_size=options.cpu_max_batch,
+                    instances=options.cpu_instances,
+                )
+            (repo / name).mkdir(parents=True, exist_ok=True)
+            (repo / name / "config.pbtxt").write_text(to_pbtxt(cfg))
+            vdir = repo / name / options.version
+            _link_or_copy(out / "onnx" / f"{name}.onnx", vdir / "model.onnx")
+            for fname in (TABLES_FILENAME, TABLES_FILENAME + ".sha256"):
+                _link_or_copy(out / fname, vdir / fname)
+
+    manifest = {
+        "model": getattr(model, "registry_name", type(nec).__name__),
+        "model_version": options.version,
+        "img_size": s,
+        "in_chans": nec.in_chans,
+        "channels": c,
+        "tokens": t,
+        "decoder_embed_dim": nec.decoder_embed_dim,
+        "table_sha256": tables.sha256,
+        "checkpoint_sha256": checkpoint_sha256,
+        "graphs": {
+            name: {
+                "file": f"onnx/{name}.onnx",
+                "inputs": [[x.name, x.data_type.value, list(x.dims)] for x in specs[name][0]],
+                "outputs": [[x.name, x.data_type.value, list(x.dims)] for x in specs[name][1]],
+            }
+            for name in graphs
+        },
+        "parity": parity,
+        "created_by": f"nec-serve {__version__}",
+        "torch": torch.__version__,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest

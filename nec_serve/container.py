@@ -1,0 +1,244 @@
+"""The NEC bitstream container: header, tile records, trailer (spec: docs/bitstream.md).
+
+A container is written and read one tile at a time, so memory stays bounded by a tile,
+not by the scene. Every part carries a CRC32; the header names the entropy tables by
+their SHA-256 and decoding refuses other tables. Payloads are exactly the bytes that
+CompressAI's ``EntropyBottleneck.compress`` gives for one image, so they interoperate
+with the NEC research code. The format holds no pickle and no code.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from nec_serve.errors import CorruptBitstream, TableMismatch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "ContainerHeader",
+    "TileRecord",
+    "ContainerWriter",
+    "ContainerReader",
+]
+
+MAGIC = b"NECB"
+FORMAT_VERSION = 1
+_HEAD = struct.Struct("<4sHH32sI")  # magic, version, flags, table sha256, meta length
+_TILE = struct.Struct("<IiiIIH")  # index, row, col, source h, source w, name length
+_END = struct.Struct("<IQ")  # tile count, total payload bytes
+_U32 = struct.Struct("<I")
+_TAG_TILE = b"T"
+_TAG_END = b"E"
+MAX_META_BYTES = 1 << 20
+MAX_NAME_BYTES = 4096
+MAX_PAYLOAD_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class ContainerHeader:
+    """What a decoder needs besides the named model and its tables.
+
+    ``meta`` is a JSON object with at least ``model`` (registry name), ``model_version``,
+    ``channels`` and ``tokens`` (symbols per tile are ``channels * tokens``), ``img_size``,
+    ``bands`` (1-based band indices read from the source) and ``normalisation``.
+    """
+
+    table_sha256: str
+    meta: dict[str, Any]
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        """Check the fields every decoder relies on."""
+        if len(self.table_sha256) != 64:
+            raise ValueError(f"table_sha256 must be 64 hex digits, got {self.table_sha256!r}")
+        for key in ("model", "channels", "tokens"):
+            if key not in self.meta:
+                raise ValueError(f"container metadata lacks {key!r}")
+
+    @property
+    def symbols_per_tile(self) -> int:
+        """Symbols coded in each tile's payload."""
+        return int(self.meta["channels"]) * int(self.meta["tokens"])
+
+    def check_tables(self, table_sha256: str) -> None:
+        """Raise :class:`TableMismatch` unless ``table_sha256`` names this container's tables."""
+        if table_sha256 != self.table_sha256:
+            raise TableMismatch(
+                f"container was coded with entropy tables {self.table_sha256[:16]}..., "
+                f"but the supplied tables are {table_sha256[:16]}...: decode it with the "
+                f"model export that wrote it (model {self.meta.get('model')!r}, version "
+                f"{self.meta.get('model_version')!r})"
+            )
+
+    def to_bytes(self) -> bytes:
+        """Header bytes including the trailing CRC32."""
+        meta = json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode()
+        if len(meta) > MAX_META_BYTES:
+            raise ValueError(f"container metadata is {len(meta)} bytes, limit {MAX_META_BYTES}")
+        head = _HEAD.pack(MAGIC, self.version, 0, bytes.fromhex(self.table_sha256), len(meta))
+        body = head + meta
+        return body + _U32.pack(zlib.crc32(body))
+
+
+@dataclass(frozen=True)
+class TileRecord:
+    """One coded tile: where it came from and its payload.
+
+    ``row``/``col`` are the tile's pixel origin in its source image and
+    ``source_height``/``source_width`` that image's size, so a decoder can put a scene back
+    together; tiles that are whole images have origin (0, 0).
+    """
+
+    index: int
+    source: str
+    row: int
+    col: int
+    source_height: int
+    source_width: int
+    payload: bytes = field(repr=False)
+
+
+class ContainerWriter:
+    """Write a container to a binary file object, one tile at a time.
+
+    Use as a context manager; the trailer is written on a clean exit only, so an
+    interrupted write leaves a container that readers reject as truncated.
+    """
+
+    def __init__(self, fileobj: IO[bytes], header: ContainerHeader):
+        self._f = fileobj
+        self._count = 0
+        self._total = 0
+        self._closed = False
+        self._f.write(header.to_bytes())
+
+    def write_tile(
+        self,
+        payload: bytes,
+        *,
+        source: str = "",
+        row: int = 0,
+        col: int = 0,
+        source_height: int = 0,
+        source_width: int = 0,
+    ) -> int:
+        """Append one tile record; returns its index."""
+        if self._closed:
+            raise ValueError("container already closed")
+        name = source.encode()
+        if len(name) > MAX_NAME_BYTES:
+            raise ValueError(f"tile source name is {len(name)} bytes, limit {MAX_NAME_BYTES}")
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"tile payload is {len(payload)} bytes, limit {MAX_PAYLOAD_BYTES}")
+        fixed = _TILE.pack(self._count, row, col, source_height, source_width, len(name))
+        body = fixed + name + _U32.pack(len(payload)) + payload
+        self._f.write(_TAG_TILE + body + _U32.pack(zlib.crc32(body)))
+        self._count += 1
+        self._total += len(payload)
+        return self._count - 1
+
+    def close(self) -> None:
+        """Write the trailer (tile count and total payload bytes, with a CRC32)."""
+        if self._closed:
+            return
+        body = _END.pack(self._count, self._total)
+        self._f.write(_TAG_END + body + _U32.pack(zlib.crc32(body)))
+        self._closed = True
+
+    def __enter__(self) -> ContainerWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+class ContainerReader:
+    """Read a container from a binary file object: the header at once, tiles on iteration."""
+
+    def __init__(self, fileobj: IO[bytes]):
+        self._f = fileobj
+        self.header = self._read_header()
+        self.tile_count: int | None = None
+
+    def _read(self, n: int, what: str) -> bytes:
+        data = self._f.read(n)
+        if len(data) != n:
+            raise CorruptBitstream(
+                f"container truncated: expected {n} bytes of {what}, got {len(data)}"
+            )
+        return data
+
+    def _read_header(self) -> ContainerHeader:
+        head = self._f.read(_HEAD.size)
+        if len(head) < 4 or head[:4] != MAGIC:
+            raise CorruptBitstream(f"not an NEC container (magic {head[:4]!r}, expected {MAGIC!r})")
+        if len(head) != _HEAD.size:
+            raise CorruptBitstream("container truncated inside the header")
+        magic, version, _flags, digest, meta_len = _HEAD.unpack(head)
+        if version != FORMAT_VERSION:
+            raise CorruptBitstream(
+                f"container format version {version} is not supported (this reader: "
+                f"{FORMAT_VERSION})"
+            )
+        if meta_len > MAX_META_BYTES:
+            raise CorruptBitstream(f"container metadata length {meta_len} exceeds the limit")
+        meta = self._read(meta_len, "metadata")
+        (crc,) = _U32.unpack(self._read(4, "header CRC"))
+        if zlib.crc32(head + meta) != crc:
+            raise CorruptBitstream("container header CRC mismatch: the header is corrupt")
+        try:
+            parsed = json.loads(meta)
+            return ContainerHeader(digest.hex(), parsed, version)
+        except (ValueError, TypeError) as err:
+            raise CorruptBitstream(f"container metadata is invalid: {err}") from err
+
+    def __iter__(self) -> Iterator[TileRecord]:
+        """Yield tiles in order; raise :class:`CorruptBitstream` on any damage."""
+        count = total = 0
+        while True:
+            tag = self._read(1, "record tag")
+            if tag == _TAG_END:
+                body = self._read(_END.size, "trailer")
+                (crc,) = _U32.unpack(self._read(4, "trailer CRC"))
+                if zlib.crc32(body) != crc:
+                    raise CorruptBitstream("container trailer CRC mismatch")
+                n, t = _END.unpack(body)
+                if (n, t) != (count, total):
+                    raise CorruptBitstream(
+                        f"container trailer says {n} tiles / {t} bytes, read {count} / {total}"
+                    )
+                if self._f.read(1):
+                    raise CorruptBitstream("unexpected bytes after the container trailer")
+                self.tile_count = count
+                return
+            if tag != _TAG_TILE:
+                raise CorruptBitstream(f"bad record tag {tag!r} before tile {count}")
+            fixed = self._read(_TILE.size, f"tile {count} header")
+            index, row, col, sh, sw, name_len = _TILE.unpack(fixed)
+            if index != count:
+                raise CorruptBitstream(f"tile index {index} where {count} was expected")
+            if name_len > MAX_NAME_BYTES:
+                raise CorruptBitstream(f"tile {count} name length {name_len} exceeds the limit")
+            name = self._read(name_len, f"tile {count} name")
+            plen_raw = self._read(4, f"tile {count} payload length")
+            (plen,) = _U32.unpack(plen_raw)
+            if plen > MAX_PAYLOAD_BYTES:
+                raise CorruptBitstream(f"tile {count} payload length {plen} exceeds the limit")
+            payload = self._read(plen, f"tile {count} payload")
+            (crc,) = _U32.unpack(self._read(4, f"tile {count} CRC"))
+            if zlib.crc32(payload, zlib.crc32(fixed + name + plen_raw)) != crc:
+                raise CorruptBitstream(f"tile {count} CRC mismatch: the tile is corrupt")
+            try:
+                source = name.decode()
+            except UnicodeDecodeError as err:
+                raise CorruptBitstream(f"tile {count} name is not UTF-8") from err
+            yield TileRecord(index, source, row, col, sh, sw, payload)
+            count += 1
+            total += plen

@@ -1,0 +1,51 @@
+"""One exception tree for the project.
+
+Every error a user can cause derives from :class:`NecError`, so callers (the CLI, the
+wrapper) can map it to an exit code, an HTTP status or a ``failed`` status event in one
+place. Messages name the bad value and, where there is one, the fix.
+"""
+
+__all__ = [
+    "NecError",
+    "InvalidInput",
+    "CorruptBitstream",
+    "TableMismatch",
+    "CheckpointMismatch",
+    "UnknownModel",
+    "ExportCheckFailed",
+]
+
+
+class NecError(Exception):
+    """Base class of all errors raised on purpose by this project."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(NecError, ValueError):
+    """Input data that cannot be processed: wrong shape, band count, NaN, bad file."""
+
+
+class CorruptBitstream(NecError):
+    """A container or payload that is truncated, damaged or not a container at all."""
+
+
+class TableMismatch(NecError):
+    """A container made with other entropy tables than the ones supplied."""
+
+
+class CheckpointMismatch(NecError):
+    """A checkpoint whose keys or shapes do not fit the requested architecture."""
+
+
+class UnknownModel(NecError, KeyError):
+    """A model name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable.
+        return self.message
+
+
+class ExportCheckFailed(NecError):
+    """An exported graph disagrees with PyTorch beyond the stated tolerance."""
