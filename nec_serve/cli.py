@@ -1,0 +1,256 @@
+"""``nec-serve``: one entry point for export, compression, inspection and the demo.
+
+Errors the user can cause print one line naming what was wrong and exit with status 2;
+outputs are written to a temporary file beside the target and renamed into place only
+when complete, so a failed run never leaves a half-written container or array.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from nec_serve import __version__
+from nec_serve.errors import InvalidInput, NecError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("nec_serve")
+
+
+@contextmanager
+def atomic_output(path: Path):
+    """Open a temporary file beside ``path``; move it to ``path`` only on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _bands(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        bands = [int(b) for b in text.split(",")]
+    except ValueError as err:
+        raise InvalidInput(f"invalid --bands {text!r}, expected e.g. 1,2,3") from err
+    if any(b < 1 for b in bands):
+        raise InvalidInput(f"invalid --bands {text!r}: band indices start at 1")
+    return bands
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List registered models."""
+    from nec_models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export graphs, tables and Triton repositories for a model (and checkpoint)."""
+    from nec_export import ExportOptions, export_model
+    from nec_models import create_model, load_checkpoint
+
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = create_model(args.model, **kwargs)
+    ckpt_sha = None
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+        ckpt_sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+    options = ExportOptions(
+        version=args.version,
+        gpu_max_batch=args.gpu_max_batch,
+        cpu_max_batch=args.cpu_max_batch,
+    )
+    manifest = export_model(model, args.out, options, checkpoint_sha256=ckpt_sha)
+    enc = manifest["parity"]["nec_encoder"]
+    print(
+        f"exported {manifest['model']} ({manifest['img_size']} px, {manifest['tokens']} tokens x "
+        f"{manifest['channels']} channels) to {args.out}\n"
+        f"  tables sha256 {manifest['table_sha256']}\n"
+        f"  encoder parity: latent max |err| {enc['max_abs_err']:.2e} (tol {enc['atol']:.0e}), "
+        f"symbols differing {enc['symbol_mismatches']}/{enc['symbols_total']} "
+        f"({enc['mismatches_near_half']} within rounding distance of .5)"
+    )
+    return 0
+
+
+def _engine(args: argparse.Namespace, bundle):
+    from nec_serve.pipeline import LocalEngine
+
+    return LocalEngine(bundle, threads=args.threads)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Compress imagery into a container."""
+    from nec_serve.imagery import iter_inputs
+    from nec_serve.pipeline import ModelBundle, compress
+
+    bundle = ModelBundle.load(args.model_dir)
+    bands = _bands(args.bands)
+    out = Path(args.out)
+    with atomic_output(out) as f:
+        stats = compress(
+            iter_inputs(args.input, bands),
+            bundle,
+            _engine(args, bundle),
+            f,
+            bands=bands,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+    print(json.dumps({"output": str(out), **stats.summary()}, indent=2))
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    """Decode a container into embeddings, block-1 features or symbols (.npy)."""
+    import numpy as np
+
+    from nec_serve.pipeline import DECODER_OUTPUTS, ModelBundle, decompress
+
+    bundle = ModelBundle.load(args.model_dir)
+    engine = _engine(args, bundle) if DECODER_OUTPUTS[args.output] else None
+    try:
+        f = open(args.input, "rb")  # noqa: SIM115 - closed below
+    except OSError as err:
+        raise InvalidInput(f"cannot read container {args.input}: {err}") from err
+    with f:
+        header, records, arr = decompress(
+            f, bundle, engine, args.output, args.batch_size, progress=not args.quiet
+        )
+    out = Path(args.out)
+    with atomic_output(out) as g:
+        np.save(g, arr, allow_pickle=False)
+    index = [{"tile": r.index, "source": r.source, "row": r.row, "col": r.col} for r in records]
+    with atomic_output(out.with_suffix(".tiles.json")) as g:
+        g.write(json.dumps(index, indent=1).encode())
+    print(f"decoded {len(records)} tiles -> {out} {arr.dtype}{tuple(arr.shape)}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print a container's header and, with --tiles, its tile records (CRC-checked)."""
+    from nec_serve.container import ContainerReader
+
+    try:
+        f = open(args.input, "rb")  # noqa: SIM115 - closed below
+    except OSError as err:
+        raise InvalidInput(f"cannot read container {args.input}: {err}") from err
+    with f:
+        reader = ContainerReader(f)
+        info = {"version": reader.header.version, "table_sha256": reader.header.table_sha256}
+        info.update(reader.header.meta)
+        sizes = []
+        for rec in reader:
+            sizes.append(len(rec.payload))
+            if args.tiles:
+                print(f"tile {rec.index}: {rec.source} @({rec.row},{rec.col}) {len(rec.payload)} B")
+        info["tiles"] = len(sizes)
+        info["payload_bytes"] = sum(sizes)
+        info["container_bytes"] = Path(args.input).stat().st_size
+    print(json.dumps(info, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the main job: export, compress and decompress real imagery, print a summary."""
+    from nec_serve.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nec-serve`` argument parser."""
+    p = argparse.ArgumentParser(prog="nec-serve", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"nec-serve {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="list registered models")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("export", help="export ONNX graphs, entropy tables, Triton repositories")
+    s.add_argument("--model", required=True, help="registry name (see `nec-serve models`)")
+    s.add_argument("--checkpoint", help="official NEC checkpoint ({'model': state_dict})")
+    s.add_argument("--img-size", type=int, help="input size in pixels (224, 256, 512)")
+    s.add_argument("--out", required=True, help="export directory")
+    s.add_argument("--version", default="1", help="model version in the Triton repository")
+    s.add_argument("--gpu-max-batch", type=int, default=32)
+    s.add_argument("--cpu-max-batch", type=int, default=8)
+    s.set_defaults(func=cmd_export)
+
+    def coding_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--model-dir", required=True, help="directory written by export")
+        s.add_argument("--batch-size", type=int, default=8)
+        s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("compress", help="GeoTIFF / .npy / .tar.gz / folder -> container")
+    s.add_argument("input")
+    s.add_argument("--out", required=True, help="container file to write")
+    s.add_argument("--bands", help="1-based bands to read, e.g. 1,2,3 (NAIP RGB)")
+    coding_args(s)
+    s.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("decompress", help="container -> embeddings .npy")
+    s.add_argument("input")
+    s.add_argument("--out", required=True, help=".npy file to write")
+    s.add_argument(
+        "--output",
+        choices=("embeddings", "features", "symbols"),
+        default="embeddings",
+        help="embeddings (T x C), first-decoder-block features, or raw symbols",
+    )
+    coding_args(s)
+    s.set_defaults(func=cmd_decompress)
+
+    s = sub.add_parser("inspect", help="print a container's header")
+    s.add_argument("input")
+    s.add_argument("--tiles", action="store_true", help="also list every tile")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("demo", help="export, compress and decompress ../shared/data")
+    s.add_argument("--data", default=None, help="data folder (default: ../shared/data)")
+    s.add_argument("--model", default="mae_vit_compress_adapter")
+    s.add_argument("--work", default="artifacts/demo", help="where exports and outputs go")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except NecError as err:
+        print(f"nec-serve {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Compress imagery to containers and back, with any inference engine.
+
+The steps are pure functions over arrays plus two thin loops: :func:`compress` reads
+images, tiles and normalises them, asks an engine for symbols in batches, entropy-codes
+each tile on the CPU and streams tile records into a container; :func:`decompress` does
+the reverse. An engine is anything with ``encode(images) -> (symbols, latent)`` and
+``decode(graph, symbols) -> array``: :class:`LocalEngine` runs the exported ONNX graphs
+in-process with onnxruntime; the Triton client of the serving layer offers the same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+import numpy as np
+
+from nec_serve import __version__
+from nec_serve.codec import FactorizedCodec
+from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter, TileRecord
+from nec_serve.errors import InvalidInput
+from nec_serve.imagery import Normalisation, tile_image
+from nec_serve.tables import TABLES_FILENAME, EntropyTables
+
+__all__ = [
+    "ModelBundle",
+    "Engine",
+    "LocalEngine",
+    "CompressStats",
+    "compress",
+    "decompress",
+    "DECODER_OUTPUTS",
+]
+
+MANIFEST = "manifest.json"
+ENCODER = "nec_encoder"
+#: decompress output -> decoder graph that produces it (``symbols`` needs none).
+DECODER_OUTPUTS = {"embeddings": "nec_decoder", "features": "nec_decoder_block1", "symbols": None}
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """An export directory as the coder sees it: manifest, verified tables, codec."""
+
+    root: Path
+    manifest: dict
+    tables: EntropyTables
+    codec: FactorizedCodec
+
+    @classmethod
+    def load(cls, root: str | Path) -> ModelBundle:
+        """Load ``root`` (written by ``nec-serve export``) and verify its table hash."""
+        root = Path(root)
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+        except FileNotFoundError as err:
+            raise InvalidInput(
+                f"{root} is not a model export: no {MANIFEST} (run `nec-serve export` first)"
+            ) from err
+        except ValueError as err:
+            raise InvalidInput(f"{root / MANIFEST} is not valid JSON: {err}") from err
+        tables = EntropyTables.load(root / TABLES_FILENAME)
+        if tables.sha256 != manifest.get("table_sha256"):
+            raise InvalidInput(
+                f"{root}: entropy tables hash {tables.sha256[:12]} differs from the manifest's "
+                f"{str(manifest.get('table_sha256'))[:12]}: the export directory is inconsistent"
+            )
+        return cls(root, manifest, tables, FactorizedCodec(tables))
+
+    @property
+    def img_size(self) -> int:
+        """Tile size in pixels the encoder takes."""
+        return int(self.manifest["img_size"])
+
+    @property
+    def in_chans(self) -> int:
+        """Bands the encoder takes."""
+        return int(self.manifest["in_chans"])
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per tile."""
+        return int(self.manifest["tokens"])
+
+    @property
+    def channels(self) -> int:
+        """Latent channels."""
+        return int(self.manifest["channels"])
+
+    def graph_path(self, graph: str) -> Path:
+        """Path of an exported ONNX graph."""
+        try:
+            return self.root / self.manifest["graphs"][graph]["file"]
+        except KeyError as err:
+            raise InvalidInput(f"{self.root}: the export has no graph {graph!r}") from err
+
+
+class Engine(Protocol):
+    """What the pipeline needs from an inference backend."""
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images ``(B, bands, S, S)`` float32 -> symbols ``(B, C, T)`` int32, latent."""
+
+    def decode(self, graph: str, symbols: np.ndarray) -> np.ndarray:
+        """Symbols ``(B, C, T)`` int32 -> the decoder graph's output."""
+
+
+class LocalEngine:
+    """Runs the exported graphs in-process with onnxruntime on the CPU."""
+
+    def __init__(self, bundle: ModelBundle, threads: int = 0):
+        import onnxruntime as ort  # heavy; only engines that run graphs locally need it
+
+        self._bundle = bundle
+        self._opts = ort.SessionOptions()
+        if threads:
+            self._opts.intra_op_num_threads = threads
+        self._ort = ort
+        self._sessions: dict = {}
+
+    def _session(self, graph: str):
+        if graph not in self._sessions:
+            self._sessions[graph] = self._ort.InferenceSession(
+                str(self._bundle.graph_path(graph)), self._opts, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[graph]
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the encoder graph."""
+        symbols, latent = self._session(ENCODER).run(None, {"images": images})
+        return symbols, latent
+
+    def decode(self, graph: str, symbols: np.ndarray) -> np.ndarray:
+        """Run a decoder graph."""
+        return self._session(graph).run(None, {"symbols": symbols})[0]
+
+
+@dataclass
+class CompressStats:
+    """What one compression did, for the CLI, the demo and the wrapper's status events."""
+
+    images: int = 0
+    tiles: int = 0
+    source_pixels: int = 0
+    raw_bytes: int = 0
+    container_bytes: int = 0
+    payload_bytes: int = 0
+    symbols: int = 0
+    entropy_bound_bits: float = 0.0
+    quant_sq_err: float = 0.0
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("read", "preprocess", "inference", "coding"), 0.0)
+    )
+
+    @property
+    def bits_per_pixel(self) -> float:
+        """Container bits per source pixel (all bands of a pixel together)."""
+        return 8 * self.container_bytes / max(self.source_pixels, 1)
+
+    @property
+    def ratio(self) -> float:
+        """Raw source bytes over container bytes."""
+        return self.raw_bytes / max(self.container_bytes, 1)
+
+    @property
+    def embedding_rmse(self) -> float:
+        """RMS difference between the continuous latent and the decoded embedding."""
+        return float(np.sqrt(self.quant_sq_err / max(self.symbols, 1)))
+
+    @property
+    def overhead_vs_bound(self) -> float:
+        """Payload bytes over the entropy bound of the coded symbols, minus one."""
+        return 8 * self.payload_bytes / max(self.entropy_bound_bits, 1.0) - 1.0
+
+    def summary(self) -> dict:
+        """Flat dict with units in the keys."""
+        return {
+            "images": self.images,
+            "tiles": self.tiles,
+            "raw_bytes": self.raw_bytes,
+            "container_bytes": self.container_bytes,
+            "bits_per_pixel": round(self.bits_per_pixel, 4),
+            "compression_ratio": round(self.ratio, 2),
+            "payload_over_entropy_bound_pct": round(100 * self.overhead_vs_bound, 3),
+            "embedding_rmse": round(self.embedding_rmse, 5),
+            **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+@dataclass
+class _Pending:
+    name: str
+    row: int
+    col: int
+    height: int
+    width: int
+
+
+class _Counter:
+    """Counts bytes written through to a file object."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f = f
+        self.n = 0
+
+    def write(self, data: bytes) -> int:
+        self.n += len(data)
+        return self.f.write(data)
+
+
+def _normalisation_for(name: str, raw: np.ndarray, bundle: ModelBundle) -> Normalisation:
+    if raw.shape[0] != bundle.in_chans:
+        raise InvalidInput(
+            f"image {name!r} has {raw.shape[0]} bands, model {bundle.manifest['model']!r} takes "
+            f"{bundle.in_chans}: choose bands, e.g. --bands 1,2,3 for RGB"
+        )
+    return Normalisation.for_dtype(raw.dtype, raw.shape[0])
+
+
+def compress(
+    inputs: Iterable[tuple[str, np.ndarray]],
+    bundle: ModelBundle,
+    engine: Engine,
+    out: IO[bytes],
+    *,
+    bands: list[int] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> CompressStats:
+    """Compress ``(name, (bands, H, W))`` images into one container written to ``out``.
+
+    Tiles are batched up to ``batch_size`` for the engine and written as soon as they are
+    coded, so memory is bounded by one image plus one batch. All images must share a
+    pixel dtype (the container records one normalisation).
+    """
+    if batch_size < 1:
+        raise InvalidInput(f"invalid batch size {batch_size}, expected >= 1")
+    stats = CompressStats()
+    sink = _Counter(out)
+    writer: ContainerWriter | None = None
+    norm: Normalisation | None = None
+    tiles: list[np.ndarray] = []
+    pending: list[_Pending] = []
+    bar = _progress(progress, "compress", "tile")
+
+    def flush() -> None:
+        t0 = time.perf_counter()
+        batch = norm.apply(np.stack(tiles)).astype(np.float32, copy=False)
+        t1 = time.perf_counter()
+        symbols, latent = engine.encode(batch)
+        t2 = time.perf_counter()
+        _check_engine_output(symbols, len(tiles), bundle)
+        streams = bundle.codec.encode_batch(symbols)
+        stats.entropy_bound_bits += sum(bundle.codec.entropy_bound_bits(s) for s in symbols)
+        medians = bundle.tables.medians[None, :, None]
+        stats.quant_sq_err += float(np.square(latent - (symbols + medians)).sum())
+        for info, payload in zip(pending, streams, strict=True):
+            writer.write_tile(
+                payload,
+                source=info.name,
+                row=info.row,
+                col=info.col,
+                source_height=info.height,
+                source_width=info.width,
+            )
+            stats.payload_bytes += len(payload)
+        t3 = time.perf_counter()
+        stats.seconds["preprocess"] += t1 - t0
+        stats.seconds["inference"] += t2 - t1
+        stats.seconds["coding"] += t3 - t2
+        stats.tiles += len(tiles)
+        stats.symbols += symbols.size
+        bar.update(len(tiles))
+        tiles.clear()
+        pending.clear()
+
+    t_read = time.perf_counter()
+    for name, raw in inputs:
+        stats.seconds["read"] += time.perf_counter() - t_read
+        this_norm = _normalisation_for(name, raw, bundle)
+        if norm is None:
+            norm = this_norm
+            writer = ContainerWriter(sink, _header(bundle, norm, raw.dtype, bands))
+        elif this_norm != norm:
+            raise InvalidInput(
+                f"image {name!r} has dtype {raw.dtype}, unlike the images before it: "
+                "compress images of one dtype per container"
+            )
+        stats.images += 1
+        stats.source_pixels += raw.shape[1] * raw.shape[2]
+        stats.raw_bytes += raw.nbytes
+        image_tiles, grid = tile_image(raw, bundle.img_size)
+        for tile, (row, col) in zip(image_tiles, grid.origins(), strict=True):
+            tiles.append(tile)
+            pending.append(_Pending(name, row, col, grid.height, grid.width))
+            if len(tiles) == batch_size:
+                flush()
+        t_read = time.perf_counter()
+    if writer is None:
+        raise InvalidInput("no images to compress")
+    if tiles:
+        flush()
+    writer.close()
+    bar.close()
+    stats.container_bytes = sink.n
+    return stats
+
+
+def _header(
+    bundle: ModelBundle, norm: Normalisation, dtype: np.dtype, bands: list[int] | None
+) -> ContainerHeader:
+    m = bundle.manifest
+    return ContainerHeader(
+        table_sha256=bundle.tables.sha256,
+        meta={
+            "model": m["model"],
+            "model_version": m["model_version"],
+            "channels": bundle.channels,
+            "tokens": bundle.tokens,
+            "img_size": bundle.img_size,
+            "bands": list(bands) if bands else list(range(1, bundle.in_chans + 1)),
+            "normalisation": norm.to_dict(),
+            "source_dtype": np.dtype(dtype).name,
+            "created_by": f"nec-serve {__version__}",
+        },
+    )
+
+
+def _check_engine_output(symbols: np.ndarray, n: int, bundle: ModelBundle) -> None:
+    expected = (n, bundle.channels, bundle.tokens)
+    if symbols.shape != expected or symbols.dtype != np.int32:
+        raise InvalidInput(
+            f"encoder returned symbols {symbols.dtype}{symbols.shape}, expected int32{expected}: "
+            "the served model does not match the export"
+        )
+
+
+def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
+    """Refuse a container made by another model or with other tables."""
+    meta = header.meta
+    if meta.get("model") != bundle.manifest["model"]:
+        raise InvalidInput(
+            f"container was made by model {meta.get('model')!r}, the export is "
+            f"{bundle.manifest['model']!r}"
+        )
+    header.check_tables(bundle.tables.sha256)
+    if (int(meta["channels"]), int(meta["tokens"])) != (bundle.channels, bundle.tokens):
+        raise InvalidInput(
+            f"container holds {meta['channels']}x{meta['tokens']} symbols per tile, the export "
+            f"codes {bundle.channels}x{bundle.tokens}"
+        )
+
+
+def iter_decoded(
+    reader: ContainerReader,
+    bundle: ModelBundle,
+    engine: Engine | None,
+    output: str = "embeddings",
+    batch_size: int = 8,
+) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
+    """Yield ``(tile records, decoded batch)`` from a container, batch by batch."""
+    if output not in DECODER_OUTPUTS:
+        raise InvalidInput(f"unknown output {output!r}, expected one of {sorted(DECODER_OUTPUTS)}")
+    check_compatible(reader.header, bundle)
+    graph = DECODER_OUTPUTS[output]
+    records: list[TileRecord] = []
+
+    def run() -> np.ndarray:
+        symbols = bundle.codec.decode_batch([r.payload for r in records], bundle.tokens)
+        return symbols if graph is None else engine.decode(graph, symbols)
+
+    for record in reader:
+        records.append(record)
+        if len(records) == batch_size:
+            yield list(records), run()
+            records.clear()
+    if records:
+        yield list(records), run()
+
+
+def decompress(
+    fileobj: IO[bytes],
+    bundle: ModelBundle,
+    engine: Engine | None,
+    output: str = "embeddings",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[ContainerHeader, list[TileRecord], np.ndarray]:
+    """Decode a whole container into one array ``(tiles, ...)`` plus its tile records."""
+    reader = ContainerReader(fileobj)
+    bar = _progress(progress, "decompress", "tile")
+    records: list[TileRecord] = []
+    parts: list[np.ndarray] = []
+    for batch_records, arr in iter_decoded(reader, bundle, engine, output, batch_size):
+        records.extend(batch_records)
+        parts.append(arr)
+        bar.update(len(batch_records))
+    bar.close()
+    if not parts:
+        raise InvalidInput("container holds no tiles")
+    return reader.header, records, np.concatenate(parts)
+
+
+def _progress(enabled: bool, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit=unit, disable=not enabled, leave=False)

@@ -1,0 +1,46 @@
+"""Shared fixtures: the real sample data and one tiny-model export per session."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = "mae_vit_compress_adapter_tiny"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.exists():
+        pytest.fail(f"sample data not found at {DATA}: the checkout needs ../shared/data beside it")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    import torch
+
+    from nec_models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    # Give the bottleneck a density that is not the initial one, so tables are non-trivial.
+    with torch.no_grad():
+        eb = model.bottleneck
+        eb.quantiles[:, 0, 1] = torch.linspace(-0.7, 0.9, eb.channels)
+        for m in eb.matrices:
+            m.add_(0.3 * torch.randn_like(m))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_model) -> Path:
+    from nec_export import export_model
+
+    out = tmp_path_factory.mktemp("export") / TINY
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_model(tiny_model, out)
+    return out

@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from nec_export import export_model
+from nec_export.graphs import check_graph
+from nec_export.repository import GRAPH_NAMES, tables_from_model
+from nec_export.triton import DataType, ModelConfig, TensorSpec, cpu_config, to_pbtxt
+from nec_models import create_model
+from nec_serve.errors import ExportCheckFailed, InvalidInput
+from nec_serve.tables import EntropyTables
+
+
+def _parse(text: str) -> model_config_pb2.ModelConfig:
+    # Triton's own message: an unknown or misspelt field raises ParseError.
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def test_manifest_records_parity_and_hashes(tiny_export):
+    man = json.loads((tiny_export / "manifest.json").read_text())
+    enc = man["parity"]["nec_encoder"]
+    assert enc["symbols_total"] == 4 * 64 * 17
+    assert enc["max_abs_err"] <= enc["atol"] == 1e-3
+    assert enc["symbol_mismatches"] == enc["mismatches_near_half"]
+    for name in ("nec_decoder", "nec_decoder_block1"):
+        assert man["parity"][name]["max_abs_err"] <= 1e-4
+    tables = EntropyTables.load(tiny_export / "entropy_tables.bin")
+    assert man["table_sha256"] == tables.sha256
+    assert (man["tokens"], man["channels"], man["img_size"]) == (17, 64, 32)
+
+
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_repository_layout_and_configs_parse_as_triton_model_config(tiny_export, variant):
+    repo = tiny_export / f"model_repository_{variant}"
+    assert sorted(p.name for p in repo.iterdir()) == sorted(GRAPH_NAMES)
+    for name in GRAPH_NAMES:
+        cfg = _parse((repo / name / "config.pbtxt").read_text())
+        assert cfg.name == name and cfg.backend == "onnxruntime"
+        model = repo / name / "1" / "model.onnx"
+        onnx.checker.check_model(onnx.load(str(model)), full_check=True)
+        assert (repo / name / "1" / "entropy_tables.bin").exists()
+        group = cfg.instance_group[0]
+        if variant == "gpu":
+            assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+            accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
+            assert accel.name == "tensorrt"
+            assert accel.parameters["precision_mode"] == "FP16"
+            assert accel.parameters["trt_engine_cache_enable"] == "1"
+            assert cfg.max_batch_size == 32
+        else:
+            assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+            assert cfg.parameters["intra_op_thread_count"].string_value == "0"
+            assert cfg.max_batch_size == 8
+        assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+        # Config tensors agree with what the ONNX graph declares (batch axis dynamic).
+        sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        for spec, arg in zip(cfg.input, sess.get_inputs(), strict=True):
+            assert spec.name == arg.name
+            assert list(spec.dims) == arg.shape[1:]
+            assert isinstance(arg.shape[0], str)  # symbolic batch
+        assert [o.name for o in cfg.output] == [o.name for o in sess.get_outputs()]
+
+
+def test_gpu_and_cpu_repositories_share_graph_files(tiny_export):
+    a = tiny_export / "model_repository_gpu" / "nec_encoder" / "1" / "model.onnx"
+    b = tiny_export / "model_repository_cpu" / "nec_encoder" / "1" / "model.onnx"
+    assert a.read_bytes() == b.read_bytes()
+    assert os.stat(a).st_ino == os.stat(b).st_ino  # hard links: no second copy
+
+
+def test_encoder_graph_runs_any_batch_and_matches_pytorch(tiny_export, tiny_model):
+    sess = ort.InferenceSession(
+        str(tiny_export / "onnx" / "nec_encoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    for batch in (1, 3, 9):
+        x = torch.randn(batch, 3, 32, 32)
+        symbols, latent = sess.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            ref_lat = tiny_model.latent(x)
+            ref_sym = tiny_model.symbols(ref_lat)
+        assert symbols.dtype == np.int32 and symbols.shape == (batch, 64, 17)
+        np.testing.assert_allclose(latent, ref_lat.numpy(), atol=1e-3)
+        assert (symbols != ref_sym.numpy()).sum() == 0
+
+
+def test_decoder_graph_is_exact_dequantization(tiny_export, tiny_model):
+    sess = ort.InferenceSession(
+        str(tiny_export / "onnx" / "nec_decoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    sym = np.random.default_rng(0).integers(-20, 20, size=(2, 64, 17), dtype=np.int32)
+    (emb,) = sess.run(None, {"symbols": sym})
+    medians = tiny_model.medians().numpy()
+    ref = sym.astype(np.float32) + medians[None, :, None]  # float32 sum, as the graph
+    np.testing.assert_array_equal(emb, ref.transpose(0, 2, 1))
+
+
+def test_tables_match_compressai_buffers(tiny_model):
+    tables = tables_from_model(tiny_model)
+    eb = tiny_model.bottleneck
+    np.testing.assert_array_equal(tables.quantized_cdf, eb._quantized_cdf.numpy())
+    np.testing.assert_array_equal(tables.offset, eb._offset.numpy())
+    np.testing.assert_array_equal(tables.cdf_length, eb._cdf_length.numpy())
+    assert EntropyTables.from_bytes(tables.to_bytes()).sha256 == tables.sha256
+
+
+def test_hyperprior_export_is_refused_with_reason(tmp_path):
+    with pytest.raises(InvalidInput, match="hyperprior"):
+        export_model(create_model("mae_vit_compress_hyperprior_adapter_tiny"), tmp_path)
+
+
+def test_classifier_exports_its_backbone(tmp_path):
+    model = create_model("vit_base_compressed_tiny", with_decoder=True)
+    man = export_model(model, tmp_path)
+    assert man["model"] == "vit_base_compressed_tiny"
+    assert man["parity"]["nec_decoder_block1"]["max_abs_err"] <= 1e-4
+
+
+def test_parity_check_fails_on_a_graph_that_differs(tiny_export, tiny_model):
+    class Shifted(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, symbols):
+            return self.m.dequantize(symbols) + 1e-2
+
+    sym = torch.zeros(2, 64, 17, dtype=torch.int32)
+    with pytest.raises(ExportCheckFailed, match="differs from PyTorch"):
+        check_graph(
+            "nec_decoder", Shifted(tiny_model), tiny_export / "onnx" / "nec_decoder.onnx", sym
+        )
+
+
+def test_pbtxt_writer_round_trips_through_triton_proto():
+    cfg = cpu_config(
+        'quote"name',
+        (TensorSpec("x", DataType.TYPE_FP32, (3, -1)),),
+        (TensorSpec("y", DataType.TYPE_INT32, (5,)),),
+        max_batch_size=4,
+    )
+    parsed = _parse(to_pbtxt(cfg))
+    assert parsed.name == 'quote"name'
+    assert list(parsed.input[0].dims) == [3, -1]
+    assert parsed.output[0].data_type == model_config_pb2.TYPE_INT32
+    assert list(parsed.dynamic_batching.preferred_batch_size) == [4]
+
+
+def test_invalid_config_values_are_rejected():
+    with pytest.raises(ValueError, match="invalid dims"):
+        ModelConfig("m", "onnxruntime", 1, (TensorSpec("x", DataType.TYPE_FP32, ()),), ())
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ModelConfig("m", "onnxruntime", -1, (), ())
+    with pytest.raises(text_format.ParseError):
+        _parse('name: "m"\nmax_batch_sizes: 3\n')

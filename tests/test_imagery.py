@@ -1,0 +1,515 @@
+"""Tests of nec_serve.imagery on the real sample data in /work/shared/data (read-only)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import Affine
+from rasterio.windows import Window
+
+from nec_serve.errors import InvalidInput
+from nec_serve.imagery import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Normalisation,
+    TileGrid,
+    check_pixels,
+    iter_inputs,
+    iter_tar_tiles,
+    read_bigearthnet_patch,
+    read_raster,
+    read_raster_bytes,
+    tile_image,
+    untile,
+)
+
+DATA = Path("/work/shared/data")
+NAIP = DATA / "naip" / "m_4709963_se_14_1_20090818.tif"
+NAIP_2 = DATA / "naip" / "m_4709963_se_14_1_20180716.tif"
+LANDSAT = DATA / "landsat" / "1985.tif"
+PATCH = DATA / "bigearthnet" / "S2A_MSIL2A_20170613T101031_87_48"
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="sample data not mounted")
+
+
+@pytest.fixture(scope="module")
+def naip() -> np.ndarray:
+    return read_raster(NAIP)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _geotiff_bytes(array: np.ndarray) -> bytes:
+    bands, height, width = array.shape
+    with rasterio.io.MemoryFile() as mem:
+        with mem.open(
+            driver="GTiff",
+            width=width,
+            height=height,
+            count=bands,
+            dtype=array.dtype,
+            crs="EPSG:26914",
+            transform=Affine(1.0, 0.0, 485900.0, 0.0, -1.0, 5209247.0),
+        ) as ds:
+            ds.write(array)
+        return mem.read()
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]], mode: str = "w:gz") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def _tiny_npy(name: str = "ok.npy") -> tuple[tarfile.TarInfo, bytes]:
+    return _file(name, _npy_bytes(np.zeros((3, 4, 4), np.uint8)))
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+def test_read_naip_all_bands_and_known_pixel(naip: np.ndarray) -> None:
+    assert naip.dtype == np.uint8
+    assert naip.ndim == 3 and naip.shape[0] == 4
+    assert naip.shape[1:] in {(723, 934), (724, 934)}
+    assert naip.flags.c_contiguous
+    with rasterio.open(NAIP) as ds:
+        assert naip.shape[1:] == (ds.height, ds.width)
+        green = ds.read(2, window=Window(col_off=200, row_off=100, width=1, height=1))
+        nir = ds.read(4, window=Window(col_off=933, row_off=ds.height - 1, width=1, height=1))
+    assert naip[1, 100, 200] == green[0, 0]
+    assert naip[3, -1, -1] == nir[0, 0]
+
+
+def test_read_naip_band_selection(naip: np.ndarray) -> None:
+    rgb = read_raster(NAIP, bands=(1, 2, 3))
+    assert rgb.shape == (3, *naip.shape[1:])
+    np.testing.assert_array_equal(rgb, naip[:3])
+    bgr = read_raster(NAIP, bands=[3, 2, 1])
+    np.testing.assert_array_equal(bgr, naip[[2, 1, 0]])
+
+
+def test_read_landsat() -> None:
+    arr = read_raster(LANDSAT)
+    with rasterio.open(LANDSAT) as ds:
+        count, shape = ds.count, (ds.height, ds.width)
+        first = ds.read(1)
+    # The README says 3 bands; the files actually hold 4 (colour interp gray + undefined).
+    assert arr.shape == (count, *shape) and count >= 3
+    assert arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr[0], first)
+    assert read_raster(LANDSAT, bands=[1, 2, 3]).shape == (3, *shape)
+
+
+def test_read_npy_2d_and_3d(tmp_path: Path, naip: np.ndarray) -> None:
+    np.save(tmp_path / "a.npy", naip[:, :50, :60])
+    np.save(tmp_path / "b.npy", naip[0, :50, :60])
+    np.testing.assert_array_equal(read_raster(tmp_path / "a.npy"), naip[:, :50, :60])
+    np.testing.assert_array_equal(read_raster(tmp_path / "b.npy"), naip[None, 0, :50, :60])
+    np.testing.assert_array_equal(read_raster(tmp_path / "a.npy", [4, 1]), naip[[3, 0], :50, :60])
+
+
+def test_read_raster_bytes_matches_file(naip: np.ndarray) -> None:
+    from_bytes = read_raster_bytes(NAIP.read_bytes(), NAIP.name, bands=[1, 2, 3])
+    np.testing.assert_array_equal(from_bytes, naip[:3])
+
+
+def test_bigearthnet_patch_rgb() -> None:
+    arr = read_bigearthnet_patch(PATCH)
+    assert arr.shape == (3, 120, 120) and arr.dtype == np.uint16
+    for i, band in enumerate(("B04", "B03", "B02")):
+        with rasterio.open(PATCH / f"{PATCH.name}_{band}.tif") as ds:
+            np.testing.assert_array_equal(arr[i], ds.read(1))
+
+
+def test_bigearthnet_patch_upsamples_coarse_bands() -> None:
+    with rasterio.open(PATCH / f"{PATCH.name}_B05.tif") as ds:
+        native = ds.read(1)
+    assert native.shape == (60, 60)
+    arr = read_bigearthnet_patch(PATCH, bands=("B04", "B05", "B01"))
+    assert arr.shape == (3, 120, 120) and arr.dtype == np.uint16
+    # Bilinear 2x upsampling keeps the value range and the mean of the 20 m band.
+    assert native.min() <= arr[1].min() and arr[1].max() <= native.max()
+    assert abs(float(arr[1].mean()) - float(native.mean())) < 0.01 * float(native.mean())
+
+
+def test_bigearthnet_missing_band(tmp_path: Path) -> None:
+    patch = tmp_path / PATCH.name
+    shutil.copytree(PATCH, patch)
+    (patch / f"{PATCH.name}_B03.tif").unlink()
+    with pytest.raises(InvalidInput, match=rf"band B03 missing.*{PATCH.name}_B03\.tif"):
+        read_bigearthnet_patch(patch)
+
+
+# ------------------------------------------------------------------------------- tiling
+
+
+@pytest.mark.parametrize("tile", [224, 32])
+def test_tiling_round_trip_naip(naip: np.ndarray, tile: int) -> None:
+    tiles, grid = tile_image(naip, tile)
+    _, height, width = naip.shape
+    assert grid.count == math.ceil(height / tile) * math.ceil(width / tile)
+    assert tiles.shape == (grid.count, 4, tile, tile) and tiles.dtype == naip.dtype
+    np.testing.assert_array_equal(tiles[0], naip[:, :tile, :tile])
+    row, col = grid.origins()[grid.cols + 1]
+    assert (row, col) == (tile, tile)
+    np.testing.assert_array_equal(tiles[grid.cols + 1], naip[:, row : row + tile, col : col + tile])
+    restored = untile(tiles, grid)
+    assert restored.shape == naip.shape
+    np.testing.assert_array_equal(restored, naip)
+    assert TileGrid.from_dict(json.loads(json.dumps(grid.to_dict()))) == grid
+
+
+def test_tiling_pads_by_reflection() -> None:
+    img = np.arange(2 * 5 * 7, dtype=np.float32).reshape(2, 5, 7)
+    tiles, grid = tile_image(img, 4)
+    assert (grid.rows, grid.cols, grid.count) == (2, 2, 4)
+    # Bottom-left tile: rows 4, then reflected 3, 2, 1.
+    np.testing.assert_array_equal(tiles[2][:, :, 0], img[:, [4, 3, 2, 1], 0])
+    # Top-right tile: cols 4, 5, 6, then reflected 5.
+    np.testing.assert_array_equal(tiles[1][:, 0, :], img[:, 0, [4, 5, 6, 5]])
+    np.testing.assert_array_equal(untile(tiles, grid), img)
+
+
+def test_tiling_image_smaller_than_tile_uses_one_edge_padded_tile() -> None:
+    img = np.array([[[7, 9]]], dtype=np.uint16)  # 1 x 2: too small to reflect 31 rows
+    tiles, grid = tile_image(img, 32)
+    assert tiles.shape == (1, 1, 32, 32) and grid.count == 1
+    assert (tiles[0, 0, :, 0] == 7).all() and (tiles[0, 0, :, 1:] == 9).all()
+    np.testing.assert_array_equal(untile(tiles, grid), img)
+
+
+def test_tiling_rejects_bad_arguments(naip: np.ndarray) -> None:
+    with pytest.raises(InvalidInput, match="tile size must be a positive integer"):
+        tile_image(naip, 0)
+    with pytest.raises(InvalidInput, match=r"non-empty \(bands, H, W\)"):
+        tile_image(naip[0], 32)
+    tiles, grid = tile_image(naip[:, :64, :64], 32)
+    with pytest.raises(InvalidInput, match="do not fit the grid"):
+        untile(tiles[:3], grid)
+    with pytest.raises(InvalidInput, match="inconsistent tile grid"):
+        TileGrid.from_dict({"height": 64, "width": 64, "tile": 32, "rows": 3, "cols": 2})
+    with pytest.raises(InvalidInput, match=r"missing \['cols'\]"):
+        TileGrid.from_dict({"height": 64, "width": 64, "tile": 32, "rows": 2})
+
+
+# ------------------------------------------------------------------------------- normalisation
+
+
+def test_normalisation_defaults() -> None:
+    rgb8 = Normalisation.for_dtype(np.uint8, 3)
+    assert (rgb8.scale, rgb8.mean, rgb8.std) == (255.0, IMAGENET_MEAN, IMAGENET_STD)
+    s2 = Normalisation.for_dtype("uint16", 4)
+    assert (s2.scale, s2.mean, s2.std) == (10000.0, (0.0,) * 4, (1.0,) * 4)
+    assert Normalisation.for_dtype(np.float32, 3).scale == 1.0
+    with pytest.raises(InvalidInput, match="no default normalisation for dtype int32"):
+        Normalisation.for_dtype(np.int32, 3)
+
+
+def test_normalisation_round_trip_naip(naip: np.ndarray) -> None:
+    tiles, _ = tile_image(naip[:3], 224)
+    norm = Normalisation.for_dtype(tiles.dtype, 3)
+    x = norm.apply(tiles)
+    assert x.dtype == np.float32 and x.shape == tiles.shape
+    expected = (tiles[:, 0].astype(np.float64) / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    np.testing.assert_allclose(x[:, 0], expected, atol=1e-5)
+    back = norm.invert(x)
+    assert back.dtype == np.float32
+    np.testing.assert_allclose(back, tiles, rtol=0, atol=1e-4)
+
+
+def test_normalisation_round_trip_bigearthnet() -> None:
+    raw = read_bigearthnet_patch(PATCH)
+    norm = Normalisation.for_dtype(raw.dtype, 3)
+    back = norm.invert(norm.apply(raw))
+    np.testing.assert_allclose(back / norm.scale, raw / norm.scale, rtol=0, atol=1e-4)
+
+
+def test_normalisation_dict_round_trip_and_validation(naip: np.ndarray) -> None:
+    norm = Normalisation(255, (0.1, 0.2, 0.3, 0.4), (0.5, 0.6, 0.7, 0.8))
+    assert Normalisation.from_dict(json.loads(json.dumps(norm.to_dict()))) == norm
+    assert norm.apply(naip).shape == naip.shape
+    with pytest.raises(InvalidInput, match="std must be > 0"):
+        Normalisation.from_dict({"scale": 1.0, "mean": [0.0], "std": [0.0]})
+    with pytest.raises(InvalidInput, match=r"missing \['std'\]"):
+        Normalisation.from_dict({"scale": 1.0, "mean": [0.0]})
+    with pytest.raises(InvalidInput, match="1 mean value.*2 std value"):
+        Normalisation.from_dict({"scale": 1.0, "mean": [0.0], "std": [1.0, 1.0]})
+    with pytest.raises(InvalidInput, match="scale must be finite and > 0"):
+        Normalisation(float("nan"), (0.0,), (1.0,))
+    with pytest.raises(InvalidInput, match="has 4 band.*normalisation is for 3"):
+        Normalisation.for_dtype(np.uint8, 3).apply(naip)
+
+
+# ------------------------------------------------------------------------------- archives
+
+
+@pytest.fixture()
+def naip_crops(naip: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    other = read_raster(NAIP_2, bands=[1, 2, 3])
+    return [
+        ("tiles/a_000.npy", naip[:3, :64, :64]),
+        ("tiles/a_001.tif", naip[:3, 64:128, :96]),
+        ("tiles/b_000.tiff", other[:, 300:364, 500:564]),
+        ("tiles/b_001.npy", naip[:, 100:132, 200:264]),
+    ]
+
+
+def _crops_tar(crops: list[tuple[str, np.ndarray]], mode: str = "w:gz") -> bytes:
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    folder = tarfile.TarInfo("tiles")
+    folder.type = tarfile.DIRTYPE
+    members.append((folder, None))
+    members.append(_file("tiles/README.txt", b"not an image, skipped\n"))
+    for name, arr in crops:
+        data = _npy_bytes(arr) if name.endswith(".npy") else _geotiff_bytes(arr)
+        members.append(_file(name, data))
+    return _tar(members, mode)
+
+
+def test_tar_gz_of_real_tiles_in_order(tmp_path: Path, naip_crops: list) -> None:
+    archive = tmp_path / "batch.tar.gz"
+    archive.write_bytes(_crops_tar(naip_crops))
+    got = list(iter_tar_tiles(archive))
+    assert [name for name, _ in got] == [name for name, _ in naip_crops]
+    for (_, arr), (_, expected) in zip(got, naip_crops, strict=True):
+        assert arr.dtype == np.uint8
+        np.testing.assert_array_equal(arr, expected)
+    # The same through a non-seekable-style file object, with band selection.
+    with open(archive, "rb") as f:
+        firsts = [arr for _, arr in iter_tar_tiles(f, bands=[1])]
+    assert [a.shape[0] for a in firsts] == [1, 1, 1, 1]
+    np.testing.assert_array_equal(firsts[2], naip_crops[2][1][:1])
+
+
+def test_plain_tar_and_iter_inputs_dispatch(tmp_path: Path, naip_crops: list) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "batch.tar").write_bytes(_crops_tar(naip_crops, mode="w"))
+    shutil.copy(NAIP, tmp_path / "in" / "scene.tif")
+    shutil.copytree(PATCH, tmp_path / "in" / "patch")
+    np.save(tmp_path / "in" / "crop.npy", naip_crops[0][1])
+    (tmp_path / "in" / "notes.txt").write_text("skipped")
+    names = [name for name, _ in iter_inputs(tmp_path / "in")]
+    assert names == [
+        *(f"batch.tar/{name}" for name, _ in naip_crops),
+        "crop.npy",
+        "patch",
+        "scene.tif",
+    ]
+    assert [n for n, _ in iter_inputs(tmp_path / "in" / "batch.tar")] == [n for n, _ in naip_crops]
+    ((name, arr),) = iter_inputs(tmp_path / "in" / "patch")
+    assert name == "patch" and arr.shape == (3, 120, 120)
+    ((name, arr),) = iter_inputs(NAIP, bands=[1, 2, 3])
+    assert name == NAIP.name and arr.shape[0] == 3
+
+
+def test_iter_inputs_bigearthnet_folder() -> None:
+    items = list(iter_inputs(DATA / "bigearthnet"))
+    assert [name for name, _ in items] == sorted(p.name for p in (DATA / "bigearthnet").iterdir())
+    assert all(arr.shape == (3, 120, 120) and arr.dtype == np.uint16 for _, arr in items)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def test_check_pixels_nan_and_inf() -> None:
+    img = np.zeros((3, 8, 8), np.float32)
+    img[1, 2, 3] = np.nan
+    img[2, 7, 7] = np.inf
+    with pytest.raises(InvalidInput, match=r"scene\.npy: 2 non-finite.*\(1, 2, 3\)"):
+        check_pixels(img, "scene.npy")
+    with pytest.raises(InvalidInput, match="must be shaped"):
+        check_pixels(img[0], "x")
+    with pytest.raises(InvalidInput, match="image is empty"):
+        check_pixels(np.zeros((3, 0, 8), np.uint8), "x")
+    check_pixels(img[:1], "fine")
+
+
+def test_iter_inputs_refuses_nan_npy(tmp_path: Path) -> None:
+    img = np.ones((3, 4, 4), np.float32)
+    img[0, 1, 2] = -np.inf
+    np.save(tmp_path / "bad.npy", img)
+    with pytest.raises(InvalidInput, match=r"bad\.npy: 1 non-finite.*\(0, 1, 2\)"):
+        list(iter_inputs(tmp_path / "bad.npy"))
+
+
+@pytest.mark.parametrize("name", ["empty.tif", "empty.npy"])
+def test_empty_file(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(InvalidInput, match=rf"{name}: file is empty \(0 bytes\)"):
+        read_raster(tmp_path / name)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match=r"nope\.tif: no such file"):
+        read_raster(tmp_path / "nope.tif")
+    with pytest.raises(InvalidInput, match=r"nope: no such file or directory"):
+        list(iter_inputs(tmp_path / "nope"))
+
+
+def test_truncated_geotiff(tmp_path: Path) -> None:
+    data = NAIP.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidInput, match=r"cut\.tif: not a readable GeoTIFF") as info:
+        read_raster(cut)
+    assert isinstance(info.value.__cause__, rasterio.errors.RasterioError)
+    with pytest.raises(InvalidInput, match=r"cut\.tif: not a readable GeoTIFF"):
+        read_raster_bytes(data[:100], "cut.tif")
+
+
+def test_truncated_npy(tmp_path: Path, naip: np.ndarray) -> None:
+    data = _npy_bytes(naip[:, :10, :10])
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) - 50])
+    with pytest.raises(InvalidInput, match=r"cut\.npy: not a valid \.npy file"):
+        read_raster(tmp_path / "cut.npy")
+
+
+def test_band_out_of_range() -> None:
+    with pytest.raises(InvalidInput, match=r"band 5 is out of range; the file has 4 band"):
+        read_raster(NAIP, bands=[1, 5])
+    with pytest.raises(InvalidInput, match=r"band 0 is out of range.*1-based"):
+        read_raster(NAIP, bands=[0])
+
+
+def test_unsupported_suffix(tmp_path: Path) -> None:
+    shutil.copy(NAIP, tmp_path / "scene.png")
+    with pytest.raises(InvalidInput, match=r"scene\.png: unsupported file type '\.png'"):
+        read_raster(tmp_path / "scene.png")
+    with pytest.raises(InvalidInput, match=r"unsupported input '\.png'"):
+        list(iter_inputs(tmp_path / "scene.png"))
+
+
+def test_object_npy_refused(tmp_path: Path) -> None:
+    obj = np.empty((1, 2, 2), dtype=object)
+    obj[0, 0, 0] = {"evil": "payload"}
+    np.save(tmp_path / "obj.npy", obj, allow_pickle=True)
+    with pytest.raises(InvalidInput, match=r"obj\.npy: holds Python objects.*pickles are refused"):
+        read_raster(tmp_path / "obj.npy")
+
+
+def test_empty_archives(tmp_path: Path) -> None:
+    zero = tmp_path / "zero.tar.gz"
+    zero.write_bytes(b"")
+    with pytest.raises(InvalidInput, match=r"zero\.tar\.gz: archive file is empty"):
+        list(iter_tar_tiles(zero))
+    nothing = tmp_path / "nothing.tar.gz"
+    nothing.write_bytes(gzip.compress(b""))
+    with pytest.raises(InvalidInput, match=r"nothing\.tar\.gz: archive is empty"):
+        list(iter_tar_tiles(nothing))
+    no_images = tmp_path / "no_images.tgz"
+    no_images.write_bytes(_tar([_file("readme.txt", b"hi")]))
+    with pytest.raises(InvalidInput, match=r"contains no \.tif/\.tiff/\.npy members"):
+        list(iter_inputs(no_images))
+
+
+def test_truncated_tar_gz(tmp_path: Path, naip_crops: list) -> None:
+    data = _crops_tar(naip_crops)
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidInput, match=r"cut\.tar\.gz: .*(truncated|end-of-stream)"):
+        list(iter_tar_tiles(cut))
+    # Losing only the gzip trailer (CRC + length) is caught too.
+    cut.write_bytes(data[:-4])
+    with pytest.raises(InvalidInput, match=r"cut\.tar\.gz: .*truncated.*end-of-stream marker"):
+        list(iter_tar_tiles(cut))
+
+
+def test_truncated_plain_tar_at_member_boundary() -> None:
+    data = _tar([_tiny_npy("a.npy"), _tiny_npy("b.npy")], mode="w")
+    boundary = 512 + 512  # header + one padded block of a.npy's data
+    with pytest.raises(InvalidInput, match="without the end-of-archive marker"):
+        list(iter_tar_tiles(io.BytesIO(data[:boundary])))
+
+
+def test_corrupt_gzip_bytes(naip_crops: list) -> None:
+    data = bytearray(_crops_tar(naip_crops))
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0x5A for b in data[middle : middle + 64])
+    with pytest.raises(InvalidInput, match=r"<archive stream>: .*corrupt"):
+        list(iter_tar_tiles(io.BytesIO(bytes(data))))
+    with pytest.raises(InvalidInput, match=r"not a readable tar archive"):
+        list(iter_tar_tiles(io.BytesIO(b"\x1f\x8b\x08\x00garbage that is not deflate")))
+
+
+def _link(name: str, kind: bytes, target: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info, None
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        (_tiny_npy("../x.npy"), r"member '\.\./x\.npy' has a '\.\.' path component"),
+        (_tiny_npy("tiles/../../x.npy"), r"member 'tiles/\.\./\.\./x\.npy' has a '\.\.' path"),
+        (_tiny_npy("/abs.npy"), r"member '/abs\.npy' has an absolute path"),
+        (_link("link.npy", tarfile.SYMTYPE, "/etc/passwd"), r"member 'link\.npy' is a symlink"),
+        (_link("hard.npy", tarfile.LNKTYPE, "ok.npy"), r"member 'hard\.npy' is a hardlink"),
+        (_link("fifo.npy", tarfile.FIFOTYPE, ""), r"member 'fifo\.npy' is a device or FIFO"),
+        (_link("dev.npy", tarfile.CHRTYPE, ""), r"member 'dev\.npy' is a device or FIFO"),
+    ],
+)
+def test_unsafe_members_refused(tmp_path: Path, member: tuple, message: str) -> None:
+    archive = tmp_path / "evil.tar.gz"
+    archive.write_bytes(_tar([_tiny_npy(), member]))
+    with pytest.raises(InvalidInput, match=rf"evil\.tar\.gz: {message}"):
+        list(iter_tar_tiles(archive))
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_archive_limits(naip: np.ndarray) -> None:
+    big = _file("big.npy", _npy_bytes(naip[:, :100, :100]))
+    data = _tar([_tiny_npy("a.npy"), big])
+    with pytest.raises(
+        InvalidInput, match=r"member 'big\.npy' has \d+ bytes, over max_member_bytes=1000"
+    ):
+        list(iter_tar_tiles(io.BytesIO(data), max_member_bytes=1000))
+    with pytest.raises(InvalidInput, match=r"exceed max_total_bytes=5000 in total"):
+        list(iter_tar_tiles(io.BytesIO(data), max_total_bytes=5000))
+    with pytest.raises(InvalidInput, match=r"more than max_members=1 members"):
+        list(iter_tar_tiles(io.BytesIO(data), max_members=1))
+    assert len(list(iter_tar_tiles(io.BytesIO(data), max_member_bytes=50_000))) == 2
+
+
+def test_bad_member_names_the_member(naip: np.ndarray) -> None:
+    data = _tar([_tiny_npy("a.npy"), _file("bad.tif", b"II*\x00 not really a tiff")])
+    with pytest.raises(InvalidInput, match=r"member 'bad\.tif': not a readable GeoTIFF"):
+        list(iter_tar_tiles(io.BytesIO(data)))
+    with pytest.raises(InvalidInput, match=r"member 'a\.npy': band 4 is out of range"):
+        list(iter_tar_tiles(io.BytesIO(data), bands=[4]))
+
+
+def test_tar_error_message_is_not_a_bare_tarfile_error() -> None:
+    with pytest.raises(InvalidInput, match=re.escape("not a readable tar archive")):
+        list(iter_tar_tiles(io.BytesIO(b"this is not a tar archive" * 40)))
+
+
+def test_corrupt_tar_header_after_first_member() -> None:
+    data = bytearray(_tar([_tiny_npy("a.npy"), _tiny_npy("b.npy")], mode="w"))
+    data[1024:1030] = b"XXXXXX"  # second header: tarfile alone would just stop here
+    with pytest.raises(InvalidInput, match="corrupt tar header at byte 1024"):
+        list(iter_tar_tiles(io.BytesIO(bytes(data))))
