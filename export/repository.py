@@ -98,6 +98,7 @@ def export_model(
     out_dir: str | Path,
     options: ExportOptions = ExportOptions(),
     checkpoint_sha256: str | None = None,
+    calibration: dict | None = None,
 ) -> dict:
     """Export graphs, tables and both Triton repositories; returns the manifest.
 
@@ -177,6 +178,7 @@ def export_model(
         "decoder_embed_dim": nec.decoder_embed_dim,
         "table_sha256": tables.sha256,
         "checkpoint_sha256": checkpoint_sha256,
+        "calibration": calibration,
         "graphs": {
             name: {
                 "file": f"onnx/{name}.onnx",

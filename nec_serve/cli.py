@@ -71,12 +71,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
         ckpt_sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+    calibration = None
+    if args.calibrate:
+        from nec_export.calibrate import calibrate_from_inputs
+        from nec_serve.imagery import iter_inputs
+
+        inputs = iter_inputs(args.calibrate, _bands(args.calibrate_bands))
+        report = calibrate_from_inputs(model_nec(model), inputs, args.calibrate_tiles)
+        calibration = {"source": str(args.calibrate), **report.as_dict()}
+        print(
+            f"calibrated the entropy bottleneck on {report.tiles} tiles of {args.calibrate}: "
+            f"{report.bits_per_symbol_before:.3f} -> {report.bits_per_symbol_after:.3f} "
+            f"bits/symbol in {report.seconds:.1f} s"
+        )
     options = ExportOptions(
         version=args.version,
         gpu_max_batch=args.gpu_max_batch,
         cpu_max_batch=args.cpu_max_batch,
     )
-    manifest = export_model(model, args.out, options, checkpoint_sha256=ckpt_sha)
+    manifest = export_model(
+        model, args.out, options, checkpoint_sha256=ckpt_sha, calibration=calibration
+    )
     enc = manifest["parity"]["nec_encoder"]
     print(
         f"exported {manifest['model']} ({manifest['img_size']} px, {manifest['tokens']} tokens x "
@@ -87,6 +102,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"({enc['mismatches_near_half']} within rounding distance of .5)"
     )
     return 0
+
+
+def model_nec(model):
+    """The NEC backbone of a model (the classifier's ``backbone``, else the model)."""
+    return getattr(model, "backbone", model)
 
 
 def _engine(args: argparse.Namespace, bundle):
@@ -190,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--img-size", type=int, help="input size in pixels (224, 256, 512)")
     s.add_argument("--out", required=True, help="export directory")
     s.add_argument("--version", default="1", help="model version in the Triton repository")
+    s.add_argument(
+        "--calibrate",
+        help="imagery to fit the entropy bottleneck to (encoder frozen), e.g. when no "
+        "trained checkpoint is at hand",
+    )
+    s.add_argument("--calibrate-bands", help="1-based bands of the calibration imagery")
+    s.add_argument("--calibrate-tiles", type=int, default=32, help="tiles used to calibrate")
     s.add_argument("--gpu-max-batch", type=int, default=32)
     s.add_argument("--cpu-max-batch", type=int, default=8)
     s.set_defaults(func=cmd_export)
@@ -242,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # GDAL reports harmless TIFF oddities (e.g. Landsat ExtraSamples) as warnings.
+        logging.getLogger("rasterio").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except NecError as err:

@@ -161,3 +161,32 @@ def test_invalid_config_values_are_rejected():
         ModelConfig("m", "onnxruntime", -1, (), ())
     with pytest.raises(text_format.ParseError):
         _parse('name: "m"\nmax_batch_sizes: 3\n')
+
+
+def test_calibration_fits_the_bottleneck_to_real_latents(data_dir):
+    from nec_export.calibrate import calibrate_from_inputs
+    from nec_serve.imagery import iter_inputs
+
+    torch.manual_seed(3)
+    model = create_model("mae_vit_compress_adapter_tiny")
+    encoder_before = {k: v.clone() for k, v in model.state_dict().items() if "bottleneck" not in k}
+    inputs = iter_inputs(data_dir / "naip" / "m_4709963_se_14_1_20090818.tif", [1, 2, 3])
+    report = calibrate_from_inputs(model, inputs, max_tiles=16, steps=60)
+    assert report.tiles == 16 and report.symbols_per_channel == 16 * 17
+    # The initial density is broad; fitted to the latents it codes them in fewer bits.
+    assert report.bits_per_symbol_after < 0.7 * report.bits_per_symbol_before
+    # Only the bottleneck changed, and its tables were rebuilt for the new density.
+    for k, v in encoder_before.items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    tables = tables_from_model(model)
+    assert tables.channels == 64 and tables.cdf_length.min() >= 3
+
+
+def test_calibration_refuses_wrong_band_count(data_dir):
+    from nec_export.calibrate import calibrate_from_inputs
+    from nec_serve.imagery import iter_inputs
+
+    model = create_model("mae_vit_compress_adapter_tiny")
+    inputs = iter_inputs(data_dir / "naip" / "m_4709963_se_14_1_20090818.tif")
+    with pytest.raises(InvalidInput, match="has 4 bands"):
+        calibrate_from_inputs(model, inputs)
