@@ -11,7 +11,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from nec_export import export_model
+from nec_export import ExportOptions, export_model
 from nec_export.graphs import check_graph
 from nec_export.repository import GRAPH_NAMES, tables_from_model
 from nec_export.triton import DataType, ModelConfig, TensorSpec, cpu_config, to_pbtxt
@@ -190,3 +190,21 @@ def test_calibration_refuses_wrong_band_count(data_dir):
     inputs = iter_inputs(data_dir / "naip" / "m_4709963_se_14_1_20090818.tif")
     with pytest.raises(InvalidInput, match="has 4 bands"):
         calibrate_from_inputs(model, inputs)
+
+
+@pytest.mark.slow
+def test_vit_b_exports_at_256_px_with_exact_symbols(tmp_path):
+    # The real workload: ViT-B/16 with its position embeddings interpolated to 256 px.
+    src = create_model("mae_vit_compress_adapter").state_dict()
+    from nec_models import load_checkpoint
+
+    model = load_checkpoint(create_model("mae_vit_compress_adapter", img_size=256), src)
+    man = export_model(model, tmp_path, ExportOptions(check_batch=2))
+    enc = man["parity"]["nec_encoder"]
+    assert (man["tokens"], man["channels"]) == (257, 768)
+    assert enc["symbols_total"] == 2 * 768 * 257
+    assert enc["max_abs_err"] < 1e-4
+    assert enc["symbol_mismatches"] == enc["mismatches_near_half"] <= 1
+    cfg = _parse((tmp_path / "model_repository_gpu/nec_encoder/config.pbtxt").read_text())
+    assert list(cfg.input[0].dims) == [3, 256, 256]
+    assert list(cfg.output[0].dims) == [768, 257]
