@@ -7,6 +7,9 @@ Layout of an export directory::
     <out>/onnx/<graph>.onnx                the checked graphs
     <out>/model_repository_gpu/<graph>/config.pbtxt, 1/model.onnx, 1/entropy_tables.bin
     <out>/model_repository_cpu/...         the same graphs with the CPU configuration
+    <out>/model_repository_local/<graph>/config.pbtxt, 1/model.py, 1/model.onnx
+                                           the same graphs behind Triton's Python backend,
+                                           for the tritonserver bundled with PyTriton
 
 Files in the two repositories are hard links to ``onnx/`` where the filesystem allows,
 so the second variant costs no space. The tables travel inside each repository too, so
@@ -19,14 +22,22 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from nec_export.graphs import DecoderGraph, EncoderGraph, check_graph, export_onnx
-from nec_export.triton import DataType, TensorSpec, cpu_config, gpu_config, to_pbtxt
+from nec_export.triton import (
+    DataType,
+    TensorSpec,
+    cpu_config,
+    gpu_config,
+    local_config,
+    to_pbtxt,
+)
 from nec_models.nec import NECClassifier, NECFactorized, NECHyperprior
-from nec_serve import __version__
+from nec_serve import __version__, serving
 from nec_serve.errors import InvalidInput
 from nec_serve.tables import TABLES_FILENAME, EntropyTables
 
@@ -37,6 +48,8 @@ DECODER = "nec_decoder"
 DECODER_BLOCK1 = "nec_decoder_block1"
 GRAPH_NAMES = (ENCODER, DECODER, DECODER_BLOCK1)
 MANIFEST = "manifest.json"
+# Not imported here: it needs Triton's triton_python_backend_utils, present only in Triton.
+TRITON_MODEL_PY = Path(serving.__file__).parent / "triton_model.py"
 
 
 @dataclass(frozen=True)
@@ -148,25 +161,26 @@ def export_model(
         medians = nec.medians() if name == ENCODER else None
         parity[name] = check_graph(name, module, path, check_in, medians).as_dict()
 
-    for variant in ("gpu", "cpu"):
+    configs = {
+        "gpu": partial(gpu_config, max_batch_size=options.gpu_max_batch),
+        "cpu": partial(
+            cpu_config, max_batch_size=options.cpu_max_batch, instances=options.cpu_instances
+        ),
+        "local": partial(
+            local_config, max_batch_size=options.cpu_max_batch, instances=options.cpu_instances
+        ),
+    }
+    for variant, make_config in configs.items():
         repo = out / f"model_repository_{variant}"
         for name, (inputs, outputs) in specs.items():
-            if variant == "gpu":
-                cfg = gpu_config(name, inputs, outputs, max_batch_size=options.gpu_max_batch)
-            else:
-                cfg = cpu_config(
-                    name,
-                    inputs,
-                    outputs,
-                    max_batch_size=options.cpu_max_batch,
-                    instances=options.cpu_instances,
-                )
             (repo / name).mkdir(parents=True, exist_ok=True)
-            (repo / name / "config.pbtxt").write_text(to_pbtxt(cfg))
+            (repo / name / "config.pbtxt").write_text(to_pbtxt(make_config(name, inputs, outputs)))
             vdir = repo / name / options.version
             _link_or_copy(out / "onnx" / f"{name}.onnx", vdir / "model.onnx")
             for fname in (TABLES_FILENAME, TABLES_FILENAME + ".sha256"):
                 _link_or_copy(out / fname, vdir / fname)
+            if variant == "local":
+                _link_or_copy(TRITON_MODEL_PY, vdir / "model.py")
 
     manifest = {
         "model": getattr(model, "registry_name", type(nec).__name__),

@@ -23,6 +23,7 @@ __all__ = [
     "to_pbtxt",
     "gpu_config",
     "cpu_config",
+    "local_config",
 ]
 
 
@@ -237,5 +238,37 @@ def cpu_config(
         parameters={
             "intra_op_thread_count": StringParameter(str(intra_op_threads)),
             "inter_op_thread_count": StringParameter(str(inter_op_threads)),
+        },
+    )
+
+
+def local_config(
+    name: str,
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    *,
+    max_batch_size: int = 8,
+    instances: int = 1,
+    intra_op_threads: int = 0,
+    max_queue_delay_us: int = 2000,
+) -> ModelConfig:
+    """Local variant: the Python backend running the same ONNX graph with onnxruntime.
+
+    For the ``tritonserver`` bundled with PyTriton, which has no onnxruntime backend.
+    """
+    return ModelConfig(
+        name=name,
+        backend="python",
+        max_batch_size=max_batch_size,
+        input=inputs,
+        output=outputs,
+        instance_group=(InstanceGroup(Kind.KIND_CPU, instances),),
+        dynamic_batching=DynamicBatching(
+            preferred_batch_size=tuple(b for b in (4, 8) if b <= max_batch_size),
+            max_queue_delay_microseconds=max_queue_delay_us,
+        ),
+        parameters={
+            "intra_op_thread_count": StringParameter(str(intra_op_threads)),
+            "inter_op_thread_count": StringParameter("1"),
         },
     )

@@ -110,9 +110,51 @@ def model_nec(model):
 
 
 def _engine(args: argparse.Namespace, bundle):
+    if args.server:
+        from nec_serve.serving.client import TritonEngine
+
+        return TritonEngine(args.server, bundle, shared_memory=args.shm, timeout_s=args.timeout)
     from nec_serve.pipeline import LocalEngine
 
     return LocalEngine(bundle, threads=args.threads)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve an export's graphs on the local tritonserver until interrupted."""
+    import signal
+    import time
+
+    from nec_serve.serving.local import LocalTritonServer
+
+    repo = Path(args.model_dir) / "model_repository_local"
+    server = LocalTritonServer(
+        repo,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        host=args.host,
+        log_path=args.log,
+    )
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        server.start(timeout=args.start_timeout)
+        print(
+            f"serving {repo} on tritonserver (pid {server.pid}): grpc://{server.grpc_url} "
+            f"http://{server.http_url} metrics {server.host}:{server.metrics_port}; "
+            f"log {server.log_path}; Ctrl-C stops it",
+            flush=True,
+        )
+        while not stop and server.poll() is None:
+            time.sleep(0.5)
+        if server.poll() not in (None, 0):
+            print(f"tritonserver exited:\n{server.log_tail()}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -226,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--batch-size", type=int, default=8)
         s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        s.add_argument(
+            "--server",
+            help="run the graphs on a Triton server (grpc://host:port or http://host:port) "
+            "instead of in-process; entropy coding stays local",
+        )
+        s.add_argument("--shm", action="store_true", help="send tensors via shared memory")
+        s.add_argument("--timeout", type=float, default=60.0, help="per-request seconds")
 
     s = sub.add_parser("compress", help="GeoTIFF / .npy / .tar.gz / folder -> container")
     s.add_argument("input")
@@ -245,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     coding_args(s)
     s.set_defaults(func=cmd_decompress)
+
+    s = sub.add_parser("serve", help="serve an export on the local tritonserver")
+    s.add_argument("--model-dir", required=True, help="directory written by export")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--log", help="server log file (default: a temporary file)")
+    s.add_argument("--start-timeout", type=float, default=120.0)
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("inspect", help="print a container's header")
     s.add_argument("input")

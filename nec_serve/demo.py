@@ -55,7 +55,11 @@ def default_data_dir() -> Path:
 
 def _export(model: str, out: Path, calibration: Path) -> ModelBundle:
     manifest = out / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("model") == model:
+    if (
+        manifest.exists()
+        and json.loads(manifest.read_text()).get("model") == model
+        and (out / "model_repository_local").is_dir()
+    ):
         print(f"[export] reusing {out}")
         return ModelBundle.load(out)
     from nec_export import export_model

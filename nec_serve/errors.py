@@ -13,6 +13,8 @@ __all__ = [
     "CheckpointMismatch",
     "UnknownModel",
     "ExportCheckFailed",
+    "ServerUnavailable",
+    "ModelMismatch",
 ]
 
 
@@ -49,3 +51,11 @@ class UnknownModel(NecError, KeyError):
 
 class ExportCheckFailed(NecError):
     """An exported graph disagrees with PyTorch beyond the stated tolerance."""
+
+
+class ServerUnavailable(NecError):
+    """The inference server cannot be reached, or stayed unavailable through the retries."""
+
+
+class ModelMismatch(NecError):
+    """The served model is missing, not ready, or not the one the export describes."""

@@ -38,13 +38,15 @@ def test_manifest_records_parity_and_hashes(tiny_export):
     assert (man["tokens"], man["channels"], man["img_size"]) == (17, 64, 32)
 
 
-@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+@pytest.mark.parametrize("variant", ["gpu", "cpu", "local"])
 def test_repository_layout_and_configs_parse_as_triton_model_config(tiny_export, variant):
     repo = tiny_export / f"model_repository_{variant}"
     assert sorted(p.name for p in repo.iterdir()) == sorted(GRAPH_NAMES)
     for name in GRAPH_NAMES:
         cfg = _parse((repo / name / "config.pbtxt").read_text())
-        assert cfg.name == name and cfg.backend == "onnxruntime"
+        assert cfg.name == name
+        assert cfg.backend == ("python" if variant == "local" else "onnxruntime")
+        assert (repo / name / "1" / "model.py").exists() == (variant == "local")
         model = repo / name / "1" / "model.onnx"
         onnx.checker.check_model(onnx.load(str(model)), full_check=True)
         assert (repo / name / "1" / "entropy_tables.bin").exists()

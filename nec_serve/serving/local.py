@@ -1,0 +1,229 @@
+"""Run the ``tritonserver`` bundled with PyTriton on a generated model repository.
+
+PyTriton (``nvidia-pytriton`` on PyPI) ships a real Triton Inference Server binary with the
+Python backend and one backend stub per Python version. This module starts that binary
+directly, without PyTriton's own Python API, on ``model_repository_local/`` of an export
+(ONNX graphs behind the Python backend), so the server speaks the real KServe v2 / Triton
+protocol over HTTP and gRPC, with Triton's dynamic batcher and statistics. It binds to
+loopback by default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from nec_serve.errors import NecError
+
+__all__ = ["LocalTritonServer", "ServerStartError", "find_tritonserver", "free_port"]
+
+
+class ServerStartError(NecError):
+    """The local inference server did not start or did not become ready."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def find_tritonserver() -> Path:
+    """Directory of the ``tritonserver`` bundled with PyTriton (``bin/``, ``backends/``)."""
+    try:
+        import pytriton
+    except ImportError as err:
+        raise ServerStartError(
+            "the local inference server needs nvidia-pytriton (it bundles tritonserver): "
+            "run scripts/bootstrap.sh, or pip install nvidia-pytriton==0.7.0"
+        ) from err
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").exists():
+        raise ServerStartError(f"no tritonserver binary under {root}")
+    return root
+
+
+def _backend_dir(root: Path, work: Path) -> Path:
+    # Triton looks for the Python backend stub beside libtriton_python.so; PyTriton keeps
+    # one stub per Python version, so assemble a backend directory for this interpreter.
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerStartError(f"PyTriton has no Python backend stub for Python {version}")
+    backend = work / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for src in (
+        root / "backends" / "python" / "libtriton_python.so",
+        root / "backends" / "python" / "triton_python_backend_utils.py",
+        stub,
+    ):
+        link = backend / src.name
+        if not link.exists():
+            link.symlink_to(src)
+    return work / "backends"
+
+
+def _environment(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # WAR: the stub links libpython dynamically; a pyenv or venv interpreter keeps it in
+    # LIBDIR, which is not on the loader path. PyTriton's own libraries sit beside it.
+    libs = [
+        sysconfig.get_config_var("LIBDIR") or "",
+        str(root.parent.parent / "nvidia_pytriton.libs"),
+    ]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).strip(
+        os.pathsep
+    )
+    # The stub's interpreter must see this environment's numpy and onnxruntime.
+    paths = sysconfig.get_paths()
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (paths["purelib"], paths["platlib"], env.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
+class LocalTritonServer:
+    """A ``tritonserver`` process serving ``repository``; a context manager.
+
+    Args:
+        repository: a Triton model repository (``model_repository_local/`` of an export).
+        http_port, grpc_port, metrics_port: 0 picks a free port.
+        host: address to bind; loopback unless told otherwise.
+        log_path: where the server's output goes (default: a file in a temp dir).
+    """
+
+    def __init__(
+        self,
+        repository: str | Path,
+        http_port: int = 0,
+        grpc_port: int = 0,
+        metrics_port: int = 0,
+        host: str = "127.0.0.1",
+        log_path: str | Path | None = None,
+    ):
+        self.repository = Path(repository)
+        if not self.repository.is_dir():
+            raise ServerStartError(f"model repository {self.repository} does not exist")
+        self.host = host
+        self.http_port = http_port or free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self._work = Path(tempfile.mkdtemp(prefix="nec-triton-"))
+        self.log_path = Path(log_path) if log_path else self._work / "tritonserver.log"
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        """``host:port`` of the HTTP endpoint."""
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC endpoint."""
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the server, when running."""
+        return self._proc.pid if self._proc else None
+
+    def poll(self) -> int | None:
+        """The server's exit status, or None while it runs (or was never started)."""
+        return self._proc.poll() if self._proc else None
+
+    def command(self) -> list[str]:
+        """The tritonserver command line."""
+        root = find_tritonserver()
+        return [
+            str(root / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={_backend_dir(root, self._work)}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-cpu-metrics=false",
+            "--exit-timeout-secs=10",
+            "--log-info=true",
+        ]
+
+    def start(self, timeout: float = 120.0) -> LocalTritonServer:
+        """Start the server and wait until it reports ready; raise with its log if not."""
+        cmd = self.command()
+        env = _environment(find_tritonserver())
+        self._log = self.log_path.open("wb")
+        # A session of its own: Ctrl-C in a terminal reaches the CLI, which stops it cleanly.
+        self._proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise ServerStartError(
+                    f"tritonserver exited with status {self._proc.returncode} while starting; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise ServerStartError(
+            f"tritonserver not ready at {url} after {timeout:.0f} s; log {self.log_path}:\n"
+            f"{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines the server wrote."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """Kill the server at once (for fault tests): no graceful shutdown."""
+        if self._proc and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the server: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._log.close()
+        self._proc = None
+
+    def close(self) -> None:
+        """Stop the server and remove its working directory."""
+        self.stop()
+        shutil.rmtree(self._work, ignore_errors=True)
+
+    def __enter__(self) -> LocalTritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
