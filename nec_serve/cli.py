@@ -310,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tiles", action="store_true", help="also list every tile")
     s.set_defaults(func=cmd_inspect)
 
+    from nec_controller.main import add_parser as add_controller
+    from nec_wrapper.main import add_parser as add_wrapper
+
+    add_wrapper(sub)
+    add_controller(sub)
+
     s = sub.add_parser("demo", help="export, compress and decompress ../shared/data")
     s.add_argument("--data", default=None, help="data folder (default: ../shared/data)")
     s.add_argument("--model", default="mae_vit_compress_adapter")

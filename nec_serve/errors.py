@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointMismatch",
     "UnknownModel",
     "ExportCheckFailed",
+    "TransientError",
     "ServerUnavailable",
     "ModelMismatch",
 ]
@@ -53,7 +54,11 @@ class ExportCheckFailed(NecError):
     """An exported graph disagrees with PyTorch beyond the stated tolerance."""
 
 
-class ServerUnavailable(NecError):
+class TransientError(NecError):
+    """A failure that may pass: an unreachable service, a timeout. Worth retrying later."""
+
+
+class ServerUnavailable(TransientError):
     """The inference server cannot be reached, or stayed unavailable through the retries."""
 
 

@@ -1,0 +1,3 @@
+"""The NEC controller: workflow configs in, KafkaSources (or local subscriptions) out."""
+
+__all__: list[str] = []

@@ -1,0 +1,236 @@
+"""What feeds a wrapper: a Knative ``KafkaSource`` on Kubernetes, or its local stand-in.
+
+Both are keyed by the workflow's config name (derived from its input topic) and created
+idempotently: ensuring a source that exists with the same spec changes nothing, and
+removing one that does not exist is fine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import urllib.error
+import urllib.request
+
+from nec_serve.messages import WorkflowConfig
+
+__all__ = ["kafka_source", "KubernetesSources", "LocalSources", "LocalKafkaSource"]
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "sources.knative.dev", "v1beta1", "kafkasources"
+
+
+def kafka_source(config: WorkflowConfig, bootstrap_servers: list[str]) -> dict:
+    """The KafkaSource for a workflow: its input topic into the wrapper's Knative Service.
+
+    The sink URI path is the config name, which the wrapper uses to find the config (the
+    EO4EU convention); the consumer group is per workflow, so redelivery resumes there.
+    """
+    name = config.source_name
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "KafkaSource",
+        "metadata": {
+            "name": name,
+            "namespace": config.namespace,
+            "labels": {"app.kubernetes.io/managed-by": "nec-controller", "nec/workflow": name},
+        },
+        "spec": {
+            "bootstrapServers": list(bootstrap_servers),
+            "topics": [config.topic_in],
+            "consumerGroup": name,
+            "initialOffset": "earliest",
+            "consumers": 1,
+            "delivery": {"retry": 5, "backoffPolicy": "exponential", "backoffDelay": "PT2S"},
+            "sink": {
+                "ref": {
+                    "apiVersion": "serving.knative.dev/v1",
+                    "kind": "Service",
+                    "name": config.service_name,
+                    "namespace": config.namespace,
+                },
+                "uri": f"/{name}",
+            },
+        },
+    }
+
+
+class KubernetesSources:
+    """Creates and deletes KafkaSource objects through the Kubernetes API."""
+
+    def __init__(self, bootstrap_servers: list[str], custom_api=None):
+        if custom_api is None:
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            custom_api = client.CustomObjectsApi()
+        self.api = custom_api
+        self.bootstrap = bootstrap_servers
+
+    def ensure(self, config: WorkflowConfig) -> bool:
+        """Create the source, or replace it if its spec differs; True if anything changed."""
+        from kubernetes.client.exceptions import ApiException
+
+        body = kafka_source(config, self.bootstrap)
+        ns, name = config.namespace, config.source_name
+        try:
+            current = self.api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            self.api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+            return True
+        if current.get("spec") == body["spec"]:
+            return False
+        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        self.api.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, body)
+        return True
+
+    def remove(self, name: str, namespace: str) -> bool:
+        """Delete the source; False if there was none."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            return True
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class LocalKafkaSource(threading.Thread):
+    """A KafkaSource stand-in: consume a topic, POST each message to a sink as a CloudEvent.
+
+    Like Knative's, it commits an offset only after the sink answered 2xx, and redelivers
+    (after a backoff) on any other answer or a connection failure.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        topic: str,
+        sink_url: str,
+        bootstrap_servers: str,
+        timeout_s: float = 3600.0,
+        backoff_s: float = 1.0,
+    ):
+        super().__init__(name=f"kafkasource-{name}", daemon=True)
+        self.source_name = name
+        self.topic = topic
+        self.sink_url = sink_url.rstrip("/") + f"/{name}"
+        self.bootstrap = bootstrap_servers
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.stopping = threading.Event()
+        self.delivered = 0
+
+    def _post(self, rec) -> bool:
+        req = urllib.request.Request(
+            self.sink_url,
+            data=rec.value,
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "ce-specversion": "1.0",
+                "ce-id": f"partition:{rec.partition}/offset:{rec.offset}",
+                "ce-source": f"/kafkasources/{self.source_name}#{self.topic}",
+                "ce-type": "dev.knative.kafka.event",
+                "ce-subject": f"partition:{rec.partition}#{rec.offset}",
+            },
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return 200 <= resp.status < 300
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            log.warning("sink %s: %s", self.sink_url, err)
+            return False
+
+    def run(self) -> None:
+        """Deliver until stopped."""
+        from kafka import KafkaConsumer, OffsetAndMetadata
+
+        consumer = KafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.bootstrap,
+            group_id=self.source_name,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=1,
+            max_poll_interval_ms=int(self.timeout_s * 1000) + 60_000,
+        )
+        try:
+            while not self.stopping.is_set():
+                for tp, records in consumer.poll(timeout_ms=300).items():
+                    for rec in records:
+                        if self._post(rec):
+                            consumer.commit({tp: OffsetAndMetadata(rec.offset + 1, "", -1)})
+                            self.delivered += 1
+                        else:
+                            consumer.seek(tp, rec.offset)
+                            self.stopping.wait(self.backoff_s)
+                            break
+        finally:
+            consumer.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop consuming and wait for the thread."""
+        self.stopping.set()
+        self.join(timeout)
+
+
+class LocalSources:
+    """Runs one :class:`LocalKafkaSource` per workflow; sinks are looked up by service name."""
+
+    def __init__(self, bootstrap_servers: str, sinks: dict[str, str]):
+        self.bootstrap = bootstrap_servers
+        self.sinks = dict(sinks)
+        self.running: dict[str, LocalKafkaSource] = {}
+        self._lock = threading.Lock()
+
+    def ensure(self, config: WorkflowConfig) -> bool:
+        """Start the source for ``config`` unless one runs with the same topic and sink."""
+        try:
+            sink = self.sinks[config.service_name]
+        except KeyError:
+            from nec_serve.messages import MessageError
+
+            raise MessageError(
+                f"no local sink for service {config.service_name!r}; known: {sorted(self.sinks)}"
+            ) from None
+        with self._lock:
+            cur = self.running.get(config.source_name)
+            if (
+                cur
+                and cur.is_alive()
+                and cur.topic == config.topic_in
+                and cur.sink_url.startswith(sink)
+            ):
+                return False
+            if cur:
+                cur.stop()
+            src = LocalKafkaSource(config.source_name, config.topic_in, sink, self.bootstrap)
+            src.start()
+            self.running[config.source_name] = src
+            return True
+
+    def remove(self, name: str, namespace: str | None = None) -> bool:
+        """Stop the source; False if there was none."""
+        with self._lock:
+            src = self.running.pop(name, None)
+        if src is None:
+            return False
+        src.stop()
+        return True
+
+    def close(self) -> None:
+        """Stop every source."""
+        for name in list(self.running):
+            self.remove(name)

@@ -1,0 +1,3 @@
+"""The NEC workflow step: Kafka- or HTTP-triggered compression and decompression."""
+
+__all__: list[str] = []

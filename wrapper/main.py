@@ -1,0 +1,112 @@
+"""``nec-serve wrapper``: run a workflow step behind HTTP (KafkaSource) or Kafka."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+__all__ = ["add_parser"]
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    """Register the ``wrapper`` subcommand."""
+    s = sub.add_parser("wrapper", help="run the workflow step (compress or decompress)")
+    s.add_argument("--mode", choices=("compress", "decompress"), required=True)
+    s.add_argument("--model-dir", required=True, help="directory written by export")
+    s.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
+    s.add_argument("--trigger", choices=("http", "kafka"), default="http")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP trigger address")
+    s.add_argument("--port", type=int, default=8080, help="HTTP trigger port")
+    s.add_argument("--config-dir", help="local config store (local mode)")
+    s.add_argument("--namespace", help="read configs from ConfigMaps/Secrets (Kubernetes mode)")
+    s.add_argument("--server", help="Triton URL (grpc://host:port); default: in-process")
+    s.add_argument("--bands", help="1-based bands to read, e.g. 1,2,3")
+    s.add_argument(
+        "--output",
+        choices=("embeddings", "features", "symbols"),
+        default="embeddings",
+        help="what decompress writes",
+    )
+    s.add_argument("--status-topic", default="monitoring.notify")
+    s.add_argument("--dead-letter-topic", default="nec.deadletter")
+    s.add_argument("--group", default=None, help="consumer group (kafka trigger)")
+    s.add_argument("--attempts", type=int, default=3)
+    s.add_argument("--backoff", type=float, default=1.0)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-input-bytes", type=int, default=4 << 30)
+    s.add_argument("--work-dir", default=None)
+    s.set_defaults(func=run)
+
+
+def _store(args):
+    if args.namespace:
+        from nec_serve.config_store import KubernetesConfigStore
+
+        return KubernetesConfigStore(args.namespace)
+    if not args.config_dir:
+        raise SystemExit("wrapper: give --config-dir (local) or --namespace (Kubernetes)")
+    from nec_serve.config_store import LocalConfigStore
+
+    return LocalConfigStore(args.config_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT."""
+    import tempfile
+
+    from nec_serve.kafka_io import json_producer
+    from nec_wrapper.step import StepHandler, WrapperSettings
+
+    settings = WrapperSettings(
+        mode=args.mode,
+        model_dir=Path(args.model_dir),
+        bootstrap_servers=args.bootstrap,
+        server=args.server,
+        status_topic=args.status_topic,
+        dead_letter_topic=args.dead_letter_topic,
+        work_dir=Path(args.work_dir or tempfile.gettempdir()),
+        max_input_bytes=args.max_input_bytes,
+        batch_size=args.batch_size,
+        attempts=args.attempts,
+        backoff_s=args.backoff,
+        bands=tuple(int(b) for b in args.bands.split(",")) if args.bands else None,
+        output=args.output,
+    )
+    store = _store(args)
+    producer = json_producer(args.bootstrap)
+    handler = StepHandler(settings, store, producer)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        if args.trigger == "http":
+            from nec_wrapper.triggers import make_http_server
+
+            server = make_http_server(handler, args.host, args.port)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            print(
+                f"wrapper ({args.mode}) listening on http://{args.host}:{server.server_port}",
+                flush=True,
+            )
+            while not stop.wait(0.5):
+                pass
+            server.shutdown()
+        else:
+            from nec_wrapper.triggers import run_consumer
+
+            def topics():
+                return [store.get(n).topic_in for n in store.names()]
+
+            print(f"wrapper ({args.mode}) consuming from {args.bootstrap}", flush=True)
+            run_consumer(
+                handler, args.bootstrap, args.group or f"nec-wrapper-{args.mode}", topics, stop
+            )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        producer.close(timeout=10)
+    return 0
