@@ -75,6 +75,7 @@ def run_controller(
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        metadata_max_age_ms=3000,  # see topics created after subscribing within seconds
         max_poll_records=10,
     )
     try:

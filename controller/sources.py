@@ -163,6 +163,7 @@ class LocalKafkaSource(threading.Thread):
             group_id=self.source_name,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            metadata_max_age_ms=3000,  # see topics created after subscribing within seconds
             max_poll_records=1,
             max_poll_interval_ms=int(self.timeout_s * 1000) + 60_000,
         )

@@ -316,13 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_wrapper(sub)
     add_controller(sub)
 
-    s = sub.add_parser("demo", help="export, compress and decompress ../shared/data")
+    s = sub.add_parser(
+        "demo", help="the main job: export, codec report on ../shared/data, local workflow"
+    )
     s.add_argument("--data", default=None, help="data folder (default: ../shared/data)")
     s.add_argument("--model", default="mae_vit_compress_adapter")
     s.add_argument("--work", default="artifacts/demo", help="where exports and outputs go")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument(
+        "--skip-workflow",
+        action="store_true",
+        help="only the in-process part, no Kafka/S3/Triton workflow",
+    )
     s.set_defaults(func=cmd_demo)
     return p
 

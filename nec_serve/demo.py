@@ -137,7 +137,12 @@ def run_demo(args: argparse.Namespace) -> int:
     if bad:
         print(f"FAILED: decoded embeddings off by more than half a step for {bad}")
         return 1
-    return 0
+    if args.skip_workflow:
+        return 0
+    from nec_serve.workflow_demo import run_workflow_demo
+
+    print("\n[workflow] the same export as a Kafka-triggered workflow on the local stack")
+    return run_workflow_demo(bundle.root, data, work / "workflow")
 
 
 def _print_table(rows: list[dict]) -> None:

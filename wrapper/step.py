@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import resource
 import shutil
 import tempfile
 import time
@@ -194,6 +195,7 @@ class StepHandler:
                 s3_get_s=round(t1 - t0, 3),
                 process_s=round(t2 - t1, 3),
                 s3_put_s=round(t3 - t2, 3),
+                max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             )
             nxt = StepMessage(
                 True, f"result-{workflow.component}", out_name, {**step.meta, "nec": stats}

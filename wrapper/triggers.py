@@ -117,6 +117,7 @@ def run_consumer(
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        metadata_max_age_ms=3000,  # see topics created after subscribing within seconds
         max_poll_records=1,
         max_poll_interval_ms=60 * 60 * 1000,  # a step may take long; it is not a failure
         session_timeout_ms=30_000,

@@ -1,0 +1,476 @@
+"""Wrapper and controller against a real Kafka broker and a real S3 server."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+
+from nec_serve.config_store import LocalConfigStore
+from nec_serve.imagery import iter_inputs, read_raster
+from nec_serve.kafka_io import json_producer
+from nec_serve.messages import config_name, parse_workflow
+from nec_serve.pipeline import LocalEngine, ModelBundle, compress
+from nec_serve.stack.kafka import LocalKafka, ensure_kafka
+from nec_serve.stack.s3 import LocalS3
+
+NAIP = "naip/m_4709963_se_14_1_20180716.tif"
+
+
+@pytest.fixture(scope="module")
+def kafka():
+    ensure_kafka()
+    with LocalKafka() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with LocalS3() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def producer(kafka):
+    p = json_producer(kafka.bootstrap_servers)
+    yield p
+    p.close(timeout=5)
+
+
+def _uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+class Flow:
+    """One workflow's topics, bucket and stored config."""
+
+    def __init__(self, kafka, s3, tmp_path, component="nec-compress"):
+        u = _uid()
+        self.topic_in, self.topic_out = f"wf{u}.in", f"wf{u}.out"
+        self.status, self.dlq = f"status{u}", f"dlq{u}"
+        self.bucket = f"bucket-{u}"
+        self.kafka, self.s3 = kafka, s3
+        s3.client().create_bucket(Bucket=self.bucket)
+        self.msg = {
+            "workflow_status": "published",
+            "workflow_name": f"wf-{u}",
+            "Topics": {"in": self.topic_in, "out": self.topic_out},
+            "ML": {"ServiceName": component, "Namespace": "nec", "component_name": component},
+            "S3_bucket": {
+                "aws_access_key_id": s3.access_key,
+                "aws_secret_access_key": s3.secret_key,
+                "s3-bucket-name": self.bucket,
+                "region_name": s3.region,
+                "endpoint_url": s3.endpoint_url,
+            },
+        }
+        self.store = LocalConfigStore(tmp_path / f"store-{u}")
+        self.config = parse_workflow(self.msg)
+        self.store.put(self.config)
+        self.name = config_name(self.topic_in)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.s3.client().put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def get(self, key: str) -> bytes:
+        return self.s3.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def step(self, filename: str, folder: str = "input") -> bytes:
+        return json.dumps(
+            {
+                "previous_component_end": True,
+                "S3_bucket_desc": {"folder": folder, "filename": filename},
+                "meta_information": {"run": "test"},
+            }
+        ).encode()
+
+    def read(self, topic: str, expect: int, timeout: float = 15.0) -> list[dict]:
+        from kafka import KafkaConsumer
+
+        consumer = KafkaConsumer(
+            topic,
+            bootstrap_servers=self.kafka.bootstrap_servers,
+            auto_offset_reset="earliest",
+            consumer_timeout_ms=500,
+            metadata_max_age_ms=1000,
+        )
+        out, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline and len(out) < expect:
+            out.extend(json.loads(r.value) for r in consumer)
+        # A short grace period catches messages beyond the expected count (duplicates).
+        out.extend(json.loads(r.value) for r in consumer)
+        consumer.close()
+        return out
+
+
+def _handler(flow, tiny_export, producer, mode="compress", **kw):
+    from nec_wrapper.step import StepHandler, WrapperSettings
+
+    engine = kw.pop("engine", None)
+    settings = WrapperSettings(
+        mode=mode,
+        model_dir=tiny_export,
+        bootstrap_servers=flow.kafka.bootstrap_servers,
+        status_topic=flow.status,
+        dead_letter_topic=flow.dlq,
+        backoff_s=0.1,
+        bands=kw.pop("bands", (1, 2, 3)) if mode == "compress" else None,
+        **kw,
+    )
+    return StepHandler(settings, flow.store, producer, engine=engine)
+
+
+def _naip_tar(data_dir, n=2) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for i in range(n):
+            arr = read_raster(data_dir / NAIP, [1, 2, 3])[:, 64 * i : 64 * i + 64, :96]
+            payload = io.BytesIO()
+            np.save(payload, arr)
+            info = tarfile.TarInfo(f"tiles/t{i}.npy")
+            info.size = payload.getbuffer().nbytes
+            payload.seek(0)
+            tf.addfile(info, payload)
+    return buf.getvalue()
+
+
+def test_compress_then_decompress_through_s3_and_kafka(
+    kafka, s3, producer, tiny_export, data_dir, tmp_path
+):
+    flow = Flow(kafka, s3, tmp_path)
+    archive = _naip_tar(data_dir)
+    flow.put("input/tiles.tar.gz", archive)
+    handler = _handler(flow, tiny_export, producer)
+    out = handler.handle(flow.name, flow.step("tiles.tar.gz"))
+    assert out.done and out.status == "finished", out.reason
+    assert out.output_key == "result-nec-compress/tiles.necb"
+
+    # The container equals an in-process compression of the same archive.
+    bundle = ModelBundle.load(tiny_export)
+    local = io.BytesIO()
+    src = tmp_path / "tiles.tar.gz"
+    src.write_bytes(archive)
+    compress(iter_inputs(src, [1, 2, 3]), bundle, LocalEngine(bundle), local, bands=[1, 2, 3])
+    assert flow.get(out.output_key) == local.getvalue()
+
+    nxt = flow.read(flow.topic_out, 1)
+    assert len(nxt) == 1
+    assert nxt[0]["S3_bucket_desc"] == {"folder": "result-nec-compress", "filename": "tiles.necb"}
+    assert nxt[0]["previous_component_end"] is True
+    assert nxt[0]["meta_information"]["run"] == "test"
+    assert nxt[0]["meta_information"]["nec"]["tiles"] == 2 * 2 * 3
+    statuses = flow.read(flow.status, 2)
+    assert [s["status"] for s in statuses] == ["started", "finished"]
+    assert all(s["workflow_name"] == flow.config.name for s in statuses)
+
+    # The decompress step consumes the compress step's output message as it is.
+    dflow = Flow(kafka, s3, tmp_path, component="nec-decompress")
+    dflow.put(out.output_key, flow.get(out.output_key))
+    dec = _handler(dflow, tiny_export, producer, mode="decompress")
+    dout = dec.handle(dflow.name, json.dumps(nxt[0]).encode())
+    assert dout.done, dout.reason
+    emb = np.load(io.BytesIO(dflow.get("result-nec-decompress/tiles.npy")))
+    assert emb.shape == (12, 17, 64) and emb.dtype == np.float32
+    index = json.loads(dflow.get("result-nec-decompress/tiles.tiles.json"))
+    assert index[0]["source"] == "tiles/t0.npy"
+
+
+def test_redelivery_overwrites_with_identical_bytes(
+    kafka, s3, producer, tiny_export, data_dir, tmp_path
+):
+    flow = Flow(kafka, s3, tmp_path)
+    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
+    handler = _handler(flow, tiny_export, producer)
+    first = handler.handle(flow.name, flow.step("tiles.tar.gz"))
+    data = flow.get(first.output_key)
+    second = handler.handle(flow.name, flow.step("tiles.tar.gz"))
+    assert second.output_key == first.output_key and flow.get(second.output_key) == data
+    keys = flow.s3.client().list_objects_v2(Bucket=flow.bucket, Prefix="result-")["Contents"]
+    assert [k["Key"] for k in keys] == ["result-nec-compress/tiles.necb"]
+
+
+def _bad_tar(kind: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        info = tarfile.TarInfo("../escape.npy" if kind == "dotdot" else "/abs.npy")
+        if kind == "link":
+            info = tarfile.TarInfo("link.npy")
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tf.addfile(info)
+        else:
+            payload = io.BytesIO()
+            np.save(payload, np.zeros((3, 8, 8), np.uint8))
+            info.size = payload.getbuffer().nbytes
+            payload.seek(0)
+            tf.addfile(info, payload)
+    return buf.getvalue()
+
+
+BAD_INPUTS = {
+    "malformed json": (None, b"{not json", "not valid JSON"),
+    "missing field": (None, b'{"previous_component_end": true}', "missing field"),
+    "mistyped field": (
+        None,
+        b'{"previous_component_end": true, "S3_bucket_desc": {"folder": 5, "filename": "x"}}',
+        "must be str",
+    ),
+    "previous step failed": (
+        None,
+        b'{"previous_component_end": false, "S3_bucket_desc": '
+        b'{"folder": "input", "filename": "x.tif"}}',
+        "previous component did not end",
+    ),
+    "missing object": (None, "nothing.tar.gz", "does not exist"),
+    "empty archive": (b"", "empty.tar.gz", "is empty"),
+    "corrupt archive": (b"\x1f\x8b\x08\x00garbage" * 10, "corrupt.tar.gz", "corrupt"),
+    "truncated archive": ("truncated", "cut.tar.gz", "truncated"),
+    "dotdot member": (_bad_tar("dotdot"), "dotdot.tar.gz", ".."),
+    "absolute member": (_bad_tar("abs"), "abs.tar.gz", "absolute"),
+    "link member": (_bad_tar("link"), "link.tar.gz", "link"),
+    "wrong band count": ("naip4", "naip.tif", "has 4 bands"),
+    "oversized": ("big", "big.npy", "over the limit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_fails_clearly_and_is_dead_lettered(
+    case, kafka, s3, producer, tiny_export, data_dir, tmp_path
+):
+    flow = Flow(kafka, s3, tmp_path)
+    content, name_or_raw, match = BAD_INPUTS[case]
+    if isinstance(name_or_raw, bytes):
+        raw = name_or_raw
+    else:
+        raw = flow.step(name_or_raw)
+        if content == "truncated":
+            content = _naip_tar(data_dir)[:5000]
+        elif content == "naip4":
+            content = (data_dir / NAIP).read_bytes()
+        elif content == "big":
+            content = b"\x93NUMPY" + b"\0" * 4096
+        if content is not None:
+            flow.put(f"input/{name_or_raw}", content)
+    handler = _handler(
+        flow,
+        tiny_export,
+        producer,
+        max_input_bytes=4000,
+        bands=None if case == "wrong band count" else (1, 2, 3),
+    )
+    if case not in ("oversized",):
+        handler.settings = type(handler.settings)(
+            **{**handler.settings.__dict__, "max_input_bytes": 64 << 20}
+        )
+    out = handler.handle(flow.name, raw)
+    assert out.done and out.status == "failed"
+    assert match in out.reason, out.reason
+    dead = flow.read(flow.dlq, 1)
+    assert len(dead) == 1 and match in dead[0]["error"]
+    failed = [s for s in flow.read(flow.status, 1) if s["status"] == "failed"]
+    assert failed and match in failed[0]["description"]
+    assert "s3cr3t" not in json.dumps(dead) and flow.s3.secret_key not in json.dumps(dead)
+    assert not [
+        o
+        for o in flow.s3.client().list_objects_v2(Bucket=flow.bucket).get("Contents", [])
+        if o["Key"].startswith("result-")
+    ]
+
+
+def test_unknown_workflow_is_dead_lettered(kafka, s3, producer, tiny_export, tmp_path):
+    flow = Flow(kafka, s3, tmp_path)
+    out = _handler(flow, tiny_export, producer).handle("nec-never-published", flow.step("x.tif"))
+    assert out.done and "no workflow config 'nec-never-published'" in out.reason
+    assert flow.read(flow.dlq, 1)[0]["config"] == "nec-never-published"
+
+
+def test_s3_unavailable_is_retried_then_failed(kafka, producer, tiny_export, data_dir, tmp_path):
+    with LocalS3() as s3:
+        flow = Flow(kafka, s3, tmp_path)
+        flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
+        handler = _handler(flow, tiny_export, producer, attempts=2, s3_timeout_s=1.0)
+        s3.stop()
+        t0 = time.monotonic()
+        out = handler.handle(flow.name, flow.step("tiles.tar.gz"))
+        assert time.monotonic() - t0 < 60
+    assert out.done and out.status == "failed"
+    assert "gave up after 2 attempts" in out.reason and "S3 unreachable" in out.reason
+    assert "gave up after 2 attempts" in flow.read(flow.dlq, 1)[0]["error"]
+
+
+def test_inference_server_unavailable_is_retried_then_failed(
+    kafka, s3, producer, tiny_export, data_dir, tmp_path
+):
+    from nec_serve.serving.client import TritonEngine
+    from nec_serve.serving.local import free_port
+
+    flow = Flow(kafka, s3, tmp_path)
+    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
+    engine = TritonEngine(
+        f"grpc://127.0.0.1:{free_port()}", ModelBundle.load(tiny_export), retries=1, backoff_s=0.1
+    )
+    out = _handler(flow, tiny_export, producer, attempts=2, engine=engine).handle(
+        flow.name, flow.step("tiles.tar.gz")
+    )
+    assert out.done and out.status == "failed" and "unavailable" in out.reason
+
+
+def test_poison_message_does_not_block_the_partition(
+    kafka, s3, producer, tiny_export, data_dir, tmp_path
+):
+    from nec_wrapper.triggers import run_consumer
+
+    flow = Flow(kafka, s3, tmp_path)
+    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
+    producer.send(flow.topic_in, value={"garbage": True}).get(10)
+    producer.send(flow.topic_in, value=json.loads(flow.step("tiles.tar.gz"))).get(10)
+    handler = _handler(flow, tiny_export, producer)
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=run_consumer,
+        args=(handler, kafka.bootstrap_servers, f"g-{_uid()}", lambda: [flow.topic_in], stop),
+    )
+    worker.start()
+    try:
+        nxt = flow.read(flow.topic_out, 1, timeout=60)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert len(nxt) == 1 and nxt[0]["S3_bucket_desc"]["filename"] == "tiles.necb"
+    assert len(flow.read(flow.dlq, 1)) == 1
+
+
+def test_wrapper_killed_mid_step_completes_once_after_restart(
+    kafka, s3, producer, tiny_export, data_dir, tmp_path
+):
+    flow = Flow(kafka, s3, tmp_path)
+    buf = io.BytesIO()  # all NAIP scenes: 5520 tiles at 32 px, several seconds of work
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for path in sorted((data_dir / "naip").glob("*.tif")):
+            tf.add(path, arcname=path.name)
+    scene = buf.getvalue()
+    flow.put("input/scene.tar.gz", scene)
+    cmd = [
+        sys.executable,
+        "-m",
+        "nec_serve.cli",
+        "wrapper",
+        "--mode",
+        "compress",
+        "--model-dir",
+        str(tiny_export),
+        "--bootstrap",
+        kafka.bootstrap_servers,
+        "--trigger",
+        "kafka",
+        "--config-dir",
+        str(flow.store.root),
+        "--bands",
+        "1,2,3",
+        "--status-topic",
+        flow.status,
+        "--dead-letter-topic",
+        flow.dlq,
+        "--group",
+        f"g-{_uid()}",
+        "--batch-size",
+        "4",
+    ]
+    producer.send(flow.topic_in, value=json.loads(flow.step("scene.tar.gz"))).get(10)
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started = flow.read(flow.status, 1, timeout=90)
+        assert started and started[0]["status"] == "started"
+        first.kill()  # SIGKILL in the middle of the step: no cleanup, no commit
+        first.wait(10)
+        assert not [s for s in flow.read(flow.status, 2, timeout=2) if s["status"] == "finished"]
+        second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if any(s["status"] == "finished" for s in flow.read(flow.status, 3, timeout=2)):
+                    break
+            nxt = flow.read(flow.topic_out, 1, timeout=10)
+        finally:
+            second.terminate()
+            second.wait(20)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert len(nxt) == 1  # completed once: one next message, nothing lost
+    bundle = ModelBundle.load(tiny_export)
+    local = io.BytesIO()
+    src = tmp_path / "scene.tar.gz"
+    src.write_bytes(scene)
+    compress(
+        iter_inputs(src, [1, 2, 3]),
+        bundle,
+        LocalEngine(bundle),
+        local,
+        bands=[1, 2, 3],
+        batch_size=4,
+    )
+    assert flow.get("result-nec-compress/scene.necb") == local.getvalue()
+
+
+def test_controller_provisions_local_sources_and_http_trigger(
+    kafka, s3, producer, tiny_export, data_dir, tmp_path
+):
+    from nec_controller.app import Controller
+    from nec_controller.sources import LocalSources
+    from nec_wrapper.triggers import make_http_server
+
+    flow = Flow(kafka, s3, tmp_path)
+    flow.store.delete(flow.name)  # the controller stores it
+    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
+    handler = _handler(flow, tiny_export, producer)
+    server = make_http_server(handler, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sources = LocalSources(
+        kafka.bootstrap_servers, {"nec-compress": f"http://127.0.0.1:{server.server_port}"}
+    )
+    ctl = Controller(flow.store, sources, producer, dead_letter_topic=flow.dlq)
+    try:
+        raw = json.dumps(flow.msg).encode()
+        assert ctl.handle(raw) == "published"
+        assert ctl.handle(raw) == "unchanged"  # idempotent
+        assert flow.store.names() == [flow.name]
+        assert ctl.handle(b'{"workflow_status": "published"}') == "rejected"
+        assert "missing field 'workflow_name'" in flow.read(flow.dlq, 1)[0]["error"]
+
+        producer.send(flow.topic_in, value=json.loads(flow.step("tiles.tar.gz"))).get(10)
+        nxt = flow.read(flow.topic_out, 1, timeout=60)
+        assert len(nxt) == 1 and nxt[0]["S3_bucket_desc"]["filename"] == "tiles.necb"
+
+        # Structured-mode CloudEvent straight to the HTTP trigger.
+        event = {
+            "specversion": "1.0",
+            "id": "1",
+            "source": "test",
+            "type": "t",
+            "data": json.loads(flow.step("tiles.tar.gz")),
+        }
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{server.server_port}/{flow.name}",
+            json.dumps(event).encode(),
+            headers={"Content-Type": "application/cloudevents+json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["status"] == "finished"
+
+        stop = dict(flow.msg, workflow_status="stopping")
+        assert ctl.handle(json.dumps(stop).encode()) == "stopped"
+        assert flow.store.names() == [] and not sources.running
+        assert ctl.handle(json.dumps(stop).encode()) == "unchanged"
+    finally:
+        sources.close()
+        server.shutdown()
