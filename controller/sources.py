@@ -42,7 +42,14 @@ def kafka_source(config: WorkflowConfig, bootstrap_servers: list[str]) -> dict:
             "consumerGroup": name,
             "initialOffset": "earliest",
             "consumers": 1,
-            "delivery": {"retry": 5, "backoffPolicy": "exponential", "backoffDelay": "PT2S"},
+            # A step answers only when done (at-least-once); the default 10-minute request
+            # timeout would redeliver long steps while they still run.
+            "delivery": {
+                "retry": 5,
+                "backoffPolicy": "exponential",
+                "backoffDelay": "PT2S",
+                "timeout": "PT1H",
+            },
             "sink": {
                 "ref": {
                     "apiVersion": "serving.knative.dev/v1",

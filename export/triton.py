@@ -222,11 +222,12 @@ def cpu_config(
     intra_op_threads: int = 0,
     inter_op_threads: int = 1,
     max_queue_delay_us: int = 5000,
+    backend: str = "onnxruntime",
 ) -> ModelConfig:
     """CPU variant: KIND_CPU with onnxruntime thread settings (0 = all cores)."""
     return ModelConfig(
         name=name,
-        backend="onnxruntime",
+        backend=backend,
         max_batch_size=max_batch_size,
         input=inputs,
         output=outputs,
@@ -246,29 +247,11 @@ def local_config(
     name: str,
     inputs: tuple[TensorSpec, ...],
     outputs: tuple[TensorSpec, ...],
-    *,
-    max_batch_size: int = 8,
-    instances: int = 1,
-    intra_op_threads: int = 0,
-    max_queue_delay_us: int = 2000,
+    **kwargs,
 ) -> ModelConfig:
-    """Local variant: the Python backend running the same ONNX graph with onnxruntime.
+    """Local variant: the CPU configuration with Triton's Python backend running the graph.
 
-    For the ``tritonserver`` bundled with PyTriton, which has no onnxruntime backend.
+    For the ``tritonserver`` bundled with PyTriton, which has no onnxruntime backend; the
+    model's ``model.py`` reads the same thread parameters.
     """
-    return ModelConfig(
-        name=name,
-        backend="python",
-        max_batch_size=max_batch_size,
-        input=inputs,
-        output=outputs,
-        instance_group=(InstanceGroup(Kind.KIND_CPU, instances),),
-        dynamic_batching=DynamicBatching(
-            preferred_batch_size=tuple(b for b in (4, 8) if b <= max_batch_size),
-            max_queue_delay_microseconds=max_queue_delay_us,
-        ),
-        parameters={
-            "intra_op_thread_count": StringParameter(str(intra_op_threads)),
-            "inter_op_thread_count": StringParameter("1"),
-        },
-    )
+    return cpu_config(name, inputs, outputs, backend="python", **kwargs)

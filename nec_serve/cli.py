@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_wrapper(sub)
     add_controller(sub)
+    from nec_serve import deploy
+
+    deploy.add_parser(sub)
 
     s = sub.add_parser(
         "demo", help="the main job: export, codec report on ../shared/data, local workflow"

@@ -44,3 +44,32 @@ def tiny_export(tmp_path_factory, tiny_model) -> Path:
         warnings.simplefilter("ignore")
         export_model(tiny_model, out)
     return out
+
+
+# k8s/ rendering and schemas (tests/test_k8s.py holds the validator loader and copy_k8s).
+@pytest.fixture(scope="session")
+def schemas() -> dict:
+    from test_k8s import kv
+
+    return kv.fetch()
+
+
+@pytest.fixture(scope="session")
+def validator(schemas):
+    from test_k8s import kv
+
+    return kv.load_validator(schemas)
+
+
+@pytest.fixture(scope="session")
+def k8s_tree(tmp_path_factory) -> Path:
+    from test_k8s import copy_k8s
+
+    return copy_k8s(tmp_path_factory.mktemp("k8s"))
+
+
+@pytest.fixture(scope="session")
+def rendered(schemas, k8s_tree) -> dict[str, list[dict]]:
+    from test_k8s import VARIANTS, kv
+
+    return {v: kv.kustomize_build(schemas, k8s_tree / "overlays" / v) for v in VARIANTS}

@@ -11,19 +11,16 @@ loopback by default.
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import socket
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from nec_serve.errors import NecError
+from nec_serve.process import ChildProcess
 
 __all__ = ["LocalTritonServer", "ServerStartError", "find_tritonserver", "free_port"]
 
@@ -85,6 +82,10 @@ def _environment(root: Path) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).strip(
         os.pathsep
     )
+    # WAR: the stub embeds libpython, which finds its prefix (and so site-packages) by
+    # looking for `python` on PATH; put this interpreter's directory first, as an activated
+    # venv would, so the stub runs in this environment even when it is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # The stub's interpreter must see this environment's numpy and onnxruntime.
     paths = sysconfig.get_paths()
     env["PYTHONPATH"] = os.pathsep.join(
@@ -93,7 +94,7 @@ def _environment(root: Path) -> dict[str, str]:
     return env
 
 
-class LocalTritonServer:
+class LocalTritonServer(ChildProcess):
     """A ``tritonserver`` process serving ``repository``; a context manager.
 
     Args:
@@ -119,9 +120,8 @@ class LocalTritonServer:
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
-        self._work = Path(tempfile.mkdtemp(prefix="nec-triton-"))
-        self.log_path = Path(log_path) if log_path else self._work / "tritonserver.log"
-        self._proc: subprocess.Popen | None = None
+        super().__init__("nec-triton-")
+        self.log_path = Path(log_path) if log_path else self.work / "tritonserver.log"
 
     @property
     def http_url(self) -> str:
@@ -133,22 +133,13 @@ class LocalTritonServer:
         """``host:port`` of the gRPC endpoint."""
         return f"{self.host}:{self.grpc_port}"
 
-    @property
-    def pid(self) -> int | None:
-        """Process id of the server, when running."""
-        return self._proc.pid if self._proc else None
-
-    def poll(self) -> int | None:
-        """The server's exit status, or None while it runs (or was never started)."""
-        return self._proc.poll() if self._proc else None
-
     def command(self) -> list[str]:
         """The tritonserver command line."""
         root = find_tritonserver()
         return [
             str(root / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
-            f"--backend-directory={_backend_dir(root, self._work)}",
+            f"--backend-directory={_backend_dir(root, self.work)}",
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
@@ -164,11 +155,7 @@ class LocalTritonServer:
         """Start the server and wait until it reports ready; raise with its log if not."""
         cmd = self.command()
         env = _environment(find_tritonserver())
-        self._log = self.log_path.open("wb")
-        # A session of its own: Ctrl-C in a terminal reaches the CLI, which stops it cleanly.
-        self._proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        self._spawn(cmd, self.log_path, env)
         deadline = time.monotonic() + timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
@@ -196,34 +183,3 @@ class LocalTritonServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
-
-    def kill(self) -> None:
-        """Kill the server at once (for fault tests): no graceful shutdown."""
-        if self._proc and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait()
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop the server: SIGTERM, then SIGKILL after ``timeout`` seconds."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
-        self._log.close()
-        self._proc = None
-
-    def close(self) -> None:
-        """Stop the server and remove its working directory."""
-        self.stop()
-        shutil.rmtree(self._work, ignore_errors=True)
-
-    def __enter__(self) -> LocalTritonServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -16,18 +16,16 @@ cluster; :meth:`LocalKafka.close` (or leaving the ``with`` block) removes a temp
 
 from __future__ import annotations
 
-import atexit
 import base64
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
+from nec_serve.process import ChildProcess
 from nec_serve.serving.local import ServerStartError, free_port
 
 __all__ = [
@@ -44,16 +42,6 @@ KAFKA_VERSION = "4.3.1"
 _ROOT = Path(__file__).resolve().parents[2]
 _FETCH_SCRIPT = _ROOT / "scripts" / "fetch_kafka.sh"
 _ADDRESS_IN_USE = "Address already in use"
-
-# Brokers still running when the interpreter exits are killed, so no JVM outlives its owner
-# (they run in their own session, where a Ctrl-C in the terminal does not reach them).
-_RUNNING: set[LocalKafka] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for broker in list(_RUNNING):
-        broker.kill()
 
 
 class KafkaStartError(ServerStartError):
@@ -141,7 +129,7 @@ logger.zk.level = WARN
 """
 
 
-class LocalKafka:
+class LocalKafka(ChildProcess):
     """A single-node Kafka broker + KRaft controller in a child JVM; a context manager.
 
     Args:
@@ -160,6 +148,8 @@ class LocalKafka:
         >>> with LocalKafka() as kafka:  # doctest: +SKIP
         ...     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
     """
+
+    stop_timeout = 30.0
 
     def __init__(
         self,
@@ -183,7 +173,7 @@ class LocalKafka:
         self.libs = Path(libs) if libs else None
         java_home = os.environ.get("JAVA_HOME")
         self.java = java or (str(Path(java_home) / "bin" / "java") if java_home else "java")
-        self.work = Path(tempfile.mkdtemp(prefix="nec-kafka-"))
+        super().__init__("nec-kafka-")
         self.data_dir = Path(data_dir) if data_dir else self.work / "data"
         self.log_path = self.work / "kafka.log"
         self.out_path = self.work / "kafka.out"
@@ -191,8 +181,6 @@ class LocalKafka:
         #: Seconds the last :meth:`start` took, from launching the JVM to metadata served.
         self.start_seconds: float | None = None
         self._started_once = False
-        self._proc: subprocess.Popen | None = None
-        self._out = None
 
     # ---- properties ----------------------------------------------------------------------
 
@@ -200,15 +188,6 @@ class LocalKafka:
     def bootstrap_servers(self) -> str:
         """``host:port`` of the client listener, for ``bootstrap_servers=``."""
         return f"{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the broker JVM, when running."""
-        return self._proc.pid if self._proc else None
-
-    def poll(self) -> int | None:
-        """The broker's exit status, or None while it runs (or was never started)."""
-        return self._proc.poll() if self._proc else None
 
     # ---- configuration ---------------------------------------------------------------------
 
@@ -354,16 +333,7 @@ class LocalKafka:
 
     def _launch(self, config: Path, timeout: float) -> LocalKafka:
         t0 = time.monotonic()
-        self._out = self.out_path.open("ab")
-        # A session of its own: a Ctrl-C in a terminal reaches the caller, which stops it.
-        self._proc = subprocess.Popen(
-            self._java_command("kafka.Kafka", str(config)),
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _RUNNING.add(self)
+        self._spawn(self._java_command("kafka.Kafka", str(config)), self.out_path)
         deadline = t0 + timeout
         last_error = "no answer yet"
         while time.monotonic() < deadline:
@@ -429,59 +399,6 @@ class LocalKafka:
             if text:
                 parts.append(f"--- {path.name}\n" + "\n".join(text.splitlines()[-lines:]))
         return "\n".join(parts) or "(no log)"
-
-    def _reap(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        self._proc = None
-        _RUNNING.discard(self)
-
-    def kill(self) -> None:
-        """Kill the broker at once with SIGKILL (for fault tests): no clean shutdown."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._proc.wait()
-        self._reap()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the broker: SIGTERM (a clean shutdown), then SIGKILL after ``timeout`` s."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGTERM)
-                self._proc.wait(timeout)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return
-        self._reap()
-
-    def restart(self, timeout: float = 90.0, kill: bool = False) -> LocalKafka:
-        """Stop (or, with ``kill``, SIGKILL) the broker and start it on the same data and ports."""
-        if kill:
-            self.kill()
-        else:
-            self.stop()
-        return self.start(timeout)
-
-    def close(self) -> None:
-        """Stop the broker and remove its working directory (and a temporary data dir)."""
-        self.stop()
-        shutil.rmtree(self.work, ignore_errors=True)
-
-    def __enter__(self) -> LocalKafka:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "running" if self.poll() is None and self._proc else "stopped"

@@ -14,38 +14,24 @@ a test that needs objects to survive must upload them again after a restart.
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
+from nec_serve.process import ChildProcess
 from nec_serve.serving.local import ServerStartError, free_port
 
 __all__ = ["LocalS3", "S3StartError"]
-
-# Servers still running when the interpreter exits are killed (held here until stopped).
-_RUNNING: set[LocalS3] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for server in list(_RUNNING):
-        server.kill()
 
 
 class S3StartError(ServerStartError):
     """The local S3 server did not start or did not answer."""
 
 
-class LocalS3:
+class LocalS3(ChildProcess):
     """moto's S3 server on ``host:port`` in a child process; a context manager.
 
     Args:
@@ -59,6 +45,7 @@ class LocalS3:
             accepts any; these are what :meth:`client` and :meth:`credentials` hand out).
     """
 
+    stop_timeout = 10.0
     access_key = "nec-local-access-key"
     secret_key = "nec-local-secret-key"
 
@@ -74,27 +61,16 @@ class LocalS3:
         self.port = port or free_port(host)
         self.region = region
         self.python = python or sys.executable
-        self.work = Path(tempfile.mkdtemp(prefix="nec-s3-"))
+        super().__init__("nec-s3-")
         self.log_path = self.work / "moto.log"
         #: Seconds the last :meth:`start` took until the server answered.
         self.start_seconds: float | None = None
         self._started_once = False
-        self._proc: subprocess.Popen | None = None
-        self._log = None
 
     @property
     def endpoint_url(self) -> str:
         """``http://host:port`` of the server, for ``endpoint_url=``."""
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the server, when running."""
-        return self._proc.pid if self._proc else None
-
-    def poll(self) -> int | None:
-        """The server's exit status, or None while it runs (or was never started)."""
-        return self._proc.poll() if self._proc else None
 
     def credentials(self) -> dict[str, str]:
         """Keyword arguments for ``boto3.client("s3", ...)``: endpoint, keys and region."""
@@ -173,22 +149,13 @@ class LocalS3:
                 "the local S3 server needs moto[server] (pip install 'moto[server]')"
             ) from err
         t0 = time.monotonic()
-        self._log = self.log_path.open("ab")
         env = dict(os.environ)
         env.pop("MOTO_PORT", None)
         # Objects above ~5 MB spill from memory to temporary files: keep them in our work dir,
         # which close() removes even after a SIGKILL.
         env["TMPDIR"] = str(self.work)
-        # A session of its own: a Ctrl-C in a terminal reaches the caller, which stops it.
-        self._proc = subprocess.Popen(
-            [self.python, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        _RUNNING.add(self)
+        cmd = [self.python, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+        self._spawn(cmd, self.log_path, env)
         deadline = t0 + timeout
         # Anonymous ListBuckets: moto answers it with 200 once its WSGI app is up.
         url = f"{self.endpoint_url}/"
@@ -222,59 +189,6 @@ class LocalS3:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:]) or "(no log)"
-
-    def _reap(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        self._proc = None
-        _RUNNING.discard(self)
-
-    def kill(self) -> None:
-        """Kill the server at once with SIGKILL (for fault tests); its state is lost."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._proc.wait()
-        self._reap()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server: SIGTERM, then SIGKILL after ``timeout`` s; its state is lost."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGTERM)
-                self._proc.wait(timeout)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return
-        self._reap()
-
-    def restart(self, timeout: float = 30.0, kill: bool = False) -> LocalS3:
-        """Stop (or, with ``kill``, SIGKILL) the server and start an empty one on the same port."""
-        if kill:
-            self.kill()
-        else:
-            self.stop()
-        return self.start(timeout)
-
-    def close(self) -> None:
-        """Stop the server and remove its working directory."""
-        self.stop()
-        shutil.rmtree(self.work, ignore_errors=True)
-
-    def __enter__(self) -> LocalS3:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "running" if self._proc and self.poll() is None else "stopped"

@@ -1,0 +1,496 @@
+"""nec_serve.deploy: S3 upload against a real local S3 server, typed KServe objects, apply/wait.
+
+The S3 server is moto's (``python -m moto.server``) on a free port. Everything that imports
+``kserve`` (or the kubernetes client) runs in a subprocess: this test process has imported
+``tritonclient.grpc`` (tests/test_export.py does at collection), and the two cannot share a
+process (duplicate protobuf symbols, kserve issue #3099).
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_k8s import kv
+
+from nec_serve import deploy
+from nec_serve.errors import InvalidInput
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAPHS = ("nec_decoder", "nec_decoder_block1", "nec_encoder")
+SECRET = "s3cr3t-never-printed-7f3a9"  # the fake secret key; must never show up in output
+BUCKET = "nec-models"
+
+
+def run_py(code: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh interpreter (where kserve may be imported)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 server (moto's) on a free local port, stopped at the end."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    for _ in range(3):
+        port = _free_port()
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                urllib.request.urlopen(url, timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        if proc.poll() is None:
+            break
+    else:
+        pytest.fail(f"moto server did not start: {log.read_text()[-2000:]}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path):
+    """Fake credentials for boto3, and no real AWS configuration anywhere near."""
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIDNECTESTING",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return env
+
+
+@pytest.fixture
+def s3(s3_endpoint, aws_env):
+    client = deploy.make_s3_client(s3_endpoint, "us-east-1")
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if BUCKET not in existing:
+        client.create_bucket(Bucket=BUCKET)
+    yield client
+    for key in deploy._list_keys(client, BUCKET, ""):
+        client.delete_object(Bucket=BUCKET, Key=key)
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def storage_initializer_download(client, uri: str, dest: Path) -> None:
+    """What KServe's storage initializer does with an s3:// storageUri (kserve_storage,
+    Storage._download_s3, v0.20.0): list by the URI's key prefix (no trailing slash), skip
+    directory markers and zero-byte objects, strip the prefix, write under /mnt/models."""
+    bucket, _, path = uri.removeprefix("s3://").partition("/")
+    for key, size in deploy._list_keys(client, bucket, path).items():
+        if key.endswith("/") or size == 0:
+            continue
+        target = key[len(path) :].lstrip("/") if key != path else key.rsplit("/", 1)[-1]
+        out = dest / target
+        out.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, key, str(out))
+
+
+# ------------------------------------------------------------------------------ upload
+
+
+@pytest.mark.parametrize("variant", deploy.VARIANTS)
+def test_upload_layout_is_the_export_byte_for_byte(s3, s3_endpoint, tiny_export, tmp_path, variant):
+    repo = deploy.repository_dir(tiny_export, variant)
+    uri = deploy.upload_repository(repo, BUCKET, "nec/run-1", variant, endpoint_url=s3_endpoint)
+    assert uri == f"s3://{BUCKET}/nec/run-1/model_repository_{variant}"
+
+    local = files_of(repo)
+    assert {k.split("/")[0] for k in local} == set(GRAPHS)
+    for graph in GRAPHS:
+        assert f"{graph}/config.pbtxt" in local and f"{graph}/1/model.onnx" in local
+    keys = deploy._list_keys(s3, BUCKET, "")
+    prefix = f"nec/run-1/model_repository_{variant}/"
+    assert set(keys) == {prefix + rel for rel in local}
+    for rel, data in local.items():
+        body = s3.get_object(Bucket=BUCKET, Key=prefix + rel)["Body"].read()
+        assert body == data, rel
+
+    # What the Triton container finds in /mnt/models is the export's repository, exactly.
+    mnt = tmp_path / "mnt" / "models"
+    storage_initializer_download(s3, uri, mnt)
+    assert files_of(mnt) == local
+    cmp = filecmp.dircmp(repo, mnt)
+    assert not cmp.left_only and not cmp.right_only and not cmp.diff_files
+
+
+def test_upload_mirrors_the_directory_without_touching_siblings(s3, s3_endpoint, tiny_export):
+    repo = deploy.repository_dir(tiny_export, "cpu")
+    base = "nec/run-2/model_repository_cpu"
+    stale = f"{base}/old_model/1/model.onnx"
+    sibling = "nec/run-2/model_repository_cpu_old/nec_encoder/config.pbtxt"
+    other = "nec/run-2/model_repository_gpu/nec_encoder/config.pbtxt"
+    for key in (stale, sibling, other):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    deploy.upload_repository(repo, BUCKET, "/nec/run-2/", "cpu", endpoint_url=s3_endpoint)
+    keys = set(deploy._list_keys(s3, BUCKET, ""))
+    assert stale not in keys
+    assert {sibling, other} <= keys
+    assert {k for k in keys if k.startswith(base + "/")} == {
+        f"{base}/{rel}" for rel in files_of(repo)
+    }
+    # --keep-stale keeps what is there.
+    s3.put_object(Bucket=BUCKET, Key=stale, Body=b"x")
+    deploy.upload_repository(
+        repo, BUCKET, "nec/run-2", "cpu", endpoint_url=s3_endpoint, delete_stale=False
+    )
+    assert stale in deploy._list_keys(s3, BUCKET, base + "/")
+
+
+def _fake_repo(root: Path, models=GRAPHS) -> Path:
+    repo = root / "model_repository_cpu"
+    for m in models:
+        (repo / m / "1").mkdir(parents=True)
+        (repo / m / "config.pbtxt").write_text(f'name: "{m}"\nbackend: "onnxruntime"\n')
+        (repo / m / "1" / "model.onnx").write_bytes(b"onnx")
+    return repo
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda r: (r / "nec_decoder" / "config.pbtxt").unlink(), "has no config.pbtxt"),
+        (
+            lambda r: (r / "nec_decoder" / "config.pbtxt").write_text('name: "other"\n'),
+            "names the model 'other' but sits in nec_decoder/",
+        ),
+        (lambda r: (r / "nec_encoder" / "1" / "empty.bin").write_bytes(b""), "empty file(s)"),
+        (
+            lambda r: (r / "nec_encoder" / "1" / "model.onnx").unlink(),
+            "nec_encoder has no numeric version directory with files",
+        ),
+        (
+            lambda r: __import__("shutil").rmtree(r / "nec_decoder_block1"),
+            "lacks the model(s) nec_decoder_block1",
+        ),
+    ],
+    ids=["no-config", "wrong-name", "empty-file", "no-version", "missing-model"],
+)
+def test_bad_repositories_are_refused_before_any_upload(tmp_path, damage, message):
+    repo = _fake_repo(tmp_path)
+    damage(repo)
+    client = object()  # never used: the check comes first
+    with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
+        deploy.upload_repository(repo, BUCKET, "p", "cpu", client=client)
+
+
+def test_bad_arguments_name_what_is_wrong(tmp_path):
+    with pytest.raises(InvalidInput, match="no Triton repository at .*nec-serve export"):
+        deploy.repository_dir(tmp_path, "gpu")
+    with pytest.raises(InvalidInput, match="unknown variant 'tpu'"):
+        deploy.repository_dir(tmp_path, "tpu")
+    with pytest.raises(InvalidInput, match="invalid bucket name 'B'"):
+        deploy.storage_uri("B", "p", "gpu")
+    with pytest.raises(InvalidInput, match=r"'\.\.' path components"):
+        deploy.storage_uri(BUCKET, "a/../b", "gpu")
+    with pytest.raises(InvalidInput, match="not an s3:// URI"):
+        deploy.storage_uri(BUCKET, "s3://nec-models/p", "gpu")
+    assert deploy.storage_uri(BUCKET, "", "cpu") == f"s3://{BUCKET}/model_repository_cpu"
+
+
+def test_s3_failures_name_bucket_and_endpoint(s3, s3_endpoint, tmp_path):
+    repo = _fake_repo(tmp_path)
+    with pytest.raises(deploy.DeployError, match="bucket 'nec-no-such-bucket' .* does not exist"):
+        deploy.upload_repository(repo, "nec-no-such-bucket", "p", "cpu", endpoint_url=s3_endpoint)
+    dead = f"http://nec-user:hunter2pass@127.0.0.1:{_free_port()}"
+    client = deploy.make_s3_client(dead, "us-east-1", connect_timeout=1, max_attempts=1)
+    start = time.monotonic()
+    with pytest.raises(deploy.DeployError) as err:
+        deploy.upload_repository(repo, BUCKET, "p", "cpu", client=client, endpoint_url=dead)
+    assert time.monotonic() - start < 20
+    text = str(err.value)
+    assert "127.0.0.1" in text and "EndpointConnectionError" in text
+    assert "hunter2pass" not in text and "nec-user" not in text  # userinfo is redacted
+
+
+def test_cli_upload_only_prints_the_storage_uri_and_never_credentials(
+    s3, s3_endpoint, aws_env, tiny_export
+):
+    env = dict(os.environ, **aws_env)
+    cmd = """
+        import sys
+        from nec_serve.deploy import main
+        sys.exit(main({argv!r}))
+    """
+    argv = ["-v", "deploy", "--model-dir", str(tiny_export), "--variant", "gpu"]
+    argv += ["--bucket", BUCKET, "--prefix", "cli", "--endpoint-url", s3_endpoint, "--upload-only"]
+    ok = run_py(cmd.replace("{argv!r}", repr(argv)), env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert f"-> s3://{BUCKET}/cli/model_repository_gpu" in ok.stdout
+    assert "uploading" in ok.stderr  # -v logs every file ...
+    bad = argv[:]
+    bad[bad.index(BUCKET)] = "nec-missing"
+    failed = run_py(cmd.replace("{argv!r}", repr(bad)), env=env)
+    assert failed.returncode == 2
+    assert "nec-serve deploy: error: upload to bucket 'nec-missing'" in failed.stderr
+    for out in (ok, failed):  # ... but never a credential
+        assert SECRET not in out.stdout + out.stderr
+
+
+def test_cli_without_kubeconfig_fails_before_uploading(s3, s3_endpoint, aws_env, tmp_path):
+    repo = _fake_repo(tmp_path / "exp")
+    env = dict(os.environ, **aws_env, HOME=str(tmp_path), KUBECONFIG=str(tmp_path / "none"))
+    argv = ["deploy", "--model-dir", str(repo.parent), "--variant", "cpu", "--bucket", BUCKET]
+    argv += ["--prefix", "nokube", "--endpoint-url", s3_endpoint, "--timeout", "5"]
+    out = run_py(f"import sys; from nec_serve.deploy import main; sys.exit(main({argv!r}))", env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "nec-serve deploy: error: no usable Kubernetes configuration" in out.stderr
+    assert deploy._list_keys(s3, BUCKET, "nokube/") == {}
+
+
+def test_add_parser_registers_deploy():
+    parser = argparse.ArgumentParser()
+    deploy.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["deploy", "--model-dir", "exp", "--variant", "cpu", "--bucket", BUCKET, "--prefix", "p"]
+    )
+    assert args.func is deploy.cmd_deploy
+    assert (args.namespace, args.timeout, args.upload_only) == ("nec", 600.0, False)
+    assert args.endpoint_url is None and args.keep_stale is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["deploy", "--model-dir", "x", "--variant", "tpu", "--bucket", BUCKET])
+
+
+def test_importing_deploy_imports_neither_kserve_nor_tritonclient():
+    out = run_py(
+        """
+        import sys
+        import nec_serve.deploy
+        loaded = [m for m in ("kserve", "kubernetes", "tritonclient", "boto3") if m in sys.modules]
+        print(",".join(loaded))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
+# ------------------------------------------------------------------------------ KServe objects
+
+
+@pytest.fixture(scope="module")
+def overlay_isvcs(schemas, tmp_path_factory) -> dict[str, dict[str, dict]]:
+    import shutil
+
+    tree = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(ROOT / "k8s", tree, ignore=shutil.ignore_patterns("s3-credentials.env"))
+    base = tree / "base"
+    shutil.copy(base / "s3-credentials.env.example", base / "s3-credentials.env")
+    out = {}
+    for variant in deploy.VARIANTS:
+        objs = kv.kustomize_build(schemas, tree / "overlays" / variant)
+        out[variant] = {o["metadata"]["name"]: o for o in objs if o["kind"] == "InferenceService"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def typed_isvcs(overlay_isvcs) -> dict[str, list[dict]]:
+    """The SDK objects, serialised by the kubernetes ApiClient, built in a kserve process."""
+    uris = {
+        v: next(iter(i.values()))["spec"]["predictor"]["model"]["storageUri"]
+        for v, i in overlay_isvcs.items()
+    }
+    out = run_py(
+        f"""
+        import json
+        import kserve
+        from nec_serve import deploy
+        result = {{}}
+        for variant, uri in {uris!r}.items():
+            objs = deploy.build_inference_services(variant, uri)
+            assert all(isinstance(o, kserve.V1beta1InferenceService) for o in objs)
+            assert all(isinstance(o.spec.predictor, kserve.V1beta1PredictorSpec) for o in objs)
+            assert all(isinstance(o.spec.predictor.model, kserve.V1beta1ModelSpec) for o in objs)
+            result[variant] = [deploy.to_manifest(o) for o in objs]
+        print(json.dumps(result))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("variant", deploy.VARIANTS)
+def test_typed_objects_validate_against_the_kserve_crd(typed_isvcs, validator, variant):
+    objs = typed_isvcs[variant]
+    assert [o["metadata"]["name"] for o in objs] == ["nec-encoder", "nec-decoder"]
+    for obj in objs:
+        assert obj["apiVersion"] == "serving.kserve.io/v1beta1"  # camelCase wire form
+        assert validator.errors(obj) == []
+
+
+@pytest.mark.parametrize("variant", deploy.VARIANTS)
+def test_typed_objects_are_the_k8s_manifests(typed_isvcs, overlay_isvcs, variant):
+    typed = {o["metadata"]["name"]: o for o in typed_isvcs[variant]}
+    assert typed == overlay_isvcs[variant]
+
+
+def test_typed_object_with_an_unknown_field_fails_validation(typed_isvcs, validator):
+    obj = json.loads(json.dumps(typed_isvcs["gpu"][0]))
+    obj["spec"]["predictor"]["ephemeralContainers"] = []  # in the SDK model, not in the CRD
+    assert any("unknown field(s) 'ephemeralContainers'" in p for p in validator.errors(obj))
+
+
+FAKES = """
+    import json
+    from kubernetes.client.rest import ApiException
+    from nec_serve import deploy
+
+    class Api:
+        def __init__(self, existing):
+            self.existing = existing
+        def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+            assert (group, version, plural) == ("serving.kserve.io", "v1beta1", "inferenceservices")
+            if name not in self.existing:
+                raise ApiException(status=404, reason="Not Found")
+            return {"metadata": {"name": name, "resourceVersion": self.existing[name]}}
+
+    class Core:
+        def __init__(self, has_sa):
+            self.has_sa = has_sa
+        def read_namespaced_service_account(self, name, namespace):
+            if not self.has_sa:
+                raise ApiException(status=404, reason="Not Found")
+            return {"metadata": {"name": name}}
+
+    class FakeKServe:
+        def __init__(self, existing=(), has_sa=True, statuses=None):
+            self.api_instance = Api(dict(existing))
+            self.core_api = Core(has_sa)
+            self.calls = []
+            self.statuses = statuses or {}
+        def create(self, isvc, namespace=None):
+            self.calls.append(["create", isvc.metadata.name, namespace, None])
+            return {"metadata": {"name": isvc.metadata.name, "generation": 1}}
+        def replace(self, name, isvc, namespace=None):
+            rv = isvc.metadata.resource_version
+            self.calls.append(["replace", name, namespace, rv])
+            return {"metadata": {"name": name, "generation": 5}}
+        def get(self, name, namespace=None):
+            return {"metadata": {"name": name}, "status": self.statuses.get(name, {})}
+
+    def ready(gen, url):
+        return {"observedGeneration": gen, "url": url,
+                "conditions": [{"type": "PredictorReady", "status": "True"},
+                               {"type": "Ready", "status": "True"}]}
+"""
+
+
+def test_apply_creates_or_replaces_then_waits_for_ready():
+    out = run_py(
+        FAKES
+        + """
+    objs = deploy.build_inference_services("cpu", "s3://nec-models/p/model_repository_cpu", "ns1")
+    fake = FakeKServe(existing={"nec-decoder": "41"}, statuses={
+        "nec-encoder": ready(1, "http://nec-encoder.ns1.example"),
+        "nec-decoder": ready(5, "http://nec-decoder.ns1.example")})
+    gens = deploy.apply_inference_services(fake, objs, "ns1")
+    urls = deploy.wait_ready(fake, list(gens), "ns1", timeout=5, poll=0.01, generations=gens)
+    try:
+        deploy.apply_inference_services(FakeKServe(has_sa=False), objs, "ns1")
+    except deploy.DeployError as err:
+        missing_sa = str(err)
+    print(json.dumps({"calls": fake.calls, "gens": gens, "urls": urls, "sa": missing_sa}))
+    """
+    )
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["calls"] == [
+        ["create", "nec-encoder", "ns1", None],
+        ["replace", "nec-decoder", "ns1", "41"],
+    ]
+    assert res["gens"] == {"nec-encoder": 1, "nec-decoder": 5}
+    assert res["urls"] == {
+        "nec-encoder": "http://nec-encoder.ns1.example",
+        "nec-decoder": "http://nec-decoder.ns1.example",
+    }
+    assert "ServiceAccount ns1/nec-models not found" in res["sa"]
+    assert "kubectl apply -k k8s/overlays/<variant>" in res["sa"]
+
+
+def test_wait_timeout_names_the_service_and_its_last_condition():
+    out = run_py(
+        FAKES
+        + """
+    failing = {"observedGeneration": 2, "conditions": [
+        {"type": "IngressReady", "status": "True"},
+        {"type": "PredictorReady", "status": "False", "reason": "RevisionFailed",
+         "message": "Revision nec-encoder-predictor-00002 failed: ImagePullBackOff"},
+        {"type": "Ready", "status": "False", "reason": "RevisionFailed"}]}
+    stale = ready(4, "http://old")  # Ready, but for the generation before the replace
+    fake = FakeKServe(statuses={"nec-encoder": failing, "nec-decoder": stale})
+    now = [0.0]
+    def sleep(s):
+        now[0] += s
+    try:
+        deploy.wait_ready(fake, ["nec-encoder", "nec-decoder"], "nec", timeout=30, poll=5,
+                          generations={"nec-encoder": 2, "nec-decoder": 5},
+                          clock=lambda: now[0], sleep=sleep)
+    except deploy.DeployTimeout as err:
+        print(json.dumps({"message": str(err), "waited": now[0],
+                          "is_timeout": isinstance(err, TimeoutError)}))
+    """
+    )
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    msg = res["message"]
+    assert res["waited"] == 30 and res["is_timeout"]
+    assert msg.startswith("not ready after 30 s: InferenceService nec/nec-encoder: last condition")
+    assert "Ready=False (RevisionFailed)" in msg
+    assert "PredictorReady=False (RevisionFailed: Revision nec-encoder-predictor-00002" in msg
+    assert "ImagePullBackOff" in msg
+    assert "InferenceService nec/nec-decoder: last condition Ready=True" in msg
+    assert "kubectl -n nec describe inferenceservice nec-encoder" in msg
+
+
+def test_wait_reports_a_service_without_status(monkeypatch):
+    class NoStatus:
+        def get(self, name, namespace=None):
+            return {"metadata": {"name": name}}
+
+    with pytest.raises(deploy.DeployTimeout, match="nec/nec-decoder: last condition no cond"):
+        deploy.wait_ready(NoStatus(), ["nec-decoder"], timeout=0, poll=0)

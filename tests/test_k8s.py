@@ -1,0 +1,417 @@
+"""k8s/: both overlays render with the pinned kustomize and every object validates strictly.
+
+Schemas and kustomize come from scripts/fetch_schemas.sh (Go module proxy, pinned, cached in
+.cache/); the validator is scripts/k8s_validate.py. The negative tests prove the validation is
+strict: an unknown field, a wrong type or a misspelt kind/apiVersion each fail, by name.
+The workflow side (controller, wrappers, RBAC, the objects the controller creates) is
+tests/test_k8s_workflow.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+VARIANTS = ("gpu", "cpu")
+GRAPHS = {"nec_encoder", "nec_decoder", "nec_decoder_block1"}
+PLACEHOLDER = "REPLACE_WITH_"
+
+
+def _validate_module():
+    if "k8s_validate" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "k8s_validate", ROOT / "scripts" / "k8s_validate.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["k8s_validate"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["k8s_validate"]
+
+
+kv = _validate_module()
+
+
+def copy_k8s(dst: Path, with_env: bool = True) -> Path:
+    """A copy of k8s/ whose credentials env file is the committed example (never a real one)."""
+    tree = dst / "k8s"
+    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("s3-credentials.env"))
+    if with_env:
+        base = tree / "base"
+        shutil.copy(base / "s3-credentials.env.example", base / "s3-credentials.env")
+    return tree
+
+
+@pytest.fixture(scope="session")
+def triton_runtime(schemas) -> dict:
+    path = kv.cache_path(schemas, schemas["kserve"]["dir"]) / schemas["kserve"]["triton_runtime"]
+    return yaml.safe_load(path.read_text())
+
+
+RENDERED_NAMES = [
+    ("ConfigMap", "nec-kafka"),
+    ("Deployment", "nec-controller"),
+    ("InferenceService", "nec-decoder"),
+    ("InferenceService", "nec-encoder"),
+    ("Namespace", "nec"),
+    ("Role", "nec-controller"),
+    ("Role", "nec-wrapper"),
+    ("RoleBinding", "nec-controller"),
+    ("RoleBinding", "nec-wrapper"),
+    ("Secret", "nec-s3"),
+    ("Service", "nec-compress"),
+    ("Service", "nec-decompress"),
+    ("ServiceAccount", "nec-controller"),
+    ("ServiceAccount", "nec-models"),
+    ("ServiceAccount", "nec-wrapper"),
+]
+
+
+def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_overlay_renders_the_nec_objects(rendered, variant):
+    objs = rendered[variant]
+    names = sorted((o["kind"], o["metadata"]["name"]) for o in objs)
+    assert names == RENDERED_NAMES
+    for o in objs:
+        if o["kind"] != "Namespace":
+            assert o["metadata"]["namespace"] == "nec", o["metadata"]
+        assert o["metadata"]["labels"]["nec-serve/variant"] == variant
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_rendered_object_validates(rendered, validator, variant):
+    problems = [p for o in rendered[variant] for p in validator.errors(o)]
+    assert problems == []
+
+
+def test_base_renders_and_validates(schemas, validator, k8s_tree):
+    objs = kv.kustomize_build(schemas, k8s_tree / "base")
+    assert len(objs) == len(RENDERED_NAMES)
+    assert [p for o in objs for p in validator.errors(o)] == []
+
+
+def test_render_without_credentials_file_fails_clearly(schemas, tmp_path):
+    tree = copy_k8s(tmp_path, with_env=False)
+    with pytest.raises(RuntimeError, match="s3-credentials.env"):
+        kv.kustomize_build(schemas, tree / "overlays" / "gpu")
+
+
+def test_kubectl_style_stdin_validation_cli(schemas, k8s_tree, tmp_path):
+    """scripts/k8s_validate.py as a command: 0 on the overlay, 1 (naming the field) on a typo."""
+    exe = kv.cache_path(schemas, schemas["kustomize"]["path"])
+    text = subprocess.run(
+        [str(exe), "build", str(k8s_tree / "overlays" / "cpu")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cmd = [sys.executable, str(ROOT / "scripts" / "k8s_validate.py"), "-"]
+    ok = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"{len(RENDERED_NAMES)} objects, 0 problems" in ok.stderr
+    bad = subprocess.run(
+        cmd,
+        input=text.replace("scaleTarget:", "scaleTarge:"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1
+    assert "unknown field(s) 'scaleTarge'; did you mean 'scaleTarget'?" in bad.stdout
+
+
+# ------------------------------------------------------------------------------ contents
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_services_follow_the_kserve_triton_runtime(rendered, triton_runtime, variant):
+    """Ports, args, format and protocol agree with KServe's own kserve-tritonserver runtime."""
+    spec = triton_runtime["spec"]
+    container = spec["containers"][0]
+    runtime_flags = {a.split("=")[0] for a in container["args"] if a.startswith("--")}
+    http_port = int(
+        next(a for a in container["args"] if a.startswith("--http-port=")).split("=")[1]
+    )
+    formats = {f["name"] for f in spec["supportedModelFormats"]}
+    loaded = {}
+    for name, isvc in by_kind(rendered[variant], "InferenceService").items():
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["runtime"] == triton_runtime["metadata"]["name"]
+        assert model["modelFormat"]["name"] in formats
+        assert model["protocolVersion"] in spec["protocolVersions"]
+        assert model["protocolVersion"] == "v2"
+        args = model["args"]
+        assert "--model-control-mode=explicit" in args
+        # KServe appends these to the runtime's args; none may repeat a runtime flag.
+        assert not ({a.split("=")[0] for a in args} & runtime_flags), args
+        loaded[name] = {a.split("=", 1)[1] for a in args if a.startswith("--load-model=")}
+        assert model["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": http_port}
+        assert model["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": http_port}
+        # The runtime's own container user (Triton's documented non-root user).
+        assert model["securityContext"]["runAsUser"] == container["securityContext"]["runAsUser"]
+    assert loaded == {"nec-encoder": {"nec_encoder"}, "nec-decoder": GRAPHS - {"nec_encoder"}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_storage_resources_and_scaling(rendered, variant):
+    for isvc in by_kind(rendered[variant], "InferenceService").values():
+        pred = isvc["spec"]["predictor"]
+        model = pred["model"]
+        uri = model["storageUri"]
+        assert re.fullmatch(rf"s3://[a-z0-9.\-]+/(.+/)?model_repository_{variant}", uri), uri
+        res = model["resources"]
+        for part in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(res[part]), res
+        if variant == "gpu":
+            assert res["limits"]["nvidia.com/gpu"] == "1"
+            assert {"name": "trt-cache", "mountPath": "/tmp/trt_cache"} in model["volumeMounts"]
+            assert any(t["key"] == "nvidia.com/gpu" for t in pred["tolerations"])
+        else:
+            assert not any("gpu" in k for part in res.values() for k in part)
+            assert "volumeMounts" not in model and "tolerations" not in pred
+        assert 1 <= pred["minReplicas"] <= pred["maxReplicas"]
+        assert pred["scaleMetric"] == "concurrency" and pred["scaleTarget"] >= 1
+        anns = isvc["metadata"]["annotations"]
+        assert anns["serving.kserve.io/deploymentMode"] == "Serverless"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_non_root_security_contexts(rendered, variant):
+    for isvc in by_kind(rendered[variant], "InferenceService").values():
+        pod = isvc["spec"]["predictor"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        ctr = isvc["spec"]["predictor"]["model"]["securityContext"]
+        assert ctr["runAsNonRoot"] is True and ctr["allowPrivilegeEscalation"] is False
+        assert ctr["privileged"] is False and ctr["capabilities"] == {"drop": ["ALL"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_s3_credentials_reach_the_storage_initializer(rendered, variant):
+    """KServe finds the Secret through the ServiceAccount the predictors run as."""
+    objs = rendered[variant]
+    (secret,) = by_kind(objs, "Secret").values()
+    sa = by_kind(objs, "ServiceAccount")["nec-models"]
+    assert {"name": secret["metadata"]["name"]} in sa["secrets"]
+    assert sa["automountServiceAccountToken"] is False
+    for isvc in by_kind(objs, "InferenceService").values():
+        assert isvc["spec"]["predictor"]["serviceAccountName"] == sa["metadata"]["name"]
+    anns = secret["metadata"]["annotations"]
+    for key in ("s3-endpoint", "s3-usehttps", "s3-region", "s3-verifyssl"):
+        assert f"serving.kserve.io/{key}" in anns
+    assert "://" not in anns["serving.kserve.io/s3-endpoint"]  # host[:port], no scheme
+    assert set(secret["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    # What the test renders is the committed example: placeholders, never credentials.
+    for value in secret["data"].values():
+        assert base64.b64decode(value).decode().startswith(PLACEHOLDER)
+
+
+def test_no_credentials_in_the_repository():
+    example = (K8S / "base" / "s3-credentials.env.example").read_text()
+    values = dict(
+        line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#")
+    )
+    assert set(values) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert all(v.startswith(PLACEHOLDER) for v in values.values())
+    assert "s3-credentials.env" in (K8S / ".gitignore").read_text().split()
+    tracked = subprocess.run(["git", "ls-files", "k8s"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert not any(p.endswith("/s3-credentials.env") for p in tracked.stdout.split())
+    for path in K8S.rglob("*"):
+        if path.is_file() and path.name != "s3-credentials.env":
+            assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", path.read_text()), path
+
+
+# ------------------------------------------------------------------------------ strictness
+
+
+def _isvc(rendered):
+    return copy.deepcopy(by_kind(rendered["gpu"], "InferenceService")["nec-encoder"])
+
+
+# The object of each core kind the negative tests change (the KServe side's).
+CORE_NAMES = {"Secret": "nec-s3", "ServiceAccount": "nec-models", "Namespace": "nec"}
+
+
+def _core(rendered, kind):
+    return copy.deepcopy(by_kind(rendered["gpu"], kind)[CORE_NAMES[kind]])
+
+
+def _set(obj, path, value):
+    *parents, last = path.split(".")
+    for key in parents:
+        obj = obj[int(key)] if isinstance(obj, list) else obj[key]
+    obj[last] = value
+
+
+NEGATIVE = [
+    # (kind, path to set, value, expected message)
+    (
+        "InferenceService",
+        "spec.predictor.minReplica",
+        1,
+        "spec.predictor: unknown field(s) 'minReplica'; did you mean 'minReplicas'?",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.model.storageURI",
+        "s3://b/p",
+        "spec.predictor.model: unknown field(s) 'storageURI'; did you mean 'storageUri'?",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.model.readinessProbe.httpGet.scheme_",
+        "HTTP",
+        "spec.predictor.model.readinessProbe.httpGet: unknown field(s) 'scheme_'",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.minReplicas",
+        "1",
+        "spec.predictor.minReplicas: '1' is not of type 'integer'",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.scaleTarget",
+        4.5,
+        "spec.predictor.scaleTarget: 4.5 is not of type 'integer'",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.model.runtimeVersion",
+        26.07,
+        "spec.predictor.model.runtimeVersion: 26.07 is not of type 'string'",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.maxReplicas",
+        2**31,
+        "spec.predictor.maxReplicas: 2147483648 is not a 'int32'",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.scaleMetric",
+        "gpu",
+        "spec.predictor.scaleMetric: 'gpu' is not one of",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.model.resources.limits.memory",
+        "16GB",
+        "spec.predictor.model.resources.limits.memory: '16GB' does not match",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.model.args",
+        "--load-model=nec_encoder",
+        "spec.predictor.model.args: '--load-model=nec_encoder' is not of type 'array'",
+    ),
+    (
+        "InferenceService",
+        "spec.predictor.model.env",
+        [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}],
+        "spec.predictor.model.env: duplicate entry with name='A' in a map-type list",
+    ),
+    (
+        "InferenceService",
+        "metadata.lables",
+        {"a": "b"},
+        "metadata: unknown field(s) 'lables'; did you mean 'labels'?",
+    ),
+    ("InferenceService", "specs", {}, "(root): unknown field(s) 'specs'"),
+    (
+        "InferenceService",
+        "kind",
+        "InferenceServise",
+        "unknown kind 'InferenceServise' in apiVersion 'serving.kserve.io/v1beta1'; "
+        "did you mean 'InferenceService'?",
+    ),
+    (
+        "InferenceService",
+        "apiVersion",
+        "serving.kserve.io/v1beta",
+        "unknown apiVersion 'serving.kserve.io/v1beta' for kind 'InferenceService' "
+        "(known: serving.kserve.io/v1beta1)",
+    ),
+    (
+        "InferenceService",
+        "apiVersion",
+        "serving.kservee.io/v1beta1",
+        "unknown apiVersion 'serving.kservee.io/v1beta1' for kind 'InferenceService'",
+    ),
+    ("Secret", "stringdata", {}, "unknown field(s) 'stringdata'; did you mean 'stringData'?"),
+    ("Secret", "data.AWS_REGION", "not base64!", "data.AWS_REGION: 'not base64!' is not a 'byte'"),
+    ("Secret", "type", 1, "type: 1 is not of type 'string'"),
+    (
+        "ServiceAccount",
+        "automountServiceAccountToken",
+        "false",
+        "automountServiceAccountToken: 'false' is not of type 'boolean'",
+    ),
+    ("ServiceAccount", "secrets.0.nam", "x", "secrets.0: unknown field(s) 'nam'"),
+    (
+        "ServiceAccount",
+        "kind",
+        "ServiceAcount",
+        "unknown kind 'ServiceAcount' in apiVersion 'v1'; did you mean 'ServiceAccount'?",
+    ),
+    ("Namespace", "apiVersion", "core/v1", "unknown apiVersion 'core/v1' for kind 'Namespace'"),
+    ("Namespace", "metadata.namespace", "nec", "metadata.namespace: Namespace is cluster-scoped"),
+    ("Namespace", "metadata.name", "NEC_ns", "metadata.name: 'NEC_ns' is not a DNS subdomain"),
+]
+
+
+@pytest.mark.parametrize(
+    "kind,path,value,expected", NEGATIVE, ids=[f"{n[0]}:{n[1]}={n[2]!r}" for n in NEGATIVE]
+)
+def test_validation_is_strict(rendered, validator, kind, path, value, expected):
+    obj = _isvc(rendered) if kind == "InferenceService" else _core(rendered, kind)
+    assert validator.errors(obj) == []
+    _set(obj, path, value)
+    problems = validator.errors(obj)
+    assert any(expected in p for p in problems), problems
+
+
+def test_quantities_and_int_or_string_accept_what_the_api_server_accepts(rendered, validator):
+    isvc = _isvc(rendered)
+    model = isvc["spec"]["predictor"]["model"]
+    model["resources"]["requests"]["cpu"] = 2  # a number is a valid Quantity
+    model["resources"]["limits"]["cpu"] = "2500m"
+    model["readinessProbe"]["httpGet"]["port"] = "http"  # IntOrString: a named port
+    assert validator.errors(isvc) == []
+
+
+# ------------------------------------------------------------------------------ the fetch
+
+
+def test_fetch_is_pinned_cached_and_fast(schemas):
+    script = (ROOT / "scripts" / "fetch_schemas.sh").read_text()
+    for tool in ("kustomize", "kserve", "kubernetes", "knative_kafka", "knative_serving"):
+        pinned = re.search(rf"^{tool.upper()}_VERSION=(\S+)$", script, re.M).group(1)
+        assert schemas[tool]["version"] == pinned
+    start = time.monotonic()
+    again = kv.fetch()
+    assert time.monotonic() - start < 5.0  # the cached run does nothing
+    assert again["pins"] == schemas["pins"]
+    exe = kv.cache_path(schemas, schemas["kustomize"]["path"])
+    out = subprocess.run([str(exe), "version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == schemas["kustomize"]["version"]

@@ -1,0 +1,892 @@
+"""k8s/: the workflow side. Controller, wrappers, their RBAC, and what the controller creates.
+
+The rendered overlays hold the controller Deployment, the two wrapper Knative Services and the
+RBAC of both; tests/test_k8s.py validates every rendered object strictly. Here:
+
+* the Knative kinds are validated against the real CRDs (knative.dev/eventing-kafka-broker's
+  KafkaSource, knative.dev/serving's Service, pinned by scripts/fetch_schemas.sh), including
+  the KafkaSources that controller/sources.py builds from real workflow messages, with
+  negative cases that must fail;
+* RBAC is namespaced and grants exactly the listed resources and verbs, which cover every
+  call the controller and wrapper code makes (recorded against fake API clients whose every
+  request body is validated too); a ClusterRole, a ClusterRole binding or an extra verb fails;
+* the containers' args are what the real ``nec-serve`` parser accepts, and the wrapper and
+  controller start from them (up to the network) with only the image's packages;
+* the config store's ConfigMap and Secret validate, and credentials are only in the Secret;
+* the ConfigMap ``nec-model``, made from an export as ``kubectl create configmap`` makes it,
+  validates, fits, and is a model directory the wrapper loads.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import textwrap
+import threading
+import tomllib
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from test_docker import DOCKERFILE, UID, effective, run_with_runtime_packages, stages
+from test_k8s import VARIANTS, by_kind, copy_k8s, kv
+
+from nec_serve.config_store import KubernetesConfigStore
+from nec_serve.errors import InvalidInput
+from nec_serve.messages import config_name, parse_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+NS = "nec"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+ALL_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
+# What the brief of the controller and wrapper allows, as (apiGroup, resource, verb).
+CONTROLLER_GRANTS = {
+    (group, resource, verb)
+    for group, resource in (
+        ("sources.knative.dev", "kafkasources"),
+        ("", "configmaps"),
+        ("", "secrets"),
+    )
+    for verb in ALL_VERBS
+}
+WRAPPER_GRANTS = {("", r, v) for r in ("configmaps", "secrets") for v in ("get", "list")}
+STEPS = {
+    "nec-compress": ("compress", "nec-encoder"),
+    "nec-decompress": ("decompress", "nec-decoder"),
+}
+ACCESS_KEY, SECRET_KEY = "AKIAEXAMPLEEXAMPLE00", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def one(objects: list[dict], kind: str, name: str) -> dict:
+    return copy.deepcopy(by_kind(objects, kind)[name])
+
+
+def workflow_message(
+    topic: str = "wf-42.in", service: str = "nec-compress", namespace: str = NS
+) -> dict:
+    """A ``system.ML`` message as the platform publishes it (DESIGN section 5)."""
+    return {
+        "workflow_status": "published",
+        "workflow_name": "EO workflow 42",
+        "Topics": {"in": topic, "out": "wf-42.out"},
+        "ML": {"ServiceName": service, "Namespace": namespace, "component_name": "compress"},
+        "S3_bucket": {
+            "aws_access_key_id": ACCESS_KEY,
+            "aws_secret_access_key": SECRET_KEY,
+            "s3-bucket-name": "eo-bucket",
+            "region_name": "eu-central-1",
+            "endpoint_url": "https://s3.example.org",
+        },
+    }
+
+
+def kafka_data(objects: list[dict]) -> dict[str, str]:
+    return one(objects, "ConfigMap", "nec-kafka")["data"]
+
+
+def expand_args(container: dict, obj: dict, objects: list[dict]) -> list[str]:
+    """The container's args as the kubelet runs them: ``$(VAR)`` from its env, whose values
+    come from literal values, the rendered ConfigMaps and the object's own namespace."""
+    env = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+            continue
+        src = var["valueFrom"]
+        if "configMapKeyRef" in src:
+            ref = src["configMapKeyRef"]
+            env[var["name"]] = one(objects, "ConfigMap", ref["name"])["data"][ref["key"]]
+        elif src.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[var["name"]] = obj["metadata"]["namespace"]
+        else:
+            raise AssertionError(f"unexpected env source {src}")
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+
+
+def parse_cli(args: list[str]):
+    from nec_serve.cli import build_parser
+
+    return build_parser().parse_args(args)
+
+
+# ------------------------------------------------------------------------------ schemas
+
+
+def test_knative_kinds_come_from_the_pinned_crds(validator, schemas):
+    ksvc = validator.kinds[("serving.knative.dev/v1", "Service")]
+    source = validator.kinds[("sources.knative.dev/v1beta1", "KafkaSource")]
+    serving, kafka = schemas["knative_serving"], schemas["knative_kafka"]
+    assert ksvc.source.startswith(f"{serving['module']}@{serving['version']} ")
+    assert source.source.startswith(f"{kafka['module']}@{kafka['version']} ")
+    assert "services.serving.knative.dev" in ksvc.source
+    assert "kafkasources.sources.knative.dev" in source.source
+    # The Service's pod template is also checked as a core PodSpec, less Knative's own fields.
+    assert ksvc.pod_template_extra == {
+        "containerConcurrency",
+        "timeoutSeconds",
+        "responseStartTimeoutSeconds",
+        "idleTimeoutSeconds",
+    }
+    assert source.pod_template_extra is None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_workflow_objects_validate(rendered, validator, variant):
+    objs = [
+        o
+        for o in rendered[variant]
+        if o["kind"] in ("Service", "Deployment", "Role", "RoleBinding", "ConfigMap")
+        or (o["kind"] == "ServiceAccount" and o["metadata"]["name"] != "nec-models")
+    ]
+    assert len(objs) == 10
+    assert [p for o in objs for p in validator.errors(o)] == []
+
+
+def _ksvc(rendered):
+    return one(rendered["gpu"], "Service", "nec-compress")
+
+
+def _deployment(rendered):
+    return one(rendered["gpu"], "Deployment", "nec-controller")
+
+
+def _source(config_topic="wf-42.in"):
+    from nec_controller.sources import kafka_source
+
+    config = parse_workflow(workflow_message(config_topic))
+    return kafka_source(config, ["my-cluster-kafka-bootstrap.kafka.svc.cluster.local:9092"])
+
+
+DELETE = object()
+
+
+def _set(obj, path, value):
+    *parents, last = path.split(".")
+    for key in parents:
+        obj = obj[int(key)] if isinstance(obj, list) else obj[key]
+    if value is DELETE:
+        del obj[last]
+    else:
+        obj[last] = value
+
+
+POD = "spec.template.spec"
+CTR = f"{POD}.containers.0"
+NEGATIVE = [
+    # (object, path, value, expected message): each must fail, by name.
+    ("KafkaSource", "spec.topic", ["t"], "spec: unknown field(s) 'topic'; did you mean 'topics'?"),
+    ("KafkaSource", "spec.sink.ref.nam", "x", "spec.sink.ref: unknown field(s) 'nam'"),
+    ("KafkaSource", "spec.consumers", "1", "spec.consumers: '1' is not of type 'integer'"),
+    ("KafkaSource", "spec.delivery.retries", 5, "unknown field(s) 'retries'; did you mean 'retry'"),
+    ("KafkaSource", "spec.topics", DELETE, "spec: 'topics' is a required property"),
+    ("KafkaSource", "spec.bootstrapServers", "k:9092", "'k:9092' is not of type 'array'"),
+    ("KafkaSource", "spec.sink.ref.kind", DELETE, "spec.sink.ref: 'kind' is a required property"),
+    ("KafkaSource", "spec.consumers", 2**31, "spec.consumers: 2147483648 is not a 'int32'"),
+    (
+        "KafkaSource",
+        "apiVersion",
+        "sources.knative.dev/v1alpha1",
+        "unknown apiVersion 'sources.knative.dev/v1alpha1' for kind 'KafkaSource'",
+    ),
+    # Knative Service: the CRD's own schema ...
+    ("Service", f"{POD}.containerConcurrency", "1", "is not of type 'integer'"),
+    ("Service", f"{POD}.timeoutSecond", 3600, "did you mean 'timeoutSeconds'"),
+    ("Service", f"{CTR}.livenesProbe", {}, "did you mean 'livenessProbe'"),
+    ("Service", f"{CTR}.resources.limits.memory", "8GB", "'8GB' does not match"),
+    ("Service", "spec.traffic.0.percent", "100", "is not of type 'integer'"),
+    # ... and, where it preserves unknown fields, the core PodSpec / ObjectMeta schemas.
+    ("Service", f"{POD}.securityContext", {"runAsUsr": 1}, "unknown field(s) 'runAsUsr'"),
+    ("Service", f"{POD}.volumes.1.emptyDir.sizeLimt", "1Gi", "unknown field(s) 'sizeLimt'"),
+    ("Service", f"{POD}.volumes.1.emptyDir.sizeLimit", "16GB", "'16GB' does not match"),
+    ("Service", f"{POD}.tolerations", [{"key": "a", "efect": "NoSchedule"}], "'efect'"),
+    ("Service", f"{POD}.affinity", {"nodeAfinity": {}}, "unknown field(s) 'nodeAfinity'"),
+    ("Service", "spec.template.metadata.annotation", {}, "did you mean 'annotations'?"),
+    ("Service", f"{CTR}.env.0.valueFrom", {"fieldRef": {"path": "x"}}, "'path'"),
+    # Core kinds of the workflow side.
+    ("Deployment", "spec.replica", 1, "did you mean 'replicas'?"),
+    ("Deployment", f"{CTR}.securityContext.runAsNonroot", True, "did you mean 'runAsNonRoot'?"),
+    ("Deployment", f"{CTR}.env.0.valueFrom.fieldRef.fieldpath", "x", "'fieldpath'"),
+    ("Role", "rules.0.verb", ["get"], "did you mean 'verbs'?"),
+    ("RoleBinding", "roleRef.kind", 1, "roleRef.kind: 1 is not of type 'string'"),
+]
+
+
+@pytest.mark.parametrize(
+    "kind,path,value,expected", NEGATIVE, ids=[f"{n[0]}:{n[1]}" for n in NEGATIVE]
+)
+def test_validation_is_strict(rendered, validator, kind, path, value, expected):
+    obj = {
+        "KafkaSource": _source,
+        "Service": lambda: _ksvc(rendered),
+        "Deployment": lambda: _deployment(rendered),
+        "Role": lambda: one(rendered["gpu"], "Role", "nec-controller"),
+        "RoleBinding": lambda: one(rendered["gpu"], "RoleBinding", "nec-controller"),
+    }[kind]()
+    if kind == "Service" and path.startswith("spec.traffic"):
+        obj["spec"]["traffic"] = [{}]
+    assert validator.errors(obj) == []
+    _set(obj, path, value)
+    problems = validator.errors(obj)
+    assert any(expected in p for p in problems), problems
+
+
+def test_a_podspec_error_is_reported_once(rendered, validator):
+    """A problem both schemas see (an unknown container field) is not reported twice."""
+    obj = _ksvc(rendered)
+    obj["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    problems = validator.errors(obj)
+    assert len(problems) == 1 and "did you mean 'imagePullPolicy'?" in problems[0], problems
+
+
+# ------------------------------------------------------------------------------ KafkaSource
+
+TOPICS = ["wf-42.in", "EO4EU.Workflow_07.Input", "a" * 249, "x"]
+
+
+@pytest.mark.parametrize("topic", TOPICS, ids=["plain", "mixed", "longest", "short"])
+def test_controller_kafka_sources_validate_against_the_crd(validator, topic):
+    body = _source(topic)
+    assert validator.errors(body) == []
+    assert body["metadata"]["name"] == config_name(topic)
+    # The replace path sends the object with its resourceVersion.
+    body["metadata"]["resourceVersion"] = "12345"
+    assert validator.errors(body) == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("service", sorted(STEPS))
+def test_kafka_source_sink_is_a_rendered_wrapper(rendered, validator, variant, service):
+    """What the controller creates for a workflow of either step points at that wrapper."""
+    from nec_controller.sources import kafka_source
+
+    objs = rendered[variant]
+    ksvc = one(objs, "Service", service)
+    bootstrap = kafka_data(objs)["bootstrap.servers"].split(",")
+    config = parse_workflow(workflow_message(service=service.upper(), namespace=NS))
+    body = kafka_source(config, bootstrap)
+    assert validator.errors(body) == []
+    ref = body["spec"]["sink"]["ref"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"], ref["namespace"]) == (
+        ksvc["apiVersion"],
+        ksvc["kind"],
+        ksvc["metadata"]["name"],
+        ksvc["metadata"]["namespace"],
+    )
+    assert body["metadata"]["namespace"] == ksvc["metadata"]["namespace"]
+    assert body["spec"]["sink"]["uri"] == f"/{config.source_name}"
+    assert body["spec"]["bootstrapServers"] == bootstrap
+
+
+# ------------------------------------------------------------------------------ RBAC
+
+
+def grants(role: dict) -> set[tuple[str, str, str]]:
+    """A Role's rules as (apiGroup, resource, verb) triples; wildcards stay '*'."""
+    out = set()
+    for rule in role.get("rules", []):
+        for group in rule.get("apiGroups", []):
+            for resource in rule.get("resources", []):
+                for verb in rule.get("verbs", []):
+                    out.add((group, resource, verb))
+    return out
+
+
+def rbac_problems(objects: list[dict]) -> list[str]:
+    """Everything in ``objects`` that breaks the RBAC policy of the workflow side."""
+    problems = []
+    expected = {"nec-controller": CONTROLLER_GRANTS, "nec-wrapper": WRAPPER_GRANTS}
+    for obj in objects:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        if kind in ("ClusterRole", "ClusterRoleBinding"):
+            problems.append(f"{kind}/{name}: cluster-wide RBAC is not allowed")
+        elif kind == "Role":
+            for rule in obj.get("rules", []):
+                if set(rule) - {"apiGroups", "resources", "verbs"}:
+                    problems.append(f"Role/{name}: resourceNames/nonResourceURLs are not used")
+            got = grants(obj)
+            if name not in expected:
+                problems.append(f"Role/{name}: unexpected Role")
+            elif got != expected[name]:
+                extra = sorted(got - expected[name])
+                missing = sorted(expected[name] - got)
+                problems.append(f"Role/{name}: grants {extra} beyond, lacks {missing}")
+        elif kind == "RoleBinding":
+            ref = obj["roleRef"]
+            if ref["kind"] != "Role":
+                problems.append(f"RoleBinding/{name}: binds a {ref['kind']}")
+            for subject in obj.get("subjects", []):
+                if (
+                    subject.get("kind") != "ServiceAccount"
+                    or subject.get("namespace") != obj["metadata"]["namespace"]
+                ):
+                    problems.append(f"RoleBinding/{name}: subject {subject} outside the namespace")
+    return problems
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rbac_is_namespaced_and_exact(rendered, variant):
+    objs = rendered[variant]
+    assert rbac_problems(objs) == []
+    roles = by_kind(objs, "Role")
+    assert set(roles) == {"nec-controller", "nec-wrapper"}
+    assert grants(roles["nec-controller"]) == CONTROLLER_GRANTS
+    assert grants(roles["nec-wrapper"]) == WRAPPER_GRANTS
+    for name, binding in by_kind(objs, "RoleBinding").items():
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": name,
+        }
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": NS}]
+    assert set(by_kind(objs, "ServiceAccount")) >= {"nec-controller", "nec-wrapper"}
+    assert _deployment(rendered)["spec"]["template"]["spec"]["serviceAccountName"] == (
+        "nec-controller"
+    )
+    for service in STEPS:
+        spec = one(objs, "Service", service)["spec"]["template"]["spec"]
+        assert spec["serviceAccountName"] == "nec-wrapper"
+
+
+def _add_resource(tree: Path, text: str) -> None:
+    (tree / "base" / "extra.yaml").write_text(textwrap.dedent(text))
+    kust = tree / "base" / "kustomization.yaml"
+    doc = yaml.safe_load(kust.read_text())
+    doc["resources"].append("extra.yaml")
+    kust.write_text(yaml.safe_dump(doc))
+
+
+SNEAKS = {
+    "clusterrole": (
+        """
+        apiVersion: rbac.authorization.k8s.io/v1
+        kind: ClusterRole
+        metadata:
+          name: nec-controller-extra
+        rules:
+          - apiGroups: [""]
+            resources: ["secrets"]
+            verbs: ["get"]
+        """,
+        "ClusterRole/nec-controller-extra: cluster-wide RBAC is not allowed",
+    ),
+    "clusterrolebinding": (
+        """
+        apiVersion: rbac.authorization.k8s.io/v1
+        kind: ClusterRoleBinding
+        metadata:
+          name: nec-controller-view
+        roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}
+        subjects: [{kind: ServiceAccount, name: nec-controller, namespace: nec}]
+        """,
+        "ClusterRoleBinding/nec-controller-view: cluster-wide RBAC is not allowed",
+    ),
+    "rolebinding-to-clusterrole": (
+        """
+        apiVersion: rbac.authorization.k8s.io/v1
+        kind: RoleBinding
+        metadata:
+          name: nec-wrapper-edit
+        roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: edit}
+        subjects: [{kind: ServiceAccount, name: nec-wrapper}]
+        """,
+        "RoleBinding/nec-wrapper-edit: binds a ClusterRole",
+    ),
+}
+
+
+@pytest.mark.parametrize("sneak", sorted(SNEAKS))
+def test_cluster_wide_rbac_sneaking_in_fails(schemas, validator, tmp_path, sneak):
+    """Valid Kubernetes objects, but against the policy: the check names them."""
+    text, expected = SNEAKS[sneak]
+    tree = copy_k8s(tmp_path)
+    _add_resource(tree, text)
+    objs = kv.kustomize_build(schemas, tree / "overlays" / "cpu")
+    assert [p for o in objs for p in validator.errors(o)] == []  # schema-valid ...
+    assert expected in rbac_problems(objs)  # ... and still refused
+
+
+@pytest.mark.parametrize(
+    "role,rule,value",
+    [
+        ("nec-controller", 0, {"verbs": ALL_VERBS + ["deletecollection"]}),
+        ("nec-controller", 1, {"verbs": ["*"]}),
+        ("nec-controller", 1, {"resources": ["configmaps", "secrets", "pods"]}),
+        ("nec-controller", 0, {"apiGroups": ["*"]}),
+        ("nec-wrapper", 0, {"verbs": ["get", "list", "watch"]}),
+        ("nec-wrapper", 0, {"resourceNames": ["nec-s3"]}),
+    ],
+)
+def test_role_beyond_the_list_fails(rendered, role, rule, value):
+    objs = copy.deepcopy(rendered["cpu"])
+    target = next(o for o in objs if o["kind"] == "Role" and o["metadata"]["name"] == role)
+    target["rules"][rule].update(value)
+    problems = rbac_problems(objs)
+    assert any(p.startswith(f"Role/{role}:") for p in problems), problems
+
+
+def test_rbac_follows_an_overlay_namespace(schemas, tmp_path):
+    tree = copy_k8s(tmp_path)
+    mine = tree / "overlays" / "mine"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text("resources: [../cpu]\nnamespace: eo-prod\n")
+    objs = kv.kustomize_build(schemas, mine)
+    for binding in by_kind(objs, "RoleBinding").values():
+        assert {s["namespace"] for s in binding["subjects"]} == {"eo-prod"}
+    assert rbac_problems(objs) == []
+
+
+# -- the code's API calls are covered by the Roles ---------------------------------------
+
+
+class Recorder:
+    """Fake kubernetes API clients: records (apiGroup, resource, verb) of every call,
+    validates every body sent, and keeps objects so that reads see earlier writes."""
+
+    VERBS = {
+        "get": "get",
+        "read": "get",
+        "list": "list",
+        "create": "create",
+        "replace": "update",
+        "patch": "patch",
+        "delete": "delete",
+    }
+
+    def __init__(self, validator):
+        self.validator = validator
+        self.calls: set[tuple[str, str, str]] = set()
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.problems: list[str] = []
+
+    def _record(self, method: str, group: str, resource: str) -> None:
+        self.calls.add((group, resource, self.VERBS[method.split("_", 1)[0]]))
+
+    def _body(self, body: dict) -> None:
+        self.problems += self.validator.errors(body)
+
+    def __getattr__(self, method: str):
+        from kubernetes.client.exceptions import ApiException
+
+        verb = method.split("_", 1)[0]
+        if method.endswith("_namespaced_custom_object"):
+
+            def custom(group, version, namespace, plural, *rest):
+                # (name), (body) for create, (name, body) for replace
+                self._record(method, group, plural)
+                name = rest[0]["metadata"]["name"] if verb == "create" else rest[0]
+                body = rest[-1] if verb in ("create", "replace") else None
+                return self._apply(verb, (plural, f"{namespace}/{name}"), body)
+
+            return custom
+        resource = {"config_map": "configmaps", "secret": "secrets"}[
+            method.split("_namespaced_", 1)[1]
+        ]
+
+        def core(*args, **kwargs):
+            self._record(method, "", resource)
+            if verb == "list":
+                names = [k[1].split("/", 1)[1] for k in self.objects if k[0] == resource]
+                items = [SimpleNamespace(metadata=SimpleNamespace(name=n)) for n in names]
+                return SimpleNamespace(items=items)
+            if verb == "create":
+                namespace, body = args
+                key = (resource, f"{namespace}/{body['metadata']['name']}")
+                if key in self.objects:
+                    raise ApiException(status=409)
+                return self._apply(verb, key, body)
+            name, namespace = args[0], args[1]
+            return self._apply(verb, (resource, f"{namespace}/{name}"), (args[2:] or [None])[0])
+
+        return core
+
+    def _apply(self, verb, key, body):
+        from kubernetes.client.exceptions import ApiException
+
+        if verb in ("create", "replace"):
+            self._body(body)
+            self.objects[key] = copy.deepcopy(body)
+            return body
+        if key not in self.objects:
+            raise ApiException(status=404)
+        if verb == "delete":
+            return self.objects.pop(key)
+        obj = self.objects[key]
+        if key[0] == "secrets":  # the API server stores stringData as base64 data
+            data = {k: base64.b64encode(v.encode()).decode() for k, v in obj["stringData"].items()}
+            return SimpleNamespace(data=data)
+        if key[0] == "configmaps":
+            return SimpleNamespace(data=obj["data"])
+        return copy.deepcopy(dict(obj, metadata=dict(obj["metadata"], resourceVersion="1")))
+
+
+def test_every_api_call_of_the_controller_and_wrapper_is_granted(rendered, validator):
+    from nec_controller.app import Controller
+    from nec_controller.sources import KubernetesSources
+
+    roles = by_kind(rendered["cpu"], "Role")
+    api = Recorder(validator)
+    bootstrap = kafka_data(rendered["cpu"])["bootstrap.servers"].split(",")
+    controller = Controller(
+        KubernetesConfigStore(NS, core_api=api), KubernetesSources(bootstrap, custom_api=api)
+    )
+    published = json.dumps(workflow_message()).encode()
+    # Same input topic, another sink and output topic: the source and the config are replaced.
+    changed = dict(
+        workflow_message(service="nec-decompress"), Topics={"in": "wf-42.in", "out": "other.out"}
+    )
+    stopping = json.dumps(dict(workflow_message(), workflow_status="stopping")).encode()
+    assert controller.handle(published) == "published"
+    assert controller.handle(published) == "published"  # the store always replaces
+    assert controller.handle(json.dumps(changed).encode()) == "published"
+    # The wrapper's side: read the config back, list the names.
+    wrapper_api = Recorder(validator)
+    wrapper_api.objects = api.objects
+    store = KubernetesConfigStore(NS, core_api=wrapper_api)
+    config = store.get(config_name("wf-42.in"))
+    assert config.s3.secret_access_key == SECRET_KEY and config.topic_out == "other.out"
+    assert store.names() == [config_name("wf-42.in")]
+    assert controller.handle(stopping) == "stopped"
+    assert controller.handle(stopping) == "unchanged"
+    assert api.problems == [] and wrapper_api.problems == []
+    assert api.calls <= grants(roles["nec-controller"]), api.calls - grants(roles["nec-controller"])
+    assert wrapper_api.calls <= grants(roles["nec-wrapper"])
+    # Everything the controller does is in use: create, get, update, delete of its three kinds.
+    assert {v for _, _, v in api.calls} == {"get", "create", "update", "delete"}
+    assert {r for _, r, _ in api.calls} == {"kafkasources", "configmaps", "secrets"}
+
+
+# ------------------------------------------------------------------------------ config store
+
+
+def test_config_store_objects_validate_and_keep_credentials_in_the_secret(validator):
+    config = parse_workflow(workflow_message())
+    configmap, secret = KubernetesConfigStore.objects(config, NS)
+    assert validator.errors(configmap) == [] and validator.errors(secret) == []
+    for obj in (configmap, secret):
+        assert obj["metadata"]["name"] == config.source_name == config_name("wf-42.in")
+        assert obj["metadata"]["namespace"] == NS
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "nec-controller"
+    dumped = json.dumps(configmap)
+    assert ACCESS_KEY not in dumped and SECRET_KEY not in dumped
+    stored = json.loads(configmap["data"]["workflow.json"])
+    assert stored["S3_bucket"]["aws_secret_access_key"] == "***"
+    assert stored["S3_bucket"]["s3-bucket-name"] == "eo-bucket"
+    assert secret["type"] == "Opaque"
+    assert secret["stringData"] == {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    }
+    assert "data" not in secret  # nothing else in the Secret, and nothing but the keys
+
+
+# ------------------------------------------------------------------------------ controller
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_controller_deployment(rendered, variant):
+    objs = rendered[variant]
+    dep = one(objs, "Deployment", "nec-controller")
+    spec = dep["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    (ctr,) = pod["containers"]
+    assert ctr["image"] == f"registry.example.com/nec/nec-serve-controller:{VERSION}"
+    args = parse_cli(expand_args(ctr, dep, objs))
+    data = kafka_data(objs)
+    assert args.command == "controller" and args.kubernetes is True
+    assert args.namespace == dep["metadata"]["namespace"] == NS
+    assert args.bootstrap == data["bootstrap.servers"]
+    assert args.topic == data["workflow.topic"] == "system.ML"
+    assert args.dead_letter_topic == data["deadletter.topic"]
+    for part in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(ctr["resources"][part])
+    _assert_non_root(ctr["securityContext"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def _assert_non_root(sc: dict) -> None:
+    dockerfile = stages(DOCKERFILE.read_text())
+    assert effective(dockerfile, "wrapper", "USER") == f"{sc['runAsUser']}:{sc['runAsGroup']}"
+    assert sc["runAsUser"] == UID and sc["runAsNonRoot"] is True
+    assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+# ------------------------------------------------------------------------------ wrappers
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("service", sorted(STEPS))
+def test_wrapper_services(rendered, variant, service):
+    from nec_serve.serving.client import parse_server_url
+
+    objs = rendered[variant]
+    mode, isvc = STEPS[service]
+    ksvc = one(objs, "Service", service)
+    ns = ksvc["metadata"]["namespace"]
+    assert ksvc["metadata"]["labels"]["networking.knative.dev/visibility"] == "cluster-local"
+    template = ksvc["spec"]["template"]
+    anns = template["metadata"]["annotations"]
+    lo, hi = (
+        int(anns["autoscaling.knative.dev/min-scale"]),
+        int(anns["autoscaling.knative.dev/max-scale"]),
+    )
+    assert 1 <= lo <= hi
+    pod = template["spec"]
+    assert pod["containerConcurrency"] == 1
+    assert pod["timeoutSeconds"] >= 3600 and pod["responseStartTimeoutSeconds"] >= 3600
+    (ctr,) = pod["containers"]
+    assert ctr["image"] == f"registry.example.com/nec/nec-serve-wrapper:{VERSION}"
+    args = parse_cli(expand_args(ctr, ksvc, objs))
+    assert args.command == "wrapper" and args.mode == mode and args.trigger == "http"
+    (port,) = ctr["ports"]
+    assert args.port == port["containerPort"] == 8080 and args.host == "0.0.0.0"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert ctr[probe]["httpGet"] == {"path": "/healthz", "port": port["containerPort"]}
+    assert args.namespace == ns
+    assert args.bootstrap == kafka_data(objs)["bootstrap.servers"]
+    assert args.status_topic == kafka_data(objs)["status.topic"] == "monitoring.notify"
+    # --server is the cluster-local HTTP route of the step's rendered InferenceService.
+    assert one(objs, "InferenceService", isvc)["spec"]["predictor"]["model"]["protocolVersion"] == (
+        "v2"
+    )
+    assert parse_server_url(args.server) == ("http", f"{isvc}-predictor.{ns}.svc.cluster.local:80")
+    mounts = {m["name"]: m for m in ctr["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model"] == {"name": "model", "configMap": {"name": "nec-model"}}
+    assert mounts["model"]["mountPath"] == args.model_dir and mounts["model"]["readOnly"] is True
+    assert "emptyDir" in volumes["scratch"] and mounts["scratch"]["mountPath"] == args.work_dir
+    assert {"name": "TMPDIR", "value": args.work_dir} in ctr["env"]
+    for part in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(ctr["resources"][part])
+    _assert_non_root(ctr["securityContext"])
+    # nec-model is made from an export (k8s/README.md), never rendered.
+    assert "nec-model" not in by_kind(objs, "ConfigMap")
+
+
+def test_the_two_wrappers_differ_only_in_their_step(rendered):
+    a = one(rendered["gpu"], "Service", "nec-compress")
+    b = one(rendered["gpu"], "Service", "nec-decompress")
+    text = json.dumps(b).replace("decompress", "compress").replace("nec-decoder", "nec-encoder")
+    assert json.loads(text) == a
+
+
+# Knative Serving v0.49's webhook with its default features (config-features), from
+# pkg/apis/serving/fieldmask.go and k8s_validation.go of the pinned module: what a Service may
+# use without enabling a feature flag. The CRD schema cannot say this (the flags decide).
+RESERVED_ENV = {"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}
+RESERVED_PORTS = {8012, 8013, 8022, 9090, 9091, 8008}
+RESERVED_PATHS = {"/", "/dev", "/dev/log", "/tmp", "/var", "/var/log"}
+
+
+@pytest.mark.parametrize("service", sorted(STEPS))
+def test_wrappers_need_no_knative_feature_flags(rendered, service):
+    pod = one(rendered["gpu"], "Service", service)["spec"]["template"]["spec"]
+    assert "securityContext" not in pod  # kubernetes.podspec-securitycontext is off
+    for key in ("affinity", "tolerations", "nodeSelector", "runtimeClassName", "hostAliases"):
+        assert key not in pod, key  # kubernetes.podspec-* flags
+    for volume in pod["volumes"]:
+        assert set(volume) - {"name"} <= {"configMap", "secret", "projected", "emptyDir"}
+    (ctr,) = pod["containers"]
+    for var in ctr["env"]:
+        assert var["name"] not in RESERVED_ENV
+        assert set(var.get("valueFrom", {})) <= {"configMapKeyRef", "secretKeyRef"}  # no fieldRef
+    (port,) = ctr["ports"]
+    assert port["name"] in ("http1", "h2c") and port["containerPort"] not in RESERVED_PORTS
+    assert not {m["mountPath"].rstrip("/") or "/" for m in ctr["volumeMounts"]} & RESERVED_PATHS
+
+
+def test_wrapper_serves_its_probe_path():
+    """The probes' /healthz is what the wrapper's HTTP trigger answers, without a step."""
+    from nec_wrapper.triggers import make_http_server
+
+    server = make_http_server(None, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/healthz"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        server.shutdown()
+
+
+# ------------------------------------------------------------------------------ nec-model
+
+
+def kubectl_configmap(name: str, files: list[Path], namespace: str) -> dict:
+    """What ``kubectl create configmap NAME --from-file=F ... -o yaml`` makes: UTF-8 files in
+    ``data``, the others base64 in ``binaryData``, keyed by file name."""
+    data, binary = {}, {}
+    for path in files:
+        raw = path.read_bytes()
+        try:
+            data[path.name] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            binary[path.name] = base64.b64encode(raw).decode()
+    obj = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}
+    obj["metadata"]["namespace"] = namespace
+    if data:
+        obj["data"] = data
+    if binary:
+        obj["binaryData"] = binary
+    return obj
+
+
+def mount_configmap(obj: dict, directory: Path) -> Path:
+    """The files the kubelet projects from a ConfigMap volume."""
+    directory.mkdir(parents=True)
+    for key, text in obj.get("data", {}).items():
+        (directory / key).write_text(text)
+    for key, b64 in obj.get("binaryData", {}).items():
+        (directory / key).write_bytes(base64.b64decode(b64))
+    return directory
+
+
+MODEL_FILES = ["manifest.json", "entropy_tables.bin", "entropy_tables.bin.sha256"]
+
+
+def test_nec_model_configmap_from_an_export(validator, tiny_export, tmp_path):
+    from nec_serve.pipeline import ModelBundle
+
+    cm = kubectl_configmap("nec-model", [tiny_export / f for f in MODEL_FILES], NS)
+    assert validator.errors(cm) == []
+    assert set(cm["data"]) == {"manifest.json", "entropy_tables.bin.sha256"}
+    assert set(cm["binaryData"]) == {"entropy_tables.bin"}
+    assert len(json.dumps(cm)) < 1024 * 1024  # a ConfigMap holds at most 1 MiB
+    model = mount_configmap(cm, tmp_path / "model")
+    bundle = ModelBundle.load(model)  # verifies the tables against the manifest and .sha256
+    assert bundle.tables.sha256 == ModelBundle.load(tiny_export).tables.sha256
+    # A damaged copy is refused at start, not used.
+    broken = copy.deepcopy(cm)
+    raw = bytearray(base64.b64decode(broken["binaryData"]["entropy_tables.bin"]))
+    raw[-1] ^= 1
+    broken["binaryData"]["entropy_tables.bin"] = base64.b64encode(bytes(raw)).decode()
+    with pytest.raises(InvalidInput):
+        ModelBundle.load(mount_configmap(broken, tmp_path / "broken"))
+
+
+def test_readme_documents_the_nec_model_command():
+    text = (ROOT / "k8s" / "README.md").read_text()
+    command = (
+        "kubectl create configmap nec-model --from-file=exp/manifest.json "
+        "--from-file=exp/entropy_tables.bin --from-file=exp/entropy_tables.bin.sha256"
+    )
+    assert command in " ".join(text.replace("\\\n", " ").split())
+
+
+# ------------------------------------------------------------------------------ start-up
+
+STARTUP = """
+import json, sys
+import nec_serve.cli as cli
+import nec_serve.config_store as config_store
+import nec_serve.kafka_io as kafka_io
+args_list = json.loads(sys.argv[3])
+
+class Started(Exception):
+    pass
+
+class FakeStore:
+    def __init__(self, namespace, core_api=None):
+        FakeStore.namespace = namespace
+
+class FakeProducer:
+    def close(self, timeout=None):
+        pass
+
+config_store.KubernetesConfigStore = FakeStore
+kafka_io.json_producer = lambda bootstrap: FakeProducer()
+seen = {}
+if args_list[0] == "wrapper":
+    import nec_wrapper.triggers as triggers
+
+    def fake_server(handler, host, port):
+        seen.update(host=host, port=port, mode=handler.settings.mode,
+                    server=handler.engine.url, tables=handler.bundle.tables.sha256,
+                    work_dir=str(handler.settings.work_dir))
+        raise Started
+
+    triggers.make_http_server = fake_server
+else:
+    import nec_controller.app as app
+    import nec_controller.sources as sources
+
+    class FakeSources:
+        def __init__(self, bootstrap):
+            seen["bootstrap"] = bootstrap
+        def close(self):
+            pass
+
+    def fake_run(controller, bootstrap, topic, stop):
+        seen.update(topic=topic, dead_letter=controller.dead_letter_topic)
+        raise Started
+
+    sources.KubernetesSources = FakeSources
+    app.run_controller = fake_run
+args = cli.build_parser().parse_args(args_list)
+try:
+    args.func(args)
+except Started:
+    seen["namespace"] = FakeStore.namespace
+    print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("service", sorted(STEPS))
+def test_wrapper_starts_from_its_manifest_with_the_image_packages(
+    rendered, tiny_export, tmp_path, service
+):
+    """The wrapper's args, its model directory as mounted from nec-model, and nothing but the
+    image's packages: it loads the tables and builds its Triton client (then stops, before
+    listening: no cluster here)."""
+    objs = rendered["cpu"]
+    ksvc = one(objs, "Service", service)
+    (ctr,) = ksvc["spec"]["template"]["spec"]["containers"]
+    cm = kubectl_configmap("nec-model", [tiny_export / f for f in MODEL_FILES], NS)
+    model = mount_configmap(cm, tmp_path / "model")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    args = [
+        a.replace("/model", str(model)).replace("/scratch", str(scratch))
+        for a in expand_args(ctr, ksvc, objs)
+    ]
+    out = run_with_runtime_packages(STARTUP, json.dumps(args))
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    mode, isvc = STEPS[service]
+    assert seen == {
+        "host": "0.0.0.0",
+        "port": 8080,
+        "mode": mode,
+        "server": f"http://{isvc}-predictor.{NS}.svc.cluster.local:80",
+        "tables": json.loads((tiny_export / "manifest.json").read_text())["table_sha256"],
+        "work_dir": str(scratch),
+        "namespace": NS,
+    }
+
+
+def test_controller_starts_from_its_manifest_with_the_image_packages(rendered):
+    objs = rendered["cpu"]
+    dep = one(objs, "Deployment", "nec-controller")
+    (ctr,) = dep["spec"]["template"]["spec"]["containers"]
+    out = run_with_runtime_packages(STARTUP, json.dumps(expand_args(ctr, dep, objs)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    data = kafka_data(objs)
+    assert seen == {
+        "bootstrap": data["bootstrap.servers"].split(","),
+        "topic": data["workflow.topic"],
+        "dead_letter": data["deadletter.topic"],
+        "namespace": NS,
+    }
