@@ -67,22 +67,14 @@ def run_controller(
     group_id: str = "nec-controller",
 ) -> None:
     """Consume ``topic`` until ``stop`` is set, committing after each handled message."""
-    from kafka import KafkaConsumer, OffsetAndMetadata
+    from nec_serve.kafka_io import commit_after, manual_commit_consumer
 
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap_servers,
-        group_id=group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        metadata_max_age_ms=3000,  # see topics created after subscribing within seconds
-        max_poll_records=10,
-    )
+    consumer = manual_commit_consumer(bootstrap_servers, group_id, topic, max_poll_records=10)
     try:
         while not stop.is_set():
             for tp, records in consumer.poll(timeout_ms=300).items():
                 for rec in records:
                     controller.handle(rec.value)
-                    consumer.commit({tp: OffsetAndMetadata(rec.offset + 1, "", -1)})
+                    commit_after(consumer, tp, rec)
     finally:
         consumer.close()

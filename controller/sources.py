@@ -162,15 +162,12 @@ class LocalKafkaSource(threading.Thread):
 
     def run(self) -> None:
         """Deliver until stopped."""
-        from kafka import KafkaConsumer, OffsetAndMetadata
+        from nec_serve.kafka_io import commit_after, manual_commit_consumer
 
-        consumer = KafkaConsumer(
+        consumer = manual_commit_consumer(
+            self.bootstrap,
+            self.source_name,
             self.topic,
-            bootstrap_servers=self.bootstrap,
-            group_id=self.source_name,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            metadata_max_age_ms=3000,  # see topics created after subscribing within seconds
             max_poll_records=1,
             max_poll_interval_ms=int(self.timeout_s * 1000) + 60_000,
         )
@@ -179,7 +176,7 @@ class LocalKafkaSource(threading.Thread):
                 for tp, records in consumer.poll(timeout_ms=300).items():
                     for rec in records:
                         if self._post(rec):
-                            consumer.commit({tp: OffsetAndMetadata(rec.offset + 1, "", -1)})
+                            commit_after(consumer, tp, rec)
                             self.delivered += 1
                         else:
                             consumer.seek(tp, rec.offset)

@@ -110,13 +110,11 @@ def model_nec(model):
 
 
 def _engine(args: argparse.Namespace, bundle):
-    if args.server:
-        from nec_serve.serving.client import TritonEngine
+    from nec_serve.pipeline import make_engine
 
-        return TritonEngine(args.server, bundle, shared_memory=args.shm, timeout_s=args.timeout)
-    from nec_serve.pipeline import LocalEngine
-
-    return LocalEngine(bundle, threads=args.threads)
+    return make_engine(
+        bundle, args.server, threads=args.threads, shared_memory=args.shm, timeout_s=args.timeout
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -183,7 +181,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     """Decode a container into embeddings, block-1 features or symbols (.npy)."""
     import numpy as np
 
-    from nec_serve.pipeline import DECODER_OUTPUTS, ModelBundle, decompress
+    from nec_serve.pipeline import DECODER_OUTPUTS, ModelBundle, decompress, tile_index
 
     bundle = ModelBundle.load(args.model_dir)
     engine = _engine(args, bundle) if DECODER_OUTPUTS[args.output] else None
@@ -198,9 +196,8 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with atomic_output(out) as g:
         np.save(g, arr, allow_pickle=False)
-    index = [{"tile": r.index, "source": r.source, "row": r.row, "col": r.col} for r in records]
     with atomic_output(out.with_suffix(".tiles.json")) as g:
-        g.write(json.dumps(index, indent=1).encode())
+        g.write(json.dumps(tile_index(records), indent=1).encode())
     print(f"decoded {len(records)} tiles -> {out} {arr.dtype}{tuple(arr.shape)}")
     return 0
 

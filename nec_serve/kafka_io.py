@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["json_producer"]
+__all__ = ["json_producer", "manual_commit_consumer", "commit_after"]
 
 
 def json_producer(bootstrap_servers: str, timeout_s: float = 15.0):
@@ -25,3 +25,30 @@ def json_producer(bootstrap_servers: str, timeout_s: float = 15.0):
         value_serializer=lambda v: json.dumps(v).encode(),
         key_serializer=lambda k: k.encode() if isinstance(k, str) else k,
     )
+
+
+def manual_commit_consumer(bootstrap_servers: str, group_id: str, *topics: str, **kwargs):
+    """A consumer for at-least-once processing: no auto-commit, from the earliest offset.
+
+    Offsets move only through :func:`commit_after`, once a message is done with. Metadata
+    is refreshed every few seconds so topics created after subscribing are seen quickly.
+    ``kwargs`` (``max_poll_records``, ``max_poll_interval_ms``, ...) go to KafkaConsumer.
+    """
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap_servers,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        metadata_max_age_ms=3000,
+        **kwargs,
+    )
+
+
+def commit_after(consumer, tp, record) -> None:
+    """Commit the offset after ``record``: it will not be delivered to this group again."""
+    from kafka import OffsetAndMetadata
+
+    consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})

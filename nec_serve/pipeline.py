@@ -30,6 +30,8 @@ __all__ = [
     "ModelBundle",
     "Engine",
     "LocalEngine",
+    "make_engine",
+    "tile_index",
     "CompressStats",
     "compress",
     "decompress",
@@ -137,6 +139,24 @@ class LocalEngine:
     def decode(self, graph: str, symbols: np.ndarray) -> np.ndarray:
         """Run a decoder graph."""
         return self._session(graph).run(None, {"symbols": symbols})[0]
+
+
+def make_engine(bundle: ModelBundle, server: str | None = None, *, threads: int = 0, **client):
+    """The engine for ``server`` (a Triton URL), or in-process onnxruntime when None.
+
+    ``client`` goes to :class:`~nec_serve.serving.client.TritonEngine` (timeouts, retries,
+    shared memory); ``threads`` to the in-process engine.
+    """
+    if server:
+        from nec_serve.serving.client import TritonEngine
+
+        return TritonEngine(server, bundle, **client)
+    return LocalEngine(bundle, threads=threads)
+
+
+def tile_index(records: Iterable[TileRecord]) -> list[dict]:
+    """Where each decoded row came from: tile index, source name, pixel origin."""
+    return [{"tile": r.index, "source": r.source, "row": r.row, "col": r.col} for r in records]
 
 
 @dataclass

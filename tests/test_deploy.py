@@ -12,7 +12,6 @@ import argparse
 import filecmp
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ from test_k8s import kv
 
 from nec_serve import deploy
 from nec_serve.errors import InvalidInput
+from nec_serve.serving.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = ("nec_decoder", "nec_decoder_block1", "nec_encoder")
@@ -44,18 +44,12 @@ def run_py(code: str, env: dict | None = None, timeout: float = 180) -> subproce
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
     """A real S3 server (moto's) on a free local port, stopped at the end."""
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -238,7 +232,7 @@ def test_s3_failures_name_bucket_and_endpoint(s3, s3_endpoint, tmp_path):
     repo = _fake_repo(tmp_path)
     with pytest.raises(deploy.DeployError, match="bucket 'nec-no-such-bucket' .* does not exist"):
         deploy.upload_repository(repo, "nec-no-such-bucket", "p", "cpu", endpoint_url=s3_endpoint)
-    dead = f"http://nec-user:hunter2pass@127.0.0.1:{_free_port()}"
+    dead = f"http://nec-user:hunter2pass@127.0.0.1:{free_port()}"
     client = deploy.make_s3_client(dead, "us-east-1", connect_timeout=1, max_attempts=1)
     start = time.monotonic()
     with pytest.raises(deploy.DeployError) as err:

@@ -39,7 +39,7 @@ from nec_serve.messages import (
     redacted,
     status_event,
 )
-from nec_serve.pipeline import ModelBundle, compress, iter_decoded
+from nec_serve.pipeline import ModelBundle, compress, iter_decoded, make_engine, tile_index
 
 __all__ = ["WrapperSettings", "Outcome", "StepHandler", "output_name"]
 
@@ -104,16 +104,7 @@ class StepHandler:
         self.store = store
         self.producer = producer
         self.bundle = ModelBundle.load(settings.model_dir)
-        self.engine = engine or self._make_engine()
-
-    def _make_engine(self):
-        if self.settings.server:
-            from nec_serve.serving.client import TritonEngine
-
-            return TritonEngine(self.settings.server, self.bundle)
-        from nec_serve.pipeline import LocalEngine
-
-        return LocalEngine(self.bundle)
+        self.engine = engine or make_engine(self.bundle, settings.server)
 
     # -- the entry point -----------------------------------------------------------
 
@@ -241,10 +232,7 @@ class StepHandler:
                     )
                 out[row : row + len(arr)] = arr
                 row += len(arr)
-                index.extend(
-                    {"tile": r.index, "source": r.source, "row": r.row, "col": r.col}
-                    for r in records
-                )
+                index.extend(tile_index(records))
             if out is None:
                 raise InvalidInput("container holds no tiles")
             out.flush()

@@ -110,14 +110,11 @@ def run_consumer(
     store), re-read every ``refresh_s`` so newly published workflows are picked up.
     Offsets are committed one message at a time, only after the handler is done with it.
     """
-    from kafka import KafkaConsumer, OffsetAndMetadata
+    from nec_serve.kafka_io import commit_after, manual_commit_consumer
 
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        group_id=group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        metadata_max_age_ms=3000,  # see topics created after subscribing within seconds
+    consumer = manual_commit_consumer(
+        bootstrap_servers,
+        group_id,
         max_poll_records=1,
         max_poll_interval_ms=60 * 60 * 1000,  # a step may take long; it is not a failure
         session_timeout_ms=30_000,
@@ -142,7 +139,7 @@ def run_consumer(
                 for rec in records:
                     outcome = handler.handle(config_name(rec.topic), rec.value)
                     if outcome.done:
-                        consumer.commit({tp: OffsetAndMetadata(rec.offset + 1, "", -1)})
+                        commit_after(consumer, tp, rec)
                     else:
                         log.warning(
                             "not done with %s@%d (%s); retrying", tp, rec.offset, outcome.reason
