@@ -1,0 +1,264 @@
+"""One summary of every benchmark's results, against the project's targets.
+
+Reads the CSVs the benchmarks wrote to ``benchmarks/results/`` (whichever exist) and writes
+``benchmarks/results/SUMMARY.md``: the machines they ran on, each target with its measured
+value and whether it is met, then a short table per benchmark. A target with no measurement
+says so; nothing is assumed.
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The targets of issue 5 (DESIGN section 10).
+SERVING_OVERHEAD_MAX_PCT = 10.0
+CODEC_MIN_MSYM_PER_S = 50.0
+CODEC_MAX_OVER_BOUND_PCT = 0.5
+GPU_MIN_IMG_PER_S = 3000.0
+GPU_MAX_P99_MS = 100.0
+GPU_IMG_SIZE = 256
+
+
+def read(path: Path) -> list[dict]:
+    """Rows of a CSV, or none if it does not exist."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _f(row: dict, key: str) -> float:
+    return float(row[key])
+
+
+def target_rows(
+    codec: Sequence[dict],
+    serving: Sequence[dict],
+    perf: Sequence[dict],
+    encoder: Sequence[dict],
+) -> list[dict]:
+    """Each target: what it asks, what was measured, and whether it is met (None: unmeasured)."""
+    out = []
+    b8 = [r for r in serving if int(r["batch"]) == 8 and "triton" in r["path"]]
+    if b8:
+        worst = max(b8, key=lambda r: _f(r, "overhead_pct_vs_in_process"))
+        measured = ", ".join(
+            f"{r['path']} {_f(r, 'overhead_pct_vs_in_process'):+.1f} %" for r in b8
+        )
+        met = _f(worst, "overhead_pct_vs_in_process") < SERVING_OVERHEAD_MAX_PCT
+    else:
+        measured, met = "not measured", None
+    out.append(
+        {
+            "target": f"local server vs in-process onnxruntime, batch 8: overhead "
+            f"< {SERVING_OVERHEAD_MAX_PCT:g} %",
+            "measured": measured,
+            "met": met,
+        }
+    )
+
+    if codec:
+        enc = min(_f(r, "encode_msym_per_s") for r in codec)
+        dec = min(_f(r, "decode_msym_per_s") for r in codec)
+        over = max(_f(r, "overhead_pct") for r in codec)
+        out.append(
+            {
+                "target": f"entropy coding, one core: >= {CODEC_MIN_MSYM_PER_S:g} M symbols/s "
+                "encode and decode",
+                "measured": f"encode >= {enc:.0f}, decode >= {dec:.0f} M symbols/s "
+                f"(197, 257, 1025 tokens x 768)",
+                "met": min(enc, dec) >= CODEC_MIN_MSYM_PER_S,
+            }
+        )
+        out.append(
+            {
+                "target": f"coded size within {CODEC_MAX_OVER_BOUND_PCT:g} % of the entropy bound",
+                "measured": f"at most +{over:.3f} % (payload; the container adds its header "
+                "and 20 bytes per tile)",
+                "met": over <= CODEC_MAX_OVER_BOUND_PCT,
+            }
+        )
+    else:
+        out.append(
+            {"target": "entropy coding speed and size", "measured": "not measured", "met": None}
+        )
+
+    gpu_perf = [
+        r
+        for r in perf
+        if r["model"] == "nec_encoder"
+        and int(r["img_size"]) == GPU_IMG_SIZE
+        and "gpu" in r["run"].lower()
+        and float(r["latency_us_p99"]) / 1e3 < GPU_MAX_P99_MS
+    ]
+    gpu_raw = [
+        r
+        for r in encoder
+        if r["engine"] == "torch-cuda" and int(r["img_size"]) == GPU_IMG_SIZE and r["mode"] == "h2d"
+    ]
+    target = (
+        f"NEC ViT-B encoder, {GPU_IMG_SIZE} px, one H100, served: > {GPU_MIN_IMG_PER_S:g} img/s "
+        f"with p99 < {GPU_MAX_P99_MS:g} ms"
+    )
+    if gpu_perf:
+        best = max(gpu_perf, key=lambda r: _f(r, "throughput_infer_per_s"))
+        out.append(
+            {
+                "target": target,
+                "measured": f"{_f(best, 'throughput_infer_per_s'):.0f} img/s at p99 "
+                f"{_f(best, 'latency_us_p99') / 1e3:.0f} ms ({best['machine']})",
+                "met": _f(best, "throughput_infer_per_s") > GPU_MIN_IMG_PER_S,
+            }
+        )
+    elif gpu_raw:
+        best = max(gpu_raw, key=lambda r: _f(r, "throughput_img_per_s"))
+        out.append(
+            {
+                "target": target,
+                "measured": f"served: not measured; in-process PyTorch bound "
+                f"{_f(best, 'throughput_img_per_s'):.0f} img/s ({best['dtype']}, batch "
+                f"{best['batch']}, {best['machine']})",
+                "met": None,
+            }
+        )
+    else:
+        out.append({"target": target, "measured": "not measured: no GPU run", "met": None})
+    return out
+
+
+def _table(rows: Sequence[dict], cols: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _codec_row(r: dict) -> dict:
+    fmt = {"encode_msym_per_s": ".0f", "decode_msym_per_s": ".0f", "overhead_pct": "+.3f"}
+    fmt |= dict.fromkeys(
+        ("compressai_compress_msym_per_s", "compressai_decompress_msym_per_s"), ".1f"
+    )
+    return {**r, **{k: format(_f(r, k), f) for k, f in fmt.items() if r.get(k)}}
+
+
+def summary(results: Path) -> str:
+    """The whole SUMMARY.md text."""
+    codec = read(results / "codec.csv")
+    serving = read(results / "serving.csv")
+    perf = read(results / "perf_sweep.csv")
+    encoder = read(results / "encoder.csv")
+    pipeline = read(results / "pipeline.csv")
+    machines = sorted({r["machine"] for rows in (serving, perf, encoder, pipeline) for r in rows})
+    parts = [
+        "# Benchmark results\n",
+        "Machines: " + ("; ".join(machines) or "none recorded") + "\n",
+    ]
+    parts.append("## Targets\n")
+    verdict = {True: "met", False: "**missed**", None: "not measured"}
+    parts.append(
+        _table(
+            [{**t, "met": verdict[t["met"]]} for t in target_rows(codec, serving, perf, encoder)],
+            ["target", "measured", "met"],
+        )
+    )
+    if codec:
+        parts.append("\n## Codec, one thread (`benchmarks/bench_codec.py`, codec.csv)\n")
+        parts.append(
+            _table(
+                [_codec_row(r) for r in codec],
+                [
+                    "tokens",
+                    "encode_msym_per_s",
+                    "decode_msym_per_s",
+                    "compressai_compress_msym_per_s",
+                    "compressai_decompress_msym_per_s",
+                    "overhead_pct",
+                    "bytes_equal_compressai",
+                ],
+            )
+        )
+    if serving:
+        parts.append("\n## Serving overhead (`benchmarks/bench_serving.py`, serving.csv)\n")
+        parts.append(
+            _table(
+                serving,
+                [
+                    "path",
+                    "batch",
+                    "latency_ms_p50",
+                    "latency_ms_p99",
+                    "throughput_img_per_s",
+                    "overhead_pct_vs_in_process",
+                ],
+            )
+        )
+    if perf:
+        from nec_serve.perf import summary_markdown
+
+        parts.append("\n## perf_analyzer sweep (`benchmarks/perf_sweep.py`, perf_sweep.csv/png)\n")
+        parts.append(summary_markdown(perf))
+    if encoder:
+        parts.append("\n## Encoder in-process (`benchmarks/bench_encoder.py`, encoder.csv)\n")
+        parts.append(
+            _table(
+                encoder,
+                [
+                    "run",
+                    "engine",
+                    "mode",
+                    "img_size",
+                    "batch",
+                    "dtype",
+                    "throughput_img_per_s",
+                    "latency_ms_p50",
+                    "latency_ms_p99",
+                ],
+            )
+        )
+    if pipeline:
+        parts.append(
+            "\n## Pipeline, one wrapper (`benchmarks/bench_pipeline.py`, pipeline.csv/png)\n"
+        )
+        cols = [
+            c
+            for c in (
+                "server",
+                "input_kind",
+                "images",
+                "tiles",
+                "s3_get_s",
+                "read_s",
+                "preprocess_s",
+                "inference_s",
+                "coding_s",
+                "s3_put_s",
+                "kafka_s",
+                "throughput_img_per_s",
+                "throughput_MB_per_s",
+                "max_rss_mb",
+            )
+            if c in pipeline[0]
+        ]
+        parts.append(_table(pipeline, cols))
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    text = summary(args.results)
+    (args.results / "SUMMARY.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
