@@ -3,7 +3,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench bench-codec bench-encoder bench-serving \
+	bench-pipeline bench-perf clean
 
 $(STAMP): requirements/lock.txt requirements/build.txt pyproject.toml setup.py nec_serve/_rans.c scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -25,8 +26,33 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: install  ## codec throughput vs CompressAI and the entropy bound
+# Benchmarks (README "Benchmarks"); results land in benchmarks/results/. They use the demo's
+# ViT-B export (made here if missing, as `make demo` makes it) and take ~30 min on 2 cores.
+BENCH_EXPORT := artifacts/demo/export/mae_vit_compress_adapter
+CALIBRATION  := ../shared/data/naip/m_4709963_se_14_1_20090818.tif
+
+$(BENCH_EXPORT)/manifest.json: | install
+	PYTHONWARNINGS=ignore $(BIN)/nec-serve export --model mae_vit_compress_adapter \
+		--calibrate $(CALIBRATION) --calibrate-tiles 20 --out $(BENCH_EXPORT)
+
+bench: bench-codec bench-encoder bench-serving bench-pipeline bench-perf  ## all, then SUMMARY.md
+	$(BIN)/python benchmarks/report.py
+
+bench-codec: install  ## rANS coder vs CompressAI and constriction, against the entropy bound
 	$(BIN)/python benchmarks/bench_codec.py
+
+bench-encoder: $(BENCH_EXPORT)/manifest.json  ## in-process PyTorch (GPU if any) and onnxruntime
+	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/bench_encoder.py --onnx-dir $(BENCH_EXPORT)
+
+bench-serving: $(BENCH_EXPORT)/manifest.json  ## in-process vs local tritonserver gRPC/HTTP/shm
+	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/bench_serving.py --model-dir $(BENCH_EXPORT)
+
+bench-pipeline: $(BENCH_EXPORT)/manifest.json  ## one wrapper on Kafka + S3 + Triton, per stage
+	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/bench_pipeline.py --model-dir $(BENCH_EXPORT) \
+		--server triton inprocess
+
+bench-perf: $(BENCH_EXPORT)/manifest.json  ## perf_analyzer sweep, curves and summary
+	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/perf_sweep.py --model-dir $(BENCH_EXPORT)
 
 clean:
 	rm -rf build artifacts nec_serve/*.so *.egg-info $(VENV)

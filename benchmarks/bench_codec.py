@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from nec_serve.codec import FactorizedCodec
+from nec_serve.perf import machine_description
 from nec_serve.tables import EntropyTables
 
 CHANNELS = 768
@@ -276,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         print("constriction not installed: skipping its columns (pip install constriction)")
 
     rows = [bench_tokens(codec, eb, sigma, t, args.images, args.repeats, args.seed) for t in TOKENS]
+    machine = machine_description()
+    for row in rows:
+        row["machine"] = machine
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0])

@@ -4,7 +4,10 @@ One run, same machine, same export, same input (real NAIP tiles): the encoder gr
 in-process with onnxruntime, then through ``tritonserver`` (PyTriton's bundled binary,
 Python backend running the same ONNX graph) over gRPC, HTTP and gRPC + system shared
 memory. Reports p50/p90/p99 latency per request and images/s, and the overhead of each
-path against in-process at the same batch size. Writes ``benchmarks/results/serving.csv``.
+path against in-process at the same batch size: the ratio of median latencies (and, in
+``overhead_mean_pct_*``, of mean throughput). The paths take turns call by call, so load
+from elsewhere falls on all of them alike. Writes ``benchmarks/results/serving.csv`` and
+``serving.png``.
 
     python benchmarks/bench_serving.py --model-dir artifacts/demo/export/mae_vit_compress_adapter
 """
@@ -13,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
 from nec_serve.imagery import Normalisation, read_raster, tile_image
+from nec_serve.perf import machine_description
 from nec_serve.pipeline import LocalEngine, ModelBundle
 from nec_serve.serving.client import TritonEngine
 from nec_serve.serving.local import LocalTritonServer
@@ -34,36 +37,78 @@ def real_tiles(bundle: ModelBundle, n: int) -> np.ndarray:
     return Normalisation.for_dtype(scene.dtype, 3).apply(tiles).astype(np.float32)
 
 
-def measure(fn, batch: np.ndarray, iters: int, warmup: int) -> dict:
+def interleaved(fns: dict, batch: np.ndarray, iters: int, warmup: int) -> dict[str, np.ndarray]:
+    """Seconds per call of each path, the paths taking turns (rotating order) each round.
+
+    On a shared machine a burst of load then lands on every path alike, rather than on
+    whichever path happened to be measured at the time.
+    """
+    names = list(fns)
     for _ in range(warmup):
-        fn(batch)
-    lat = []
-    t_all = time.perf_counter()
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn(batch)
-        lat.append(time.perf_counter() - t0)
-    total = time.perf_counter() - t_all
-    ms = np.array(lat) * 1e3
+        for name in names:
+            fns[name](batch)
+    secs: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(iters):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            fns[name](batch)
+            secs[name].append(time.perf_counter() - t0)
+    return {n: np.array(v) for n, v in secs.items()}
+
+
+def stats(secs: np.ndarray, batch: int) -> dict:
+    ms = secs * 1e3
     return {
         "latency_ms_p50": round(float(np.percentile(ms, 50)), 2),
         "latency_ms_p90": round(float(np.percentile(ms, 90)), 2),
         "latency_ms_p99": round(float(np.percentile(ms, 99)), 2),
-        "throughput_img_per_s": round(iters * len(batch) / total, 2),
+        "throughput_img_per_s": round(batch * len(secs) / float(secs.sum()), 2),
     }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], batches, strict=True):
+        rs = [r for r in rows if r["batch"] == b]
+        y = np.arange(len(rs))
+        p50 = [r["latency_ms_p50"] for r in rs]
+        p90 = [r["latency_ms_p90"] - r["latency_ms_p50"] for r in rs]
+        ax.barh(y, p50, xerr=[np.zeros(len(rs)), p90], color="tab:blue", alpha=0.8)
+        ax.set_yticks(y, [r["path"] for r in rs])
+        for yi, r in zip(y, rs, strict=True):
+            ax.annotate(
+                f" {r['overhead_pct_vs_in_process']:+.1f} %",
+                (r["latency_ms_p50"], yi),
+                va="center",
+                fontsize=8,
+            )
+        ax.invert_yaxis()
+        ax.set_xlabel("latency per request, ms (bar p50, whisker p90)")
+        ax.set_title(f"batch {b}")
+    fig.suptitle(f"NEC encoder: in-process vs local tritonserver ({rows[0]['machine']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default="artifacts/demo/export/mae_vit_compress_adapter")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/serving.csv")
     args = p.parse_args()
 
     bundle = ModelBundle.load(args.model_dir)
     local = LocalEngine(bundle)
+    machine = machine_description()
     rows = []
     with LocalTritonServer(bundle.root / "model_repository_local") as server:
         engines = {
@@ -74,42 +119,49 @@ def main() -> int:
                 f"grpc://{server.grpc_url}", bundle, shared_memory=True
             ),
         }
+        # Symbols only, as the wrapper asks; in-process computes both anyway.
+        fns = {
+            name: (
+                e.encode_symbols if isinstance(e, TritonEngine) else (lambda x, e=e: e.encode(x)[0])
+            )
+            for name, e in engines.items()
+        }
         for b in args.batch:
             batch = real_tiles(bundle, b)
-            base = None
-            for name, engine in engines.items():
-                # Symbols only, as the wrapper asks; in-process computes both anyway.
-                fn = (
-                    engine.encode_symbols
-                    if hasattr(engine, "encode_symbols")
-                    else (lambda x, e=engine: e.encode(x)[0])
-                )
-                r = measure(fn, batch, args.iters, args.warmup)
-                base = base or r
+            secs = interleaved(fns, batch, args.iters, args.warmup)
+            base = stats(secs["in-process onnxruntime"], b)
+            for name, s in secs.items():
+                r = stats(s, b)
                 rows.append(
                     {
                         "model": bundle.manifest["model"],
                         "img_size": bundle.img_size,
                         "path": name,
                         "batch": b,
+                        "iters": args.iters,
                         **r,
+                        # Medians: robust to the odd slow call on a shared machine.
                         "overhead_pct_vs_in_process": round(
+                            100 * (r["latency_ms_p50"] / base["latency_ms_p50"] - 1), 1
+                        ),
+                        "overhead_mean_pct_vs_in_process": round(
                             100 * (base["throughput_img_per_s"] / r["throughput_img_per_s"] - 1), 1
                         ),
-                        "machine": f"{platform.processor() or platform.machine()} "
-                        f"{__import__('os').cpu_count()} cores",
+                        "machine": machine,
                     }
                 )
                 print(rows[-1])
         for e in engines.values():
             if isinstance(e, TritonEngine):
                 e.close()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {args.out}")
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

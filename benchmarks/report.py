@@ -155,7 +155,8 @@ def summary(results: Path) -> str:
     perf = read(results / "perf_sweep.csv")
     encoder = read(results / "encoder.csv")
     pipeline = read(results / "pipeline.csv")
-    machines = sorted({r["machine"] for rows in (serving, perf, encoder, pipeline) for r in rows})
+    everything = (codec, serving, perf, encoder, pipeline)
+    machines = sorted({r["machine"] for rows in everything for r in rows if r.get("machine")})
     parts = [
         "# Benchmark results\n",
         "Machines: " + ("; ".join(machines) or "none recorded") + "\n",

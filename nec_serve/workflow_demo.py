@@ -7,6 +7,9 @@ the workflow as EO4EU's platform does: ``published`` messages on ``system.ML``, 
 objects in S3, a message on the workflow's input topic per object. It prints the status
 events as they arrive on ``monitoring.notify`` and, at the end, a summary per stage, then
 sends ``stopping`` and shuts everything down.
+
+Its building blocks (:func:`local_stack`, :func:`wrapper_args`, :func:`spawn_cli`,
+:func:`follow`, ...) are public: ``benchmarks/bench_pipeline.py`` runs one wrapper with them.
 """
 
 from __future__ import annotations
@@ -17,47 +20,159 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["run_workflow_demo"]
+__all__ = [
+    "run_workflow_demo",
+    "LocalStack",
+    "local_stack",
+    "workflow_message",
+    "wrapper_args",
+    "write_tar_gz",
+    "spawn_cli",
+    "wait_http",
+    "stop_processes",
+    "create_topics",
+    "json_consumer",
+    "follow",
+]
 
 BUCKET = "eo-workflow"
 COMPRESS_IN, DECOMPRESS_IN, DONE = "wf-nec.compress.in", "wf-nec.decompress.in", "wf-nec.done"
 
 
-def _workflow_msg(status: str, service: str, t_in: str, t_out: str, s3) -> dict:
+# -- building blocks (also used by benchmarks/bench_pipeline.py) --------------------------
+
+
+@dataclass
+class LocalStack:
+    """The running embedded stack: Kafka broker, S3 server and, optionally, Triton."""
+
+    kafka: Any  # nec_serve.stack.kafka.LocalKafka
+    s3: Any  # nec_serve.stack.s3.LocalS3
+    triton: Any | None  # nec_serve.serving.local.LocalTritonServer
+    start_s: float  # seconds the three took to come up
+
+    @property
+    def bootstrap(self) -> str:
+        """Kafka bootstrap servers."""
+        return self.kafka.bootstrap_servers
+
+    @property
+    def triton_url(self) -> str | None:
+        """``grpc://host:port`` of the Triton server, or None when none runs."""
+        return f"grpc://{self.triton.grpc_url}" if self.triton is not None else None
+
+    def describe(self) -> str:
+        """One line naming the endpoints."""
+        triton = f", triton {self.triton_url}" if self.triton is not None else ""
+        return f"kafka {self.bootstrap}, s3 {self.s3.endpoint_url}{triton}"
+
+
+@contextmanager
+def local_stack(repository: Path | None, work: Path) -> Iterator[LocalStack]:
+    """Start a Kafka broker, an S3 server and (given a model repository) Triton.
+
+    ``repository`` is an export's ``model_repository_local/``; Triton logs to
+    ``work/tritonserver.log``. Everything is stopped, in reverse order, on leaving.
+    """
+    from nec_serve.serving.local import LocalTritonServer
+    from nec_serve.stack.kafka import LocalKafka
+    from nec_serve.stack.s3 import LocalS3
+
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        kafka = stack.enter_context(LocalKafka())
+        s3 = stack.enter_context(LocalS3())
+        triton = None
+        if repository is not None:
+            triton = stack.enter_context(
+                LocalTritonServer(repository, log_path=work / "tritonserver.log")
+            )
+        yield LocalStack(kafka, s3, triton, time.perf_counter() - t0)
+
+
+def workflow_message(
+    status: str,
+    service: str,
+    t_in: str,
+    t_out: str,
+    s3,
+    *,
+    bucket: str = BUCKET,
+    workflow: str = "wf-nec-demo",
+) -> dict:
+    """A platform message for ``system.ML`` (``published``/``stopping``) on ``s3`` (LocalS3)."""
     return {
         "workflow_status": status,
-        "workflow_name": "wf-nec-demo",
+        "workflow_name": workflow,
         "Topics": {"in": t_in, "out": t_out},
         "ML": {"ServiceName": service, "Namespace": "nec", "component_name": service},
         "S3_bucket": {
             "aws_access_key_id": s3.access_key,
             "aws_secret_access_key": s3.secret_key,
-            "s3-bucket-name": BUCKET,
+            "s3-bucket-name": bucket,
             "region_name": s3.region,
             "endpoint_url": s3.endpoint_url,
         },
     }
 
 
-def _inputs(data: Path, tmp: Path) -> list[tuple[str, Path]]:
-    """The objects the platform drops in S3: a .tar.gz of NAIP scenes and a Landsat GeoTIFF."""
-    naip = tmp / "naip_2010_2018.tar.gz"
-    with tarfile.open(naip, "w:gz") as tf:
-        for scene in sorted((data / "naip").glob("*.tif"))[1:]:
-            tf.add(scene, arcname=f"naip/{scene.name}")
-    return [("naip_2010_2018.tar.gz", naip), ("2015.tif", data / "landsat" / "2015.tif")]
+def wrapper_args(
+    mode: str,
+    export_dir: Path,
+    bootstrap: str,
+    config_dir: Path,
+    work_dir: str | Path,
+    *,
+    trigger: str = "http",
+    port: int | None = None,
+    server: str | None = None,
+    bands: str | None = None,
+    batch_size: int | None = None,
+    group: str | None = None,
+) -> list[str]:
+    """``nec-serve wrapper`` arguments; ``server`` None runs the graphs in-process."""
+    args = ["wrapper", "--mode", mode, "--model-dir", str(export_dir), "--bootstrap", bootstrap]
+    args += ["--trigger", trigger]
+    if port is not None:
+        args += ["--port", str(port)]
+    args += ["--config-dir", str(config_dir)]
+    if server:
+        args += ["--server", server]
+    args += ["--work-dir", str(work_dir)]
+    if group:
+        args += ["--group", group]
+    if bands:
+        args += ["--bands", bands]
+    if batch_size is not None:
+        args += ["--batch-size", str(batch_size)]
+    return args
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+def write_tar_gz(dest: Path, members: Iterable[tuple[str, Path]]) -> Path:
+    """Write ``(arcname, file)`` members into the ``.tar.gz`` ``dest``; returns ``dest``."""
+    with tarfile.open(dest, "w:gz") as tf:
+        for arcname, path in members:
+            tf.add(path, arcname=arcname)
+    return dest
+
+
+def spawn_cli(args: list[str], log: Path) -> subprocess.Popen:
+    """Run ``python -m nec_serve.cli *args`` with its output in ``log``."""
     f = log.open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "nec_serve.cli", *args], stdout=f, stderr=subprocess.STDOUT
     )
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Wait until ``url``/healthz answers; raise with the log's tail if ``proc`` exits."""
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -74,61 +189,116 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120
     raise RuntimeError(f"{url} not up after {timeout} s; log {log}")
 
 
-def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float = 900) -> int:
-    """Run the workflow demo; returns the exit status."""
+def stop_processes(procs: Sequence[subprocess.Popen], timeout: float = 20) -> None:
+    """SIGTERM every process, then wait for each (SIGKILL after ``timeout``)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def create_topics(bootstrap: str, topics: list[str]) -> None:
+    """Create the workflow's topics up front, as the platform does."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(t, 1, 1) for t in topics])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+
+
+def json_consumer(bootstrap: str, *topics: str):
+    """A consumer of ``topics`` from the earliest offset, for :func:`follow`."""
     from kafka import KafkaConsumer
 
+    return KafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1000,
+    )
+
+
+def follow(
+    consumer,
+    on_record: Callable[[str, dict], bool],
+    timeout_s: float,
+    procs: Sequence[tuple[subprocess.Popen, Path]] = (),
+) -> bool:
+    """Hand each record (topic, decoded JSON) to ``on_record`` until it returns True.
+
+    Returns False when ``timeout_s`` passed first. Between bursts of records, raises if
+    one of ``procs`` (process, log) has exited, with the tail of its log.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for rec in consumer:
+            if on_record(rec.topic, json.loads(rec.value)):
+                return True
+        for proc, log in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"process exited with status {proc.returncode}; log {log}:\n"
+                    f"{log.read_text(errors='replace')[-2000:]}"
+                )
+    return False
+
+
+# -- the demo --------------------------------------------------------------------------
+
+
+def _inputs(data: Path, tmp: Path) -> list[tuple[str, Path]]:
+    """The objects the platform drops in S3: a .tar.gz of NAIP scenes and a Landsat GeoTIFF."""
+    naip = write_tar_gz(
+        tmp / "naip_2010_2018.tar.gz",
+        ((f"naip/{scene.name}", scene) for scene in sorted((data / "naip").glob("*.tif"))[1:]),
+    )
+    return [("naip_2010_2018.tar.gz", naip), ("2015.tif", data / "landsat" / "2015.tif")]
+
+
+def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float = 900) -> int:
+    """Run the workflow demo; returns the exit status."""
     from nec_serve.kafka_io import json_producer
-    from nec_serve.serving.local import LocalTritonServer, free_port
-    from nec_serve.stack.kafka import LocalKafka
-    from nec_serve.stack.s3 import LocalS3
+    from nec_serve.serving.local import free_port
 
     work.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     t_start = time.perf_counter()
     with (
-        LocalKafka() as kafka,
-        LocalS3() as s3,
-        LocalTritonServer(
-            export_dir / "model_repository_local", log_path=work / "tritonserver.log"
-        ) as triton,
+        local_stack(export_dir / "model_repository_local", work) as stack,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        boot = kafka.bootstrap_servers
-        print(
-            f"[stack] kafka {boot}, s3 {s3.endpoint_url}, triton grpc://{triton.grpc_url} "
-            f"({time.perf_counter() - t_start:.1f} s)"
-        )
+        boot, s3 = stack.bootstrap, stack.s3
+        print(f"[stack] {stack.describe()} ({time.perf_counter() - t_start:.1f} s)")
         store = Path(tmp) / "configs"
         ports = {"nec-compress": free_port(), "nec-decompress": free_port()}
         try:
             for mode, service in (("compress", "nec-compress"), ("decompress", "nec-decompress")):
-                args = [
-                    "wrapper",
-                    "--mode",
+                compress = mode == "compress"
+                args = wrapper_args(
                     mode,
-                    "--model-dir",
-                    str(export_dir),
-                    "--bootstrap",
+                    export_dir,
                     boot,
-                    "--trigger",
-                    "http",
-                    "--port",
-                    str(ports[service]),
-                    "--config-dir",
-                    str(store),
-                    "--server",
-                    f"grpc://{triton.grpc_url}",
-                    "--work-dir",
+                    store,
                     tmp,
-                ]
-                if mode == "compress":
-                    args += ["--bands", "1,2,3", "--batch-size", "8"]
-                procs.append(_spawn(args, work / f"{service}.log"))
-                _wait_http(f"http://127.0.0.1:{ports[service]}", procs[-1], work / f"{service}.log")
+                    trigger="http",
+                    port=ports[service],
+                    server=stack.triton_url,
+                    bands="1,2,3" if compress else None,
+                    batch_size=8 if compress else None,
+                )
+                procs.append(spawn_cli(args, work / f"{service}.log"))
+                wait_http(f"http://127.0.0.1:{ports[service]}", procs[-1], work / f"{service}.log")
             sinks = [f"--sink={s}=http://127.0.0.1:{p}" for s, p in ports.items()]
             procs.append(
-                _spawn(
+                spawn_cli(
                     ["controller", "--bootstrap", boot, "--config-dir", str(store), *sinks],
                     work / "controller.log",
                 )
@@ -142,7 +312,7 @@ def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float
                 client.upload_file(str(path), BUCKET, f"input/{name}")
                 print(f"[s3] put s3://{BUCKET}/input/{name} ({path.stat().st_size} bytes)")
 
-            _create_topics(
+            create_topics(
                 boot,
                 [
                     "system.ML",
@@ -153,21 +323,15 @@ def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float
                     DONE,
                 ],
             )
-            watch = KafkaConsumer(
-                "monitoring.notify",
-                DONE,
-                "nec.deadletter",
-                bootstrap_servers=boot,
-                auto_offset_reset="earliest",
-                consumer_timeout_ms=1000,
-            )
+            watch = json_consumer(boot, "monitoring.notify", DONE, "nec.deadletter")
             producer = json_producer(boot)
             producer.send(
                 "system.ML",
-                _workflow_msg("published", "nec-compress", COMPRESS_IN, DECOMPRESS_IN, s3),
+                workflow_message("published", "nec-compress", COMPRESS_IN, DECOMPRESS_IN, s3),
             ).get(30)
             producer.send(
-                "system.ML", _workflow_msg("published", "nec-decompress", DECOMPRESS_IN, DONE, s3)
+                "system.ML",
+                workflow_message("published", "nec-decompress", DECOMPRESS_IN, DONE, s3),
             ).get(30)
             time.sleep(1.0)  # the controller starts the sources
             for name, _ in inputs:
@@ -185,7 +349,7 @@ def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float
             for service in ("nec-compress", "nec-decompress"):
                 producer.send(
                     "system.ML",
-                    _workflow_msg(
+                    workflow_message(
                         "stopping",
                         service,
                         COMPRESS_IN if service == "nec-compress" else DECOMPRESS_IN,
@@ -196,63 +360,43 @@ def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float
             producer.close()
             watch.close()
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_processes(procs)
     _summary(results, time.perf_counter() - t_start, work)
     failed = [r for r in results if r.get("status") == "failed"]
     return 1 if failed or len([r for r in results if r["status"] == "done"]) < len(inputs) else 0
 
 
-def _create_topics(bootstrap: str, topics: list[str]) -> None:
-    """Create the workflow's topics up front, as the platform does."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics([NewTopic(t, 1, 1) for t in topics])
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        admin.close()
-
-
 def _watch(consumer, expected: int, timeout_s: float) -> list[dict]:
     finished: dict[str, list[dict]] = {}
-    results = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and len(results) < expected:
-        for rec in consumer:
-            value = json.loads(rec.value)
-            if rec.topic == "monitoring.notify":
-                desc = value["description"]
-                short = desc if len(desc) < 100 else desc[:97] + "..."
-                print(f"[monitoring.notify] {value['component_name']}: {value['status']} {short}")
-                if value["status"] == "finished":
-                    finished.setdefault(value["component_name"], []).append(json.loads(desc))
-                if value["status"] == "failed":
-                    results.append({"status": "failed", "reason": desc})
-            elif rec.topic == "nec.deadletter":
-                print(f"[nec.deadletter] {value.get('error')}")
-            else:
-                nec = value["meta_information"]["nec"]
-                compress = next(
-                    (
-                        f
-                        for f in finished.get("nec-compress", [])
-                        if f["output_key"].endswith(nec["input_key"].rsplit("/", 1)[-1])
-                    ),
-                    {},
-                )
-                print(f"[{rec.topic}] s3://{BUCKET}/{nec['output_key']}")
-                results.append({"status": "done", "compress": compress, "decompress": nec})
-            if len(results) >= expected:
-                break
+    results: list[dict] = []
+
+    def on_record(topic: str, value: dict) -> bool:
+        if topic == "monitoring.notify":
+            desc = value["description"]
+            short = desc if len(desc) < 100 else desc[:97] + "..."
+            print(f"[monitoring.notify] {value['component_name']}: {value['status']} {short}")
+            if value["status"] == "finished":
+                finished.setdefault(value["component_name"], []).append(json.loads(desc))
+            if value["status"] == "failed":
+                results.append({"status": "failed", "reason": desc})
+        elif topic == "nec.deadletter":
+            print(f"[nec.deadletter] {value.get('error')}")
+        else:
+            nec = value["meta_information"]["nec"]
+            compress = next(
+                (
+                    f
+                    for f in finished.get("nec-compress", [])
+                    if f["output_key"].endswith(nec["input_key"].rsplit("/", 1)[-1])
+                ),
+                {},
+            )
+            print(f"[{topic}] s3://{BUCKET}/{nec['output_key']}")
+            results.append({"status": "done", "compress": compress, "decompress": nec})
+        return len(results) >= expected
+
+    if expected > 0:
+        follow(consumer, on_record, timeout_s)
     return results
 
 
