@@ -52,7 +52,8 @@ bench-pipeline: $(BENCH_EXPORT)/manifest.json  ## one wrapper on Kafka + S3 + Tr
 		--server triton inprocess
 
 bench-perf: $(BENCH_EXPORT)/manifest.json  ## perf_analyzer sweep, curves and summary
-	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/perf_sweep.py --model-dir $(BENCH_EXPORT)
+	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/perf_sweep.py --model-dir $(BENCH_EXPORT) \
+		--measurement-ms 8000 --retries 1
 
 clean:
 	rm -rf build artifacts nec_serve/*.so *.egg-info $(VENV)

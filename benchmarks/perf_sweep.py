@@ -16,8 +16,9 @@ Writes to ``--out`` (default ``benchmarks/results``):
 - ``perf_analyzer/<run>_<model>_<protocol>_<config>_b<batch>_c<concurrency>.csv``:
   perf_analyzer's own CSV
 - ``perf_sweep.csv``: every measurement, one row per concurrency, units in the field names;
-  rows of other ``--run`` labels already in the file are kept, so a CPU and a GPU sweep
-  made on different machines end up side by side
+  a curve measured again replaces its old rows and the others stay, so a CPU and a GPU sweep
+  made on different machines (``--run``), or one sweep made in several invocations, end up
+  side by side
 - ``perf_sweep.png``: throughput vs p50/p95/p99 latency, one curve per configuration
 - ``perf_sweep.md``: best throughput and lowest p99 per run and model
 
@@ -38,6 +39,7 @@ import numpy as np
 from nec_serve.imagery import Normalisation, read_raster, tile_image
 from nec_serve.perf import (
     PERF_ANALYZER_VERSION,
+    SERIES_KEYS,
     PerfError,
     Variant,
     ensure_perf_analyzer,
@@ -54,6 +56,7 @@ from nec_serve.pipeline import LocalEngine, ModelBundle
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCENE = "naip/m_4709963_se_14_1_20180716.tif"
+_NOT_MEASURED = "- not measured: "
 
 
 def real_tiles(bundle: ModelBundle, n: int, data: Path) -> np.ndarray:
@@ -176,7 +179,7 @@ def sweep(args, bundle: ModelBundle, binary: Path, tmp: Path) -> Sweep:
 
     for variant in [Variant.parse(c) for c in args.configs]:
         repo = write_variant_repository(
-            bundle.root / "model_repository_local",
+            bundle.root / f"model_repository_{args.repository}",
             tmp / f"repo-{variant.name}",
             variant,
             sorted(set(args.models)),
@@ -209,6 +212,12 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default="artifacts/demo/export/mae_vit_compress_adapter")
+    p.add_argument(
+        "--repository",
+        default="local",
+        choices=["local", "torch"],
+        help="the export's repository the local servers start from (torch: PyTorch, GPU if any)",
+    )
     p.add_argument("--run", default="cpu", help="label of this machine's rows (cpu, gpu, ...)")
     p.add_argument("--models", nargs="+", default=["nec_encoder", "nec_decoder"])
     p.add_argument("--protocols", nargs="+", default=["grpc", "http"], choices=["grpc", "http"])
@@ -240,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-url", help="with --grpc-url/--http-url and --collect-metrics")
     p.add_argument("--config-label", default="as-deployed", help="with --grpc-url/--http-url")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: redraw the curves and the summary from perf_sweep.csv",
+    )
     args = p.parse_args(argv)
     if args.grpc_url is None and args.http_url is None:
         pass
@@ -249,15 +263,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --grpc-url and --http-url for the protocols swept, or neither")
 
     bundle = ModelBundle.load(args.model_dir)
-    binary = ensure_perf_analyzer()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="nec-perf-") as tmp:
-        run = sweep(args, bundle, binary, Path(tmp))
-    rows, failures = run.rows, run.failures
-    table = args.out / "perf_sweep.csv"
-    merged = merge_runs(read_rows(table), rows)
-    write_rows(table, merged)
+    table, md = args.out / "perf_sweep.csv", args.out / "perf_sweep.md"
+    if args.report_only:
+        merged = read_rows(table)
+        if not merged:
+            p.error(f"--report-only: no measurements in {table}")
+        old = md.read_text().splitlines() if md.is_file() else []
+        failures = [x.removeprefix(_NOT_MEASURED) for x in old if x.startswith(_NOT_MEASURED)]
+    else:
+        binary = ensure_perf_analyzer()
+        with tempfile.TemporaryDirectory(prefix="nec-perf-") as tmp:
+            run = sweep(args, bundle, binary, Path(tmp))
+        failures = run.failures
+        merged = merge_runs(read_rows(table), run.rows, SERIES_KEYS)
+        write_rows(table, merged)
     plot_curves(
         merged,
         args.out / "perf_sweep.png",
@@ -265,11 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{PERF_ANALYZER_VERSION}, {args.input} input",
     )
     summary = summary_markdown(merged)
-    (args.out / "perf_sweep.md").write_text(
+    md.write_text(
         "# perf_analyzer sweep\n\nThroughput counts inferences (images for the encoder); "
         "latency is per request as the client sees it.\n\n"
         + summary
-        + "".join(f"\n- not measured: {f}" for f in failures)
+        + "".join(f"\n{_NOT_MEASURED}{f}" for f in failures)
     )
     print(summary)
     for f in failures:

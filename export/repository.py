@@ -10,6 +10,10 @@ Layout of an export directory::
     <out>/model_repository_local/<graph>/config.pbtxt, 1/model.py, 1/model.onnx
                                            the same graphs behind Triton's Python backend,
                                            for the tritonserver bundled with PyTriton
+    <out>/model_repository_torch/...       (``torch_runtime``) the same Python backend
+                                           running the PyTorch graphs on the GPU when
+                                           there is one (else the CPU), from
+    <out>/torch/weights.pt                 the model's state dict
 
 Files in the two repositories are hard links to ``onnx/`` where the filesystem allows,
 so the second variant costs no space. The tables travel inside each repository too, so
@@ -18,6 +22,7 @@ the repository uploaded for Triton is enough for a coder to find them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +35,7 @@ import torch
 from nec_export.graphs import DecoderGraph, EncoderGraph, check_graph, export_onnx
 from nec_export.triton import (
     DataType,
+    StringParameter,
     TensorSpec,
     cpu_config,
     gpu_config,
@@ -62,6 +68,18 @@ class ExportOptions:
     cpu_instances: int = 1
     check_batch: int = 4  # >= 2: torch.export specialises a batch of 1
     seed: int = 0
+    torch_runtime: bool = False  # also model_repository_torch + torch/weights.pt
+    torch_device: str = "auto"  # where that runtime runs: auto (GPU if any), cuda, cpu
+    torch_precision: str = "fp32"  # fp32, or bf16/fp16 autocast (speed only: symbols move)
+
+    def __post_init__(self) -> None:
+        """Refuse settings the torch runtime does not know, before any work is done."""
+        if self.torch_device not in ("auto", "cuda", "cpu"):
+            raise InvalidInput(f"torch device {self.torch_device!r} is not auto, cuda or cpu")
+        if self.torch_precision not in ("fp32", "bf16", "fp16"):
+            raise InvalidInput(
+                f"torch precision {self.torch_precision!r} is not fp32, bf16 or fp16"
+            )
 
 
 def tables_from_model(model: NECFactorized) -> EntropyTables:
@@ -90,6 +108,45 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def _write_torch_repository(model, nec, out: Path, specs: dict, options, make_config) -> None:
+    """``model_repository_torch``: the Python backend running the PyTorch graphs.
+
+    The model file is the same ``model.py``; parameters tell it to rebuild the registered
+    architecture, load ``weights.pt`` and run the graph with PyTorch on ``torch_device``.
+    """
+    name = getattr(model, "registry_name", None)
+    if name is None:
+        raise InvalidInput(
+            "the torch runtime rebuilds the model from the registry: export a model made by "
+            "nec_models.create_model"
+        )
+    weights = out / "torch" / "weights.pt"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(nec.state_dict(), weights)
+    repo = out / "model_repository_torch"
+    for graph, (inputs, outputs) in specs.items():
+        config = make_config(graph, inputs, outputs)
+        params = {
+            "runtime": "torch",
+            "nec_model": name,
+            "img_size": str(nec.img_size),
+            "graph": graph,
+            "device": options.torch_device,
+            "precision": options.torch_precision,
+        }
+        config = dataclasses.replace(
+            config,
+            parameters={**config.parameters, **{k: StringParameter(v) for k, v in params.items()}},
+        )
+        (repo / graph).mkdir(parents=True, exist_ok=True)
+        (repo / graph / "config.pbtxt").write_text(to_pbtxt(config))
+        vdir = repo / graph / options.version
+        _link_or_copy(weights, vdir / "weights.pt")
+        _link_or_copy(TRITON_MODEL_PY, vdir / "model.py")
+        for fname in (TABLES_FILENAME, TABLES_FILENAME + ".sha256"):
+            _link_or_copy(out / fname, vdir / fname)
 
 
 def _check_exportable(model: torch.nn.Module) -> NECFactorized:
@@ -181,6 +238,8 @@ def export_model(
                 _link_or_copy(out / fname, vdir / fname)
             if variant == "local":
                 _link_or_copy(TRITON_MODEL_PY, vdir / "model.py")
+    if options.torch_runtime:
+        _write_torch_repository(model, nec, out, specs, options, configs["local"])
 
     manifest = {
         "model": getattr(model, "registry_name", type(nec).__name__),

@@ -88,6 +88,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         version=args.version,
         gpu_max_batch=args.gpu_max_batch,
         cpu_max_batch=args.cpu_max_batch,
+        torch_runtime=args.torch_runtime,
+        torch_device=args.torch_device,
+        torch_precision=args.torch_precision,
     )
     manifest = export_model(
         model, args.out, options, checkpoint_sha256=ckpt_sha, calibration=calibration
@@ -124,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from nec_serve.serving.local import LocalTritonServer
 
-    repo = Path(args.model_dir) / "model_repository_local"
+    repo = Path(args.model_dir) / f"model_repository_{args.repository}"
     server = LocalTritonServer(
         repo,
         args.http_port,
@@ -258,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibrate-tiles", type=int, default=32, help="tiles used to calibrate")
     s.add_argument("--gpu-max-batch", type=int, default=32)
     s.add_argument("--cpu-max-batch", type=int, default=8)
+    s.add_argument(
+        "--torch-runtime",
+        action="store_true",
+        help="also write model_repository_torch (+ torch/weights.pt): the local server "
+        "running the PyTorch graphs, on the GPU when there is one",
+    )
+    s.add_argument("--torch-device", default="auto", choices=["auto", "cuda", "cpu"])
+    s.add_argument(
+        "--torch-precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="bf16/fp16 autocast: faster on a GPU, symbols move at rounding boundaries",
+    )
     s.set_defaults(func=cmd_export)
 
     def coding_args(s: argparse.ArgumentParser) -> None:
@@ -294,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve an export on the local tritonserver")
     s.add_argument("--model-dir", required=True, help="directory written by export")
+    s.add_argument(
+        "--repository",
+        default="local",
+        choices=["local", "torch"],
+        help="model_repository_local (onnxruntime) or _torch (export --torch-runtime)",
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)

@@ -37,9 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from nec_serve.errors import NecError
+from nec_serve.process import run_fetch_script
 
 __all__ = [
     "PERF_ANALYZER_VERSION",
+    "SERIES_KEYS",
     "PerfError",
     "Variant",
     "ensure_perf_analyzer",
@@ -276,19 +278,13 @@ def ensure_perf_analyzer(timeout: float = 600.0) -> Path:
         return path
     cache = Path(os.environ.get("NEC_CACHE_DIR", _ROOT / ".cache"))
     launcher = cache / "perf_analyzer" / "perf_analyzer"
-    if not _FETCH_SCRIPT.is_file():
-        if os.access(launcher, os.X_OK):
-            return launcher
-        raise PerfError(f"no perf_analyzer at {launcher}; run scripts/fetch_perf_analyzer.sh")
-    try:
-        proc = subprocess.run(
-            ["bash", str(_FETCH_SCRIPT)], cwd=_ROOT, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as err:
-        raise PerfError(f"{_FETCH_SCRIPT.name} did not finish in {timeout:.0f} s") from err
-    if proc.returncode != 0 or not os.access(launcher, os.X_OK):
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
-        raise PerfError(f"{_FETCH_SCRIPT.name} failed (status {proc.returncode}):\n{tail}")
+    run_fetch_script(
+        _FETCH_SCRIPT,
+        lambda: os.access(launcher, os.X_OK),
+        f"perf_analyzer is not at {launcher}",
+        PerfError,
+        timeout,
+    )
     return launcher
 
 
@@ -398,14 +394,23 @@ def run_until_stable(
 # -- several runs: one CSV, one figure, one table --------------------------------------------
 
 
-def merge_runs(existing: list[dict], new: list[dict], key: str = "run") -> list[dict]:
-    """Rows of ``existing`` whose ``key`` no new row has, then ``new``.
+def merge_runs(existing: list[dict], new: list[dict], keys: Sequence[str] = ("run",)) -> list[dict]:
+    """Rows of ``existing`` whose ``keys`` no new row has, then ``new``.
 
-    A re-run of one machine's sweep replaces that machine's rows and keeps the others, so a
-    CPU and a GPU sweep made on different machines end up in one file.
+    A re-run replaces what it measured again and keeps the rest: by ``run`` alone, one
+    machine's rows; by :data:`SERIES_KEYS`, one curve. So a CPU and a GPU sweep made on
+    different machines, or a sweep made in several invocations, end up in one file.
     """
-    replaced = {r[key] for r in new}
-    return [r for r in existing if r.get(key) not in replaced] + list(new)
+
+    def key(r: Mapping) -> tuple:
+        return tuple(str(r.get(k)) for k in keys)
+
+    replaced = {key(r) for r in new}
+    return [r for r in existing if key(r) not in replaced] + list(new)
+
+
+#: The fields that name one curve of a perf_analyzer sweep.
+SERIES_KEYS = ("run", "model", "protocol", "config", "batch")
 
 
 def _series_key(row: Mapping) -> tuple:
@@ -470,18 +475,29 @@ def _ms(us) -> str:
     return f"{ms:.0f}" if ms >= 10 else f"{ms:.1f}"
 
 
+def _server_split(row: Mapping) -> str:
+    """Triton's own account of a request (its statistics): time queued, time computing."""
+    parts = ("server_compute_input_us", "server_compute_infer_us", "server_compute_output_us")
+    if any(row.get(k) in (None, "") for k in ("server_queue_us", *parts)):
+        return "-"
+    return f"{_ms(row['server_queue_us'])} / {_ms(sum(float(row[k]) for k in parts))}"
+
+
 def summary_markdown(rows: Sequence[Mapping]) -> str:
     """Per run and model: the best throughput, with its latency, and the lowest latency.
 
-    One table across runs, so a GPU and a CPU sweep sit side by side.
+    One table across runs, so a GPU and a CPU sweep sit side by side. Where Triton reported
+    its statistics, the best point also shows how much of the latency was queueing and how
+    much computing on the server (the rest is the client, the network and the protocol).
     """
     groups: dict[tuple, list[Mapping]] = {}
     for r in rows:
         groups.setdefault((r["run"], r["model"]), []).append(r)
     lines = [
         "| run | machine | model | best throughput (inf/s) | at: config, protocol, batch, "
-        "concurrency | p50 / p99 there (ms) | lowest p99 (ms) | at |",
-        "|---|---|---|---|---|---|---|---|",
+        "concurrency | p50 / p99 there (ms) | server queue / compute there (ms) "
+        "| lowest p99 (ms) | at |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (run, model), rs in sorted(groups.items()):
         best = max(rs, key=lambda r: float(r["throughput_infer_per_s"]))
@@ -491,6 +507,7 @@ def summary_markdown(rows: Sequence[Mapping]) -> str:
             f"| {float(best['throughput_infer_per_s']):.1f} "
             f"| {best['config']}, {best['protocol']}, b{best['batch']}, c{best['concurrency']} "
             f"| {_ms(best['latency_us_p50'])} / {_ms(best['latency_us_p99'])} "
+            f"| {_server_split(best)} "
             f"| {_ms(fast['latency_us_p99'])} "
             f"| {fast['config']}, {fast['protocol']}, b{fast['batch']}, c{fast['concurrency']} |"
         )

@@ -122,3 +122,32 @@ class ChildProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def run_fetch_script(
+    script: Path, ready, what: str, error: type[Exception], timeout: float
+) -> None:
+    """Run one of ``scripts/fetch_*.sh`` (idempotent, locked) until ``ready()`` holds.
+
+    Without the script (an installed package, not a checkout) a ready cache is enough;
+    otherwise raises ``error`` saying what is missing, with the tail of the script's output.
+    """
+    if not script.is_file():
+        if ready():
+            return
+        raise error(
+            f"{what}, and there is no {script} to fetch it (a checkout of the project has it)"
+        )
+    try:
+        proc = subprocess.run(
+            ["bash", str(script)],
+            cwd=script.parents[1],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise error(f"{script.name} did not finish in {timeout:.0f} s") from err
+    if proc.returncode != 0 or not ready():
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        raise error(f"{script.name} failed (status {proc.returncode}), so {what}:\n{tail}")

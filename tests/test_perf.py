@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from nec_serve.perf import (
+    SERIES_KEYS,
     PerfError,
     Variant,
     merge_runs,
@@ -145,6 +146,12 @@ def test_variant_repository_edits_config_through_protobuf(tiny_export, tmp_path)
         write_variant_repository(src, tmp_path / "r2", Variant(), ["nope"])
 
 
+def _command(binary, **kwargs):
+    args = dict(model="m", url="u", protocol="grpc", batch=1, concurrency=[1], input_data="zero")
+    args.setdefault("csv_path", "x")
+    return perf_analyzer_command(binary, **{**args, **kwargs})
+
+
 def test_command_line():
     cmd = perf_analyzer_command(
         "/pa",
@@ -164,28 +171,13 @@ def test_command_line():
     assert args["--concurrency-range"] == "2:6:2"
     assert args["--input-data"] == "in.json" and args["--measurement-interval"] == "7000"
     assert "--collect-metrics" in cmd and "--verbose-csv" in cmd
-    with pytest.raises(ValueError, match="not 'grpc' or 'http'"):
-        perf_analyzer_command(
-            "/pa",
-            model="m",
-            url="u",
-            protocol="tcp",
-            batch=1,
-            concurrency=[1],
-            input_data="zero",
-            csv_path="x",
-        )
-    with pytest.raises(ValueError, match="not an arithmetic range"):
-        perf_analyzer_command(
-            "/pa",
-            model="m",
-            url="u",
-            protocol="grpc",
-            batch=1,
-            concurrency=[1, 2, 4],
-            input_data="zero",
-            csv_path="x",
-        )
+    for bad, message in (
+        ({"protocol": "tcp"}, "not 'grpc' or 'http'"),
+        ({"concurrency": [1, 2, 4]}, "not an arithmetic range"),
+        ({"batch": 0}, "batch size 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _command("/pa", **bad)
 
 
 def _fake_perf_analyzer(tmp_path: Path) -> Path:
@@ -208,17 +200,7 @@ def test_unstable_measurements_are_retried_with_longer_windows(tmp_path):
 
     def command(window_ms):
         seen.append(window_ms)
-        return perf_analyzer_command(
-            fake,
-            model="m",
-            url="u",
-            protocol="grpc",
-            batch=1,
-            concurrency=[1],
-            input_data="zero",
-            csv_path=tmp_path / "out.csv",
-            measurement_ms=window_ms,
-        )
+        return _command(fake, csv_path=tmp_path / "out.csv", measurement_ms=window_ms)
 
     rows, window = run_until_stable(command, 1000, retries=2, timeout_s=30)
     assert seen == [1000, 2000, 4000] and window == 4000 and len(rows) == 2
@@ -251,9 +233,21 @@ def test_merge_summary_and_plot(tmp_path):
     cpu = _rows("cpu", "nec_encoder", [(4.0, 2000), (5.0, 3500)])
     gpu_old = _rows("gpu", "nec_encoder", [(1.0, 1.0)])
     gpu = _rows("gpu", "nec_encoder", [(2500.0, 40), (3100.0, 90), (3000.0, 160)])
+    gpu[1].update(
+        server_queue_us=30_000.0,
+        server_compute_input_us=1_000.0,
+        server_compute_infer_us=50_000.0,
+        server_compute_output_us=4_000.0,
+    )
     merged = merge_runs(cpu + gpu_old, gpu)
     assert len(merged) == 5 and {r["run"] for r in merged} == {"cpu", "gpu"}
     assert all(r["throughput_infer_per_s"] != 1.0 for r in merged)
+    # By curve: a batch-1 series measured again replaces only itself (CSV rows are text).
+    again = [{**r, "batch": "8"} for r in _rows("cpu", "nec_encoder", [(6.0, 1000)])]
+    other = [{**r, "batch": 1} for r in _rows("cpu", "nec_encoder", [(9.0, 100)])]
+    by_series = merge_runs(merged, again + other, SERIES_KEYS)
+    assert [r["throughput_infer_per_s"] for r in by_series if r["run"] == "cpu"] == [6.0, 9.0]
+    assert len([r for r in by_series if r["run"] == "gpu"]) == 3
 
     table = summary_markdown(merged)
     lines = table.splitlines()
@@ -261,7 +255,11 @@ def test_merge_summary_and_plot(tmp_path):
     assert (
         "| cpu | cpu box | nec_encoder | 5.0 | i1-b8-d5000, grpc, b8, c2 | 2800 / 3500 |" in table
     )
-    assert "| gpu | gpu box | nec_encoder | 3100.0 | i1-b8-d5000, grpc, b8, c2 | 72 / 90 |" in table
+    assert (
+        "| gpu | gpu box | nec_encoder | 3100.0 | i1-b8-d5000, grpc, b8, c2 | 72 / 90 | 30 / 55 |"
+        in table
+    )
+    assert "| 2800 / 3500 | - |" in table  # no server statistics in the CPU rows
     assert lines[3].endswith("| 40 | i1-b8-d5000, grpc, b8, c1 |")
 
     png = plot_curves(merged, tmp_path / "curves.png", title="t")
@@ -321,3 +319,21 @@ def test_real_sweep_against_local_tritonserver(tiny_export, tmp_path, data_dir):
     assert "test_nec_encoder_http_i1-b4-d-_b4_c1.csv" in raw and len(raw) == 8
     assert (out / "perf_sweep.png").stat().st_size > 20_000
     assert "| test |" in (out / "perf_sweep.md").read_text()
+
+
+def test_report_only_redraws_from_the_csv(tmp_path, tiny_export):
+    out = tmp_path / "results"
+    out.mkdir()
+    rows = _rows("cpu", "nec_encoder", [(4.0, 2000), (5.0, 3500)])
+    for r in rows:
+        r.update(protocol="http", config="i1-b8-d-")
+    sweep = _load_sweep()
+    sweep.write_rows(out / "perf_sweep.csv", rows)
+    (out / "perf_sweep.md").write_text("old\n- not measured: cpu_x_c4: Failed to obtain stable\n")
+    rc = sweep.main(["--model-dir", str(tiny_export), "--out", str(out), "--report-only"])
+    assert rc == 0
+    md = (out / "perf_sweep.md").read_text()
+    assert "| cpu | cpu box | nec_encoder | 5.0 | i1-b8-d-, http, b8, c2 |" in md
+    assert md.rstrip().endswith("- not measured: cpu_x_c4: Failed to obtain stable")
+    assert (out / "perf_sweep.png").stat().st_size > 20_000
+    assert not (out / "perf_analyzer").exists()  # nothing was measured

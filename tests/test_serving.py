@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -186,3 +187,49 @@ def test_server_start_failure_reports_its_log(tmp_path):
     (bad / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_sizes: 1\n')
     with pytest.raises(ServerStartError, match="tritonserver exited"):
         LocalTritonServer(tmp_path / "repo").start(timeout=60)
+
+
+def test_torch_runtime_repository_serves_the_same_graphs(tiny_model, tmp_path, scene):
+    """export --torch-runtime: the Python backend runs the PyTorch graphs (here on the CPU)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from nec_export import ExportOptions, export_model
+    from nec_serve.imagery import Normalisation, tile_image
+
+    out = tmp_path / "export"
+    with warnings.catch_warnings():  # torch.jit.script deprecation, as in conftest
+        warnings.simplefilter("ignore")
+        export_model(tiny_model, out, ExportOptions(torch_runtime=True, torch_device="cpu"))
+    repo = out / "model_repository_torch"
+    cfg = text_format.Parse(
+        (repo / "nec_encoder" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params["runtime"] == "torch" and params["graph"] == "nec_encoder"
+    assert params["nec_model"] == "mae_vit_compress_adapter_tiny" and params["device"] == "cpu"
+    assert (repo / "nec_decoder" / "1" / "weights.pt").is_file()
+
+    bundle = ModelBundle.load(out)
+    tiles, _ = tile_image(scene, 32)
+    images = Normalisation.for_dtype(scene.dtype, 3).apply(tiles).astype(np.float32)
+    ref_sym, ref_lat = LocalEngine(bundle).encode(images)
+    with LocalTritonServer(repo) as srv, TritonEngine(f"grpc://{srv.grpc_url}", bundle) as eng:
+        symbols, latent = eng.encode(images)
+        emb = eng.decode("nec_decoder", symbols)
+        feats = eng.decode("nec_decoder_block1", symbols)
+    # PyTorch is the reference the ONNX export was checked against: same symbols here.
+    np.testing.assert_array_equal(symbols, ref_sym)
+    np.testing.assert_allclose(latent, ref_lat, atol=1e-4)
+    np.testing.assert_allclose(emb, LocalEngine(bundle).decode("nec_decoder", ref_sym), atol=1e-6)
+    ref_feats = LocalEngine(bundle).decode("nec_decoder_block1", ref_sym)
+    np.testing.assert_allclose(feats, ref_feats, atol=1e-4)
+
+
+def test_torch_runtime_options_are_checked():
+    from nec_export import ExportOptions
+
+    with pytest.raises(InvalidInput, match="torch device 'tpu' is not auto, cuda or cpu"):
+        ExportOptions(torch_runtime=True, torch_device="tpu")
+    with pytest.raises(InvalidInput, match="torch precision 'int8' is not fp32, bf16 or fp16"):
+        ExportOptions(torch_precision="int8")

@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from nec_serve.process import ChildProcess
+from nec_serve.process import ChildProcess, run_fetch_script
 from nec_serve.serving.local import ServerStartError, free_port
 
 __all__ = [
@@ -69,29 +69,13 @@ def ensure_kafka(timeout: float = 1800.0) -> Path:
         KafkaStartError: the jars are missing and could not be fetched.
     """
     libs = kafka_libs()
-    if not _FETCH_SCRIPT.is_file():
-        if _libs_ready(libs):
-            return libs
-        raise KafkaStartError(
-            f"no Kafka {KAFKA_VERSION} jars in {libs} and no {_FETCH_SCRIPT} to fetch them; "
-            "run scripts/fetch_kafka.sh from a checkout of the project"
-        )
-    try:
-        proc = subprocess.run(
-            ["bash", str(_FETCH_SCRIPT)],
-            cwd=_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as err:
-        raise KafkaStartError(f"scripts/fetch_kafka.sh did not finish in {timeout:.0f} s") from err
-    if proc.returncode != 0 or not _libs_ready(libs):
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-        raise KafkaStartError(
-            f"scripts/fetch_kafka.sh failed (status {proc.returncode}), so Kafka {KAFKA_VERSION} "
-            f"is not in {libs}:\n{tail}"
-        )
+    run_fetch_script(
+        _FETCH_SCRIPT,
+        lambda: _libs_ready(libs),
+        f"Kafka {KAFKA_VERSION} is not in {libs}",
+        KafkaStartError,
+        timeout,
+    )
     return libs
 
 
