@@ -51,9 +51,13 @@ bench-pipeline: $(BENCH_EXPORT)/manifest.json  ## one wrapper on Kafka + S3 + Tr
 	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/bench_pipeline.py --model-dir $(BENCH_EXPORT) \
 		--server triton inprocess
 
+# perf_analyzer: every curve of the export's default configuration, then the encoder over gRPC
+# with 2 instances and without the dynamic batcher (~25 min on 2 cores).
+PERF := PYTHONWARNINGS=ignore $(BIN)/python benchmarks/perf_sweep.py --model-dir $(BENCH_EXPORT) \
+	--measurement-ms 5000 --retries 1
 bench-perf: $(BENCH_EXPORT)/manifest.json  ## perf_analyzer sweep, curves and summary
-	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/perf_sweep.py --model-dir $(BENCH_EXPORT) \
-		--measurement-ms 8000 --retries 1
+	$(PERF) --configs i1-b8-d5000
+	$(PERF) --configs i2-b8-d5000 i1-b8-d- --models nec_encoder --protocols grpc
 
 clean:
 	rm -rf build artifacts nec_serve/*.so *.egg-info $(VENV)

@@ -95,6 +95,7 @@ class Sweep:
         self.rows: list[dict] = []
         self.failures: list[str] = []
         self.first_config: str | None = None
+        self.tried: set[str] = set()  # the points attempted, as tags
 
     def server(self, config: str, max_batch: int, urls: dict[str, str], metrics: str | None):
         """Every model, protocol, batch and concurrency against one server configuration."""
@@ -116,6 +117,7 @@ class Sweep:
         """One perf_analyzer measurement; kept, or listed as a failure, never fatal."""
         args = self.args
         tag = f"{args.run}_{model}_{protocol}_{config}_b{batch}_c{conc}"
+        self.tried.add(tag)
         t0 = time.perf_counter()
 
         def command(window_ms: int) -> list[str]:
@@ -266,17 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     table, md = args.out / "perf_sweep.csv", args.out / "perf_sweep.md"
+    old = md.read_text().splitlines() if md.is_file() else []
+    failures = [x.removeprefix(_NOT_MEASURED) for x in old if x.startswith(_NOT_MEASURED)]
     if args.report_only:
         merged = read_rows(table)
         if not merged:
             p.error(f"--report-only: no measurements in {table}")
-        old = md.read_text().splitlines() if md.is_file() else []
-        failures = [x.removeprefix(_NOT_MEASURED) for x in old if x.startswith(_NOT_MEASURED)]
     else:
         binary = ensure_perf_analyzer()
         with tempfile.TemporaryDirectory(prefix="nec-perf-") as tmp:
             run = sweep(args, bundle, binary, Path(tmp))
-        failures = run.failures
+        # Earlier failures stay listed unless this run tried that point again.
+        failures = [f for f in failures if f.split(":")[0] not in run.tried] + run.failures
         merged = merge_runs(read_rows(table), run.rows, SERIES_KEYS)
         write_rows(table, merged)
     plot_curves(

@@ -161,13 +161,18 @@ class FactorizedCodec:
             sym = sym[None]
         self._raise_range_error(sym)
         bits_table = self._bits_table()
-        values = sym.astype(np.int64) - self._offset[None, :, None]
-        max_value = self._max_value[None, :, None]
+        # |symbols| < 2**27 (checked above) and offsets are small, so int32 cannot overflow.
+        values = sym.astype(np.int32, copy=False) - self._offset.astype(np.int32)[None, :, None]
+        max_value = self._max_value.astype(np.int32)[None, :, None]
         inside = (values >= 0) & (values < max_value)
-        column = np.where(inside, values, max_value)
-        channel = np.broadcast_to(np.arange(self.channels)[None, :, None], sym.shape)
-        total = float(bits_table[channel, column].sum())
-        outside = values[~inside]
+        outside = values[~inside].astype(np.int64)
+        column = values if inside.all() else np.where(inside, values, max_value)
+        # Count each (channel, table entry) once, then weigh the counts by their bits: one
+        # pass over the symbols instead of a gather of a float per symbol.
+        width = bits_table.shape[1]
+        column += (np.arange(self.channels, dtype=np.int32) * width)[None, :, None]
+        counts = np.bincount(column.ravel(), minlength=bits_table.size)
+        total = float(counts @ bits_table.ravel())
         if outside.size:
             max_out = np.broadcast_to(max_value, sym.shape)[~inside]
             raw = np.where(outside < 0, -2 * outside - 1, 2 * (outside - max_out))
@@ -233,7 +238,9 @@ class FactorizedCodec:
     def _raise_range_error(self, sym: np.ndarray) -> None:
         """Raise :class:`InvalidInput` for the first uncodable symbol in ``(B, C, T)``."""
         low, high = self.codable_range()
-        values = sym.astype(np.int64, copy=False)
+        # int32 symbols compare as they are (the range fits in int32); others widen to int64.
+        values = sym if sym.dtype == np.int32 else sym.astype(np.int64)
+        low, high = low.astype(values.dtype), high.astype(values.dtype)
         bad = (values < low[None, :, None]) | (values > high[None, :, None])
         if not bad.any():
             return
