@@ -8,6 +8,7 @@ setup(
             "nec_serve._rans",
             ["nec_serve/_rans.c"],
             extra_compile_args=["-O3", "-std=c11"],
+            libraries=["m"],  # log2 for the entropy bound
         )
     ]
 )

@@ -41,6 +41,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,6 +122,9 @@ typedef struct {
      * whole range lies in that interval (bit 63 clear) also cdf[s] in bits 0..15
      * and its frequency in bits 16..31. */
     const uint64_t *bucket;
+    /* max_value + 1 entries: the ideal cost in bits of each value, -log2(freq / M),
+     * for the entropy bound (value max_value = escape, before its bypass chunks). */
+    const double *bits;
     int32_t offset;
     int32_t max_value;
 } Chan;
@@ -135,6 +139,7 @@ typedef struct {
     EncSym *enc_mem;
     uint32_t *cdf_mem;
     uint64_t *bucket_mem;
+    double *bits_mem;
 } TablesObject;
 
 static void enc_sym_init(EncSym *s, uint32_t start, uint32_t freq, int precision) {
@@ -202,6 +207,8 @@ static void tables_free_mem(TablesObject *t) {
     PyMem_Free(t->enc_mem);
     PyMem_Free(t->cdf_mem);
     PyMem_Free(t->bucket_mem);
+    PyMem_Free(t->bits_mem);
+    t->bits_mem = NULL;
     t->chan = NULL;
     t->enc_mem = NULL;
     t->cdf_mem = NULL;
@@ -258,7 +265,8 @@ static int tables_build(TablesObject *t, const int32_t *cdfs, const int32_t *len
     t->enc_mem = PyMem_Calloc((size_t)total, sizeof(EncSym));
     t->cdf_mem = PyMem_Calloc((size_t)total, sizeof(uint32_t));
     t->bucket_mem = PyMem_Calloc((size_t)c * nbucket, sizeof(uint64_t));
-    if (!t->chan || !t->enc_mem || !t->cdf_mem || !t->bucket_mem) {
+    t->bits_mem = PyMem_Calloc((size_t)total, sizeof(double));
+    if (!t->chan || !t->enc_mem || !t->cdf_mem || !t->bucket_mem || !t->bits_mem) {
         tables_free_mem(t);
         PyErr_NoMemory();
         return -1;
@@ -273,8 +281,11 @@ static int tables_build(TablesObject *t, const int32_t *cdfs, const int32_t *len
         uint32_t *cdf = t->cdf_mem + pos;
         uint64_t *bucket = t->bucket_mem + (size_t)i * nbucket;
         for (int32_t j = 0; j < len; j++) cdf[j] = (uint32_t)row[j];
-        for (int32_t j = 0; j + 1 < len; j++)
+        double *bits = t->bits_mem + pos;
+        for (int32_t j = 0; j + 1 < len; j++) {
             enc_sym_init(&enc[j], cdf[j], cdf[j + 1] - cdf[j], precision);
+            bits[j] = (double)precision - log2((double)(cdf[j + 1] - cdf[j]));
+        }
         int32_t s = 0;
         for (size_t b = 0; b < nbucket; b++) {
             uint32_t lo = (uint32_t)(b << t->bucket_shift);
@@ -290,6 +301,7 @@ static int tables_build(TablesObject *t, const int32_t *cdfs, const int32_t *len
         ch->enc = enc;
         ch->cdf = cdf;
         ch->bucket = bucket;
+        ch->bits = bits;
         ch->offset = offsets[i];
         ch->max_value = len - 2;
         pos += (size_t)len;
@@ -711,6 +723,76 @@ done:
 }
 
 /* ------------------------------------------------------------------------ */
+/* Entropy bound                                                            */
+
+/* Sum of the ideal code lengths of the symbols, in bits: -log2(freq / M) of each
+ * value, and for an escaped value the escape's cost plus the bypass chunks encode_core
+ * writes for it (the raw chunks, then the count in runs of BYPASS_MAX). The same
+ * checks as encode_core; nothing is written. */
+static EncStatus bound_core(const TablesObject *t, const int32_t *sym, const int32_t *idx,
+                            Py_ssize_t n, double *out) {
+    EncStatus st = {ENC_OK, 0, 0};
+    const Chan *chan = t->chan;
+    const uint32_t nch = (uint32_t)t->channels;
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t c = (uint32_t)idx[i];
+        if (UNLIKELY(c >= nch)) {
+            st.code = ENC_BAD_INDEX;
+            st.pos = i;
+            st.value = (int32_t)c;
+            break;
+        }
+        const Chan *ch = &chan[c];
+        int64_t v = (int64_t)sym[i] - ch->offset;
+        if (LIKELY((uint64_t)v < (uint64_t)(uint32_t)ch->max_value)) {
+            total += ch->bits[v];
+            continue;
+        }
+        int64_t mv = ch->max_value;
+        if (UNLIKELY(v < -VALUE_SLACK || v > mv + VALUE_SLACK)) {
+            st.code = ENC_BAD_VALUE;
+            st.pos = i;
+            st.value = sym[i];
+            break;
+        }
+        uint32_t raw = v < 0 ? (uint32_t)(-2 * v - 1) : (uint32_t)(2 * (v - mv));
+        uint32_t nb = 0;
+        while (nb < 8 && (raw >> (nb * BYPASS_BITS)) != 0) nb++;
+        total += ch->bits[mv] + (double)(BYPASS_BITS * (nb + nb / BYPASS_MAX + 1));
+    }
+    *out = total;
+    return st;
+}
+
+static PyObject *do_bound(TablesObject *t, PyObject *o_sym, PyObject *o_idx) {
+    Buf sym = {0}, idx = {0};
+    PyObject *res = NULL;
+    if (get_int32_buffer(o_sym, &sym, "symbols", 0) < 0) goto done;
+    if (get_int32_buffer(o_idx, &idx, "indexes", 0) < 0) goto done;
+    Py_ssize_t n = sym.view.len / 4;
+    if (idx.view.len / 4 != n) {
+        PyErr_Format(PyExc_ValueError, "symbols has %zd items but indexes has %zd", n,
+                     idx.view.len / 4);
+        goto done;
+    }
+    double bits = 0.0;
+    EncStatus st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bound_core(t, (const int32_t *)sym.view.buf, (const int32_t *)idx.view.buf, n, &bits);
+    Py_END_ALLOW_THREADS
+    if (st.code != ENC_OK) {
+        raise_encode_error(t, st, (const int32_t *)idx.view.buf);
+        goto done;
+    }
+    res = PyFloat_FromDouble(bits);
+done:
+    buf_release(&sym);
+    buf_release(&idx);
+    return res;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Python-facing methods                                                    */
 
 static PyObject *tables_encode(TablesObject *t, PyObject *args) {
@@ -718,6 +800,13 @@ static PyObject *tables_encode(TablesObject *t, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OO:encode", &o_sym, &o_idx)) return NULL;
     if (!tables_ready(t)) return NULL;
     return do_encode(t, o_sym, o_idx);
+}
+
+static PyObject *tables_bound_bits(TablesObject *t, PyObject *args) {
+    PyObject *o_sym, *o_idx;
+    if (!PyArg_ParseTuple(args, "OO:bound_bits", &o_sym, &o_idx)) return NULL;
+    if (!tables_ready(t)) return NULL;
+    return do_bound(t, o_sym, o_idx);
 }
 
 static PyObject *tables_decode(TablesObject *t, PyObject *args) {
@@ -747,6 +836,10 @@ static PyMethodDef tables_methods[] = {
      "encode(symbols, indexes) -> bytes\n\n"
      "Code int32 symbols, each with the CDF row given by the int32 index beside it;\n"
      "the bytes are those of CompressAI's RansEncoder.encode_with_indexes."},
+    {"bound_bits", (PyCFunction)tables_bound_bits, METH_VARARGS,
+     "bound_bits(symbols, indexes) -> float\n\n"
+     "Ideal code length in bits of what encode(symbols, indexes) codes: -log2 of each\n"
+     "value's probability, escapes with their bypass chunks. Same checks as encode."},
     {"decode", (PyCFunction)tables_decode, METH_VARARGS,
      "decode(data, indexes, out) -> None\n\n"
      "Decode len(indexes) symbols from data into the writable int32 buffer out.\n"

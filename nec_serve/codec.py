@@ -29,8 +29,6 @@ __all__ = ["FactorizedCodec", "RAW_VALUE_SLACK"]
 #: loops forever a little further out; ours refuses such symbols with :class:`InvalidInput`.
 RAW_VALUE_SLACK = int(_rans.RAW_VALUE_SLACK)
 
-_BYPASS_BITS = 4
-_BYPASS_MAX = (1 << _BYPASS_BITS) - 1
 _INDEX_CACHE_SIZE = 16
 
 
@@ -59,7 +57,6 @@ class FactorizedCodec:
         self._max_value = tables.cdf_length.astype(np.int64) - 2
         self._indexes: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
-        self._bits: np.ndarray | None = None
 
     @property
     def precision(self) -> int:
@@ -159,41 +156,15 @@ class FactorizedCodec:
         sym = self._check_symbols(arr, batched=arr.ndim == 3)
         if sym.ndim == 2:
             sym = sym[None]
-        self._raise_range_error(sym)
-        bits_table = self._bits_table()
-        # |symbols| < 2**27 (checked above) and offsets are small, so int32 cannot overflow.
-        values = sym.astype(np.int32, copy=False) - self._offset.astype(np.int32)[None, :, None]
-        max_value = self._max_value.astype(np.int32)[None, :, None]
-        inside = (values >= 0) & (values < max_value)
-        outside = values[~inside].astype(np.int64)
-        column = values if inside.all() else np.where(inside, values, max_value)
-        # Count each (channel, table entry) once, then weigh the counts by their bits: one
-        # pass over the symbols instead of a gather of a float per symbol.
-        width = bits_table.shape[1]
-        column += (np.arange(self.channels, dtype=np.int32) * width)[None, :, None]
-        counts = np.bincount(column.ravel(), minlength=bits_table.size)
-        total = float(counts @ bits_table.ravel())
-        if outside.size:
-            max_out = np.broadcast_to(max_value, sym.shape)[~inside]
-            raw = np.where(outside < 0, -2 * outside - 1, 2 * (outside - max_out))
-            chunks = np.zeros(raw.shape, dtype=np.int64)
-            for k in range(8):
-                chunks += (raw >> (_BYPASS_BITS * k)) != 0
-            count_chunks = chunks // _BYPASS_MAX + 1
-            total += float(_BYPASS_BITS * (chunks + count_chunks).sum())
-        return total
+        indexes = self._index_array(sym.shape[2])
+        try:
+            # One C pass per image (nec_serve/_rans.c, bound_core), GIL released.
+            return float(sum(self._native.bound_bits(image, indexes) for image in sym))
+        except ValueError:
+            self._raise_range_error(sym)
+            raise  # pragma: no cover
 
     # -- helpers -------------------------------------------------------------------------
-
-    def _bits_table(self) -> np.ndarray:
-        if self._bits is None:
-            cdf = self.tables.quantized_cdf.astype(np.float64)
-            freq = np.diff(cdf, axis=1)
-            valid = np.arange(freq.shape[1])[None, :] < (self.tables.cdf_length[:, None] - 1)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                bits = np.where(valid, self.precision - np.log2(np.where(valid, freq, 1)), 0.0)
-            self._bits = bits
-        return self._bits
 
     def _index_array(self, tokens: int) -> np.ndarray:
         indexes = self._indexes.get(tokens)

@@ -250,6 +250,37 @@ def test_entropy_bound_counts_bypass(codec_small):
     assert c == sym.shape[0]
 
 
+def _bound_reference(tables, sym: np.ndarray) -> float:
+    """The entropy bound written out in numpy, value by value, as the docstring states it."""
+    freq = np.diff(tables.quantized_cdf.astype(np.float64), axis=1)
+    total = 0.0
+    for c, row in enumerate(sym):
+        mv = int(tables.cdf_length[c]) - 2
+        for s in row:
+            v = int(s) - int(tables.offset[c])
+            if 0 <= v < mv:
+                total += tables.precision - np.log2(freq[c, v])
+                continue
+            raw = -2 * v - 1 if v < 0 else 2 * (v - mv)
+            chunks = sum((raw >> (4 * k)) != 0 for k in range(8))
+            total += tables.precision - np.log2(freq[c, mv]) + 4 * (chunks + chunks // 15 + 1)
+    return total
+
+
+def test_entropy_bound_matches_reference_with_escapes(codec_small):
+    t = codec_small.tables
+    rng = np.random.default_rng(5)
+    sym = t.offset[:, None] + rng.integers(-3, t.cdf_length[:, None] + 1, (t.channels, 40))
+    # Escapes of every chunk count: raw values with 1 to 7 hex digits, either side.
+    sym[0, :14] = [t.offset[0] - 16**k for k in range(7)] + [
+        t.offset[0] + t.cdf_length[0] - 2 + 16**k for k in range(7)
+    ]
+    sym = sym.astype(np.int32)
+    assert codec_small.entropy_bound_bits(sym) == pytest.approx(_bound_reference(t, sym), rel=1e-12)
+    size_bits = 8 * len(codec_small.encode(sym))
+    assert size_bits >= codec_small.entropy_bound_bits(sym) - 64
+
+
 # -- invalid input -----------------------------------------------------------------------
 
 
