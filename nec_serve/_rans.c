@@ -397,6 +397,17 @@ static int enc_grow(uint32_t **buf, size_t *cap, uint32_t **ptr, size_t need) {
 
 /* Code symbols n-1 .. 0 into the buffer, backwards.  On success *out points at
  * the first word of the stream (flush included), which ends at buf + cap. */
+/* An escaped value v (outside [0, mv)): its zig-zagged raw value and the number of
+ * 4-bit bypass chunks that hold it. Returns 0 when v lies beyond the codable range. */
+static inline int escape_chunks(int64_t v, int64_t mv, uint32_t *raw, uint32_t *nb) {
+    if (UNLIKELY(v < -VALUE_SLACK || v > mv + VALUE_SLACK)) return 0;
+    *raw = v < 0 ? (uint32_t)(-2 * v - 1) : (uint32_t)(2 * (v - mv));
+    uint32_t n = 0;
+    while (n < 8 && (*raw >> (n * BYPASS_BITS)) != 0) n++;
+    *nb = n;
+    return 1;
+}
+
 static EncStatus encode_core(const TablesObject *t, const int32_t *sym, const int32_t *idx,
                              Py_ssize_t n, uint32_t **pbuf, size_t *pcap, uint32_t **out) {
     EncStatus st = {ENC_OK, 0, 0};
@@ -427,15 +438,13 @@ static EncStatus encode_core(const TablesObject *t, const int32_t *sym, const in
             e = &ch->enc[v];
         } else {
             int64_t mv = ch->max_value;
-            if (UNLIKELY(v < -VALUE_SLACK || v > mv + VALUE_SLACK)) {
+            uint32_t raw, nb;
+            if (!escape_chunks(v, mv, &raw, &nb)) {
                 st.code = ENC_BAD_VALUE;
                 st.pos = i;
                 st.value = sym[i];
                 break;
             }
-            uint32_t raw = v < 0 ? (uint32_t)(-2 * v - 1) : (uint32_t)(2 * (v - mv));
-            uint32_t nb = 0;
-            while (nb < 8 && (raw >> (nb * BYPASS_BITS)) != 0) nb++;
             if ((size_t)(ptr - buf) < (size_t)i + 3 + 16) {
                 if (enc_grow(&buf, &cap, &ptr, (size_t)i + 3 + 16) < 0) {
                     st.code = ENC_NOMEM;
@@ -750,15 +759,13 @@ static EncStatus bound_core(const TablesObject *t, const int32_t *sym, const int
             continue;
         }
         int64_t mv = ch->max_value;
-        if (UNLIKELY(v < -VALUE_SLACK || v > mv + VALUE_SLACK)) {
+        uint32_t raw, nb;
+        if (!escape_chunks(v, mv, &raw, &nb)) {
             st.code = ENC_BAD_VALUE;
             st.pos = i;
             st.value = sym[i];
             break;
         }
-        uint32_t raw = v < 0 ? (uint32_t)(-2 * v - 1) : (uint32_t)(2 * (v - mv));
-        uint32_t nb = 0;
-        while (nb < 8 && (raw >> (nb * BYPASS_BITS)) != 0) nb++;
         total += ch->bits[mv] + (double)(BYPASS_BITS * (nb + nb / BYPASS_MAX + 1));
     }
     *out = total;
