@@ -16,6 +16,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import IO
 
@@ -35,6 +38,7 @@ class ChildProcess:
 
     Attributes:
         work: private working directory, removed by :meth:`close`.
+        log_path: where the server's output goes (subclasses may point it elsewhere).
         stop_timeout: seconds :meth:`stop` waits after SIGTERM before SIGKILL.
     """
 
@@ -42,6 +46,7 @@ class ChildProcess:
 
     def __init__(self, prefix: str):
         self.work = Path(tempfile.mkdtemp(prefix=prefix))
+        self.log_path = self.work / "server.log"
         self._proc: subprocess.Popen | None = None
         self._log: IO[bytes] | None = None
 
@@ -65,6 +70,38 @@ class ChildProcess:
             start_new_session=True,
         )
         _RUNNING.add(self)
+
+    def _wait_http_ok(
+        self, url: str, deadline: float, interval: float, error: type[Exception], name: str
+    ) -> bool:
+        """Poll ``url`` until it answers 200 (True) or ``deadline`` passes (False).
+
+        Raises ``error`` with the log's tail if the process exits first.
+        """
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                status = self._proc.returncode
+                self._reap()
+                raise error(
+                    f"{name} exited with status {status} while starting; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return True
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(interval)
+        return False
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines the server wrote."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(no log)"
 
     def _reap(self) -> None:
         if self._log is not None:

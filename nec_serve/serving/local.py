@@ -15,8 +15,6 @@ import socket
 import sys
 import sysconfig
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from nec_serve.errors import NecError
@@ -156,30 +154,12 @@ class LocalTritonServer(ChildProcess):
         cmd = self.command()
         env = _environment(find_tritonserver())
         self._spawn(cmd, self.log_path, env)
-        deadline = time.monotonic() + timeout
         url = f"http://{self.http_url}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise ServerStartError(
-                    f"tritonserver exited with status {self._proc.returncode} while starting; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.25)
+        deadline = time.monotonic() + timeout
+        if self._wait_http_ok(url, deadline, 0.25, ServerStartError, "tritonserver"):
+            return self
         self.stop()
         raise ServerStartError(
             f"tritonserver not ready at {url} after {timeout:.0f} s; log {self.log_path}:\n"
             f"{self.log_tail()}"
         )
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines the server wrote."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"

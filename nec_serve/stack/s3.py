@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from nec_serve.process import ChildProcess
@@ -159,36 +157,15 @@ class LocalS3(ChildProcess):
         deadline = t0 + timeout
         # Anonymous ListBuckets: moto answers it with 200 once its WSGI app is up.
         url = f"{self.endpoint_url}/"
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                status = self._proc.returncode
-                self._reap()
-                raise S3StartError(
-                    f"the moto S3 server exited with status {status} while starting; "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        self.start_seconds = time.monotonic() - t0
-                        self._started_once = True
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.1)
+        if self._wait_http_ok(url, deadline, 0.1, S3StartError, "the moto S3 server"):
+            self.start_seconds = time.monotonic() - t0
+            self._started_once = True
+            return self
         self.kill()
         raise S3StartError(
             f"the moto S3 server did not answer at {url} after {timeout:.0f} s; "
             f"log {self.log_path}:\n{self.log_tail()}"
         )
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines the server wrote."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(no log)"
 
     def __repr__(self) -> str:
         state = "running" if self._proc and self.poll() is None else "stopped"
