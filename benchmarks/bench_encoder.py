@@ -21,7 +21,6 @@ kept, so CPU and GPU runs made on different machines sit together.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 from nec_export.graphs import EncoderGraph
 from nec_models import create_model
-from nec_serve.perf import machine_description, merge_runs
+from nec_serve.perf import latency_stats, machine_description, merge_runs, read_rows, write_rows
 
 
 def timed(fn, iters: int, warmup: int, sync) -> np.ndarray:
@@ -49,7 +48,6 @@ def timed(fn, iters: int, warmup: int, sync) -> np.ndarray:
 
 
 def row(run, machine, engine, mode, size, batch, dtype, secs) -> dict:
-    ms = secs * 1e3
     return {
         "run": run,
         "machine": machine,
@@ -59,9 +57,7 @@ def row(run, machine, engine, mode, size, batch, dtype, secs) -> dict:
         "batch": batch,
         "dtype": dtype,
         "iters": len(secs),
-        "latency_ms_p50": round(float(np.percentile(ms, 50)), 3),
-        "latency_ms_p99": round(float(np.percentile(ms, 99)), 3),
-        "throughput_img_per_s": round(batch * len(secs) / float(secs.sum()), 2),
+        **latency_stats(secs, batch, percentiles=(50, 99), digits=3),
     }
 
 
@@ -160,16 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += torch_points(args, size, machine)
     if args.onnx_dir:
         rows += onnx_points(args, machine)
-    old = []
-    if args.out.is_file():
-        with args.out.open(newline="") as f:
-            old = list(csv.DictReader(f))
-    merged = merge_runs(old, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(merged)
+    write_rows(args.out, merge_runs(read_rows(args.out), rows))
     print(f"wrote {args.out}")
     return 0
 

@@ -106,11 +106,6 @@ FIELDS = (
 # -- pure helpers (tested in tests/test_bench_pipeline.py) ---------------------------------
 
 
-def machine() -> str:
-    """The machine, as the other benchmarks name it."""
-    return machine_description()
-
-
 def _rate(amount: float, seconds: float) -> float:
     return round(amount / seconds, 3) if seconds > 0 else 0.0
 
@@ -488,7 +483,7 @@ def main() -> int:
     export_dir = Path(args.model_dir).resolve()
     bundle = ModelBundle.load(export_dir)
     context = {
-        "machine": machine(),
+        "machine": machine_description(),
         "model": bundle.manifest["model"],
         "img_size": bundle.img_size,
         "trigger": "kafka",

@@ -15,14 +15,13 @@ from elsewhere falls on all of them alike. Writes ``benchmarks/results/serving.c
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import numpy as np
 
 from nec_serve.imagery import Normalisation, read_raster, tile_image
-from nec_serve.perf import machine_description
+from nec_serve.perf import latency_stats, machine_description, write_rows
 from nec_serve.pipeline import LocalEngine, ModelBundle
 from nec_serve.serving.client import TritonEngine
 from nec_serve.serving.local import LocalTritonServer
@@ -54,16 +53,6 @@ def interleaved(fns: dict, batch: np.ndarray, iters: int, warmup: int) -> dict[s
             fns[name](batch)
             secs[name].append(time.perf_counter() - t0)
     return {n: np.array(v) for n, v in secs.items()}
-
-
-def stats(secs: np.ndarray, batch: int) -> dict:
-    ms = secs * 1e3
-    return {
-        "latency_ms_p50": round(float(np.percentile(ms, 50)), 2),
-        "latency_ms_p90": round(float(np.percentile(ms, 90)), 2),
-        "latency_ms_p99": round(float(np.percentile(ms, 99)), 2),
-        "throughput_img_per_s": round(batch * len(secs) / float(secs.sum()), 2),
-    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -129,9 +118,9 @@ def main() -> int:
         for b in args.batch:
             batch = real_tiles(bundle, b)
             secs = interleaved(fns, batch, args.iters, args.warmup)
-            base = stats(secs["in-process onnxruntime"], b)
+            base = latency_stats(secs["in-process onnxruntime"], b)
             for name, s in secs.items():
-                r = stats(s, b)
+                r = latency_stats(s, b)
                 rows.append(
                     {
                         "model": bundle.manifest["model"],
@@ -156,10 +145,7 @@ def main() -> int:
                 e.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

@@ -28,7 +28,6 @@ Writes to ``--out`` (default ``benchmarks/results``):
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
@@ -47,9 +46,11 @@ from nec_serve.perf import (
     merge_runs,
     perf_analyzer_command,
     plot_curves,
+    read_rows,
     run_until_stable,
     summary_markdown,
     write_input_data,
+    write_rows,
     write_variant_repository,
 )
 from nec_serve.pipeline import LocalEngine, ModelBundle
@@ -192,23 +193,6 @@ def sweep(args, bundle: ModelBundle, binary: Path, tmp: Path) -> Sweep:
             urls = {"grpc": server.grpc_url, "http": server.http_url}
             run.server(variant.name, variant.max_batch, urls, metrics)
     return run
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

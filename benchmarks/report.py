@@ -11,10 +11,11 @@ says so; nothing is assumed.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from nec_serve.perf import read_rows, summary_markdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -25,14 +26,6 @@ CODEC_MAX_OVER_BOUND_PCT = 0.5
 GPU_MIN_IMG_PER_S = 3000.0
 GPU_MAX_P99_MS = 100.0
 GPU_IMG_SIZE = 256
-
-
-def read(path: Path) -> list[dict]:
-    """Rows of a CSV, or none if it does not exist."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _f(row: dict, key: str) -> float:
@@ -150,11 +143,11 @@ def _codec_row(r: dict) -> dict:
 
 def summary(results: Path) -> str:
     """The whole SUMMARY.md text."""
-    codec = read(results / "codec.csv")
-    serving = read(results / "serving.csv")
-    perf = read(results / "perf_sweep.csv")
-    encoder = read(results / "encoder.csv")
-    pipeline = read(results / "pipeline.csv")
+    codec = read_rows(results / "codec.csv")
+    serving = read_rows(results / "serving.csv")
+    perf = read_rows(results / "perf_sweep.csv")
+    encoder = read_rows(results / "encoder.csv")
+    pipeline = read_rows(results / "pipeline.csv")
     everything = (codec, serving, perf, encoder, pipeline)
     machines = sorted({r["machine"] for rows in everything for r in rows if r.get("machine")})
     parts = [
@@ -201,8 +194,6 @@ def summary(results: Path) -> str:
             )
         )
     if perf:
-        from nec_serve.perf import summary_markdown
-
         parts.append("\n## perf_analyzer sweep (`benchmarks/perf_sweep.py`, perf_sweep.csv/png)\n")
         parts.append(summary_markdown(perf))
     if encoder:

@@ -45,15 +45,18 @@ __all__ = [
     "PerfError",
     "Variant",
     "ensure_perf_analyzer",
+    "latency_stats",
     "machine_description",
     "merge_runs",
     "parse_perf_csv",
     "perf_analyzer_command",
     "plot_curves",
+    "read_rows",
     "run_perf_analyzer",
     "run_until_stable",
     "summary_markdown",
     "write_input_data",
+    "write_rows",
     "write_variant_repository",
 ]
 
@@ -512,6 +515,36 @@ def summary_markdown(rows: Sequence[Mapping]) -> str:
             f"| {fast['config']}, {fast['protocol']}, b{fast['batch']}, c{fast['concurrency']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a results CSV (text values), or none if the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: str | Path, rows: Sequence[Mapping]) -> None:
+    """Write rows to a CSV whose columns are every key, in order of first appearance."""
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with Path(path).open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def latency_stats(
+    secs: np.ndarray, batch: int, percentiles: Sequence[int] = (50, 90, 99), digits: int = 2
+) -> dict:
+    """Latency percentiles (ms) of timed calls of ``batch`` images, and images per second."""
+    ms = np.asarray(secs) * 1e3
+    out = {f"latency_ms_p{q}": round(float(np.percentile(ms, q)), digits) for q in percentiles}
+    out["throughput_img_per_s"] = round(batch * len(ms) / float(np.sum(secs)), 2)
+    return out
 
 
 def machine_description() -> str:

@@ -337,3 +337,19 @@ def test_report_only_redraws_from_the_csv(tmp_path, tiny_export):
     assert md.rstrip().endswith("- not measured: cpu_x_c4: Failed to obtain stable")
     assert (out / "perf_sweep.png").stat().st_size > 20_000
     assert not (out / "perf_analyzer").exists()  # nothing was measured
+
+
+def test_latency_stats_and_csv_round_trip(tmp_path):
+    from nec_serve.perf import latency_stats, read_rows, write_rows
+
+    secs = np.array([0.1, 0.2, 0.3, 0.4])
+    st = latency_stats(secs, batch=8)
+    assert st["latency_ms_p50"] == 250.0 and st["throughput_img_per_s"] == 32.0
+    assert st["latency_ms_p90"] == pytest.approx(370.0) and st["latency_ms_p99"] == 397.0
+    assert list(latency_stats(secs, 1, percentiles=(50,))) == [
+        "latency_ms_p50",
+        "throughput_img_per_s",
+    ]
+    write_rows(tmp_path / "r.csv", [{"a": 1}, {"a": 2, "b": "x"}])
+    assert read_rows(tmp_path / "r.csv") == [{"a": "1", "b": ""}, {"a": "2", "b": "x"}]
+    assert read_rows(tmp_path / "missing.csv") == []
