@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -38,6 +38,61 @@ _TAG_END = b"E"
 MAX_META_BYTES = 1 << 20
 MAX_NAME_BYTES = 4096
 MAX_PAYLOAD_BYTES = 1 << 30
+#: Largest ``channels``, ``tokens``, ``img_size`` and band index a header may give.
+MAX_GEOMETRY = 1 << 16
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_geometry(value: Any) -> bool:
+    return _is_int(value) and 1 <= value <= MAX_GEOMETRY
+
+
+_SPAN = f"an integer in 1..{MAX_GEOMETRY}"
+#: key -> (required, check, what the check wants); the decoders' contract with a header.
+_META_FIELDS: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
+    "model": (True, lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "channels": (True, _is_geometry, _SPAN),
+    "tokens": (True, _is_geometry, _SPAN),
+    "img_size": (False, _is_geometry, _SPAN),
+    "bands": (
+        False,
+        lambda v: isinstance(v, list) and v != [] and all(_is_geometry(b) for b in v),
+        f"a non-empty list of integers in 1..{MAX_GEOMETRY}",
+    ),
+    "normalisation": (False, lambda v: isinstance(v, dict), "an object"),
+    "model_version": (
+        False,
+        lambda v: isinstance(v, str) or _is_int(v),
+        "a string or an integer",
+    ),
+    "source_dtype": (False, lambda v: isinstance(v, str), "a string"),
+    "created_by": (False, lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_meta(meta: Any) -> None:
+    """Type- and range-check the metadata fields decoders rely on (docs/bitstream.md)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"container metadata must be a JSON object, got {type(meta).__name__}")
+    for key, (required, check, expected) in _META_FIELDS.items():
+        if key not in meta:
+            if required:
+                raise ValueError(f"container metadata lacks {key!r}")
+            continue
+        if not check(meta[key]):
+            raise ValueError(
+                f"container metadata field {key!r} must be {expected}, got {_short(meta[key])}"
+            )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (metadata may hold up to 1 MiB)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -47,6 +102,10 @@ class ContainerHeader:
     ``meta`` is a JSON object with at least ``model`` (registry name), ``model_version``,
     ``channels`` and ``tokens`` (symbols per tile are ``channels * tokens``), ``img_size``,
     ``bands`` (1-based band indices read from the source) and ``normalisation``.
+    Construction checks the type and range of each of these (``channels``, ``tokens``
+    and ``img_size`` integers in ``1..MAX_GEOMETRY``, ``model`` a non-empty string, ...)
+    and raises :class:`ValueError` naming the field and the bad value, so code that reads
+    a header never meets a field it cannot use.
     """
 
     table_sha256: str
@@ -55,16 +114,15 @@ class ContainerHeader:
 
     def __post_init__(self) -> None:
         """Check the fields every decoder relies on."""
-        if len(self.table_sha256) != 64:
-            raise ValueError(f"table_sha256 must be 64 hex digits, got {self.table_sha256!r}")
-        for key in ("model", "channels", "tokens"):
-            if key not in self.meta:
-                raise ValueError(f"container metadata lacks {key!r}")
+        sha = self.table_sha256
+        if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= _HEX:
+            raise ValueError(f"table_sha256 must be 64 lowercase hex digits, got {sha!r}")
+        _check_meta(self.meta)
 
     @property
     def symbols_per_tile(self) -> int:
         """Symbols coded in each tile's payload."""
-        return int(self.meta["channels"]) * int(self.meta["tokens"])
+        return self.meta["channels"] * self.meta["tokens"]
 
     def check_tables(self, table_sha256: str) -> None:
         """Raise :class:`TableMismatch` unless ``table_sha256`` names this container's tables."""
@@ -195,9 +253,13 @@ class ContainerReader:
             raise CorruptBitstream("container header CRC mismatch: the header is corrupt")
         try:
             parsed = json.loads(meta)
+        except (ValueError, RecursionError) as err:
+            raise CorruptBitstream(f"container metadata is not valid JSON: {err}") from err
+        try:
             return ContainerHeader(digest.hex(), parsed, version)
         except (ValueError, TypeError) as err:
-            raise CorruptBitstream(f"container metadata is invalid: {err}") from err
+            # The CRC matched, so the writer itself stored metadata no decoder can use.
+            raise CorruptBitstream(str(err)) from err
 
     def __iter__(self) -> Iterator[TileRecord]:
         """Yield tiles in order; raise :class:`CorruptBitstream` on any damage."""

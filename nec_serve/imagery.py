@@ -9,6 +9,9 @@ Conventions:
     * Band indices are 1-based, as in GDAL and rasterio, for GeoTIFF and ``.npy`` alike.
     * Every error a user can cause is an :class:`~nec_serve.errors.InvalidInput` whose
       message names the file (and archive member) and, where there is one, the fix.
+    * What a file declares (a ``.npy`` header, a GeoTIFF's size, bands and dtype) is
+      checked against :class:`InputLimits` before any pixel is allocated or read, and
+      all images of one input share one ``max_decoded_bytes`` budget.
 
 Typical use::
 
@@ -31,7 +34,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -50,6 +53,7 @@ __all__ = [
     "BIGEARTHNET_SIZE",
     "RASTER_SUFFIXES",
     "ARCHIVE_SUFFIXES",
+    "InputLimits",
     "Normalisation",
     "TileGrid",
     "read_raster",
@@ -80,6 +84,10 @@ _GEOTIFF_SUFFIXES = (".tif", ".tiff")
 _MiB = 1 << 20
 _GiB = 1 << 30
 _BLOCK = tarfile.BLOCKSIZE
+# Defaults of iter_tar_tiles (archives met by iter_inputs get these too).
+_MAX_MEMBERS = 10000
+_MAX_MEMBER_BYTES = 256 * _MiB
+_MAX_TOTAL_BYTES = 4 * _GiB
 # Read size of tarfile's stream reader (its default, 10 KiB, costs a Python call per 10 KiB).
 _TAR_BUFSIZE = _MiB
 # Bytes of the decompressed tar stream allowed on top of max_total_bytes: headers (pax,
@@ -275,6 +283,153 @@ class Normalisation:
         return cls(d["scale"], d["mean"], d["std"])
 
 
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one input may declare before any of it is decoded.
+
+    Readers check the geometry a file *declares* (a ``.npy`` header, a GeoTIFF's band
+    count, size and dtype) against these limits before they allocate or read pixels, so
+    a 1 KB file that declares 30 GB fails fast with :class:`~nec_serve.errors.InvalidInput`
+    instead of a ``MemoryError``. The defaults admit a full Sentinel-2 tile (10980 x 10980
+    px) with up to 8 uint16 bands selected, and bound one image to what an 8 GiB wrapper
+    pod can decode and tile (tiling copies the image about twice more).
+
+    Attributes:
+        max_pixels: most pixels (height x width) of one image; also bounds one GeoTIFF
+            block. 2**28 is a 16384 x 16384 image, 2.2 Sentinel-2 tiles.
+        max_bands: most bands one image may declare (GeoTIFF band count, ``.npy``
+            first axis). Sentinel-2 has 13 and hyperspectral sensors a few hundred.
+        max_image_bytes: most decoded bytes of one image, ``bands * H * W * itemsize`` of
+            the bands actually read (all of them for ``.npy``). 2 GiB holds 8 uint16
+            bands of a 10980 x 10980 Sentinel-2 tile.
+        max_decoded_bytes: most decoded bytes of all images of one input (one message:
+            a file, an archive or a folder), and of a whole :func:`decompress
+            <nec_serve.pipeline.decompress>` output. 16 GiB is four archives' worth of
+            ``max_total_bytes`` at 1:1, or about 22 RGB uint16 Sentinel-2 tiles.
+        max_tiles: most tiles one container may hold when it is decoded; 1,000,000 is
+            about 400 Sentinel-2 tiles cut into 224 px tiles.
+    """
+
+    max_pixels: int = 1 << 28
+    max_bands: int = 256
+    max_image_bytes: int = 2 << 30
+    max_decoded_bytes: int = 16 << 30
+    max_tiles: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise InvalidInput(f"InputLimits.{f.name} must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, f.name, int(value))
+
+    def check_image(
+        self,
+        what: str,
+        bands: int,
+        height: int,
+        width: int,
+        dtype: Any,
+        read_bands: int | None = None,
+    ) -> int:
+        """Check the geometry an image declares; return the bytes reading it decodes.
+
+        Args:
+            what: the image in error messages (file, or archive and member).
+            bands: bands the image declares.
+            height: declared height in pixels.
+            width: declared width in pixels.
+            dtype: declared pixel dtype.
+            read_bands: bands that will be read (``None``: all of them).
+
+        Returns:
+            ``read_bands * height * width * itemsize``.
+
+        Raises:
+            InvalidInput: naming ``what``, the declared geometry and the limit exceeded.
+        """
+        dt = np.dtype(dtype)
+        n = bands if read_bands is None else read_bands
+        nbytes = n * height * width * dt.itemsize
+        declared = f"{bands}x{height}x{width} {dt.name}"
+        if n != bands:
+            declared += f", {n} band(s) read"
+        if bands > self.max_bands:
+            raise InvalidInput(
+                f"{what}: declares {declared} ({bands} bands), over max_bands={self.max_bands}"
+            )
+        if nbytes > self.max_image_bytes:
+            raise InvalidInput(
+                f"{what}: declares {declared} ({_human_bytes(nbytes)} decoded), over "
+                f"max_image_bytes={self.max_image_bytes}"
+            )
+        if height * width > self.max_pixels:
+            raise InvalidInput(
+                f"{what}: declares {declared} ({height * width} pixels), over "
+                f"max_pixels={self.max_pixels}"
+            )
+        return nbytes
+
+
+def _human_bytes(n: int) -> str:
+    """``n`` bytes in decimal units with one decimal, e.g. ``30.0 GB``."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("KB", "MB", "GB", "TB", "PB"):
+        n /= 1000
+        if n < 1000 or unit == "PB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+class _Budget:
+    """Running total of the decoded bytes of one input, against ``max_decoded_bytes``."""
+
+    def __init__(self, limits: InputLimits | None):
+        self.limits = _limits(limits)
+        self.total = 0
+
+    def image(
+        self,
+        what: str,
+        bands: int,
+        height: int,
+        width: int,
+        dtype: Any,
+        read_bands: int | None = None,
+    ) -> None:
+        """Check one image's declared geometry and charge it, before it is read."""
+        nbytes = self.limits.check_image(what, bands, height, width, dtype, read_bands)
+        self.total += nbytes
+        cap = self.limits.max_decoded_bytes
+        if self.total > cap:
+            raise InvalidInput(
+                f"{what}: declares {bands}x{height}x{width} {np.dtype(dtype).name} "
+                f"({_human_bytes(nbytes)} decoded), bringing this input to "
+                f"{_human_bytes(self.total)} decoded, over max_decoded_bytes={cap}"
+            )
+
+
+def _limits(limits: InputLimits | None) -> InputLimits:
+    if limits is None:
+        return InputLimits()
+    if not isinstance(limits, InputLimits):
+        raise InvalidInput(f"limits must be an InputLimits, got {type(limits).__name__}")
+    return limits
+
+
+def _scrub(text: str, path: Path, label: str) -> str:
+    """``text`` with the local ``path`` (as GDAL quotes it) replaced by ``label``."""
+    if str(path) == label:
+        return text
+    for local in sorted({str(path), str(path.absolute()), str(path.resolve())}, key=len)[::-1]:
+        text = text.replace(local, label)
+    return text
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -306,15 +461,26 @@ def _read_dataset(
     ds: Any,
     label: str,
     bands: Sequence[int] | None,
+    budget: _Budget,
     out_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
+    if ds.count < 1:
+        raise InvalidInput(f"{label}: the file has no bands")
     indexes = _band_indexes(bands, ds.count, label)
     dtypes = {ds.dtypes[i - 1] for i in indexes}
     if len(dtypes) > 1:
         raise InvalidInput(f"{label}: selected bands have different dtypes {sorted(dtypes)}")
-    kind = np.dtype(dtypes.pop()).kind
-    if kind not in "uif":
+    dtype = np.dtype(dtypes.pop())
+    if dtype.kind not in "uif":
         raise InvalidInput(f"{label}: unsupported pixel dtype {ds.dtypes[indexes[0] - 1]}")
+    # Everything below is what the file declares; check it before GDAL allocates anything.
+    budget.image(label, ds.count, ds.height, ds.width, dtype, len(indexes))
+    block = max(h * w for h, w in ds.block_shapes)
+    if block > budget.limits.max_pixels:
+        raise InvalidInput(
+            f"{label}: declares blocks of {block} pixels, over "
+            f"max_pixels={budget.limits.max_pixels}"
+        )
     if out_size is None:
         arr = ds.read(indexes)
     else:
@@ -322,10 +488,12 @@ def _read_dataset(
     return np.ascontiguousarray(arr)
 
 
-def _read_geotiff_bytes(data: bytes, label: str, bands: Sequence[int] | None) -> np.ndarray:
+def _read_geotiff_bytes(
+    data: bytes, label: str, bands: Sequence[int] | None, budget: _Budget
+) -> np.ndarray:
     try:
         with MemoryFile(data) as mem, mem.open() as ds:
-            return _read_dataset(ds, label, bands)
+            return _read_dataset(ds, label, bands, budget)
     except (RasterioError, OSError) as err:
         raise InvalidInput(
             f"{label}: not a readable GeoTIFF (truncated or corrupt?): {err}"
@@ -353,25 +521,88 @@ def _check_npy(arr: Any, label: str, bands: Sequence[int] | None) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _load_npy(fileobj: Any, label: str, bands: Sequence[int] | None) -> np.ndarray:
+_NPY_MAGIC = b"\x93NUMPY"
+# Everything NumPy's header parser raises for a damaged header.
+_NPY_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, RecursionError, EOFError, OSError)
+
+
+def _npy_header(f: BinaryIO, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Parse a ``.npy`` header: ``(shape, fortran_order, dtype)``, nothing else is read."""
+    head = f.read(len(_NPY_MAGIC))
+    f.seek(0)
+    if head.startswith(b"PK\x03\x04"):
+        raise InvalidInput(f"{label}: is an .npz archive, not a single .npy array")
+    if head.startswith(b"\x80"):
+        raise InvalidInput(f"{label}: is a Python pickle, not a .npy array; pickles are refused")
+    if head != _NPY_MAGIC:
+        raise InvalidInput(
+            f"{label}: not a valid .npy file (truncated or corrupt?): no NumPy magic string"
+        )
+    fmt = np.lib.format
     try:
-        arr = np.load(fileobj, allow_pickle=False)
-    except ValueError as err:
-        if "Object arrays" in str(err):
-            raise InvalidInput(
-                f"{label}: holds Python objects (pickled object array); only numeric arrays "
-                "are accepted, pickles are refused"
-            ) from err
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:  # 3.0 (UTF-8 header) has no public reader; unknown versions raise here.
+            shape, fortran, dtype = fmt._read_array_header(f, version)
+    except _NPY_HEADER_ERRORS as err:
         raise InvalidInput(
             f"{label}: not a valid .npy file (truncated or corrupt?): {err}"
         ) from err
-    except (OSError, EOFError) as err:
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{label}: not a valid .npy file: negative shape {shape}")
+    return shape, fortran, dtype
+
+
+def _load_npy(
+    f: BinaryIO, size: int, label: str, bands: Sequence[int] | None, budget: _Budget
+) -> np.ndarray:
+    """Load a ``.npy`` of ``size`` bytes from ``f`` after checking what its header declares."""
+    shape, fortran, dtype = _npy_header(f, label)
+    if dtype.hasobject:
         raise InvalidInput(
-            f"{label}: not a valid .npy file (truncated or corrupt?): {err}"
-        ) from err
-    if isinstance(arr, np.lib.npyio.NpzFile):
-        arr.close()
-        arr = None
+            f"{label}: holds Python objects (pickled object array); only numeric arrays "
+            "are accepted, pickles are refused"
+        )
+    if dtype.kind not in "uif":
+        raise InvalidInput(
+            f"{label}: unsupported dtype {dtype}; expected unsigned/signed integers or floats"
+        )
+    if len(shape) not in (2, 3):
+        raise InvalidInput(f"{label}: array must be shaped (bands, H, W) or (H, W), got {shape}")
+    n_bands, height, width = shape if len(shape) == 3 else (1, *shape)
+    if bands is not None:
+        _band_indexes(bands, n_bands, label)
+    # np.load decodes every band, whatever the selection.
+    budget.image(label, n_bands, height, width, dtype)
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    present = size - f.tell()
+    if present != nbytes:
+        problem = "truncated" if present < nbytes else "has trailing bytes"
+        raise InvalidInput(
+            f"{label}: not a valid .npy file ({problem}): the header declares "
+            f"{'x'.join(map(str, shape))} {dtype} ({nbytes} bytes of data) but {present} "
+            "bytes follow the header"
+        )
+    arr = np.empty(count, dtype=dtype)
+    buf = memoryview(arr.view(np.uint8))
+    got = 0
+    try:
+        while got < nbytes and (n := f.readinto(buf[got:])):
+            got += n
+    except OSError as err:
+        raise InvalidInput(f"{label}: cannot read: {err}") from err
+    if got != nbytes:
+        raise InvalidInput(
+            f"{label}: not a valid .npy file (truncated): {got} of {nbytes} bytes of data"
+        )
+    if fortran:
+        arr = arr.reshape(shape[::-1]).transpose()
+    else:
+        arr = arr.reshape(shape)
     return _check_npy(arr, label, bands)
 
 
@@ -382,23 +613,41 @@ def _unsupported_suffix(label: str, suffix: str) -> InvalidInput:
     )
 
 
-def read_raster(path: str | os.PathLike[str], bands: Sequence[int] | None = None) -> np.ndarray:
+def read_raster(
+    path: str | os.PathLike[str],
+    bands: Sequence[int] | None = None,
+    *,
+    limits: InputLimits | None = None,
+    label: str | None = None,
+) -> np.ndarray:
     """Read a GeoTIFF or ``.npy`` file as ``(bands, H, W)`` in the file's dtype.
+
+    The geometry the file declares (``.npy`` header; GeoTIFF band count, size, dtype and
+    block size) is checked against ``limits`` before any pixel is allocated or read.
 
     Args:
         path: ``.tif``/``.tiff`` (read with rasterio) or ``.npy`` (``(bands, H, W)`` or
             ``(H, W)``, loaded without pickle support).
         bands: 1-based band indices to read, in that order; ``None`` reads all bands.
+        limits: what the file may declare; ``None`` uses the :class:`InputLimits` defaults.
+        label: what to call the file in errors instead of ``path`` (e.g. the S3 name of a
+            downloaded temporary file).
 
     Returns:
         C-contiguous array shaped ``(bands, H, W)``.
 
     Raises:
         InvalidInput: naming the file, for a missing, empty, truncated or corrupt file, an
-            unsupported suffix, a band index out of range, or a non-numeric ``.npy``.
+            unsupported suffix, a band index out of range, a non-numeric ``.npy``, or a
+            declared geometry over ``limits`` (naming the limit).
     """
-    p = Path(path)
-    label = str(p)
+    return _read_raster(Path(path), bands, _Budget(limits), label)
+
+
+def _read_raster(
+    p: Path, bands: Sequence[int] | None, budget: _Budget, label: str | None
+) -> np.ndarray:
+    label = str(p) if label is None else label
     suffix = p.suffix.lower()
     if suffix not in RASTER_SUFFIXES:
         raise _unsupported_suffix(label, suffix)
@@ -407,7 +656,7 @@ def read_raster(path: str | os.PathLike[str], bands: Sequence[int] | None = None
     except FileNotFoundError as err:
         raise InvalidInput(f"{label}: no such file") from err
     except OSError as err:
-        raise InvalidInput(f"{label}: cannot access: {err}") from err
+        raise InvalidInput(f"{label}: cannot access: {_scrub(str(err), p, label)}") from err
     if p.is_dir():
         raise InvalidInput(f"{label}: is a directory, not a raster file")
     if size == 0:
@@ -415,20 +664,25 @@ def read_raster(path: str | os.PathLike[str], bands: Sequence[int] | None = None
     if suffix == ".npy":
         try:
             with open(p, "rb") as f:
-                return _load_npy(f, label, bands)
+                # The size of the file as opened, not as it was when stat() ran.
+                return _load_npy(f, os.fstat(f.fileno()).st_size, label, bands, budget)
         except PermissionError as err:
-            raise InvalidInput(f"{label}: cannot open: {err}") from err
+            raise InvalidInput(f"{label}: cannot open: {_scrub(str(err), p, label)}") from err
     try:
         with rasterio.open(p) as ds:
-            return _read_dataset(ds, label, bands)
+            return _read_dataset(ds, label, bands, budget)
     except (RasterioError, OSError) as err:
         raise InvalidInput(
-            f"{label}: not a readable GeoTIFF (truncated or corrupt?): {err}"
+            f"{label}: not a readable GeoTIFF (truncated or corrupt?): {_scrub(str(err), p, label)}"
         ) from err
 
 
 def read_raster_bytes(
-    data: bytes | bytearray | memoryview, name: str, bands: Sequence[int] | None = None
+    data: bytes | bytearray | memoryview,
+    name: str,
+    bands: Sequence[int] | None = None,
+    *,
+    limits: InputLimits | None = None,
 ) -> np.ndarray:
     """Read a GeoTIFF or ``.npy`` held in memory (a tar member, an upload).
 
@@ -436,6 +690,7 @@ def read_raster_bytes(
         data: the file's bytes.
         name: the file's name; its suffix picks the format and it appears in errors.
         bands: 1-based band indices to read; ``None`` reads all bands.
+        limits: what the file may declare; ``None`` uses the :class:`InputLimits` defaults.
 
     Returns:
         C-contiguous array shaped ``(bands, H, W)`` in the file's dtype.
@@ -443,20 +698,22 @@ def read_raster_bytes(
     Raises:
         InvalidInput: as :func:`read_raster`.
     """
-    return _read_bytes(bytes(data), _suffix(name), name, bands)
+    return _read_bytes(bytes(data), _suffix(name), name, bands, _Budget(limits))
 
 
-def _read_bytes(data: bytes, suffix: str, label: str, bands: Sequence[int] | None) -> np.ndarray:
+def _read_bytes(
+    data: bytes, suffix: str, label: str, bands: Sequence[int] | None, budget: _Budget
+) -> np.ndarray:
     if suffix not in RASTER_SUFFIXES:
         raise _unsupported_suffix(label, suffix)
     if not data:
         raise InvalidInput(f"{label}: file is empty (0 bytes)")
     if suffix == ".npy":
-        return _load_npy(io.BytesIO(data), label, bands)
-    return _read_geotiff_bytes(data, label, bands)
+        return _load_npy(io.BytesIO(data), len(data), label, bands, budget)
+    return _read_geotiff_bytes(data, label, bands, budget)
 
 
-def _bigearthnet_band_file(folder: Path, band: str) -> Path:
+def _bigearthnet_band_file(folder: Path, band: str, label: str) -> Path:
     exact = folder / f"{folder.name}_{band}.tif"
     if exact.is_file():
         return exact
@@ -465,9 +722,9 @@ def _bigearthnet_band_file(folder: Path, band: str) -> Path:
         return matches[0]
     if len(matches) > 1:
         names = ", ".join(m.name for m in matches)
-        raise InvalidInput(f"{folder}: several files for band {band}: {names}")
+        raise InvalidInput(f"{label}: several files for band {band}: {names}")
     raise InvalidInput(
-        f"{folder}: BigEarthNet band {band} missing; expected file {exact.name} in the patch folder"
+        f"{label}: BigEarthNet band {band} missing; expected file {exact.name} in the patch folder"
     )
 
 
@@ -480,42 +737,54 @@ def is_bigearthnet_patch(folder: str | os.PathLike[str]) -> bool:
 
 
 def read_bigearthnet_patch(
-    folder: str | os.PathLike[str], bands: Sequence[str] = BIGEARTHNET_RGB
+    folder: str | os.PathLike[str],
+    bands: Sequence[str] = BIGEARTHNET_RGB,
+    *,
+    limits: InputLimits | None = None,
 ) -> np.ndarray:
     """Read bands of a BigEarthNet-S2 patch folder as one 120x120 uint16 stack.
 
     10 m bands are read as they are; 20 m and 60 m bands are upsampled to 120x120 with
-    bilinear resampling at read time.
+    bilinear resampling at read time. Each band file's declared geometry is checked
+    against ``limits`` before it is read, and the bytes its full resolution decodes to
+    count towards ``max_decoded_bytes``.
 
     Args:
         folder: the patch folder holding ``<patch>_<band>.tif`` files.
         bands: Sentinel-2 band names in output order (default red, green, blue).
+        limits: what the band files may declare; ``None`` uses the :class:`InputLimits`
+            defaults.
 
     Returns:
         uint16 array shaped ``(len(bands), 120, 120)``.
 
     Raises:
-        InvalidInput: naming the folder or file, for a missing folder or band file or an
-            unreadable file.
+        InvalidInput: naming the folder or file, for a missing folder or band file, an
+            unreadable file, or a declared geometry over ``limits``.
     """
     p = Path(folder)
+    return _read_bigearthnet(p, bands, _Budget(limits), str(p))
+
+
+def _read_bigearthnet(p: Path, bands: Sequence[str], budget: _Budget, label: str) -> np.ndarray:
     if not p.is_dir():
-        raise InvalidInput(f"{p}: not a BigEarthNet patch folder (no such directory)")
+        raise InvalidInput(f"{label}: not a BigEarthNet patch folder (no such directory)")
     if isinstance(bands, str) or not isinstance(bands, Sequence) or len(bands) == 0:
-        raise InvalidInput(f"{p}: bands must be a non-empty list of names like 'B04'")
+        raise InvalidInput(f"{label}: bands must be a non-empty list of names like 'B04'")
     out = np.empty((len(bands), BIGEARTHNET_SIZE, BIGEARTHNET_SIZE), dtype=np.uint16)
     for i, band in enumerate(bands):
-        path = _bigearthnet_band_file(p, str(band))
-        label = str(path)
+        path = _bigearthnet_band_file(p, str(band), label)
+        what = f"{label}/{path.name}"
         try:
             with rasterio.open(path) as ds:
-                arr = _read_dataset(ds, label, [1], (BIGEARTHNET_SIZE, BIGEARTHNET_SIZE))
+                arr = _read_dataset(ds, what, [1], budget, (BIGEARTHNET_SIZE, BIGEARTHNET_SIZE))
         except (RasterioError, OSError) as err:
             raise InvalidInput(
-                f"{label}: not a readable GeoTIFF (truncated or corrupt?): {err}"
+                f"{what}: not a readable GeoTIFF (truncated or corrupt?): "
+                f"{_scrub(str(err), path, what)}"
             ) from err
         if arr.dtype != np.uint16:
-            raise InvalidInput(f"{label}: expected uint16 reflectance, got {arr.dtype}")
+            raise InvalidInput(f"{what}: expected uint16 reflectance, got {arr.dtype}")
         out[i] = arr[0]
     return out
 
@@ -835,17 +1104,21 @@ def _source_label(source: Any) -> str:
 def iter_tar_tiles(
     source: str | os.PathLike[str] | BinaryIO,
     *,
-    max_members: int = 10000,
-    max_member_bytes: int = 256 * _MiB,
-    max_total_bytes: int = 4 * _GiB,
+    max_members: int = _MAX_MEMBERS,
+    max_member_bytes: int = _MAX_MEMBER_BYTES,
+    max_total_bytes: int = _MAX_TOTAL_BYTES,
     bands: Sequence[int] | None = None,
+    limits: InputLimits | None = None,
+    label: str | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Stream the ``.tif``/``.tiff``/``.npy`` members of a tar archive, in archive order.
 
     The archive is read once, front to back (``tarfile`` stream mode over a decompressor
     picked from the magic bytes: gzip, bzip2, xz or none), and nothing is written to disk.
     Directories and members with other suffixes are skipped. Because the read is streaming,
-    members before a bad one have already been yielded when the error is raised.
+    members before a bad one have already been yielded when the error is raised. Each
+    image member's declared geometry is checked against ``limits`` before it is decoded,
+    and all members together may decode to at most ``limits.max_decoded_bytes``.
 
     Args:
         source: path of the archive, or a binary file object (need not be seekable).
@@ -853,6 +1126,9 @@ def iter_tar_tiles(
         max_member_bytes: largest image member, in bytes (images are read into memory).
         max_total_bytes: most bytes all regular members may hold together.
         bands: 1-based band indices to read from each image; ``None`` reads all.
+        limits: what the images may declare; ``None`` uses the :class:`InputLimits`
+            defaults.
+        label: what to call the archive in errors instead of its path or file name.
 
     Yields:
         ``(name, array)`` per image member: the member's normalised relative path and its
@@ -864,10 +1140,24 @@ def iter_tar_tiles(
             member, an absolute or ``..`` member name, a limit exceeded (named), an
             unreadable image member, or an archive without image members.
     """
+    yield from _iter_tar(
+        source, max_members, max_member_bytes, max_total_bytes, bands, _Budget(limits), label
+    )
+
+
+def _iter_tar(
+    source: str | os.PathLike[str] | BinaryIO,
+    max_members: int,
+    max_member_bytes: int,
+    max_total_bytes: int,
+    bands: Sequence[int] | None,
+    budget: _Budget,
+    label: str | None,
+) -> Iterator[tuple[str, np.ndarray]]:
     max_members = _positive_int(max_members, "max_members")
     max_member_bytes = _positive_int(max_member_bytes, "max_member_bytes")
     max_total_bytes = _positive_int(max_total_bytes, "max_total_bytes")
-    label = _source_label(source)
+    label = _source_label(source) if label is None else label
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -876,7 +1166,7 @@ def iter_tar_tiles(
             raise InvalidInput(f"{label}: archive file is empty (0 bytes)")
         with open(path, "rb") as f:
             yield from _iter_tar_stream(
-                f, label, max_members, max_member_bytes, max_total_bytes, bands
+                f, label, max_members, max_member_bytes, max_total_bytes, bands, budget
             )
     else:
         if not hasattr(source, "read"):
@@ -884,7 +1174,7 @@ def iter_tar_tiles(
                 f"iter_tar_tiles needs a path or a binary file object, got {type(source).__name__}"
             )
         yield from _iter_tar_stream(
-            source, label, max_members, max_member_bytes, max_total_bytes, bands
+            source, label, max_members, max_member_bytes, max_total_bytes, bands, budget
         )
 
 
@@ -895,6 +1185,7 @@ def _iter_tar_stream(
     max_member_bytes: int,
     max_total_bytes: int,
     bands: Sequence[int] | None,
+    budget: _Budget,
 ) -> Iterator[tuple[str, np.ndarray]]:
     cap = max_total_bytes + _STREAM_SLACK + _STREAM_SLACK_PER_MEMBER * max_members
     try:
@@ -912,7 +1203,7 @@ def _iter_tar_stream(
         ) from err
     with tf:
         yielded = yield from _iter_members(
-            tf, label, max_members, max_member_bytes, max_total_bytes, bands
+            tf, label, max_members, max_member_bytes, max_total_bytes, bands, budget
         )
         _check_archive_end(tf, stream, label)
     if yielded == 0:
@@ -933,6 +1224,7 @@ def _iter_members(
     max_member_bytes: int,
     max_total_bytes: int,
     bands: Sequence[int] | None,
+    budget: _Budget,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield the image members; returns how many were yielded."""
     members = total = yielded = 0
@@ -965,7 +1257,7 @@ def _iter_members(
             raise InvalidInput(f"{what}: corrupt or truncated archive: {err}") from err
         if len(data) != member.size:
             raise InvalidInput(f"{what}: truncated ({len(data)} of {member.size} bytes)")
-        yield name, _read_bytes(data, suffix, what, bands)
+        yield name, _read_bytes(data, suffix, what, bands, budget)
         yielded += 1
     return yielded
 
@@ -997,24 +1289,32 @@ def _is_archive_name(name: str) -> bool:
 
 
 def _iter_folder(
-    root: Path, folder: Path, bands: Sequence[int] | None, bigearthnet_bands: Sequence[str]
+    root: Path,
+    folder: Path,
+    bands: Sequence[int] | None,
+    bigearthnet_bands: Sequence[str],
+    budget: _Budget,
+    label: str,
 ) -> Iterator[tuple[str, np.ndarray]]:
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
         rel = entry.relative_to(root).as_posix()
+        what = f"{label}/{rel}"
         if entry.is_dir():
             if entry.is_symlink():
                 continue
             if is_bigearthnet_patch(entry):
-                yield rel, read_bigearthnet_patch(entry, bigearthnet_bands)
+                yield rel, _read_bigearthnet(entry, bigearthnet_bands, budget, what)
             else:
-                yield from _iter_folder(root, entry, bands, bigearthnet_bands)
+                yield from _iter_folder(root, entry, bands, bigearthnet_bands, budget, label)
         elif _is_archive_name(entry.name):
-            for member, arr in iter_tar_tiles(entry, bands=bands):
+            for member, arr in _iter_tar(
+                entry, _MAX_MEMBERS, _MAX_MEMBER_BYTES, _MAX_TOTAL_BYTES, bands, budget, what
+            ):
                 yield f"{rel}/{member}", arr
         elif entry.suffix.lower() in RASTER_SUFFIXES:
-            yield rel, read_raster(entry, bands)
+            yield rel, _read_raster(entry, bands, budget, what)
 
 
 def iter_inputs(
@@ -1022,6 +1322,8 @@ def iter_inputs(
     bands: Sequence[int] | None = None,
     *,
     bigearthnet_bands: Sequence[str] = BIGEARTHNET_RGB,
+    limits: InputLimits | None = None,
+    label: str | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield every image under ``path`` as ``(name, (bands, H, W) array)``, checked.
 
@@ -1031,35 +1333,49 @@ def iter_inputs(
     the folder name), or a folder of any of these, walked recursively in sorted order and
     named by their path relative to ``path`` (archive members as ``archive/member``).
     Hidden entries, symlinked folders and files of other types in folders are skipped.
-    Every array passes :func:`check_pixels` before it is yielded.
+    Each image's declared geometry is checked against ``limits`` before it is read, all
+    images together may decode to at most ``limits.max_decoded_bytes``, and every array
+    passes :func:`check_pixels` before it is yielded.
 
     Args:
         path: file or folder.
         bands: 1-based band indices for GeoTIFF/``.npy`` inputs; ``None`` reads all.
         bigearthnet_bands: band names read from BigEarthNet patch folders.
+        limits: what the input may declare; ``None`` uses the :class:`InputLimits`
+            defaults.
+        label: what to call ``path`` in errors (e.g. ``s3://bucket/key`` for a downloaded
+            temporary file); the local path then appears in no error message. Item names
+            are not affected.
 
     Yields:
         ``(name, array)`` in a stable order.
 
     Raises:
         InvalidInput: for a missing path, an unsupported file type, a folder without any
-            input, or any error of the readers.
+            input, a declared geometry over ``limits`` (naming the limit), or any error of
+            the readers.
     """
     p = Path(path)
-    label = str(p)
+    label = str(p) if label is None else label
+    budget = _Budget(limits)
     if not p.exists():
         raise InvalidInput(f"{label}: no such file or directory")
+    single = False
     if p.is_dir():
         if is_bigearthnet_patch(p):
+            single = True
             items: Iterator[tuple[str, np.ndarray]] = iter(
-                [(p.name, read_bigearthnet_patch(p, bigearthnet_bands))]
+                [(p.name, _read_bigearthnet(p, bigearthnet_bands, budget, label))]
             )
         else:
-            items = _iter_folder(p, p, bands, bigearthnet_bands)
+            items = _iter_folder(p, p, bands, bigearthnet_bands, budget, label)
     elif _is_archive_name(p.name):
-        items = iter_tar_tiles(p, bands=bands)
+        items = _iter_tar(
+            p, _MAX_MEMBERS, _MAX_MEMBER_BYTES, _MAX_TOTAL_BYTES, bands, budget, label
+        )
     elif p.suffix.lower() in RASTER_SUFFIXES:
-        items = iter([(p.name, read_raster(p, bands))])
+        single = True
+        items = iter([(p.name, _read_raster(p, bands, budget, label))])
     else:
         raise InvalidInput(
             f"{label}: unsupported input {p.suffix or '(no suffix)'!r}; expected a "
@@ -1068,7 +1384,7 @@ def iter_inputs(
         )
     count = 0
     for name, arr in items:
-        check_pixels(arr, name)
+        check_pixels(arr, label if single else f"{label}/{name}")
         count += 1
         yield name, arr
     if count == 0:

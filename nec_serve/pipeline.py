@@ -11,11 +11,12 @@ in-process with onnxruntime; the Triton client of the serving layer offers the s
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from nec_serve import __version__
 from nec_serve.codec import FactorizedCodec
 from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter, TileRecord
 from nec_serve.errors import InvalidInput
-from nec_serve.imagery import Normalisation, tile_image
+from nec_serve.imagery import InputLimits, Normalisation, _human_bytes, tile_image
 from nec_serve.tables import TABLES_FILENAME, EntropyTables
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "CompressStats",
     "compress",
     "decompress",
+    "check_decoded_size",
     "DECODER_OUTPUTS",
 ]
 
@@ -371,7 +373,8 @@ def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
             f"{bundle.manifest['model']!r}"
         )
     header.check_tables(bundle.tables.sha256)
-    if (int(meta["channels"]), int(meta["tokens"])) != (bundle.channels, bundle.tokens):
+    # ContainerHeader has checked that both are integers in range.
+    if (meta["channels"], meta["tokens"]) != (bundle.channels, bundle.tokens):
         raise InvalidInput(
             f"container holds {meta['channels']}x{meta['tokens']} symbols per tile, the export "
             f"codes {bundle.channels}x{bundle.tokens}"
@@ -386,9 +389,20 @@ def iter_decoded(
     batch_size: int = 8,
 ) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
     """Yield ``(tile records, decoded batch)`` from a container, batch by batch."""
+    return _iter_decoded(reader.header, reader, bundle, engine, output, batch_size)
+
+
+def _iter_decoded(
+    header: ContainerHeader,
+    records_in: Iterable[TileRecord],
+    bundle: ModelBundle,
+    engine: Engine | None,
+    output: str,
+    batch_size: int,
+) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
     if output not in DECODER_OUTPUTS:
         raise InvalidInput(f"unknown output {output!r}, expected one of {sorted(DECODER_OUTPUTS)}")
-    check_compatible(reader.header, bundle)
+    check_compatible(header, bundle)
     graph = DECODER_OUTPUTS[output]
     records: list[TileRecord] = []
 
@@ -396,13 +410,50 @@ def iter_decoded(
         symbols = bundle.codec.decode_batch([r.payload for r in records], bundle.tokens)
         return symbols if graph is None else engine.decode(graph, symbols)
 
-    for record in reader:
+    for record in records_in:
         records.append(record)
         if len(records) == batch_size:
             yield list(records), run()
             records.clear()
     if records:
         yield list(records), run()
+
+
+def check_decoded_size(
+    count: int, tile_shape: tuple[int, ...], dtype: Any, limits: InputLimits, label: str
+) -> None:
+    """Refuse to decode ``count`` tiles of ``tile_shape``/``dtype`` beyond ``limits``.
+
+    Pure: call it before allocating an output for a whole container (the wrapper's
+    memory-mapped ``.npy``), with the tile count and the shape of one decoded tile.
+
+    Args:
+        count: tiles to decode.
+        tile_shape: shape of one decoded tile, e.g. ``(tokens, channels)``.
+        dtype: dtype of the decoded output.
+        limits: the limits; ``max_tiles`` and ``max_decoded_bytes`` apply.
+        label: what to call the container in the error.
+
+    Raises:
+        InvalidInput: naming ``label`` and ``max_tiles`` or ``max_decoded_bytes``, or for
+            arguments of the wrong type.
+    """
+    if not isinstance(limits, InputLimits):
+        raise InvalidInput(f"limits must be an InputLimits, got {type(limits).__name__}")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise InvalidInput(f"{label}: tile count must be an integer >= 0, got {count!r}")
+    shape = tuple(tile_shape)
+    if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        raise InvalidInput(f"{label}: tile shape must hold integers >= 0, got {tile_shape!r}")
+    dt = np.dtype(dtype)
+    if count > limits.max_tiles:
+        raise InvalidInput(f"{label}: holds {count} tiles, over max_tiles={limits.max_tiles}")
+    nbytes = int(count) * math.prod(int(d) for d in shape) * dt.itemsize
+    if nbytes > limits.max_decoded_bytes:
+        raise InvalidInput(
+            f"{label}: {count} tiles of {dt.name}{shape} decode to {_human_bytes(nbytes)} "
+            f"({nbytes} bytes), over max_decoded_bytes={limits.max_decoded_bytes}"
+        )
 
 
 def decompress(
@@ -412,13 +463,44 @@ def decompress(
     output: str = "embeddings",
     batch_size: int = 8,
     progress: bool = False,
+    *,
+    limits: InputLimits | None = None,
+    label: str | None = None,
 ) -> tuple[ContainerHeader, list[TileRecord], np.ndarray]:
-    """Decode a whole container into one array ``(tiles, ...)`` plus its tile records."""
+    """Decode a whole container into one array ``(tiles, ...)`` plus its tile records.
+
+    The output is held in memory, so the container may hold at most ``limits.max_tiles``
+    tiles decoding to at most ``limits.max_decoded_bytes``; both are checked as tiles are
+    read, before a batch over the limit is decoded (the size of a decoded tile is known
+    from the first batch). ``label`` names the container in errors (default: the file
+    object's name).
+    """
+    limits = InputLimits() if limits is None else limits
+    if not isinstance(limits, InputLimits):
+        raise InvalidInput(f"limits must be an InputLimits, got {type(limits).__name__}")
+    if label is None:
+        name = getattr(fileobj, "name", None)
+        label = name if isinstance(name, str) else "container"
     reader = ContainerReader(fileobj)
     bar = _progress(progress, "decompress", "tile")
     records: list[TileRecord] = []
     parts: list[np.ndarray] = []
-    for batch_records, arr in iter_decoded(reader, bundle, engine, output, batch_size):
+    tile: list[tuple[tuple[int, ...], np.dtype]] = []  # one decoded tile's shape, dtype
+
+    def admitted() -> Iterator[TileRecord]:
+        for n, record in enumerate(reader, 1):
+            if n > limits.max_tiles:
+                raise InvalidInput(f"{label}: holds more than max_tiles={limits.max_tiles} tiles")
+            if tile:
+                check_decoded_size(n, *tile[0], limits, label)
+            yield record
+
+    for batch_records, arr in _iter_decoded(
+        reader.header, admitted(), bundle, engine, output, batch_size
+    ):
+        if not tile:
+            tile.append((tuple(arr.shape[1:]), arr.dtype))
+        check_decoded_size(len(records) + len(batch_records), *tile[0], limits, label)
         records.extend(batch_records)
         parts.append(arr)
         bar.update(len(batch_records))

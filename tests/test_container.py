@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -119,6 +120,119 @@ def test_table_mismatch_names_both_hashes():
 def test_header_requires_the_decoder_fields():
     with pytest.raises(ValueError, match="tokens"):
         ContainerHeader(SHA, {"model": "m", "channels": 1})
+
+
+def _raw_container(meta: bytes, sha: str = SHA) -> bytes:
+    """A container with ``meta`` as its metadata bytes, valid CRCs and no tiles.
+
+    Built by hand from the spec: ContainerWriter refuses metadata like this.
+    """
+    body = struct.pack("<4sHH32sI", MAGIC, 1, 0, bytes.fromhex(sha), len(meta)) + meta
+    end = struct.pack("<IQ", 0, 0)
+    return (
+        body + struct.pack("<I", zlib.crc32(body)) + b"E" + end + struct.pack("<I", zlib.crc32(end))
+    )
+
+
+_DROP = object()
+
+
+def _meta_json(**changes) -> bytes:
+    meta = {**META, "img_size": 32, "bands": [1, 2, 3]}
+    for key, value in changes.items():
+        if value is _DROP:
+            del meta[key]
+        else:
+            meta[key] = value
+    return json.dumps(meta).encode()
+
+
+def test_raw_container_helper_matches_the_writer():
+    assert _raw_container(json.dumps(META, sort_keys=True, separators=(",", ":")).encode()) == (
+        _container([])
+    )
+    header, tiles = _read_all(_raw_container(_meta_json(model_version=3)))
+    assert header.meta["model_version"] == 3 and tiles == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "got"),
+    [
+        ({"tokens": "many"}, "tokens", "'many'"),
+        ({"tokens": True}, "tokens", "True"),
+        ({"tokens": 1.5}, "tokens", "1.5"),
+        ({"tokens": 3.0}, "tokens", "3.0"),
+        ({"tokens": -3}, "tokens", "-3"),
+        ({"tokens": 0}, "tokens", "0"),
+        ({"tokens": 10**30}, "tokens", str(10**30)),
+        ({"channels": None}, "channels", "None"),
+        ({"channels": [4]}, "channels", r"\[4\]"),
+        ({"img_size": "32"}, "img_size", "'32'"),
+        ({"bands": "x"}, "bands", "'x'"),
+        ({"bands": []}, "bands", r"\[\]"),
+        ({"bands": [1, 0]}, "bands", r"\[1, 0\]"),
+        ({"bands": [1, True]}, "bands", r"\[1, True\]"),
+        ({"model": 5}, "model", "5"),
+        ({"model": ""}, "model", "''"),
+        ({"normalisation": [1, 2]}, "normalisation", r"\[1, 2\]"),
+        ({"model_version": False}, "model_version", "False"),
+        ({"model_version": {"v": 1}}, "model_version", r"\{'v': 1\}"),
+        ({"source_dtype": 8}, "source_dtype", "8"),
+    ],
+)
+def test_bad_metadata_with_valid_crc_is_corrupt_and_names_the_field(changes, field, got):
+    data = _raw_container(_meta_json(**changes))
+    with pytest.raises(
+        CorruptBitstream, match=rf"container metadata field '{field}' must be .*, got {got}$"
+    ):
+        _read_all(data)
+    # The writer refuses the same header before writing a byte.
+    with pytest.raises(ValueError, match=rf"field '{field}'"):
+        ContainerHeader(SHA, json.loads(_meta_json(**changes)))
+
+
+def test_metadata_error_message_is_exact():
+    with pytest.raises(CorruptBitstream) as info:
+        _read_all(_raw_container(_meta_json(tokens="many")))
+    assert str(info.value) == (
+        "container metadata field 'tokens' must be an integer in 1..65536, got 'many'"
+    )
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("meta", "match"),
+    [
+        (_meta_json(tokens=_DROP), "lacks 'tokens'"),
+        (_meta_json(model=_DROP), "lacks 'model'"),
+        (b"[1, 2, 3]", "must be a JSON object, got list"),
+        (b'"model"', "must be a JSON object, got str"),
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (_meta_json(tokens=float("nan")), "field 'tokens'.*got nan"),
+    ],
+)
+def test_unusable_metadata_is_corrupt(meta, match):
+    with pytest.raises(CorruptBitstream, match=match):
+        _read_all(_raw_container(meta))
+
+
+def test_long_bad_values_are_cut_in_messages():
+    header, _ = _read_all(_raw_container(_meta_json(model="x" * 5000)))
+    assert header.meta["model"] == "x" * 5000  # long but valid
+    with pytest.raises(CorruptBitstream) as info:
+        _read_all(_raw_container(_meta_json(model=5000 * [1])))
+    text = str(info.value)
+    assert text.startswith("container metadata field 'model' must be a non-empty string, got [1,")
+    assert text.endswith("...") and len(text) < 200
+
+
+def test_table_sha_must_be_hex():
+    with pytest.raises(ValueError, match="64 lowercase hex digits"):
+        ContainerHeader("zz" * 32, META)
+    with pytest.raises(ValueError, match="64 lowercase hex digits"):
+        ContainerHeader(None, META)
 
 
 def _tables() -> EntropyTables:

@@ -9,6 +9,7 @@ import math
 import re
 import shutil
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from nec_serve.errors import InvalidInput
 from nec_serve.imagery import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    InputLimits,
     Normalisation,
     TileGrid,
     check_pixels,
@@ -513,3 +515,262 @@ def test_corrupt_tar_header_after_first_member() -> None:
     data[1024:1030] = b"XXXXXX"  # second header: tarfile alone would just stop here
     with pytest.raises(InvalidInput, match="corrupt tar header at byte 1024"):
         list(iter_tar_tiles(io.BytesIO(bytes(data))))
+
+
+# ------------------------------------------------------------------------------- limits
+
+HUGE = (3, 100_000, 100_000)  # 30 GB of uint8
+
+
+def _npy_header_only(shape: tuple[int, ...], descr: str = "|u1", data: bytes = b"") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
+    return buf.getvalue() + data
+
+
+@pytest.fixture(scope="module")
+def sparse_tif(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GeoTIFF declaring 3 x 100,000 x 100,000 uint8 with one small window written."""
+    path = tmp_path_factory.mktemp("sparse") / "sparse.tif"
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=HUGE[2],
+        height=HUGE[1],
+        count=HUGE[0],
+        dtype="uint8",
+        tiled=True,
+        blockxsize=1024,
+        blockysize=1024,
+        SPARSE_OK="TRUE",
+        compress="deflate",
+        crs="EPSG:26914",
+        transform=Affine(1.0, 0.0, 485900.0, 0.0, -1.0, 5209247.0),
+    ) as ds:
+        ds.write(np.full((3, 16, 16), 7, np.uint8), window=Window(0, 0, 16, 16))
+    assert path.stat().st_size < 1_000_000
+    return path
+
+
+def _peak_alloc(fn) -> int:
+    """Peak bytes traced (NumPy reports its buffers to tracemalloc) while ``fn`` runs."""
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_default_limits_admit_sentinel2_and_naip() -> None:
+    limits = InputLimits()
+    # A Sentinel-2 tile at 10 m: RGB, the four 10 m bands, or 8 of 13 bands read.
+    assert limits.check_image("s2", 3, 10980, 10980, np.uint16) == 3 * 10980 * 10980 * 2
+    assert limits.check_image("s2", 13, 10980, 10980, np.uint16, read_bands=8) > 1 << 30
+    with pytest.raises(InvalidInput, match=r"s2: declares 13x10980x10980 uint16 .* max_image"):
+        limits.check_image("s2", 13, 10980, 10980, np.uint16)
+    for path in sorted((DATA / "naip").glob("*.tif")):
+        arr = read_raster(path, limits=limits)
+        assert arr.shape[0] == 4 and arr.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "field", ["max_pixels", "max_bands", "max_image_bytes", "max_decoded_bytes", "max_tiles"]
+)
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "10", None])
+def test_input_limits_are_validated(field: str, value: object) -> None:
+    with pytest.raises(InvalidInput, match=rf"InputLimits\.{field} must be an integer >= 1"):
+        InputLimits(**{field: value})
+    assert getattr(InputLimits(**{field: np.int64(7)}), field) == 7
+
+
+def test_npy_declaring_30_gb_is_refused_before_allocation(tmp_path: Path) -> None:
+    data = _npy_header_only(HUGE, data=bytes(900))
+    assert len(data) < 1100
+    path = tmp_path / "huge.npy"
+    path.write_bytes(data)
+    message = r"huge\.npy: declares 3x100000x100000 uint8 \(30\.0 GB decoded\), over " + (
+        r"max_image_bytes=2147483648"
+    )
+    for read in (lambda: read_raster(path), lambda: read_raster_bytes(data, "huge.npy")):
+        with pytest.raises(InvalidInput, match=message):
+            read()
+    # Nothing near the declared size is allocated, even with generous byte limits.
+    roomy = InputLimits(max_image_bytes=1 << 40, max_decoded_bytes=1 << 40)
+
+    def read_roomy() -> None:
+        with pytest.raises(InvalidInput, match=r"10000000000 pixels\), over max_pixels="):
+            read_raster(path, limits=roomy)
+
+    assert _peak_alloc(read_roomy) < 10_000_000
+    with pytest.raises(InvalidInput, match=r"declares 3x100000x100000 .* over max_bands=2"):
+        read_raster(path, limits=InputLimits(max_bands=2))
+
+
+def test_npy_declaring_30_gb_inside_tar_gz(tmp_path: Path) -> None:
+    archive = tmp_path / "in.tar.gz"
+    archive.write_bytes(_tar([_tiny_npy("a.npy"), _file("x.npy", _npy_header_only(HUGE))]))
+    seen = []
+    with pytest.raises(
+        InvalidInput, match=r"in\.tar\.gz: member 'x\.npy': declares 3x100000x100000 uint8"
+    ) as info:
+        for name, _ in iter_inputs(archive):
+            seen.append(name)
+    assert "max_image_bytes=2147483648" in str(info.value)
+    assert seen == ["a.npy"]
+
+
+def test_npy_header_and_data_length_must_agree(tmp_path: Path) -> None:
+    short = _npy_header_only((3, 10, 10), data=bytes(250))
+    with pytest.raises(InvalidInput, match=r"s\.npy: not a valid \.npy file \(truncated\).*"):
+        read_raster_bytes(short, "s.npy")
+    (tmp_path / "s.npy").write_bytes(short)
+    with pytest.raises(InvalidInput, match=r"declares 3x10x10 uint8 \(300 bytes.*250 bytes"):
+        read_raster(tmp_path / "s.npy")
+    with pytest.raises(InvalidInput, match=r"member 's\.npy': not a valid \.npy file \(trunc"):
+        list(iter_tar_tiles(io.BytesIO(_tar([_file("s.npy", short)]))))
+    long = _npy_bytes(np.ones((3, 4, 4), np.uint16)) + b"extra"
+    with pytest.raises(InvalidInput, match=r"has trailing bytes"):
+        read_raster_bytes(long, "l.npy")
+    # Fortran order and big-endian data still load, as np.load would give them.
+    arr = np.asfortranarray(np.arange(24, dtype=">u2").reshape(2, 3, 4))
+    got = read_raster_bytes(_npy_bytes(arr), "f.npy")
+    assert got.dtype == np.uint16 and got.dtype.isnative
+    np.testing.assert_array_equal(got, arr)
+    with pytest.raises(InvalidInput, match=r"is an \.npz archive"):
+        buf = io.BytesIO()
+        np.savez(buf, a=np.zeros(3))
+        read_raster_bytes(buf.getvalue(), "z.npy")
+
+
+def test_sparse_geotiff_declaring_30_gb_is_refused(tmp_path: Path, sparse_tif: Path) -> None:
+    message = r"declares 3x100000x100000 uint8 \(30\.0 GB decoded\), over max_image_bytes="
+    with pytest.raises(InvalidInput, match=rf"sparse\.tif: {message}"):
+        read_raster(sparse_tif)
+    with pytest.raises(InvalidInput, match=r"1 band\(s\) read \(10\.0 GB decoded\)"):
+        read_raster(sparse_tif, bands=[1])
+    with pytest.raises(InvalidInput, match=r"\(10000000000 pixels\), over max_pixels="):
+        read_raster(sparse_tif, bands=[1], limits=InputLimits(max_image_bytes=1 << 40))
+    archive = tmp_path / "in.tar.gz"
+    archive.write_bytes(_tar([_tiny_npy("a.npy"), _file("big.tif", sparse_tif.read_bytes())]))
+    with pytest.raises(InvalidInput, match=rf"in\.tar\.gz: member 'big\.tif': {message}"):
+        list(iter_inputs(archive))
+    with pytest.raises(InvalidInput, match=rf"big\.tif: {message}"):
+        read_raster_bytes(sparse_tif.read_bytes(), "big.tif")
+
+
+def test_sparse_geotiff_read_allocates_nothing_large(sparse_tif: Path) -> None:
+    def read() -> None:
+        with pytest.raises(InvalidInput, match="max_image_bytes"):
+            read_raster(sparse_tif)
+
+    assert _peak_alloc(read) < 10_000_000
+
+
+def test_geotiff_block_size_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "blocks.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", width=32, height=32, count=1, dtype="uint8",
+        tiled=True, blockxsize=256, blockysize=256, crs="EPSG:26914",
+        transform=Affine(1.0, 0.0, 485900.0, 0.0, -1.0, 5209247.0),
+    ) as ds:  # fmt: skip
+        ds.write(np.ones((1, 32, 32), np.uint8))
+    assert read_raster(path, limits=InputLimits(max_pixels=256 * 256)).shape == (1, 32, 32)
+    with pytest.raises(InvalidInput, match=r"blocks of 65536 pixels, over max_pixels=1024"):
+        read_raster(path, limits=InputLimits(max_pixels=1024))
+
+
+def test_budget_of_one_input_across_tar_members(naip_crops: list) -> None:
+    sizes = [arr.nbytes for _, arr in naip_crops]  # declared == decoded for these crops
+    limits = InputLimits(max_decoded_bytes=sizes[0] + sizes[1] + 100)
+    seen = []
+    with pytest.raises(InvalidInput) as info:
+        for name, _ in iter_tar_tiles(io.BytesIO(_crops_tar(naip_crops)), limits=limits):
+            seen.append(name)
+    assert seen == [naip_crops[0][0], naip_crops[1][0]]
+    text = str(info.value)
+    assert f"member '{naip_crops[2][0]}'" in text
+    assert f"over max_decoded_bytes={sizes[0] + sizes[1] + 100}" in text
+    assert len(list(iter_tar_tiles(io.BytesIO(_crops_tar(naip_crops)), limits=InputLimits()))) == 4
+
+
+def test_budget_across_a_folder_walk(tmp_path: Path, naip_crops: list) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tar").write_bytes(_crops_tar(naip_crops[:2], mode="w"))
+    np.save(tmp_path / "in" / "b.npy", naip_crops[2][1])
+    total = sum(arr.nbytes for _, arr in naip_crops[:3])
+    names = [
+        n for n, _ in iter_inputs(tmp_path / "in", limits=InputLimits(max_decoded_bytes=total))
+    ]
+    assert names == ["a.tar/tiles/a_000.npy", "a.tar/tiles/a_001.tif", "b.npy"]
+    with pytest.raises(
+        InvalidInput, match=rf"in/b\.npy: declares .* max_decoded_bytes={total - 1}"
+    ):
+        list(iter_inputs(tmp_path / "in", limits=InputLimits(max_decoded_bytes=total - 1)))
+    # BigEarthNet patches charge the band files they decode (3 x 120 x 120 uint16 each).
+    per_patch = 3 * 120 * 120 * 2
+    seen = []
+    with pytest.raises(InvalidInput, match=r"_B0\d\.tif: declares 1x120x120 uint16.*max_decoded"):
+        for name, _ in iter_inputs(
+            DATA / "bigearthnet", limits=InputLimits(max_decoded_bytes=2 * per_patch + 1)
+        ):
+            seen.append(name)
+    assert len(seen) == 2
+    with pytest.raises(InvalidInput, match=r"_B04\.tif: declares .* over max_pixels=100"):
+        read_bigearthnet_patch(PATCH, limits=InputLimits(max_pixels=100))
+
+
+def _bad_inputs(root: Path) -> dict[str, Path]:
+    """One bad input of each kind under ``root``, by the name the test uses."""
+    data = NAIP.read_bytes()
+    (root / "cut.tif").write_bytes(data[: len(data) // 2])
+    (root / "junk.tif").write_bytes(b"II*\x00 not really a tiff" * 4)
+    (root / "huge.npy").write_bytes(_npy_header_only(HUGE))
+    (root / "a.tar.gz").write_bytes(
+        _tar([_tiny_npy("ok.npy"), _file("x.npy", _npy_header_only(HUGE))])
+    )
+    (root / "folder").mkdir()
+    (root / "folder" / "junk.tif").write_bytes(b"II*\x00 not really a tiff" * 4)
+    return {p.name: p for p in root.iterdir()} | {"missing.tif": root / "missing.tif"}
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("cut.tif", r"not a readable GeoTIFF"),
+        ("junk.tif", r"not a readable GeoTIFF"),
+        ("huge.npy", r"declares 3x100000x100000 uint8 .* over max_image_bytes"),
+        ("a.tar.gz", r"member 'x\.npy': declares 3x100000x100000 uint8 .* max_image_bytes"),
+        ("folder", r"/junk\.tif: not a readable GeoTIFF"),
+        ("missing.tif", r"no such file or directory"),
+    ],
+)
+def test_label_replaces_the_local_path_in_errors(tmp_path: Path, name: str, message: str) -> None:
+    local = tmp_path / "nec-step-x" / "in"
+    local.mkdir(parents=True)
+    path = _bad_inputs(local)[name]
+    label = f"s3://b/input/{name}"
+    with pytest.raises(InvalidInput, match=rf"^{re.escape(label)}.*{message}") as info:
+        list(iter_inputs(path, label=label))
+    text = str(info.value)
+    assert str(tmp_path) not in text and "nec-step-x" not in text
+    # Without a label the local path is named, as before.
+    with pytest.raises(InvalidInput, match=re.escape(str(path))):
+        list(iter_inputs(path))
+
+
+def test_label_keeps_item_names(tmp_path: Path, naip_crops: list) -> None:
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(_crops_tar(naip_crops))
+    names = [n for n, _ in iter_inputs(archive, label="s3://b/input/a.tar.gz")]
+    assert names == [n for n, _ in naip_crops]
+    bad = np.ones((3, 4, 4), np.float32)
+    bad[0, 1, 1] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(InvalidInput, match=r"^s3://b/nan\.npy: 1 non-finite") as info:
+        list(iter_inputs(tmp_path / "nan.npy", label="s3://b/nan.npy"))
+    assert str(tmp_path) not in str(info.value)

@@ -3,15 +3,24 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
 from nec_serve.cli import main
-from nec_serve.container import ContainerReader
-from nec_serve.imagery import Normalisation, read_raster, tile_image
-from nec_serve.pipeline import LocalEngine, ModelBundle, compress, decompress
+from nec_serve.container import MAGIC, ContainerReader
+from nec_serve.errors import CorruptBitstream, InvalidInput
+from nec_serve.imagery import InputLimits, Normalisation, iter_inputs, read_raster, tile_image
+from nec_serve.pipeline import (
+    LocalEngine,
+    ModelBundle,
+    check_decoded_size,
+    compress,
+    decompress,
+)
 
 NAIP = "naip/m_4709963_se_14_1_20180716.tif"
 
@@ -261,3 +270,115 @@ def test_bad_bands_argument(tmp_path, tiny_export, naip_crop, capsys):
         "0,1,2",
     )
     assert code == 2 and "start at 1" in err
+
+
+# ------------------------------------------------------------------------------- limits
+
+
+@pytest.fixture()
+def crop_container(tiny_export, naip_crop) -> tuple[ModelBundle, LocalEngine, bytes]:
+    """The 12-tile container of the NAIP crop, compressed through the Python API."""
+    bundle = ModelBundle.load(tiny_export)
+    engine = LocalEngine(bundle, threads=1)
+    buf = io.BytesIO()
+    compress(iter_inputs(naip_crop[0]), bundle, engine, buf, batch_size=4)
+    return bundle, engine, buf.getvalue()
+
+
+def test_decompress_refuses_more_tiles_than_max_tiles(crop_container):
+    bundle, engine, data = crop_container
+    _, records, emb = decompress(io.BytesIO(data), bundle, engine, limits=InputLimits(max_tiles=12))
+    assert len(records) == 12 and emb.shape == (12, 17, 64)
+    decoded = []
+
+    class Counting:
+        def decode(self, graph, symbols):
+            decoded.append(len(symbols))
+            return engine.decode(graph, symbols)
+
+    with pytest.raises(InvalidInput, match=r"^box\.necb: holds more than max_tiles=5 tiles$"):
+        decompress(
+            io.BytesIO(data),
+            bundle,
+            Counting(),
+            batch_size=2,
+            limits=InputLimits(max_tiles=5),
+            label="box.necb",
+        )
+    assert sum(decoded) == 4  # refused before the batch holding tile 6 was decoded
+
+
+def test_decompress_refuses_output_over_max_decoded_bytes(crop_container):
+    bundle, engine, data = crop_container
+    tile_bytes = 17 * 64 * 4  # one float32 (tokens, channels) embedding
+    limits = InputLimits(max_decoded_bytes=5 * tile_bytes)
+    with pytest.raises(InvalidInput, match=r"6 tiles of float32\(17, 64\) decode to 26\.1 KB"):
+        decompress(io.BytesIO(data), bundle, engine, batch_size=2, limits=limits)
+    with pytest.raises(InvalidInput, match=rf"over max_decoded_bytes={5 * 4 * 17 * 64}"):
+        decompress(io.BytesIO(data), bundle, engine, batch_size=8, limits=limits)
+    # Symbols are int32 (channels, tokens): the same byte count per tile.
+    _, _, sym = decompress(
+        io.BytesIO(data),
+        bundle,
+        None,
+        "symbols",
+        limits=InputLimits(max_decoded_bytes=12 * tile_bytes),
+    )
+    assert sym.nbytes == 12 * tile_bytes
+
+
+def test_check_decoded_size():
+    limits = InputLimits(max_tiles=100, max_decoded_bytes=4000)
+    check_decoded_size(100, (2, 5), "float32", limits, "c.necb")  # exactly 4000 bytes: fits
+    check_decoded_size(0, (197, 768), np.float32, limits, "c.necb")
+    with pytest.raises(InvalidInput, match=r"^c\.necb: holds 101 tiles, over max_tiles=100$"):
+        check_decoded_size(101, (1,), np.uint8, limits, "c.necb")
+    with pytest.raises(
+        InvalidInput,
+        match=r"^c\.necb: 100 tiles of float32\(2, 6\) decode to 4\.8 KB \(4800 bytes\), "
+        r"over max_decoded_bytes=4000$",
+    ):
+        check_decoded_size(100, (2, 6), np.float32, limits, "c.necb")
+    # Defaults: ViT-B embeddings (197 x 768 float32, 605 KB a tile) fit 28,000 tiles.
+    check_decoded_size(28_000, (197, 768), np.float32, InputLimits(), "s3://b/x.necb")
+    with pytest.raises(InvalidInput, match=r"^s3://b/x\.necb: .*max_decoded_bytes=17179869184$"):
+        check_decoded_size(30_000, (197, 768), np.float32, InputLimits(), "s3://b/x.necb")
+    for args, match in [
+        ((-1, (1,), np.uint8, limits), "tile count must be an integer >= 0"),
+        ((True, (1,), np.uint8, limits), "tile count must be an integer >= 0"),
+        ((1, (2, -1), np.uint8, limits), "tile shape must hold integers >= 0"),
+        ((1, (1,), np.uint8, None), "limits must be an InputLimits"),
+    ]:
+        with pytest.raises(InvalidInput, match=match):
+            check_decoded_size(*args, "c.necb")
+
+
+def _raw_container(meta: dict, sha: str) -> bytes:
+    """A tile-less container with valid CRCs around metadata ContainerWriter would refuse."""
+    text = json.dumps(meta).encode()
+    body = struct.pack("<4sHH32sI", MAGIC, 1, 0, bytes.fromhex(sha), len(text)) + text
+    end = struct.pack("<IQ", 0, 0)
+    crc = struct.pack("<I", zlib.crc32(body))
+    return body + crc + b"E" + end + struct.pack("<I", zlib.crc32(end))
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"tokens": "many"}, CorruptBitstream, r"field 'tokens' must be an integer"),
+        ({"tokens": True}, CorruptBitstream, r"field 'tokens'"),
+        ({"channels": None}, CorruptBitstream, r"field 'channels'"),
+        ({"channels": 64.0}, CorruptBitstream, r"field 'channels'"),
+        ({"tokens": 18}, InvalidInput, r"holds 64x18 symbols per tile, the export codes 64x17"),
+        ({"model": "other"}, InvalidInput, r"made by model 'other'"),
+    ],
+)
+def test_decompress_of_bad_headers_raises_project_errors(tiny_export, change, error, match):
+    bundle = ModelBundle.load(tiny_export)
+    meta = {"model": bundle.manifest["model"], "channels": bundle.channels, "tokens": bundle.tokens}
+    data = _raw_container({**meta, **change}, bundle.tables.sha256)
+    with pytest.raises(error, match=match):
+        decompress(io.BytesIO(data), bundle, None, "symbols")
+    # The unchanged header passes every check; only the missing tiles are refused.
+    with pytest.raises(InvalidInput, match="container holds no tiles"):
+        decompress(io.BytesIO(_raw_container(meta, bundle.tables.sha256)), bundle, None, "symbols")
