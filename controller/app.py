@@ -1,62 +1,159 @@
 """The controller: listens on the platform topic and provisions each workflow's feed.
 
 On ``published`` it stores the workflow's config (credentials apart from the rest) and
-ensures the source that feeds the wrapper; on ``stopping`` it removes both. Repeating a
-message changes nothing. An invalid message is dead-lettered with the reason and never
-stops the loop; the offset is committed after the message was handled either way, so a
-poison message cannot block the topic.
+ensures the source that feeds the wrapper; on ``stopping`` it removes both, under the
+current name and under the name earlier releases used. Repeating a message changes
+nothing.
+
+No message can stop the loop. Whatever one message raises ends as a ``failed`` status on
+the status topic and a dead-letter record (credentials never included), after which its
+offset is committed. Only failures that retrying can fix (the Kubernetes API or the config
+store unreachable, a conflict) are retried, a bounded number of times with backoff; a
+message whose failure could not even be reported (the broker down) is not committed and
+comes back.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
-from nec_serve.errors import InvalidInput
-from nec_serve.messages import parse_json, parse_workflow, redacted
+from nec_serve.config_store import UnknownWorkflow
+from nec_serve.errors import InvalidInput, is_transient
+from nec_serve.messages import (
+    MessageError,
+    WorkflowConfig,
+    dead_letter_body,
+    legacy_config_name,
+    parse_workflow,
+    public_reason,
+    status_event,
+)
 
-__all__ = ["Controller", "run_controller"]
+__all__ = ["Controller", "run_controller", "COMPONENT"]
 
 log = logging.getLogger(__name__)
+
+COMPONENT = "nec-controller"
+RETRY = "retry"  # handle()'s answer for a message to deliver again
 
 
 class Controller:
     """Applies ``system.ML`` messages to a config store and a source manager."""
 
-    def __init__(self, store, sources, producer=None, dead_letter_topic: str = "nec.deadletter"):
+    def __init__(
+        self,
+        store,
+        sources,
+        producer=None,
+        dead_letter_topic: str = "nec.deadletter",
+        status_topic: str = "monitoring.notify",
+        attempts: int = 3,
+        backoff_s: float = 1.0,
+    ):
+        if attempts < 1:
+            raise InvalidInput(f"invalid controller attempts {attempts}, expected >= 1")
         self.store = store
         self.sources = sources
         self.producer = producer
         self.dead_letter_topic = dead_letter_topic
+        self.status_topic = status_topic
+        self.attempts = attempts
+        self.backoff_s = backoff_s
 
-    def handle(self, raw: bytes) -> str:
-        """Apply one message; returns what was done (for logs and tests)."""
+    def handle(self, raw: bytes | None) -> str:
+        """Apply one message; never raises.
+
+        Returns what was done: ``published``, ``stopped`` or ``unchanged``; ``rejected``
+        when the message failed and was dead-lettered; :data:`RETRY` when not even the
+        failure could be written (the caller must not commit).
+        """
         try:
             config = parse_workflow(raw)
-            if config.status == "published":
-                stored = self.store.put(config)
-                started = self.sources.ensure(config)
-                action = "published" if (stored or started) else "unchanged"
+        except Exception as err:  # the consumer boundary: any message, any error
+            return self._give_up(raw, None, public_reason(err))
+        delay = self.backoff_s
+        for attempt in range(1, self.attempts + 1):
+            try:
+                action = self._apply(config)
+            except Exception as err:
+                if not is_transient(err):
+                    return self._give_up(raw, config, public_reason(err))
+                if attempt == self.attempts:
+                    reason = f"gave up after {attempt} attempts: {public_reason(err)}"
+                    return self._give_up(raw, config, reason)
+                log.warning("attempt %d failed (%s); retrying in %.1f s", attempt, err, delay)
+                time.sleep(delay)
+                delay *= 2
             else:
-                name = config.source_name
-                removed = self.sources.remove(name, config.namespace)
-                deleted = self.store.delete(name)
-                action = "stopped" if (removed or deleted) else "unchanged"
-            log.info("workflow %r: %s (%s)", config.name, action, config.source_name)
-            return action
-        except InvalidInput as err:
-            self._dead_letter(raw, str(err))
-            return "rejected"
+                log.info("workflow %r: %s (%s)", config.name, action, config.source_name)
+                return action
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def _dead_letter(self, raw: bytes, reason: str) -> None:
+    def _apply(self, config: WorkflowConfig) -> str:
+        name = config.source_name
+        if config.status == "published":
+            # Everything that can refuse the workflow runs before anything is stored.
+            self.sources.validate(config)
+            try:
+                existing = self.store.get(name)
+            except UnknownWorkflow:
+                existing = None
+            if existing is not None and existing.topic_in != config.topic_in:
+                raise MessageError(
+                    f"workflow name {name!r} of topic {config.topic_in!r} is taken by topic "
+                    f"{existing.topic_in!r}; rename one of the topics"
+                )
+            stored = self.store.put(config)
+            try:
+                started = self.sources.ensure(config)
+            except Exception:
+                if existing is None:  # nothing of a refused workflow stays behind
+                    self.store.delete(name)
+                raise
+            return "published" if (stored or started) else "unchanged"
+        changed = False
+        for old in self._names(config):
+            changed |= self.sources.remove(old, config.namespace, topic=config.topic_in)
+            changed |= self.store.delete(old)
+        return "stopped" if changed else "unchanged"
+
+    def _names(self, config: WorkflowConfig) -> list[str]:
+        """The current name, and the earlier release's if it holds this workflow's topic."""
+        names = [config.source_name]
+        legacy = legacy_config_name(config.topic_in)
+        if legacy != names[0]:
+            try:
+                if self.store.get(legacy).topic_in == config.topic_in:
+                    names.append(legacy)
+            except InvalidInput:  # not stored, or not readable: not this workflow's
+                if self.sources.owns(legacy, config.namespace, config.topic_in):
+                    names.append(legacy)
+        return names
+
+    def _give_up(self, raw, config: WorkflowConfig | None, reason: str) -> str:
+        """Dead-letter ``raw`` and emit ``failed``; the message is then done with."""
+        s3 = config.s3 if config else None
+        secrets = (s3.access_key_id, s3.secret_access_key) if s3 else ()
+        workflow = config.name if config else "unknown"
+        log.error("rejected workflow message (%s): %s", workflow, reason)
+        if self.producer is None:
+            return "rejected"
+        record = {
+            "component_name": COMPONENT,
+            "workflow_name": workflow,
+            "error": reason,
+            **dead_letter_body(raw, secrets),
+        }
         try:
-            body = redacted(parse_json(raw))
-        except InvalidInput:
-            body = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        log.error("rejected workflow message: %s", reason)
-        if self.producer is not None:
-            record = {"component_name": "nec-controller", "error": reason, "message": body}
             self.producer.send(self.dead_letter_topic, value=record).get(timeout=30)
+            event = status_event(COMPONENT, workflow, "failed", reason)
+            self.producer.send(self.status_topic, value=event).get(timeout=30)
+        except Exception as err:  # the broker: nothing durable was written
+            log.error("could not dead-letter the message (%s); it will come back", err)
+            return RETRY
+        return "rejected"
 
 
 def run_controller(
@@ -65,6 +162,7 @@ def run_controller(
     topic: str,
     stop: threading.Event,
     group_id: str = "nec-controller",
+    retry_pause_s: float = 2.0,
 ) -> None:
     """Consume ``topic`` until ``stop`` is set, committing after each handled message."""
     from nec_serve.kafka_io import commit_after, manual_commit_consumer
@@ -74,7 +172,10 @@ def run_controller(
         while not stop.is_set():
             for tp, records in consumer.poll(timeout_ms=300).items():
                 for rec in records:
-                    controller.handle(rec.value)
+                    if controller.handle(rec.value) == RETRY:
+                        consumer.seek(tp, rec.offset)
+                        stop.wait(retry_pause_s)
+                        break
                     commit_after(consumer, tp, rec)
     finally:
         consumer.close()

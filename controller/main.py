@@ -15,6 +15,11 @@ def add_parser(sub) -> None:
     s.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
     s.add_argument("--topic", default="system.ML")
     s.add_argument("--dead-letter-topic", default="nec.deadletter")
+    s.add_argument("--status-topic", default="monitoring.notify")
+    s.add_argument(
+        "--attempts", type=int, default=3, help="tries of a Kubernetes/store call before failing"
+    )
+    s.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry")
     s.add_argument("--config-dir", help="local mode: config store directory")
     s.add_argument(
         "--sink",
@@ -36,12 +41,13 @@ def run(args: argparse.Namespace) -> int:
     from nec_controller.app import Controller, run_controller
     from nec_serve.kafka_io import json_producer
 
+    producer = json_producer(args.bootstrap)
     if args.kubernetes:
         from nec_controller.sources import KubernetesSources
         from nec_serve.config_store import KubernetesConfigStore
 
         store = KubernetesConfigStore(args.namespace)
-        sources = KubernetesSources(args.bootstrap.split(","))
+        sources = KubernetesSources(args.bootstrap.split(","), namespace=args.namespace)
     else:
         from nec_controller.sources import LocalSources
         from nec_serve.config_store import LocalConfigStore
@@ -50,14 +56,23 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("controller: local mode needs --config-dir")
         sinks = dict(s.split("=", 1) for s in args.sink)
         store = LocalConfigStore(args.config_dir)
-        sources = LocalSources(args.bootstrap, sinks)
-    producer = json_producer(args.bootstrap)
+        sources = LocalSources(
+            args.bootstrap, sinks, producer=producer, dead_letter_topic=args.dead_letter_topic
+        )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"controller listening on {args.topic} at {args.bootstrap}", flush=True)
     try:
         run_controller(
-            Controller(store, sources, producer, args.dead_letter_topic),
+            Controller(
+                store,
+                sources,
+                producer,
+                dead_letter_topic=args.dead_letter_topic,
+                status_topic=args.status_topic,
+                attempts=args.attempts,
+                backoff_s=args.backoff,
+            ),
             args.bootstrap,
             args.topic,
             stop,

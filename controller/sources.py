@@ -2,17 +2,20 @@
 
 Both are keyed by the workflow's config name (derived from its input topic) and created
 idempotently: ensuring a source that exists with the same spec changes nothing, and
-removing one that does not exist is fine.
+removing one that does not exist is fine. ``remove`` given a topic deletes a source only
+if it reads that topic, so a name shared by two workflows under an earlier release's
+naming is never removed for the wrong one.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import urllib.error
 import urllib.request
 
-from nec_serve.messages import WorkflowConfig
+from nec_serve.messages import MessageError, WorkflowConfig, dead_letter_body
 
 __all__ = ["kafka_source", "KubernetesSources", "LocalSources", "LocalKafkaSource"]
 
@@ -66,7 +69,7 @@ def kafka_source(config: WorkflowConfig, bootstrap_servers: list[str]) -> dict:
 class KubernetesSources:
     """Creates and deletes KafkaSource objects through the Kubernetes API."""
 
-    def __init__(self, bootstrap_servers: list[str], custom_api=None):
+    def __init__(self, bootstrap_servers: list[str], custom_api=None, namespace: str = "nec"):
         if custom_api is None:
             from kubernetes import client, config
 
@@ -77,6 +80,27 @@ class KubernetesSources:
             custom_api = client.CustomObjectsApi()
         self.api = custom_api
         self.bootstrap = bootstrap_servers
+        self.namespace = namespace
+
+    def validate(self, config: WorkflowConfig) -> None:
+        """Nothing to check before creating: the API server validates the object."""
+
+    def _get(self, name: str, namespace: str | None) -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.api.get_namespaced_custom_object(
+                GROUP, VERSION, namespace or self.namespace, PLURAL, name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def owns(self, name: str, namespace: str | None, topic: str) -> bool:
+        """Whether a source ``name`` exists and reads ``topic``."""
+        current = self._get(name, namespace)
+        return current is not None and topic in (current.get("spec") or {}).get("topics", [])
 
     def ensure(self, config: WorkflowConfig) -> bool:
         """Create the source, or replace it if its spec differs; True if anything changed."""
@@ -97,12 +121,16 @@ class KubernetesSources:
         self.api.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, body)
         return True
 
-    def remove(self, name: str, namespace: str) -> bool:
-        """Delete the source; False if there was none."""
+    def remove(self, name: str, namespace: str | None, topic: str | None = None) -> bool:
+        """Delete the source (only if it reads ``topic``, when given); False if none was."""
         from kubernetes.client.exceptions import ApiException
 
+        if topic is not None and not self.owns(name, namespace, topic):
+            return False
         try:
-            self.api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            self.api.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace or self.namespace, PLURAL, name
+            )
             return True
         except ApiException as err:
             if err.status == 404:
@@ -117,7 +145,12 @@ class LocalKafkaSource(threading.Thread):
     """A KafkaSource stand-in: consume a topic, POST each message to a sink as a CloudEvent.
 
     Like Knative's, it commits an offset only after the sink answered 2xx, and redelivers
-    (after a backoff) on any other answer or a connection failure.
+    with exponential backoff on any other answer or a failed connection, ``retries`` times
+    (the KafkaSource's ``delivery.retry``). Then, as Knative does with a dead-letter sink,
+    it writes a dead-letter record (no credential in it) and moves on, so one message never
+    holds its partition for good; if even that write fails, the message stays and is tried
+    again. Nothing one record holds (no value, any bytes) and nothing the sink answers stops
+    the thread.
     """
 
     def __init__(
@@ -128,6 +161,9 @@ class LocalKafkaSource(threading.Thread):
         bootstrap_servers: str,
         timeout_s: float = 3600.0,
         backoff_s: float = 1.0,
+        retries: int = 5,
+        producer=None,
+        dead_letter_topic: str = "nec.deadletter",
     ):
         super().__init__(name=f"kafkasource-{name}", daemon=True)
         self.source_name = name
@@ -136,13 +172,18 @@ class LocalKafkaSource(threading.Thread):
         self.bootstrap = bootstrap_servers
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
+        self.retries = retries
+        self.producer = producer
+        self.dead_letter_topic = dead_letter_topic
         self.stopping = threading.Event()
         self.delivered = 0
+        self.dead_lettered = 0
 
-    def _post(self, rec) -> bool:
+    def _post(self, rec) -> str:
+        """POST one record; returns "" on 2xx, else what went wrong."""
         req = urllib.request.Request(
             self.sink_url,
-            data=rec.value,
+            data=rec.value or b"",
             method="POST",
             headers={
                 "Content-Type": "application/json",
@@ -155,10 +196,50 @@ class LocalKafkaSource(threading.Thread):
         )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return 200 <= resp.status < 300
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
-            log.warning("sink %s: %s", self.sink_url, err)
+                return "" if 200 <= resp.status < 300 else f"sink answered {resp.status}"
+        except urllib.error.HTTPError as err:
+            return f"sink answered {err.code}"
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            return f"sink unreachable: {err}"
+
+    def _dead_letter(self, rec, reason: str) -> bool:
+        if self.producer is None:
+            log.error(
+                "source %s: dropping %s@%d: %s", self.source_name, rec.topic, rec.offset, reason
+            )
+            return True
+        record = {
+            "component_name": f"kafkasource/{self.source_name}",
+            "topic": rec.topic,
+            "partition": rec.partition,
+            "offset": rec.offset,
+            "error": reason,
+            **dead_letter_body(rec.value),
+        }
+        try:
+            self.producer.send(self.dead_letter_topic, value=record).get(timeout=30)
+        except Exception as err:  # the broker: keep the message and try again later
+            log.error("source %s: could not dead-letter (%s)", self.source_name, err)
             return False
+        return True
+
+    def _deliver(self, rec) -> bool:
+        """Deliver one record with bounded retries; True once it may be committed."""
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            reason = self._post(rec)
+            if not reason:
+                self.delivered += 1
+                return True
+            log.warning("source %s: %s (attempt %d)", self.source_name, reason, attempt + 1)
+            if self.stopping.wait(delay):
+                return False
+            delay *= 2
+        reason = f"not accepted by {self.sink_url} after {self.retries + 1} attempts: {reason}"
+        if self._dead_letter(rec, reason):
+            self.dead_lettered += 1
+            return True
+        return False
 
     def run(self) -> None:
         """Deliver until stopped."""
@@ -175,12 +256,10 @@ class LocalKafkaSource(threading.Thread):
             while not self.stopping.is_set():
                 for tp, records in consumer.poll(timeout_ms=300).items():
                     for rec in records:
-                        if self._post(rec):
+                        if self._deliver(rec):
                             commit_after(consumer, tp, rec)
-                            self.delivered += 1
                         else:
                             consumer.seek(tp, rec.offset)
-                            self.stopping.wait(self.backoff_s)
                             break
         finally:
             consumer.close()
@@ -194,22 +273,29 @@ class LocalKafkaSource(threading.Thread):
 class LocalSources:
     """Runs one :class:`LocalKafkaSource` per workflow; sinks are looked up by service name."""
 
-    def __init__(self, bootstrap_servers: str, sinks: dict[str, str]):
+    def __init__(self, bootstrap_servers: str, sinks: dict[str, str], **source_kw):
         self.bootstrap = bootstrap_servers
         self.sinks = dict(sinks)
+        self.source_kw = source_kw  # retries, backoff_s, producer, dead_letter_topic, ...
         self.running: dict[str, LocalKafkaSource] = {}
         self._lock = threading.Lock()
 
-    def ensure(self, config: WorkflowConfig) -> bool:
-        """Start the source for ``config`` unless one runs with the same topic and sink."""
-        try:
-            sink = self.sinks[config.service_name]
-        except KeyError:
-            from nec_serve.messages import MessageError
-
+    def validate(self, config: WorkflowConfig) -> None:
+        """Refuse a workflow whose service has no local sink."""
+        if config.service_name not in self.sinks:
             raise MessageError(
                 f"no local sink for service {config.service_name!r}; known: {sorted(self.sinks)}"
-            ) from None
+            )
+
+    def owns(self, name: str, namespace: str | None, topic: str) -> bool:
+        """Whether a source ``name`` runs and reads ``topic``."""
+        src = self.running.get(name)
+        return src is not None and src.topic == topic
+
+    def ensure(self, config: WorkflowConfig) -> bool:
+        """Start the source for ``config`` unless one runs with the same topic and sink."""
+        self.validate(config)
+        sink = self.sinks[config.service_name]
         with self._lock:
             cur = self.running.get(config.source_name)
             if (
@@ -221,14 +307,18 @@ class LocalSources:
                 return False
             if cur:
                 cur.stop()
-            src = LocalKafkaSource(config.source_name, config.topic_in, sink, self.bootstrap)
+            src = LocalKafkaSource(
+                config.source_name, config.topic_in, sink, self.bootstrap, **self.source_kw
+            )
             src.start()
             self.running[config.source_name] = src
             return True
 
-    def remove(self, name: str, namespace: str | None = None) -> bool:
-        """Stop the source; False if there was none."""
+    def remove(self, name: str, namespace: str | None = None, topic: str | None = None) -> bool:
+        """Stop the source (only if it reads ``topic``, when given); False if none was."""
         with self._lock:
+            if topic is not None and not self.owns(name, namespace, topic):
+                return False
             src = self.running.pop(name, None)
         if src is None:
             return False

@@ -16,6 +16,7 @@ __all__ = [
     "TransientError",
     "ServerUnavailable",
     "ModelMismatch",
+    "is_transient",
 ]
 
 
@@ -64,3 +65,25 @@ class ServerUnavailable(TransientError):
 
 class ModelMismatch(NecError):
     """The served model is missing, not ready, or not the one the export describes."""
+
+
+# HTTP statuses worth another try: the server's failure, a timeout, a conflict, throttling.
+_RETRY_STATUSES = {0, 408, 409, 429}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying may fix ``err``: infrastructure, not the message.
+
+    True for :class:`TransientError`, operating-system and connection errors, client
+    errors of the Kubernetes/HTTP and Kafka libraries (recognised by their module, so
+    neither is imported here), and API errors whose ``status`` is 5xx, 408, 409, 429 or 0
+    (no answer). Every other project error is the input's fault and is not retried.
+    """
+    if isinstance(err, TransientError | OSError):
+        return True
+    if isinstance(err, NecError):
+        return False
+    status = getattr(err, "status", None)
+    if isinstance(status, int) and not isinstance(status, bool):
+        return status >= 500 or status in _RETRY_STATUSES
+    return type(err).__module__.split(".", 1)[0] in ("urllib3", "kafka", "botocore")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 
 __all__ = ["json_producer", "manual_commit_consumer", "commit_after"]
+
+log = logging.getLogger(__name__)
 
 
 def json_producer(bootstrap_servers: str, timeout_s: float = 15.0):
@@ -47,8 +50,21 @@ def manual_commit_consumer(bootstrap_servers: str, group_id: str, *topics: str, 
     )
 
 
-def commit_after(consumer, tp, record) -> None:
-    """Commit the offset after ``record``: it will not be delivered to this group again."""
-    from kafka import OffsetAndMetadata
+def commit_after(consumer, tp, record) -> bool:
+    """Commit the offset after ``record``: it will not be delivered to this group again.
 
-    consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+    A commit the broker refuses (a rebalance moved the partition, the broker is away) is
+    logged and reported as False, not raised: the record is then delivered again, which
+    processing is safe against, and the consumer goes on.
+    """
+    from kafka import OffsetAndMetadata
+    from kafka.errors import KafkaError
+
+    try:
+        consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+    except KafkaError as err:
+        log.warning(
+            "could not commit %s@%d (%s); it will be delivered again", tp, record.offset, err
+        )
+        return False
+    return True

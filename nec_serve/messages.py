@@ -14,6 +14,8 @@ only in :class:`S3Credentials`, whose ``repr`` hides the secret, and
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -32,27 +34,108 @@ __all__ = [
     "parse_step",
     "status_event",
     "redacted",
+    "redact_text",
+    "dead_letter_body",
+    "public_reason",
     "config_name",
+    "legacy_config_name",
+    "MAX_MESSAGE_BYTES",
+    "MAX_JSON_DEPTH",
 ]
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _DNS = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key")
+#: Largest message any consumer parses (Kafka's default record limit is 1 MiB too).
+MAX_MESSAGE_BYTES = 1 << 20
+#: Deepest nesting of objects and arrays accepted; the platform's messages nest 3 levels.
+MAX_JSON_DEPTH = 32
+# Keys whose values are credentials, wherever they appear (parsed or in raw text).
+_SECRET_KEY = re.compile(
+    r"secret|passw(?:or)?d|token|credential|private[_-]?key|access[_-]?key|api[_-]?key|"
+    r"session[_-]?key|authori[sz]ation|signature",
+    re.IGNORECASE,
+)
+# A key (quoted or bare) that looks like a credential, then its value up to the end of the
+# string, or to the end of the text when the message was cut inside it.
+_RAW_SECRET = re.compile(
+    r"""(?P<key>["']?[A-Za-z0-9_.-]*(?:"""
+    + _SECRET_KEY.pattern
+    + r""")[A-Za-z0-9_.-]*["']?\s*[:=]\s*)(?P<value>"(?:[^"\\]|\\.)*"?|'[^']*'?|[^\s,;&}\]]*)""",
+    re.IGNORECASE,
+)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_PREVIEW_CHARS = 512
+# An absolute local path (not the path part of a URL such as s3://bucket/key).
+_LOCAL_PATH = re.compile(r"(?<![\w:/.~-])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
 
 class MessageError(InvalidInput):
     """A message that cannot be acted on; the text names the field and the problem."""
 
 
-def parse_json(raw: bytes | str | dict) -> dict:
-    """Decode a JSON object; anything else is a :class:`MessageError`."""
+def _text(raw: bytes | str | None, max_bytes: int) -> str:
+    """The message as text, refusing what no parser should see: null, too big, not UTF-8."""
+    if raw is None:
+        raise MessageError("message has no value (a Kafka tombstone or an empty record)")
+    if isinstance(raw, str):
+        size = len(raw.encode("utf-8", errors="surrogatepass"))
+    elif isinstance(raw, (bytes, bytearray, memoryview)):
+        size = len(raw)
+    else:
+        raise MessageError(f"message must be bytes or text, got {type(raw).__name__}")
+    if size > max_bytes:
+        raise MessageError(f"message is {size} bytes, over the limit of {max_bytes} bytes")
+    if isinstance(raw, str):
+        text = raw
+    else:
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MessageError(
+                f"message is not UTF-8 text (invalid byte 0x{bytes(raw)[err.start]:02x} at "
+                f"offset {err.start})"
+            ) from None
+    if not text.strip():
+        raise MessageError("message is empty")
+    return text
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of ``[`` and ``{`` in ``text``, outside strings; no recursion."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    steps = (1 if c in "[{" else -1 for c in brackets)
+    return max(itertools.accumulate(steps), default=0)
+
+
+def parse_json(
+    raw: bytes | str | dict | None,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+) -> dict:
+    """Decode a JSON object; anything else is a :class:`MessageError` naming the problem.
+
+    Null values (Kafka tombstones), records over ``max_bytes``, bytes that are not UTF-8 and
+    documents nested deeper than ``max_depth`` are refused before the JSON parser runs, so
+    no record can exhaust the stack or the memory of a consumer.
+    """
     if isinstance(raw, dict):
         return raw
+    text = _text(raw, max_bytes)
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise MessageError(
+            f"message nests {depth} levels deep, over the limit of {max_depth} levels"
+        )
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise MessageError(f"message is not valid JSON: {err}") from err
+        value = json.loads(text)
+    except RecursionError:  # WAR: unreachable after the depth check; kept as a backstop
+        raise MessageError("message nests too deeply to parse") from None
+    except ValueError as err:
+        raise MessageError(f"message is not valid JSON: {err}") from None
     if not isinstance(value, dict):
         raise MessageError(f"message must be a JSON object, got {type(value).__name__}")
     return value
@@ -115,14 +198,30 @@ class WorkflowConfig:
 
 
 def config_name(topic: str) -> str:
-    """Kubernetes-safe name derived from a topic (lowercase, <= 63 chars)."""
+    """The workflow's name for its config, Secret and KafkaSource, derived from its topic.
+
+    ``nec-<readable part>-<12 hex digits of SHA-256(topic)>``: a DNS-1123 label of at most
+    63 characters. The readable part (lowercase, runs of other characters as ``-``, cut
+    to 46 characters) is for people; the digest of the full topic keeps names of
+    different topics apart, whatever they differ in (case, ``.`` vs ``-``, characters past
+    the cut). The scheme is part of the deployment contract: changing it orphans objects.
+    """
+    digest = hashlib.sha256(topic.encode()).hexdigest()[:12]
+    slug = re.sub(r"[^a-z0-9]+", "-", topic.lower()).strip("-")[:46].rstrip("-")
+    return f"nec-{slug}-{digest}" if slug else f"nec-{digest}"
+
+
+def legacy_config_name(topic: str) -> str:
+    """The name earlier releases derived (not injective); found and removed on ``stopping``."""
     name = re.sub(r"[^a-z0-9-]+", "-", topic.lower()).strip("-")
     return ("nec-" + name)[:63].rstrip("-")
 
 
-def parse_workflow(raw: bytes | str | dict) -> WorkflowConfig:
+def parse_workflow(
+    raw: bytes | str | dict | None, *, max_bytes: int = MAX_MESSAGE_BYTES
+) -> WorkflowConfig:
     """Validate a ``system.ML`` message (``published`` or ``stopping``)."""
-    msg = parse_json(raw)
+    msg = parse_json(raw, max_bytes=max_bytes)
     status = _get(msg, "workflow_status", str)
     if status not in ("published", "stopping"):
         raise MessageError(
@@ -187,9 +286,11 @@ class StepMessage:
         }
 
 
-def parse_step(raw: bytes | str | dict) -> StepMessage:
+def parse_step(
+    raw: bytes | str | dict | None, *, max_bytes: int = MAX_MESSAGE_BYTES
+) -> StepMessage:
     """Validate a workflow-topic message; unsafe S3 paths are refused."""
-    msg = parse_json(raw)
+    msg = parse_json(raw, max_bytes=max_bytes)
     end = _get(msg, "previous_component_end", (bool, str))
     if isinstance(end, str):
         if end not in ("True", "False", "true", "false"):
@@ -217,10 +318,77 @@ def status_event(component: str, workflow: str, status: str, description: str) -
     }
 
 
+def _is_secret_key(key: Any) -> bool:
+    return isinstance(key, str) and (key in SECRET_FIELDS or bool(_SECRET_KEY.search(key)))
+
+
 def redacted(obj: Any) -> Any:
-    """A copy of ``obj`` with credential fields replaced, for logs and ConfigMaps."""
+    """A copy of ``obj`` with credential-like fields replaced, for logs and ConfigMaps.
+
+    A field is a credential when its key is one of the platform's (``aws_access_key_id``,
+    ``aws_secret_access_key``) or looks like one (``secret``, ``password``, ``token``,
+    ``access_key``, ... in any case), at any depth.
+    """
     if isinstance(obj, dict):
-        return {k: ("***" if k in SECRET_FIELDS else redacted(v)) for k, v in obj.items()}
+        return {k: ("***" if _is_secret_key(k) else redacted(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redacted(v) for v in obj]
     return obj
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the value of every credential-like ``key: value`` or ``key=value`` hidden.
+
+    For raw text that is not (or not entirely) JSON: a truncated message, a log line. A
+    value cut off by the end of the text is hidden up to the end.
+    """
+    return _RAW_SECRET.sub(lambda m: m.group("key") + '"***"', text)
+
+
+def dead_letter_body(raw: bytes | str | dict | None, secrets: tuple[str, ...] = ()) -> dict:
+    r"""The fields a dead-letter record may hold about a rejected message: no credential.
+
+    A JSON object is kept as ``message``, with credential fields redacted. Anything else
+    is identified by ``message_sha256`` and ``message_bytes``, with a short
+    ``message_preview`` from which credential-like values are cut; when the text holds JSON
+    ``\u`` escapes (which could spell a key the patterns miss) the preview is withheld.
+    ``secrets`` are known credential values (the workflow's), scrubbed from whatever is
+    kept in case they appear under an innocent key.
+    """
+    try:
+        fields: dict = {"message": redacted(parse_json(raw))}
+    except MessageError:
+        if raw is None:
+            return {"message": None}
+        if not isinstance(raw, str | bytes | bytearray | memoryview):
+            return {"message_type": type(raw).__name__}
+        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+        fields = {"message_sha256": hashlib.sha256(data).hexdigest(), "message_bytes": len(data)}
+        text = data[: _PREVIEW_CHARS * 4].decode("utf-8", errors="replace")
+        if "\\u" in text:
+            fields["message_preview"] = "(withheld: the text holds \\u escapes)"
+        else:
+            fields["message_preview"] = redact_text(text)[:_PREVIEW_CHARS]
+    kept = json.dumps(fields)
+    for value in secrets:
+        escaped = json.dumps(value)[1:-1] if value else ""
+        if escaped and escaped in kept:
+            kept = kept.replace(escaped, "***")
+            fields = json.loads(kept)
+    return fields
+
+
+def public_reason(err: BaseException) -> str:
+    """The text of ``err`` as a platform user may read it in a status or a dead letter.
+
+    A project error keeps its message; anything else is named by its type, as an internal
+    error. Either way credential-like values are cut and local paths are replaced by
+    ``<path>``: a reason names the input object, never the host's files.
+    """
+    from nec_serve.errors import NecError
+
+    if isinstance(err, NecError):
+        text = err.message
+    else:
+        text = f"internal error ({type(err).__name__}): {err}"
+    return _LOCAL_PATH.sub("<path>", redact_text(text))[:2000]

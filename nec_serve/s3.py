@@ -13,10 +13,19 @@ from pathlib import Path
 from nec_serve.errors import InvalidInput, TransientError
 from nec_serve.messages import S3Credentials
 
-__all__ = ["make_client", "download", "upload", "MULTIPART_THRESHOLD"]
+__all__ = [
+    "make_client",
+    "head",
+    "download",
+    "upload",
+    "exists",
+    "put_json",
+    "MULTIPART_THRESHOLD",
+]
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
+_CHANGED = {"PreconditionFailed", "412"}
 _MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 
 
@@ -46,6 +55,8 @@ def _translate(err: Exception, what: str) -> Exception:
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _CHANGED or status == 412:
+            return TransientError(f"{what}: changed while being read ({code or status})")
         if code in _MISSING or status == 404:
             return InvalidInput(f"{what}: does not exist ({code or status})")
         if code in _DENIED or status == 403:
@@ -58,18 +69,64 @@ def _translate(err: Exception, what: str) -> Exception:
     return err
 
 
-def download(client, bucket: str, key: str, dest: Path, max_bytes: int) -> int:
-    """Stream ``s3://bucket/key`` to ``dest``; refuse objects over ``max_bytes``."""
+def head(client, bucket: str, key: str) -> tuple[int, str]:
+    """Size and ETag of ``s3://bucket/key``."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        meta = client.head_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as err:
+        raise _translate(err, f"s3://{bucket}/{key}") from err
+    return int(meta["ContentLength"]), str(meta.get("ETag", "")).strip('"')
+
+
+def exists(client, bucket: str, key: str) -> bool:
+    """Whether ``s3://bucket/key`` exists."""
+    try:
+        head(client, bucket, key)
+    except InvalidInput as err:
+        if "does not exist" in err.message:
+            return False
+        raise
+    return True
+
+
+def put_json(client, bucket: str, key: str, value: dict) -> None:
+    """Write a small JSON object (a marker) to ``s3://bucket/key``."""
+    import json
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=json.dumps(value, sort_keys=True).encode(),
+            ContentType="application/json",
+        )
+    except (ClientError, BotoCoreError) as err:
+        raise _translate(err, f"s3://{bucket}/{key}") from err
+
+
+def download(
+    client, bucket: str, key: str, dest: Path, max_bytes: int, etag: str | None = None
+) -> int:
+    """Stream ``s3://bucket/key`` to ``dest``; refuse objects over ``max_bytes``.
+
+    With ``etag``, only that version of the object is read: an object replaced since it
+    was looked at is a :class:`TransientError` (read it again), not silently other bytes.
+    """
     from botocore.exceptions import BotoCoreError, ClientError
 
     what = f"s3://{bucket}/{key}"
     try:
-        size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        size, _ = head(client, bucket, key)
         if size > max_bytes:
             raise InvalidInput(f"{what} is {size} bytes, over the limit of {max_bytes} bytes")
         if size == 0:
             raise InvalidInput(f"{what} is empty")
-        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        extra = {"IfMatch": f'"{etag}"'} if etag else {}
+        body = client.get_object(Bucket=bucket, Key=key, **extra)["Body"]
         written = 0
         with dest.open("wb") as f:
             for chunk in iter(lambda: body.read(1 << 20), b""):

@@ -46,6 +46,44 @@ def tiny_export(tmp_path_factory, tiny_model) -> Path:
     return out
 
 
+# The real local stack (a Kafka broker and an S3 server), shared by the workflow tests;
+# each test uses its own topics and bucket.
+@pytest.fixture(scope="session")
+def kafka():
+    from nec_serve.stack.kafka import LocalKafka, ensure_kafka
+
+    ensure_kafka()
+    with LocalKafka() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from nec_serve.stack.s3 import LocalS3
+
+    with LocalS3() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def producer(kafka):
+    from nec_serve.kafka_io import json_producer
+
+    p = json_producer(kafka.bootstrap_servers)
+    yield p
+    p.close(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def raw_producer(kafka):
+    """Sends bytes as they are (None is a tombstone): what a platform may put on a topic."""
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
+    yield p
+    p.close(timeout=5)
+
+
 # k8s/ rendering and schemas (tests/test_k8s.py holds the validator loader and copy_k8s).
 @pytest.fixture(scope="session")
 def schemas() -> dict:

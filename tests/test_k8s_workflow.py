@@ -823,13 +823,18 @@ else:
     import nec_controller.sources as sources
 
     class FakeSources:
-        def __init__(self, bootstrap):
+        def __init__(self, bootstrap, namespace):
             seen["bootstrap"] = bootstrap
+            seen["sources_namespace"] = namespace
         def close(self):
             pass
 
     def fake_run(controller, bootstrap, topic, stop):
-        seen.update(topic=topic, dead_letter=controller.dead_letter_topic)
+        seen.update(
+            topic=topic,
+            dead_letter=controller.dead_letter_topic,
+            status=controller.status_topic,
+        )
         raise Started
 
     sources.KubernetesSources = FakeSources
@@ -888,5 +893,7 @@ def test_controller_starts_from_its_manifest_with_the_image_packages(rendered):
         "bootstrap": data["bootstrap.servers"].split(","),
         "topic": data["workflow.topic"],
         "dead_letter": data["deadletter.topic"],
+        "status": data["status.topic"],
         "namespace": NS,
+        "sources_namespace": NS,
     }

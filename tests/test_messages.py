@@ -2,19 +2,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
 
 from nec_serve.config_store import LocalConfigStore, UnknownWorkflow
+from nec_serve.errors import InvalidInput, ServerUnavailable, TransientError, is_transient
 from nec_serve.messages import (
+    MAX_JSON_DEPTH,
     MessageError,
     config_name,
+    dead_letter_body,
+    legacy_config_name,
+    parse_json,
     parse_step,
     parse_workflow,
+    public_reason,
+    redact_text,
     redacted,
     status_event,
 )
+
+DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def workflow(**over) -> dict:
@@ -52,7 +62,7 @@ def test_published_message_parses_and_hides_credentials():
         "wf1.nec.out",
     )
     assert cfg.s3.bucket == "eo-bucket" and cfg.s3.endpoint_url == "http://127.0.0.1:9000"
-    assert cfg.source_name == "nec-wf1-nec-in"
+    assert cfg.source_name == "nec-wf1-nec-in-5ec21aabc22d"
     assert "s3cr3t" not in repr(cfg) and "AKIDEXAMPLE" not in repr(cfg)
     assert "s3cr3t" not in json.dumps(redacted(cfg.raw))
 
@@ -76,10 +86,39 @@ def test_invalid_workflow_messages_name_the_field(over, match):
         parse_workflow(workflow(**over))
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
-def test_non_object_messages(raw):
-    with pytest.raises(MessageError, match="JSON"):
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"workflow_status": "publ', "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object, got list"),
+        (b"\xff\xfe", "not UTF-8 text \\(invalid byte 0xff at offset 0\\)"),
+        (b"", "message is empty"),
+        (b"  \n", "message is empty"),
+        (None, "no value \\(a Kafka tombstone"),
+        (12, "must be bytes or text, got int"),
+        (b"[" * 100_000 + b"]" * 100_000, "nests 100000 levels deep, over the limit of 32"),
+        ("{" * 100_000, "nests 100000 levels deep"),
+        (b'{"a": ' * 33 + b"1" + b"}" * 33, "nests 33 levels deep"),
+        (b'{"pad": "' + b"x" * (1 << 20) + b'"}', "over the limit of 1048576 bytes"),
+    ],
+)
+def test_unparseable_messages_are_refused_before_parsing(raw, match):
+    with pytest.raises(MessageError, match=match):
         parse_workflow(raw)
+
+
+def test_depth_counts_brackets_outside_strings_only():
+    nested = {"a": "[[[[{{{{" * 100}
+    for _ in range(MAX_JSON_DEPTH - 1):
+        nested = {"n": nested}
+    assert parse_json(json.dumps(nested))["n"]
+    assert parse_json(b'{"s": "\\"[[[["}') == {"s": '"[[[['}
+
+
+def test_size_limit_is_a_parameter():
+    with pytest.raises(MessageError, match="over the limit of 10 bytes"):
+        parse_step(b'{"previous_component_end": true}', max_bytes=10)
 
 
 def test_stopping_needs_only_the_topic():
@@ -117,9 +156,111 @@ def test_status_event_shape():
     assert ev["timestamp"].endswith("+00:00")
 
 
-def test_config_name_is_kubernetes_safe():
-    name = config_name("Workflow_ABC." + "x" * 80)
-    assert len(name) <= 63 and name == name.lower() and not name.endswith("-")
+LONG = "eo4eu.workflow." + "x" * 60
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("wf1.nec.in", "WF1.nec.in"),  # case
+        ("wf1.nec.in", "wf1-nec-in"),  # separators
+        ("wf1.nec.in", "wf1_nec_in"),
+        ("wf1..in", "wf1.in"),  # runs of separators
+        (LONG + "-a", LONG + "-b"),  # after the first 60 characters
+        ("a" * 249, "a" * 248 + "b"),  # the longest topics Kafka allows
+        ("---", "___"),  # nothing readable at all
+    ],
+)
+def test_config_names_are_distinct_and_kubernetes_safe(a, b):
+    assert legacy_config_name(a) == legacy_config_name(b)  # what earlier releases merged
+    names = config_name(a), config_name(b)
+    assert names[0] != names[1]
+    for name in names:
+        assert len(name) <= 63 and DNS_1123_LABEL.match(name), name
+    assert config_name(a) == names[0]  # deterministic
+
+
+def test_config_names_are_stable_across_releases():
+    # Objects in running clusters carry these names: a change here orphans them.
+    assert config_name("wf1.nec.in") == "nec-wf1-nec-in-5ec21aabc22d"
+    assert config_name("Workflow_ABC." + "x" * 80) == (
+        "nec-workflow-abc-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-086af97343db"
+    )
+    assert config_name("---") == "nec-cb3f91d54eee"
+
+
+def test_config_names_of_many_topics_do_not_collide():
+    topics = [f"{p}{i}{s}" for i in range(2000) for p in ("wf", "WF") for s in (".in", "-in")]
+    assert len({config_name(t) for t in topics}) == len(topics)
+
+
+SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYSECRETKEY"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # cut inside the secret value, after it, inside the key's neighbourhood
+        json.dumps(workflow(S3_bucket__aws_secret_access_key=SECRET))[:-120],
+        json.dumps(workflow(S3_bucket__aws_secret_access_key=SECRET))[:-1],
+        '{"S3_bucket": {"aws_secret_access_key": "' + SECRET[:20],
+        '{"S3_bucket": {"aws_secret_access_key" :\n "' + SECRET + '"',
+        "aws_secret_access_key=" + SECRET + "&x=1",
+        "{'Password': '" + SECRET + "', ",
+        '{"api_token": "' + SECRET + '\\" still the value", "next": ',
+    ],
+)
+def test_dead_letter_body_of_unparseable_text_holds_no_credential(raw):
+    body = dead_letter_body(raw.encode())
+    assert SECRET[:12] not in json.dumps(body), body
+    assert body["message_bytes"] == len(raw.encode()) and len(body["message_sha256"]) == 64
+
+
+def test_dead_letter_body_of_json_redacts_by_key_pattern_and_known_values():
+    msg = workflow()
+    msg["meta_information"] = {"Token": SECRET, "note": "key is " + SECRET, "tokens_per_tile": 3}
+    body = dead_letter_body(json.dumps(msg).encode(), secrets=(SECRET,))
+    text = json.dumps(body)
+    assert SECRET not in text and "s3cr3t-value" not in text and "AKIDEXAMPLE" not in text
+    assert body["message"]["workflow_name"] == "wf-1"  # the rest is kept for diagnosis
+    assert body["message"]["S3_bucket"]["s3-bucket-name"] == "eo-bucket"
+
+
+def test_dead_letter_body_withholds_previews_with_escapes():
+    raw = '{"aws_secret_\\u0061ccess_key": "' + SECRET  # a key spelt with an escape
+    body = dead_letter_body(raw.encode())
+    assert SECRET not in json.dumps(body) and "withheld" in body["message_preview"]
+    assert dead_letter_body(None) == {"message": None}
+    assert dead_letter_body(12) == {"message_type": "int"}
+    assert dead_letter_body(b"\xff" + SECRET.encode())["message_bytes"] == len(SECRET) + 1
+
+
+def test_redact_text_keeps_what_is_not_a_credential():
+    text = '{"workflow_name": "wf-1", "secret_key": "abc", "region_name": "eu"}'
+    assert (
+        redact_text(text) == '{"workflow_name": "wf-1", "secret_key": "***", "region_name": "eu"}'
+    )
+
+
+def test_public_reason_names_no_local_path_or_credential():
+    err = OSError("cannot open /tmp/nec-step-1a2b/in/x.tif (token=abc) for s3://b/in/x.tif")
+    reason = public_reason(err)
+    assert "/tmp" not in reason and "abc" not in reason and "s3://b/in/x.tif" in reason
+    assert reason.startswith("internal error (OSError)")
+    assert public_reason(InvalidInput("s3://b/k: is empty")) == "s3://b/k: is empty"
+
+
+def test_transient_errors_are_told_apart():
+    class ApiError(Exception):
+        def __init__(self, status):
+            self.status = status
+
+    for err in (TransientError("x"), ServerUnavailable("x"), ConnectionError(), ApiError(503)):
+        assert is_transient(err), err
+    for status in (0, 409, 429, 500):
+        assert is_transient(ApiError(status))
+    for err in (InvalidInput("x"), ValueError(), KeyError("k"), ApiError(404), ApiError(422)):
+        assert not is_transient(err), err
 
 
 def test_local_store_keeps_credentials_apart_and_is_idempotent(tmp_path):
@@ -150,4 +291,4 @@ def test_kubernetes_objects_put_credentials_only_in_the_secret():
         "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
         "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
     }
-    assert cm["metadata"]["name"] == secret["metadata"]["name"] == "nec-wf1-nec-in"
+    assert cm["metadata"]["name"] == secret["metadata"]["name"] == "nec-wf1-nec-in-5ec21aabc22d"

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.request
@@ -17,33 +18,11 @@ import pytest
 
 from nec_serve.config_store import LocalConfigStore
 from nec_serve.imagery import iter_inputs, read_raster
-from nec_serve.kafka_io import json_producer
 from nec_serve.messages import config_name, parse_workflow
 from nec_serve.pipeline import LocalEngine, ModelBundle, compress
-from nec_serve.stack.kafka import LocalKafka, ensure_kafka
 from nec_serve.stack.s3 import LocalS3
 
 NAIP = "naip/m_4709963_se_14_1_20180716.tif"
-
-
-@pytest.fixture(scope="module")
-def kafka():
-    ensure_kafka()
-    with LocalKafka() as broker:
-        yield broker
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with LocalS3() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def producer(kafka):
-    p = json_producer(kafka.bootstrap_servers)
-    yield p
-    p.close(timeout=5)
 
 
 def _uid() -> str:
@@ -274,6 +253,10 @@ def test_bad_input_fails_clearly_and_is_dead_lettered(
     out = handler.handle(flow.name, raw)
     assert out.done and out.status == "failed"
     assert match in out.reason, out.reason
+    # Reasons name the input object, never the wrapper's local files.
+    assert "nec-step-" not in out.reason and tempfile.gettempdir() not in out.reason
+    if content is not None:
+        assert f"s3://{flow.bucket}/input/{name_or_raw}" in out.reason, out.reason
     dead = flow.read(flow.dlq, 1)
     assert len(dead) == 1 and match in dead[0]["error"]
     failed = [s for s in flow.read(flow.status, 1) if s["status"] == "failed"]
@@ -359,6 +342,8 @@ def test_wrapper_killed_mid_step_completes_once_after_restart(
             tf.add(path, arcname=path.name)
     scene = buf.getvalue()
     flow.put("input/scene.tar.gz", scene)
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
     cmd = [
         sys.executable,
         "-m",
@@ -384,14 +369,21 @@ def test_wrapper_killed_mid_step_completes_once_after_restart(
         f"g-{_uid()}",
         "--batch-size",
         "4",
+        "--work-dir",
+        str(work_dir),
     ]
     producer.send(flow.topic_in, value=json.loads(flow.step("scene.tar.gz"))).get(10)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        started = flow.read(flow.status, 1, timeout=90)
-        assert started and started[0]["status"] == "started"
+        # The step's work directory holds the downloaded input while the step runs.
+        deadline = time.monotonic() + 90
+        while not list(work_dir.glob("nec-step-*/in/scene.tar.gz")):
+            assert time.monotonic() < deadline and first.poll() is None, "step never started"
+            time.sleep(0.005)
         first.kill()  # SIGKILL in the middle of the step: no cleanup, no commit
         first.wait(10)
+        left = list(work_dir.glob("nec-step-*"))
+        assert len(left) == 1  # what a killed step leaves behind
         assert not [s for s in flow.read(flow.status, 2, timeout=2) if s["status"] == "finished"]
         second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -407,6 +399,7 @@ def test_wrapper_killed_mid_step_completes_once_after_restart(
         if first.poll() is None:
             first.kill()
     assert len(nxt) == 1  # completed once: one next message, nothing lost
+    assert not left[0].exists()  # the restarted wrapper removed the dead step's directory
     bundle = ModelBundle.load(tiny_export)
     local = io.BytesIO()
     src = tmp_path / "scene.tar.gz"

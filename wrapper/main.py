@@ -6,7 +6,11 @@ import argparse
 import logging
 import signal
 import threading
+from dataclasses import fields
 from pathlib import Path
+
+from nec_serve.imagery import InputLimits
+from nec_serve.messages import MAX_MESSAGE_BYTES
 
 __all__ = ["add_parser"]
 
@@ -38,8 +42,28 @@ def add_parser(sub) -> None:
     s.add_argument("--attempts", type=int, default=3)
     s.add_argument("--backoff", type=float, default=1.0)
     s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--max-input-bytes", type=int, default=4 << 30)
-    s.add_argument("--work-dir", default=None)
+    s.add_argument(
+        "--max-input-bytes", type=int, default=4 << 30, help="largest input object to download"
+    )
+    limits = InputLimits()
+    for name, help_text in (
+        ("max_pixels", "pixels (height x width) one image may declare"),
+        ("max_bands", "bands one image may declare"),
+        ("max_image_bytes", "decoded bytes one image may declare"),
+        ("max_decoded_bytes", "decoded bytes all images of one input may declare"),
+        ("max_tiles", "tiles one container may hold"),
+    ):
+        flag = "--" + name.replace("_", "-")
+        s.add_argument(flag, type=int, default=getattr(limits, name), help=help_text)
+    s.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=MAX_MESSAGE_BYTES,
+        help="largest workflow message accepted",
+    )
+    s.add_argument(
+        "--work-dir", default=None, help="where steps unpack their inputs (default: the tmp dir)"
+    )
     s.set_defaults(func=run)
 
 
@@ -76,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         backoff_s=args.backoff,
         bands=tuple(int(b) for b in args.bands.split(",")) if args.bands else None,
         output=args.output,
+        limits=InputLimits(**{f.name: getattr(args, f.name) for f in fields(InputLimits)}),
+        max_message_bytes=args.max_message_bytes,
     )
     store = _store(args)
     producer = json_producer(args.bootstrap)
@@ -99,7 +125,13 @@ def run(args: argparse.Namespace) -> int:
             from nec_wrapper.triggers import run_consumer
 
             def topics():
-                return [store.get(n).topic_in for n in store.names()]
+                found = []
+                for name in store.names():
+                    try:
+                        found.append(store.get(name).topic_in)
+                    except Exception as err:  # one damaged config must not hide the others
+                        log.warning("skipping workflow config %s: %s", name, err)
+                return found
 
             print(f"wrapper ({args.mode}) consuming from {args.bootstrap}", flush=True)
             run_consumer(

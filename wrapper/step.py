@@ -5,23 +5,37 @@ whether the message is done with (``Outcome.done``): it parses and validates the
 finds the workflow's config, downloads the input, runs the graph through the inference
 engine in batches, entropy-codes (or decodes) locally, uploads the result under a
 deterministic key, sends the next message and emits status events. Transient failures
-(S3 or the inference server unreachable) are retried with backoff a bounded number of
-times; whatever still fails, and every invalid message, gets a ``failed`` status with the
-reason and a dead-letter record, after which the message is done with so it never blocks
-its partition. A message is only "done" once its output object, its next message (or its
-dead-letter record) and its status are durably written: the trigger acknowledges it
-(Kafka commit, HTTP 2xx) only then.
+(S3, the inference server or the config store unreachable) are retried with backoff a
+bounded number of times; whatever still fails, every invalid message and any unexpected
+error get a ``failed`` status with a reason naming the input object (never a local path
+or a credential) and a dead-letter record, after which the message is done with so it
+never blocks its partition. A message is only "done" once its output object, its next
+message (or its dead-letter record) and its status are durably written: the trigger
+acknowledges it (Kafka commit, HTTP 2xx) only then.
+
+Each next-step message carries a deterministic id (input object and its ETag, component,
+step); once it is published, a marker object ``.nec-published/<component>/<id>.json`` in
+the workflow's bucket records it, and a redelivered message whose marker exists is not
+processed or published again. The marker is written right after the broker acknowledged
+the next message, so the one window left for a duplicate is a crash between the two.
+
+Each step works in its own directory under the work dir, locked while in use; directories
+of steps whose process died (killed mid-step) are removed when the next handler starts and
+before each step.
 """
 
 from __future__ import annotations
 
-import base64
+import fcntl
+import hashlib
 import json
 import logging
+import os
 import resource
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,22 +44,46 @@ import numpy as np
 from nec_serve import s3
 from nec_serve.config_store import ConfigStore
 from nec_serve.container import ContainerReader
-from nec_serve.errors import InvalidInput, NecError, TransientError
-from nec_serve.imagery import iter_inputs
+from nec_serve.errors import InvalidInput, NecError, TransientError, is_transient
+from nec_serve.imagery import InputLimits, iter_inputs
 from nec_serve.messages import (
+    MAX_MESSAGE_BYTES,
     StepMessage,
     WorkflowConfig,
+    dead_letter_body,
     parse_step,
-    redacted,
+    public_reason,
     status_event,
 )
-from nec_serve.pipeline import ModelBundle, compress, iter_decoded, make_engine, tile_index
+from nec_serve.pipeline import (
+    ModelBundle,
+    check_decoded_size,
+    compress,
+    iter_decoded,
+    make_engine,
+    tile_index,
+)
 
-__all__ = ["WrapperSettings", "Outcome", "StepHandler", "output_name"]
+__all__ = [
+    "WrapperSettings",
+    "Outcome",
+    "StepHandler",
+    "output_name",
+    "message_id",
+    "clean_work_dirs",
+    "MARKER_PREFIX",
+]
 
 log = logging.getLogger(__name__)
 
 _INPUT_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tiff", ".tif", ".npy", ".necb")
+#: Where published next-step messages are recorded, per component, in the workflow bucket.
+MARKER_PREFIX = ".nec-published"
+_WORK_PREFIX = "nec-step-"
+_OWNER_LOCK = ".owner.lock"
+# A work directory younger than this without its lock file may be one being created.
+_UNLOCKED_GRACE_S = 60.0
+_SENT_MEMORY = 1024
 
 
 @dataclass(frozen=True)
@@ -66,6 +104,8 @@ class WrapperSettings:
     bands: tuple[int, ...] | None = None
     output: str = "embeddings"
     s3_timeout_s: float = 30.0
+    limits: InputLimits = field(default_factory=InputLimits)
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, naming the setting."""
@@ -73,6 +113,8 @@ class WrapperSettings:
             raise InvalidInput(f"invalid wrapper mode {self.mode!r}: compress or decompress")
         if self.attempts < 1 or self.batch_size < 1:
             raise InvalidInput("attempts and batch size must be >= 1")
+        if self.max_message_bytes < 1 or self.max_input_bytes < 1:
+            raise InvalidInput("max message bytes and max input bytes must be >= 1")
 
 
 @dataclass
@@ -96,6 +138,78 @@ def output_name(key: str, mode: str) -> str:
     return f"{name}.necb" if mode == "compress" else f"{name}.npy"
 
 
+def message_id(bucket: str, key: str, etag: str, component: str, step: str) -> str:
+    """Deterministic id of the next-step message made from one input object version."""
+    parts = ("nec-step-v1", bucket, key, etag, component, step)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def clean_work_dirs(root: Path) -> list[Path]:
+    """Remove step directories under ``root`` whose process is gone; returns them.
+
+    A live step holds an exclusive ``flock`` on its directory's lock file; the kernel
+    drops it when the process dies, however it dies, so a lock that can be taken marks a
+    leftover. Directories of other processes' live steps are never touched.
+    """
+    removed = []
+    for work in Path(root).glob(_WORK_PREFIX + "*"):
+        if work.is_symlink() or not work.is_dir():
+            continue
+        try:
+            fd = os.open(work / _OWNER_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                young = time.time() - work.stat().st_mtime < _UNLOCKED_GRACE_S
+            except FileNotFoundError:
+                continue
+            if not young:
+                shutil.rmtree(work, ignore_errors=True)
+                removed.append(work)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live step owns it
+        try:
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work)
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("removed %d work directories left by dead steps", len(removed))
+    return removed
+
+
+class _WorkDir:
+    """A step's own directory, locked while the step runs, removed afterwards."""
+
+    def __init__(self, root: Path):
+        self.path = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX, dir=root))
+        self._fd = os.open(self.path / _OWNER_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            os.close(self._fd)
+
+
+class _Failed(Exception):
+    """What the retries ended with: a public reason and how many attempts were made."""
+
+    def __init__(self, reason: str, attempts: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.attempts = attempts
+
+
 class StepHandler:
     """Processes workflow-step messages; shared by the HTTP and Kafka triggers."""
 
@@ -105,50 +219,74 @@ class StepHandler:
         self.producer = producer
         self.bundle = ModelBundle.load(settings.model_dir)
         self.engine = engine or make_engine(self.bundle, settings.server)
+        self._sent: OrderedDict[str, None] = OrderedDict()  # ids published by this process
+        if Path(settings.work_dir).is_dir():
+            clean_work_dirs(settings.work_dir)
 
-    # -- the entry point -----------------------------------------------------------
+    # -- the entry points ----------------------------------------------------------
 
-    def handle(self, config_name: str, raw: bytes) -> Outcome:
-        """Process one message end to end; never raises for a bad message."""
+    def handle(self, config_name: str, raw: bytes | None) -> Outcome:
+        """Process one message end to end; never raises, whatever the message holds."""
+        try:
+            return self._handle(config_name, raw)
+        except Exception as err:  # the consumer boundary: a bug must not stall the topic
+            log.exception("unexpected error handling a message for %s", config_name)
+            return self.reject(config_name, raw, public_reason(err))
+
+    def reject(self, config_name: str, raw: bytes | None, reason: str) -> Outcome:
+        """Fail a message that cannot even be handled (the trigger's own checks)."""
+        try:
+            workflow = self.store.get(config_name)
+        except Exception:  # unknown or unreadable: fail it under its config name
+            workflow = None
+        component = workflow.component if workflow else "nec-" + self.settings.mode
+        return self._give_up(config_name, raw, workflow, component, reason, attempts=1)
+
+    def _retrying(self, what: str, fn):
+        """``fn()``, retried on transient errors with backoff; raises :class:`_Failed`."""
+        delay = self.settings.backoff_s
+        for attempt in range(1, self.settings.attempts + 1):
+            try:
+                return fn()
+            except Exception as err:
+                if not is_transient(err):
+                    raise _Failed(public_reason(err), attempt) from err
+                if attempt == self.settings.attempts:
+                    reason = f"gave up after {attempt} attempts: {public_reason(err)}"
+                    raise _Failed(reason, attempt) from err
+                log.warning(
+                    "%s: attempt %d failed (%s); retry in %.1f s", what, attempt, err, delay
+                )
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _handle(self, config_name: str, raw: bytes | None) -> Outcome:
         workflow: WorkflowConfig | None = None
         component = "nec-" + self.settings.mode
         try:
-            workflow = self.store.get(config_name)
+            workflow = self._retrying("config", lambda: self.store.get(config_name))
             component = workflow.component
-            step = parse_step(raw)
+            step = parse_step(raw, max_bytes=self.settings.max_message_bytes)
             if not step.filename:
                 raise InvalidInput("field 'S3_bucket_desc.filename' is required by this step")
             if not step.previous_component_end:
                 raise InvalidInput("previous component did not end (previous_component_end false)")
-        except InvalidInput as err:
-            return self._give_up(config_name, raw, workflow, component, str(err), attempts=1)
+        except _Failed as err:
+            return self._give_up(config_name, raw, workflow, component, err.reason, err.attempts)
+        except Exception as err:
+            reason = public_reason(err)
+            return self._give_up(config_name, raw, workflow, component, reason, attempts=1)
 
         self._status(component, workflow.name, "started", f"{self.settings.mode} {step.key}")
-        delay = self.settings.backoff_s
-        for attempt in range(1, self.settings.attempts + 1):
-            try:
-                out = self._run(workflow, step)
-            except InvalidInput as err:
-                return self._give_up(config_name, raw, workflow, component, str(err), attempt)
-            except (TransientError, OSError) as err:
-                if attempt == self.settings.attempts:
-                    return self._give_up(
-                        config_name,
-                        raw,
-                        workflow,
-                        component,
-                        f"gave up after {attempt} attempts: {err}",
-                        attempt,
-                    )
-                log.warning("attempt %d failed (%s); retrying in %.1f s", attempt, err, delay)
-                time.sleep(delay)
-                delay *= 2
-            except NecError as err:
-                return self._give_up(config_name, raw, workflow, component, str(err), attempt)
-            else:
-                self._status(component, workflow.name, "finished", json.dumps(out.stats))
-                return out
-        raise AssertionError("unreachable")  # pragma: no cover
+        if Path(self.settings.work_dir).is_dir():
+            clean_work_dirs(self.settings.work_dir)
+        try:
+            out = self._retrying(step.key, lambda: self._run(workflow, step))
+        except _Failed as err:
+            return self._give_up(config_name, raw, workflow, component, err.reason, err.attempts)
+        self._status(component, workflow.name, "finished", json.dumps(out.stats))
+        return out
 
     # -- the work ------------------------------------------------------------------
 
@@ -157,19 +295,33 @@ class StepHandler:
         bucket = workflow.s3.bucket
         out_name = output_name(step.key, self.settings.mode)
         out_key = f"result-{workflow.component}/{out_name}"
-        work = Path(tempfile.mkdtemp(prefix="nec-step-", dir=self.settings.work_dir))
-        try:
+        _, etag = s3.head(client, bucket, step.key)
+        msg_id = message_id(bucket, step.key, etag, workflow.component, self.settings.mode)
+        marker = f"{MARKER_PREFIX}/{workflow.component}/{msg_id}.json"
+        if s3.exists(client, bucket, marker) and s3.exists(client, bucket, out_key):
+            log.info("%s: already published as %s; not sent again", step.key, msg_id)
+            stats = {"input_key": step.key, "output_key": out_key, "duplicate_of": msg_id}
+            return Outcome(True, "finished", "duplicate", output_key=out_key, stats=stats)
+        label = f"s3://{bucket}/{step.key}"
+        with _WorkDir(self.settings.work_dir) as work:
             src = work / "in" / step.filename  # the name tiles are recorded under
             src.parent.mkdir()
             t0 = time.perf_counter()
-            n_in = s3.download(client, bucket, step.key, src, self.settings.max_input_bytes)
+            n_in = s3.download(
+                client, bucket, step.key, src, self.settings.max_input_bytes, etag=etag
+            )
             t1 = time.perf_counter()
             dest = work / out_name
-            stats = (
-                self._compress(src, dest)
-                if self.settings.mode == "compress"
-                else self._decompress(src, dest)
-            )
+            try:
+                stats = (
+                    self._compress(src, dest, label)
+                    if self.settings.mode == "compress"
+                    else self._decompress(src, dest, label)
+                )
+            except NecError as err:  # name the input object in every reason
+                if label in err.message:
+                    raise
+                raise type(err)(f"{label}: {err.message}") from err
             t2 = time.perf_counter()
             s3.upload(client, dest, bucket, out_key)
             extra_keys = []
@@ -179,6 +331,7 @@ class StepHandler:
                 s3.upload(client, index, bucket, extra_keys[-1])
             t3 = time.perf_counter()
             stats.update(
+                message_id=msg_id,
                 input_key=step.key,
                 output_key=out_key,
                 bytes_in=n_in,
@@ -192,17 +345,28 @@ class StepHandler:
                 True, f"result-{workflow.component}", out_name, {**step.meta, "nec": stats}
             )
             t4 = time.perf_counter()
-            self._send(workflow.topic_out, nxt.to_dict(), key=out_key)
+            if msg_id not in self._sent:  # sent in an earlier attempt whose marker failed
+                self._send(workflow.topic_out, nxt.to_dict(), key=out_key)
+                self._remember(msg_id)
+            s3.put_json(
+                client,
+                bucket,
+                marker,
+                {"message_id": msg_id, "input_key": step.key, "etag": etag, "output_key": out_key},
+            )
             stats["kafka_s"] = round(time.perf_counter() - t4, 3)
             return Outcome(True, "finished", output_key=out_key, stats=stats)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
-    def _compress(self, src: Path, dest: Path) -> dict:
+    def _remember(self, msg_id: str) -> None:
+        self._sent[msg_id] = None
+        while len(self._sent) > _SENT_MEMORY:
+            self._sent.popitem(last=False)
+
+    def _compress(self, src: Path, dest: Path, label: str) -> dict:
         bands = list(self.settings.bands) if self.settings.bands else None
         with dest.open("wb") as f:
             stats = compress(
-                iter_inputs(src, bands),
+                iter_inputs(src, bands, limits=self.settings.limits, label=label),
                 self.bundle,
                 self.engine,
                 f,
@@ -211,12 +375,20 @@ class StepHandler:
             )
         return {**stats.summary(), "mode": "compress"}
 
-    def _decompress(self, src: Path, dest: Path) -> dict:
+    def _decompress(self, src: Path, dest: Path, label: str) -> dict:
         # Two passes over the local container: count tiles (CRC-checked), then decode
-        # straight into a memory-mapped .npy, so memory stays bounded by one batch.
+        # straight into a memory-mapped .npy, so memory stays bounded by one batch. The
+        # output's size is checked against the limits before it is allocated.
+        limits = self.settings.limits
         with src.open("rb") as f:
             reader = ContainerReader(f)
-            count = sum(1 for _ in reader)
+            count = 0
+            for _ in reader:
+                count += 1
+                if count > limits.max_tiles:
+                    raise InvalidInput(
+                        f"{label}: container holds more than max_tiles={limits.max_tiles} tiles"
+                    )
         t0 = time.perf_counter()
         index = []
         with src.open("rb") as f:
@@ -227,6 +399,7 @@ class StepHandler:
                 reader, self.bundle, self.engine, self.settings.output, self.settings.batch_size
             ):
                 if out is None:
+                    check_decoded_size(count, arr.shape[1:], arr.dtype, limits, label)
                     out = np.lib.format.open_memmap(
                         dest, mode="w+", dtype=arr.dtype, shape=(count, *arr.shape[1:])
                     )
@@ -234,7 +407,7 @@ class StepHandler:
                 row += len(arr)
                 index.extend(tile_index(records))
             if out is None:
-                raise InvalidInput("container holds no tiles")
+                raise InvalidInput(f"{label}: container holds no tiles")
             out.flush()
             del out
         dest.with_suffix(".tiles.json").write_text(json.dumps(index))
@@ -261,22 +434,15 @@ class StepHandler:
     def _give_up(self, config_name, raw, workflow, component, reason, attempts) -> Outcome:
         """Dead-letter ``raw`` and emit ``failed``; the message is then done with."""
         name = workflow.name if workflow else config_name
+        secrets = (workflow.s3.access_key_id, workflow.s3.secret_access_key) if workflow else ()
         log.error("step failed for %s: %s", name, reason)
-        try:
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            try:
-                body = redacted(json.loads(text))
-            except ValueError:
-                body = text
-        except UnicodeDecodeError:
-            body = {"base64": base64.b64encode(raw).decode()}
         record = {
             "component_name": component,
             "workflow_name": name,
             "config": config_name,
             "error": reason,
             "attempts": attempts,
-            "message": body,
+            **dead_letter_body(raw, secrets),
         }
         try:
             self._send(self.settings.dead_letter_topic, record, key=config_name)

@@ -5,10 +5,17 @@ it only when the handler says it is done with (output, next message or dead-lett
 record, and status all durably written): HTTP answers 200, the consumer commits the
 offset. Otherwise HTTP answers 503 (the KafkaSource redelivers) and the consumer seeks
 back to the message and tries it again after a pause.
+
+What the trigger itself cannot read (a body over the size limit, a bad Content-Length, a
+CloudEvent whose data cannot be decoded) is failed and dead-lettered through the handler
+and answered 200 as well: a request the wrapper will never accept is not worth
+redelivering.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import threading
@@ -16,30 +23,75 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from nec_serve.messages import config_name
+from nec_serve.messages import MAX_MESSAGE_BYTES, MessageError, config_name
 
-__all__ = ["make_http_server", "run_consumer", "cloudevent_data"]
+__all__ = ["make_http_server", "run_consumer", "cloudevent_data", "read_event"]
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 << 20
+# A structured CloudEvent wraps the record (base64 adds a third) in a small envelope.
+MAX_BODY_BYTES = 2 * MAX_MESSAGE_BYTES
+_DRAIN_CHUNK = 1 << 16
 
 
 def cloudevent_data(body: bytes, content_type: str) -> bytes:
-    """The event data of a CloudEvent POST (binary mode: the body; structured: ``data``)."""
+    """The event data of a CloudEvent POST (binary mode: the body; structured: ``data``).
+
+    Raises:
+        MessageError: a structured event whose ``data_base64`` is not base64 text.
+    """
     if content_type.startswith("application/cloudevents+json"):
         try:
             event = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return body  # the handler reports the bad JSON
         if isinstance(event, dict) and "data_base64" in event:
-            import base64
-
-            return base64.b64decode(event["data_base64"])
+            encoded = event["data_base64"]
+            try:
+                if not isinstance(encoded, str):
+                    raise TypeError(type(encoded).__name__)
+                return base64.b64decode(encoded, validate=True)
+            except (binascii.Error, TypeError, ValueError) as err:
+                raise MessageError(f"CloudEvent data_base64 is not base64 text: {err}") from None
         if isinstance(event, dict) and "data" in event:
             data = event["data"]
+            if data is None:
+                return b""
             return data.encode() if isinstance(data, str) else json.dumps(data).encode()
     return body
+
+
+def _drain(rfile, length: int) -> None:
+    while length > 0:
+        chunk = rfile.read(min(length, _DRAIN_CHUNK))
+        if not chunk:
+            break
+        length -= len(chunk)
+
+
+def read_event(headers, rfile) -> tuple[bytes, str]:
+    """The event data of a POST, and what is wrong with the request ("" when nothing).
+
+    Never reads more than :data:`MAX_BODY_BYTES` into memory: a larger body is read and
+    dropped so the connection stays usable, and reported.
+    """
+    declared = headers.get("Content-Length")
+    if declared is None:
+        return b"", "request has no Content-Length"
+    try:
+        length = int(declared)
+    except ValueError:
+        return b"", f"request Content-Length {declared[:40]!r} is not a number"
+    if length < 0:
+        return b"", f"request Content-Length {length} is negative"
+    if length > MAX_BODY_BYTES:
+        _drain(rfile, length)
+        return b"", f"message is {length} bytes, over the limit of {MAX_BODY_BYTES} bytes"
+    body = rfile.read(length)
+    try:
+        return cloudevent_data(body, headers.get("Content-Type", "")), ""
+    except MessageError as err:
+        return body, err.message
 
 
 def make_http_server(handler, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
@@ -68,16 +120,17 @@ def make_http_server(handler, host: str = "127.0.0.1", port: int = 8080) -> Thre
 
         def do_POST(self) -> None:  # noqa: N802
             name = self.path.strip("/").split("?", 1)[0]
-            length = int(self.headers.get("Content-Length") or 0)
             if not name or "/" in name:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": "POST /<workflow-config-name>"})
                 return
-            if length > MAX_BODY_BYTES:
-                self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "message too large"})
-                return
-            body = cloudevent_data(self.rfile.read(length), self.headers.get("Content-Type", ""))
+            body, problem = read_event(self.headers, self.rfile)
+            if problem.startswith("request Content-Length"):
+                self.close_connection = True  # the rest of the stream cannot be framed
             with lock:
-                outcome = handler.handle(name, body)
+                if problem:
+                    outcome = handler.reject(name, body, problem)
+                else:
+                    outcome = handler.handle(name, body)
             status = HTTPStatus.OK if outcome.done else HTTPStatus.SERVICE_UNAVAILABLE
             self._reply(
                 status,
@@ -124,7 +177,11 @@ def run_consumer(
     try:
         while not stop.is_set():
             if time.monotonic() >= next_refresh:
-                wanted = set(topics())
+                try:
+                    wanted = set(topics())
+                except Exception as err:  # the config store: keep the topics we have
+                    log.warning("could not list workflow topics (%s); keeping %s", err, current)
+                    wanted = current
                 if wanted != current:
                     if wanted:
                         consumer.subscribe(sorted(wanted))
