@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 
-from nec_serve.config_store import UnknownWorkflow
 from nec_serve.errors import InvalidInput, is_transient
 from nec_serve.messages import (
     MessageError,
@@ -98,7 +97,7 @@ class Controller:
             self.sources.validate(config)
             try:
                 existing = self.store.get(name)
-            except UnknownWorkflow:
+            except (InvalidInput, ValueError):  # none, or a damaged entry that put() replaces
                 existing = None
             if existing is not None and existing.topic_in != config.topic_in:
                 raise MessageError(

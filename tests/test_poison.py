@@ -678,3 +678,18 @@ def test_leftover_work_directories_are_removed_but_live_ones_kept(tmp_path):
         os.close(fd)
     assert live.exists() and unrelated.exists() and not dead.exists()
     assert clean_work_dirs(tmp_path) == [live]  # once its owner is gone
+
+
+def test_a_damaged_stored_config_is_replaced_on_published(kafka, s3, producer, tmp_path):
+    from nec_controller.app import Controller
+    from nec_controller.sources import LocalSources
+
+    flow = Flow(kafka, s3, tmp_path)
+    (flow.store.root / f"{flow.name}.json").write_text("{damaged")
+    sources = LocalSources(kafka.bootstrap_servers, {"nec-compress": "http://127.0.0.1:9"})
+    ctl = Controller(flow.store, sources, producer, flow.dlq, flow.status)
+    try:
+        assert ctl.handle(json.dumps(flow.msg).encode()) == "published"
+        assert flow.store.get(flow.name) == flow.config
+    finally:
+        sources.close()
