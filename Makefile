@@ -18,6 +18,7 @@ demo: install  ## export NEC ViT-B, compress + decompress ../shared/data, print 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 test: lint  ## the whole suite; .ci/run calls exactly this
 	PYTHONWARNINGS=ignore $(BIN)/python -m pytest -q

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nec_dev.perf import machine_description
 from nec_serve.codec import FactorizedCodec
-from nec_serve.perf import machine_description
 from nec_serve.tables import EntropyTables
 
 CHANNELS = 768

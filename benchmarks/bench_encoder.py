@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nec_dev.perf import latency_stats, machine_description, merge_runs, read_rows, write_rows
 from nec_export.graphs import EncoderGraph
 from nec_models import create_model
-from nec_serve.perf import latency_stats, machine_description, merge_runs, read_rows, write_rows
 
 
 def timed(fn, iters: int, warmup: int, sync) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Starts the project's own stack (a real Kafka broker, ``LocalKafka``; a real S3 server, moto's,
 ``LocalS3``; the local ``tritonserver``, ``LocalTritonServer``) with the workflow demo's
-building blocks (``nec_serve.workflow_demo``), stores the workflow's config in a local config
+building blocks (``nec_dev.workflow_demo``), stores the workflow's config in a local config
 store and runs one ``nec-serve wrapper --mode compress`` process with the **Kafka trigger**:
 the wrapper consumes the workflow's input topic itself. There is no controller and no
 KafkaSource stand-in (HTTP hop) in the path, so nothing but the wrapper (and, with
@@ -55,7 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nec_serve.perf import machine_description
+from nec_dev.perf import machine_description
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUCKET = "nec-bench"
@@ -306,8 +306,8 @@ def prepare_inputs(
     """
     import numpy as np
 
+    from nec_dev.workflow_demo import write_tar_gz
     from nec_serve.imagery import read_bigearthnet_patch
-    from nec_serve.workflow_demo import write_tar_gz
 
     naip = sorted(p for p in (data / "naip").glob("*.tif") if p.name not in exclude)
     landsat = sorted((data / "landsat").glob("*.tif"))
@@ -390,10 +390,7 @@ def run_wrapper(
 
     Returns ``(input, stats, wall_s, load average)`` per message, in the order they finished.
     """
-    from nec_serve.config_store import LocalConfigStore
-    from nec_serve.kafka_io import json_producer
-    from nec_serve.messages import parse_workflow
-    from nec_serve.workflow_demo import (
+    from nec_dev.workflow_demo import (
         create_topics,
         follow,
         json_consumer,
@@ -402,6 +399,9 @@ def run_wrapper(
         workflow_message,
         wrapper_args,
     )
+    from nec_serve.config_store import LocalConfigStore
+    from nec_serve.kafka_io import json_producer
+    from nec_serve.messages import parse_workflow
 
     tag = f"nec-bench-{server}"
     t_in, t_out = f"{tag}.in", f"{tag}.out"
@@ -477,8 +477,8 @@ def main() -> int:
     if args.messages < 1:
         p.error("--messages must be >= 1")
 
+    from nec_dev.workflow_demo import local_stack
     from nec_serve.pipeline import ModelBundle
-    from nec_serve.workflow_demo import local_stack
 
     export_dir = Path(args.model_dir).resolve()
     bundle = ModelBundle.load(export_dir)

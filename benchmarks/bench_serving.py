@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from nec_dev.perf import latency_stats, machine_description, write_rows
+from nec_dev.triton import LocalTritonServer
 from nec_serve.imagery import Normalisation, read_raster, tile_image
-from nec_serve.perf import latency_stats, machine_description, write_rows
 from nec_serve.pipeline import LocalEngine, ModelBundle
 from nec_serve.serving.client import TritonEngine
-from nec_serve.serving.local import LocalTritonServer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

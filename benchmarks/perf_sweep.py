@@ -35,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nec_serve.imagery import Normalisation, read_raster, tile_image
-from nec_serve.perf import (
+from nec_dev.perf import (
     PERF_ANALYZER_VERSION,
     SERIES_KEYS,
     PerfError,
@@ -53,6 +52,7 @@ from nec_serve.perf import (
     write_rows,
     write_variant_repository,
 )
+from nec_serve.imagery import Normalisation, read_raster, tile_image
 from nec_serve.pipeline import LocalEngine, ModelBundle
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -178,7 +178,7 @@ def sweep(args, bundle: ModelBundle, binary: Path, tmp: Path) -> Sweep:
         run.server(args.config_label, max(args.batch), urls, args.metrics_url)
         return run
 
-    from nec_serve.serving.local import LocalTritonServer
+    from nec_dev.triton import LocalTritonServer
 
     for variant in [Variant.parse(c) for c in args.configs]:
         repo = write_variant_repository(

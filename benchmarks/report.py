@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nec_serve.perf import read_rows, summary_markdown
+from nec_dev.perf import read_rows, summary_markdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -43,7 +43,7 @@ from nec_export.triton import (
     to_pbtxt,
 )
 from nec_models.nec import NECClassifier, NECFactorized, NECHyperprior
-from nec_serve import __version__, serving
+from nec_serve import __version__
 from nec_serve.errors import InvalidInput
 from nec_serve.tables import TABLES_FILENAME, EntropyTables
 
@@ -55,7 +55,7 @@ DECODER_BLOCK1 = "nec_decoder_block1"
 GRAPH_NAMES = (ENCODER, DECODER, DECODER_BLOCK1)
 MANIFEST = "manifest.json"
 # Not imported here: it needs Triton's triton_python_backend_utils, present only in Triton.
-TRITON_MODEL_PY = Path(serving.__file__).parent / "triton_model.py"
+TRITON_MODEL_PY = Path(__file__).resolve().parent / "triton_model.py"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches the runtime jars of a pinned Apache Kafka release from Maven Central into a gitignored
-# cache inside the checkout, for the local single-node KRaft broker (nec_serve/stack/kafka.py):
+# cache inside the checkout, for the local single-node KRaft broker (dev/stack/kafka.py):
 #
 #   .cache/kafka/libs/*.jar        kafka_2.13 (kafka.Kafka, kafka.tools.StorageTool) and its
 #                                  runtime dependencies, log4j2 + its SLF4J binding

@@ -2,7 +2,7 @@
 # Fetches Triton's perf_analyzer (pinned wheel from PyPI) into a gitignored cache and writes a
 # launcher that runs it on this machine:
 #
-#   .cache/perf_analyzer/perf_analyzer     the launcher (what nec_serve.perf runs)
+#   .cache/perf_analyzer/perf_analyzer     the launcher (what nec_dev.perf runs)
 #   .cache/perf_analyzer/bin/perf_analyzer the binary from the wheel
 #   .cache/perf_analyzer/glibc/            Debian 13's libc6, libstdc++6, libgcc-s1, unpacked
 #                                          (only where the system glibc is older than 2.38)

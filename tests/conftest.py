@@ -50,7 +50,7 @@ def tiny_export(tmp_path_factory, tiny_model) -> Path:
 # each test uses its own topics and bucket.
 @pytest.fixture(scope="session")
 def kafka():
-    from nec_serve.stack.kafka import LocalKafka, ensure_kafka
+    from nec_dev.stack.kafka import LocalKafka, ensure_kafka
 
     ensure_kafka()
     with LocalKafka() as broker:
@@ -59,7 +59,7 @@ def kafka():
 
 @pytest.fixture(scope="session")
 def s3():
-    from nec_serve.stack.s3 import LocalS3
+    from nec_dev.stack.s3 import LocalS3
 
     with LocalS3() as server:
         yield server

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from test_k8s import kv
 
+from nec_dev.triton import free_port
 from nec_serve import deploy
 from nec_serve.errors import InvalidInput
-from nec_serve.serving.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = ("nec_decoder", "nec_decoder_block1", "nec_encoder")

@@ -332,7 +332,7 @@ def test_guard_refuses_what_the_image_lacks():
 def test_wrapper_and_controller_import_with_only_the_runtime_packages():
     out = run_with_runtime_packages(
         """
-        import nec_serve.cli as cli
+        import nec_cli.main as cli
         parser = cli.build_parser()
         parser.parse_args(["wrapper", "--mode", "compress", "--model-dir", "/model",
                            "--bootstrap", "k:9092", "--namespace", "nec",

@@ -111,7 +111,7 @@ def expand_args(container: dict, obj: dict, objects: list[dict]) -> list[str]:
 
 
 def parse_cli(args: list[str]):
-    from nec_serve.cli import build_parser
+    from nec_cli.main import build_parser
 
     return build_parser().parse_args(args)
 
@@ -789,7 +789,7 @@ def test_readme_documents_the_nec_model_command():
 
 STARTUP = """
 import json, sys
-import nec_serve.cli as cli
+import nec_cli.main as cli
 import nec_serve.config_store as config_store
 import nec_serve.kafka_io as kafka_io
 args_list = json.loads(sys.argv[3])

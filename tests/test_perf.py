@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nec_serve.perf import (
+from nec_dev.perf import (
     SERIES_KEYS,
     PerfError,
     Variant,
@@ -340,7 +340,7 @@ def test_report_only_redraws_from_the_csv(tmp_path, tiny_export):
 
 
 def test_latency_stats_and_csv_round_trip(tmp_path):
-    from nec_serve.perf import latency_stats, read_rows, write_rows
+    from nec_dev.perf import latency_stats, read_rows, write_rows
 
     secs = np.array([0.1, 0.2, 0.3, 0.4])
     st = latency_stats(secs, batch=8)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nec_serve.cli import main
+from nec_cli.main import main
 from nec_serve.container import MAGIC, ContainerReader
 from nec_serve.errors import CorruptBitstream, InvalidInput
 from nec_serve.imagery import InputLimits, Normalisation, iter_inputs, read_raster, tile_image

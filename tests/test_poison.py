@@ -508,7 +508,7 @@ def test_a_container_with_a_mistyped_geometry_field_fails_clearly(
         [
             sys.executable,
             "-m",
-            "nec_serve.cli",
+            "nec_cli",
             "decompress",
             str(path),
             "--model-dir",

@@ -12,11 +12,11 @@ import warnings
 import numpy as np
 import pytest
 
+from nec_dev.triton import LocalTritonServer, free_port
 from nec_serve.errors import InvalidInput, ModelMismatch, ServerUnavailable
 from nec_serve.imagery import read_raster
 from nec_serve.pipeline import LocalEngine, ModelBundle, compress, decompress
 from nec_serve.serving.client import TritonEngine, parse_server_url
-from nec_serve.serving.local import LocalTritonServer, free_port
 
 NAIP = "naip/m_4709963_se_14_1_20180716.tif"
 
@@ -72,7 +72,7 @@ def test_remote_containers_are_byte_identical(server, bundle, scene, protocol, s
 
 
 def test_cli_compress_with_server_flag(server, tiny_export, tmp_path, scene, capsys):
-    from nec_serve.cli import main
+    from nec_cli.main import main
 
     src = tmp_path / "scene.npy"
     np.save(src, scene)
@@ -180,7 +180,7 @@ def test_server_killed_mid_run_fails_after_bounded_retries(tiny_export, bundle):
 
 
 def test_server_start_failure_reports_its_log(tmp_path):
-    from nec_serve.serving.local import ServerStartError
+    from nec_dev.triton import ServerStartError
 
     bad = tmp_path / "repo" / "broken"
     (bad / "1").mkdir(parents=True)

@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from nec_serve.stack.kafka import KafkaStartError, LocalKafka, ensure_kafka
-from nec_serve.stack.s3 import LocalS3
+from nec_dev.stack.kafka import KafkaStartError, LocalKafka, ensure_kafka
+from nec_dev.stack.s3 import LocalS3
 
 MiB = 1024 * 1024
 

@@ -16,11 +16,11 @@ import uuid
 import numpy as np
 import pytest
 
+from nec_dev.stack.s3 import LocalS3
 from nec_serve.config_store import LocalConfigStore
 from nec_serve.imagery import iter_inputs, read_raster
 from nec_serve.messages import config_name, parse_workflow
 from nec_serve.pipeline import LocalEngine, ModelBundle, compress
-from nec_serve.stack.s3 import LocalS3
 
 NAIP = "naip/m_4709963_se_14_1_20180716.tif"
 
@@ -293,8 +293,8 @@ def test_s3_unavailable_is_retried_then_failed(kafka, producer, tiny_export, dat
 def test_inference_server_unavailable_is_retried_then_failed(
     kafka, s3, producer, tiny_export, data_dir, tmp_path
 ):
+    from nec_dev.triton import free_port
     from nec_serve.serving.client import TritonEngine
-    from nec_serve.serving.local import free_port
 
     flow = Flow(kafka, s3, tmp_path)
     flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
@@ -347,7 +347,7 @@ def test_wrapper_killed_mid_step_completes_once_after_restart(
     cmd = [
         sys.executable,
         "-m",
-        "nec_serve.cli",
+        "nec_cli",
         "wrapper",
         "--mode",
         "compress",

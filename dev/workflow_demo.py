@@ -52,9 +52,9 @@ COMPRESS_IN, DECOMPRESS_IN, DONE = "wf-nec.compress.in", "wf-nec.decompress.in",
 class LocalStack:
     """The running embedded stack: Kafka broker, S3 server and, optionally, Triton."""
 
-    kafka: Any  # nec_serve.stack.kafka.LocalKafka
-    s3: Any  # nec_serve.stack.s3.LocalS3
-    triton: Any | None  # nec_serve.serving.local.LocalTritonServer
+    kafka: Any  # nec_dev.stack.kafka.LocalKafka
+    s3: Any  # nec_dev.stack.s3.LocalS3
+    triton: Any | None  # nec_dev.triton.LocalTritonServer
     start_s: float  # seconds the three took to come up
 
     @property
@@ -80,9 +80,9 @@ def local_stack(repository: Path | None, work: Path) -> Iterator[LocalStack]:
     ``repository`` is an export's ``model_repository_local/``; Triton logs to
     ``work/tritonserver.log``. Everything is stopped, in reverse order, on leaving.
     """
-    from nec_serve.serving.local import LocalTritonServer
-    from nec_serve.stack.kafka import LocalKafka
-    from nec_serve.stack.s3 import LocalS3
+    from nec_dev.stack.kafka import LocalKafka
+    from nec_dev.stack.s3 import LocalS3
+    from nec_dev.triton import LocalTritonServer
 
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -164,10 +164,10 @@ def write_tar_gz(dest: Path, members: Iterable[tuple[str, Path]]) -> Path:
 
 
 def spawn_cli(args: list[str], log: Path) -> subprocess.Popen:
-    """Run ``python -m nec_serve.cli *args`` with its output in ``log``."""
+    """Run ``python -m nec_cli *args`` with its output in ``log``."""
     f = log.open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "nec_serve.cli", *args], stdout=f, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "nec_cli", *args], stdout=f, stderr=subprocess.STDOUT
     )
 
 
@@ -265,8 +265,8 @@ def _inputs(data: Path, tmp: Path) -> list[tuple[str, Path]]:
 
 def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float = 900) -> int:
     """Run the workflow demo; returns the exit status."""
+    from nec_dev.triton import free_port
     from nec_serve.kafka_io import json_producer
-    from nec_serve.serving.local import free_port
 
     work.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []

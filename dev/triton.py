@@ -17,8 +17,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from nec_dev.process import ChildProcess
 from nec_serve.errors import NecError
-from nec_serve.process import ChildProcess
 
 __all__ = ["LocalTritonServer", "ServerStartError", "find_tritonserver", "free_port"]
 

@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from nec_serve.serving.local import LocalTritonServer
+    from nec_dev.triton import LocalTritonServer
 
     repo = Path(args.model_dir) / f"model_repository_{args.repository}"
     server = LocalTritonServer(
@@ -231,7 +231,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job: export, compress and decompress real imagery, print a summary."""
-    from nec_serve.demo import run_demo
+    from nec_dev.demo import run_demo
 
     return run_demo(args)
 

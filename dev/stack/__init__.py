@@ -1,9 +1,9 @@
 """The local embedded stack (DESIGN section 8): real servers started by the project's own code.
 
-- :class:`LocalKafka` (:mod:`nec_serve.stack.kafka`): an Apache Kafka broker and KRaft
+- :class:`LocalKafka` (:mod:`nec_dev.stack.kafka`): an Apache Kafka broker and KRaft
   controller in one JVM, from Kafka's release jars on Maven Central, which
   :func:`ensure_kafka` fetches once with ``scripts/fetch_kafka.sh``.
-- :class:`LocalS3` (:mod:`nec_serve.stack.s3`): moto's S3 server in a child process.
+- :class:`LocalS3` (:mod:`nec_dev.stack.s3`): moto's S3 server in a child process.
 
 Each runs in its own process session on free loopback ports and is a context manager with
 ``start``, ``stop``, ``kill`` and ``restart``. The names are imported lazily, on first use, so

@@ -139,7 +139,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     if args.skip_workflow:
         return 0
-    from nec_serve.workflow_demo import run_workflow_demo
+    from nec_dev.workflow_demo import run_workflow_demo
 
     print("\n[workflow] the same export as a Kafka-triggered workflow on the local stack")
     return run_workflow_demo(bundle.root, data, work / "workflow")

@@ -19,8 +19,8 @@ import sys
 import time
 from typing import Any
 
-from nec_serve.process import ChildProcess
-from nec_serve.serving.local import ServerStartError, free_port
+from nec_dev.process import ChildProcess
+from nec_dev.triton import ServerStartError, free_port
 
 __all__ = ["LocalS3", "S3StartError"]
 

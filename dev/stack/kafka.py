@@ -25,8 +25,8 @@ import time
 import uuid
 from pathlib import Path
 
-from nec_serve.process import ChildProcess, run_fetch_script
-from nec_serve.serving.local import ServerStartError, free_port
+from nec_dev.process import ChildProcess, run_fetch_script
+from nec_dev.triton import ServerStartError, free_port
 
 __all__ = [
     "KAFKA_VERSION",

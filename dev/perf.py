@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nec_dev.process import run_fetch_script
 from nec_serve.errors import NecError
-from nec_serve.process import run_fetch_script
 
 __all__ = [
     "PERF_ANALYZER_VERSION",

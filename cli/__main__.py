@@ -1,0 +1,7 @@
+"""``python -m nec_cli``."""
+
+import sys
+
+from nec_cli.main import main
+
+sys.exit(main())
