@@ -27,7 +27,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Benchmarks (README "Benchmarks"); results land in benchmarks/results/. They use the demo's
+# Benchmarks (docs/measurements.md, benchmarks/README.md); results land in benchmarks/results/. They use the demo's
 # ViT-B export (made here if missing, as `make demo` makes it) and take ~30 min on 2 cores.
 BENCH_EXPORT := artifacts/demo/export/mae_vit_compress_adapter
 CALIBRATION  := ../shared/data/naip/m_4709963_se_14_1_20090818.tif
