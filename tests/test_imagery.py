@@ -8,6 +8,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import tracemalloc
 from pathlib import Path
@@ -774,3 +776,31 @@ def test_label_keeps_item_names(tmp_path: Path, naip_crops: list) -> None:
     with pytest.raises(InvalidInput, match=r"^s3://b/nan\.npy: 1 non-finite") as info:
         list(iter_inputs(tmp_path / "nan.npy", label="s3://b/nan.npy"))
     assert str(tmp_path) not in str(info.value)
+
+
+# ------------------------------------------------------------------------------- package
+
+
+def test_light_names_import_without_rasterio_and_every_name_resolves() -> None:
+    # A fresh interpreter: this one has imported rasterio already.
+    code = """
+import sys
+from nec_serve.imagery import InputLimits, Normalisation, TileGrid
+assert "rasterio" not in sys.modules, sorted(m for m in sys.modules if "rasterio" in m)
+import nec_serve.imagery as imagery
+missing = [name for name in imagery.__all__ if not hasattr(imagery, name)]
+assert not missing, missing
+assert set(imagery.__all__) <= set(dir(imagery))
+from nec_serve.imagery import _human_bytes
+assert _human_bytes(30 * 10**9) == "30.0 GB"
+try:
+    imagery.no_such_name
+except AttributeError as err:
+    assert "no_such_name" in str(err)
+else:
+    raise AssertionError("unknown names must raise AttributeError")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
