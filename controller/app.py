@@ -20,6 +20,7 @@ import threading
 import time
 
 from nec_serve.errors import InvalidInput, is_transient
+from nec_serve.kafka_io import commit_after, manual_commit_consumer
 from nec_serve.messages import (
     MessageError,
     WorkflowConfig,
@@ -164,8 +165,6 @@ def run_controller(
     retry_pause_s: float = 2.0,
 ) -> None:
     """Consume ``topic`` until ``stop`` is set, committing after each handled message."""
-    from nec_serve.kafka_io import commit_after, manual_commit_consumer
-
     consumer = manual_commit_consumer(bootstrap_servers, group_id, topic, max_poll_records=10)
     try:
         while not stop.is_set():

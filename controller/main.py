@@ -5,8 +5,64 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from dataclasses import dataclass
 
-__all__ = ["add_parser"]
+from nec_controller.app import Controller, run_controller
+from nec_controller.sources import KubernetesSources, LocalSources
+from nec_serve.config_store import KubernetesConfigStore, LocalConfigStore
+from nec_serve.errors import InvalidInput
+from nec_serve.kafka_io import json_producer
+
+__all__ = ["add_parser", "ControllerSettings"]
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """Everything the controller process is configured with, checked; built once in ``run``."""
+
+    bootstrap_servers: str
+    topic: str = "system.ML"
+    dead_letter_topic: str = "nec.deadletter"
+    status_topic: str = "monitoring.notify"
+    attempts: int = 3
+    backoff_s: float = 1.0
+    kubernetes: bool = False
+    namespace: str = "nec"
+    config_dir: str | None = None
+    sinks: tuple[tuple[str, str], ...] = ()  # local mode: (service, wrapper URL)
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work, naming the setting."""
+        if not self.bootstrap_servers.strip():
+            raise InvalidInput("controller: --bootstrap is empty")
+        if self.attempts < 1:
+            raise InvalidInput(f"controller: --attempts {self.attempts}, expected >= 1")
+        if self.backoff_s < 0:
+            raise InvalidInput(f"controller: --backoff {self.backoff_s}, expected >= 0")
+        if not self.kubernetes and not self.config_dir:
+            raise InvalidInput("controller: local mode needs --config-dir (or give --kubernetes)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ControllerSettings:
+        """From the parsed flags; ``--sink`` values must be ``SERVICE=URL``."""
+        sinks = []
+        for value in args.sink:
+            service, sep, url = value.partition("=")
+            if not sep or not service or not url.startswith(("http://", "https://")):
+                raise InvalidInput(f"controller: --sink {value!r}, expected SERVICE=http(s)://...")
+            sinks.append((service, url))
+        return cls(
+            bootstrap_servers=args.bootstrap,
+            topic=args.topic,
+            dead_letter_topic=args.dead_letter_topic,
+            status_topic=args.status_topic,
+            attempts=args.attempts,
+            backoff_s=args.backoff,
+            kubernetes=args.kubernetes,
+            namespace=args.namespace,
+            config_dir=args.config_dir,
+            sinks=tuple(sinks),
+        )
 
 
 def add_parser(sub) -> None:
@@ -38,43 +94,37 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT."""
-    from nec_controller.app import Controller, run_controller
-    from nec_serve.kafka_io import json_producer
-
-    producer = json_producer(args.bootstrap)
-    if args.kubernetes:
-        from nec_controller.sources import KubernetesSources
-        from nec_serve.config_store import KubernetesConfigStore
-
-        store = KubernetesConfigStore(args.namespace)
-        sources = KubernetesSources(args.bootstrap.split(","), namespace=args.namespace)
+    settings = ControllerSettings.from_args(args)
+    producer = json_producer(settings.bootstrap_servers)
+    if settings.kubernetes:
+        store = KubernetesConfigStore(settings.namespace)
+        sources = KubernetesSources(
+            settings.bootstrap_servers.split(","), namespace=settings.namespace
+        )
     else:
-        from nec_controller.sources import LocalSources
-        from nec_serve.config_store import LocalConfigStore
-
-        if not args.config_dir:
-            raise SystemExit("controller: local mode needs --config-dir")
-        sinks = dict(s.split("=", 1) for s in args.sink)
-        store = LocalConfigStore(args.config_dir)
+        store = LocalConfigStore(settings.config_dir)
         sources = LocalSources(
-            args.bootstrap, sinks, producer=producer, dead_letter_topic=args.dead_letter_topic
+            settings.bootstrap_servers,
+            dict(settings.sinks),
+            producer=producer,
+            dead_letter_topic=settings.dead_letter_topic,
         )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"controller listening on {args.topic} at {args.bootstrap}", flush=True)
+    print(f"controller listening on {settings.topic} at {settings.bootstrap_servers}", flush=True)
     try:
         run_controller(
             Controller(
                 store,
                 sources,
                 producer,
-                dead_letter_topic=args.dead_letter_topic,
-                status_topic=args.status_topic,
-                attempts=args.attempts,
-                backoff_s=args.backoff,
+                dead_letter_topic=settings.dead_letter_topic,
+                status_topic=settings.status_topic,
+                attempts=settings.attempts,
+                backoff_s=settings.backoff_s,
             ),
-            args.bootstrap,
-            args.topic,
+            settings.bootstrap_servers,
+            settings.topic,
             stop,
         )
     except KeyboardInterrupt:

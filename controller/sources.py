@@ -15,6 +15,7 @@ import threading
 import urllib.error
 import urllib.request
 
+from nec_serve.kafka_io import commit_after, manual_commit_consumer
 from nec_serve.messages import MessageError, WorkflowConfig, dead_letter_body
 
 __all__ = ["kafka_source", "KubernetesSources", "LocalSources", "LocalKafkaSource"]
@@ -71,7 +72,7 @@ class KubernetesSources:
 
     def __init__(self, bootstrap_servers: list[str], custom_api=None, namespace: str = "nec"):
         if custom_api is None:
-            from kubernetes import client, config
+            from kubernetes import client, config  # heavy; Kubernetes mode only
 
             try:
                 config.load_incluster_config()
@@ -86,7 +87,7 @@ class KubernetesSources:
         """Nothing to check before creating: the API server validates the object."""
 
     def _get(self, name: str, namespace: str | None) -> dict | None:
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # heavy; Kubernetes mode only
 
         try:
             return self.api.get_namespaced_custom_object(
@@ -104,7 +105,7 @@ class KubernetesSources:
 
     def ensure(self, config: WorkflowConfig) -> bool:
         """Create the source, or replace it if its spec differs; True if anything changed."""
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # heavy; Kubernetes mode only
 
         body = kafka_source(config, self.bootstrap)
         ns, name = config.namespace, config.source_name
@@ -123,7 +124,7 @@ class KubernetesSources:
 
     def remove(self, name: str, namespace: str | None, topic: str | None = None) -> bool:
         """Delete the source (only if it reads ``topic``, when given); False if none was."""
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # heavy; Kubernetes mode only
 
         if topic is not None and not self.owns(name, namespace, topic):
             return False
@@ -243,8 +244,6 @@ class LocalKafkaSource(threading.Thread):
 
     def run(self) -> None:
         """Deliver until stopped."""
-        from nec_serve.kafka_io import commit_after, manual_commit_consumer
-
         consumer = manual_commit_consumer(
             self.bootstrap,
             self.source_name,

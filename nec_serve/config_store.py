@@ -120,7 +120,7 @@ class KubernetesConfigStore:
 
     def __init__(self, namespace: str, core_api=None):
         if core_api is None:
-            from kubernetes import client, config
+            from kubernetes import client, config  # heavy; Kubernetes mode only
 
             try:
                 config.load_incluster_config()
@@ -156,7 +156,7 @@ class KubernetesConfigStore:
 
     def put(self, config: WorkflowConfig) -> bool:
         """Create or replace both objects."""
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # heavy; Kubernetes mode only
 
         cm, sec = self.objects(config, self.namespace)
         for create, replace, body in (
@@ -175,7 +175,7 @@ class KubernetesConfigStore:
         """Read the ConfigMap and Secret back."""
         import base64
 
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # heavy; Kubernetes mode only
 
         try:
             cm = self.api.read_namespaced_config_map(name, self.namespace)
@@ -189,7 +189,7 @@ class KubernetesConfigStore:
 
     def delete(self, name: str) -> bool:
         """Delete both objects; missing ones are fine."""
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # heavy; Kubernetes mode only
 
         found = False
         for delete in (self.api.delete_namespaced_config_map, self.api.delete_namespaced_secret):

@@ -5,14 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import tempfile
 import threading
 from dataclasses import fields
 from pathlib import Path
 
-from nec_serve.imagery import InputLimits
+from nec_serve.config_store import KubernetesConfigStore, LocalConfigStore
+from nec_serve.contract import decode_outputs
+from nec_serve.errors import InvalidInput
+from nec_serve.imagery import InputLimits, parse_bands
+from nec_serve.kafka_io import json_producer
 from nec_serve.messages import MAX_MESSAGE_BYTES
+from nec_wrapper.step import StepHandler, WrapperSettings
+from nec_wrapper.triggers import make_http_server, run_consumer
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "settings_from_args"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,7 @@ def add_parser(sub) -> None:
     s.add_argument("--bands", help="1-based bands to read, e.g. 1,2,3")
     s.add_argument(
         "--output",
-        choices=("embeddings", "features", "symbols"),
+        choices=tuple(decode_outputs()),
         default="embeddings",
         help="what decompress writes",
     )
@@ -67,26 +74,12 @@ def add_parser(sub) -> None:
     s.set_defaults(func=run)
 
 
-def _store(args):
-    if args.namespace:
-        from nec_serve.config_store import KubernetesConfigStore
-
-        return KubernetesConfigStore(args.namespace)
-    if not args.config_dir:
-        raise SystemExit("wrapper: give --config-dir (local) or --namespace (Kubernetes)")
-    from nec_serve.config_store import LocalConfigStore
-
-    return LocalConfigStore(args.config_dir)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT."""
-    import tempfile
-
-    from nec_serve.kafka_io import json_producer
-    from nec_wrapper.step import StepHandler, WrapperSettings
-
-    settings = WrapperSettings(
+def settings_from_args(args: argparse.Namespace) -> WrapperSettings:
+    """The wrapper's one settings object, from the parsed flags (checked there)."""
+    if not args.namespace and not args.config_dir:
+        raise InvalidInput("wrapper: give --config-dir (local) or --namespace (Kubernetes)")
+    bands = parse_bands(args.bands)
+    return WrapperSettings(
         mode=args.mode,
         model_dir=Path(args.model_dir),
         bootstrap_servers=args.bootstrap,
@@ -98,31 +91,44 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         attempts=args.attempts,
         backoff_s=args.backoff,
-        bands=tuple(int(b) for b in args.bands.split(",")) if args.bands else None,
+        bands=tuple(bands) if bands else None,
         output=args.output,
         limits=InputLimits(**{f.name: getattr(args, f.name) for f in fields(InputLimits)}),
         max_message_bytes=args.max_message_bytes,
+        trigger=args.trigger,
+        host=args.host,
+        port=args.port,
+        group=args.group or f"nec-wrapper-{args.mode}",
+        config_dir=Path(args.config_dir) if args.config_dir else None,
+        namespace=args.namespace,
     )
-    store = _store(args)
-    producer = json_producer(args.bootstrap)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT."""
+    settings = settings_from_args(args)
+    store = (
+        KubernetesConfigStore(settings.namespace)
+        if settings.namespace
+        else LocalConfigStore(settings.config_dir)
+    )
+    producer = json_producer(settings.bootstrap_servers)
     handler = StepHandler(settings, store, producer)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        if args.trigger == "http":
-            from nec_wrapper.triggers import make_http_server
-
-            server = make_http_server(handler, args.host, args.port)
+        if settings.trigger == "http":
+            server = make_http_server(handler, settings.host, settings.port)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             print(
-                f"wrapper ({args.mode}) listening on http://{args.host}:{server.server_port}",
+                f"wrapper ({settings.mode}) listening on "
+                f"http://{settings.host}:{server.server_port}",
                 flush=True,
             )
             while not stop.wait(0.5):
                 pass
             server.shutdown()
         else:
-            from nec_wrapper.triggers import run_consumer
 
             def topics():
                 found = []
@@ -133,10 +139,10 @@ def run(args: argparse.Namespace) -> int:
                         log.warning("skipping workflow config %s: %s", name, err)
                 return found
 
-            print(f"wrapper ({args.mode}) consuming from {args.bootstrap}", flush=True)
-            run_consumer(
-                handler, args.bootstrap, args.group or f"nec-wrapper-{args.mode}", topics, stop
+            print(
+                f"wrapper ({settings.mode}) consuming from {settings.bootstrap_servers}", flush=True
             )
+            run_consumer(handler, settings.bootstrap_servers, settings.group, topics, stop)
     except KeyboardInterrupt:
         pass
     finally:

@@ -106,6 +106,13 @@ class WrapperSettings:
     s3_timeout_s: float = 30.0
     limits: InputLimits = field(default_factory=InputLimits)
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # How the process is reached and where it finds configs (used by main, not the handler).
+    trigger: str = "http"  # "http" (a KafkaSource's POSTs) or "kafka" (consume directly)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    group: str = "nec-wrapper"
+    config_dir: Path | None = None  # local config store
+    namespace: str | None = None  # Kubernetes config store (ConfigMaps and Secrets)
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, naming the setting."""
@@ -115,6 +122,10 @@ class WrapperSettings:
             raise InvalidInput("attempts and batch size must be >= 1")
         if self.max_message_bytes < 1 or self.max_input_bytes < 1:
             raise InvalidInput("max message bytes and max input bytes must be >= 1")
+        if self.trigger not in ("http", "kafka"):
+            raise InvalidInput(f"invalid wrapper trigger {self.trigger!r}: http or kafka")
+        if not 0 <= self.port <= 65535:
+            raise InvalidInput(f"invalid wrapper port {self.port}")
 
 
 @dataclass

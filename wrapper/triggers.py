@@ -23,6 +23,7 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from nec_serve.kafka_io import commit_after, manual_commit_consumer
 from nec_serve.messages import MAX_MESSAGE_BYTES, MessageError, config_name
 
 __all__ = ["make_http_server", "run_consumer", "cloudevent_data", "read_event"]
@@ -163,8 +164,6 @@ def run_consumer(
     store), re-read every ``refresh_s`` so newly published workflows are picked up.
     Offsets are committed one message at a time, only after the handler is done with it.
     """
-    from nec_serve.kafka_io import commit_after, manual_commit_consumer
-
     consumer = manual_commit_consumer(
         bootstrap_servers,
         group_id,
