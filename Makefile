@@ -58,7 +58,7 @@ PERF := PYTHONWARNINGS=ignore $(BIN)/python benchmarks/perf_sweep.py --model-dir
 	--measurement-ms 5000 --retries 1
 bench-perf: $(BENCH_EXPORT)/manifest.json  ## perf_analyzer sweep, curves and summary
 	$(PERF) --configs i1-b8-d5000
-	$(PERF) --configs i2-b8-d5000 i1-b8-d- --models nec_encoder --protocols grpc
+	$(PERF) --configs i2-b8-d5000 i1-b8-d- --models encoder --protocols grpc
 
 clean:
 	rm -rf build artifacts nec_serve/*.so *.egg-info $(VENV)

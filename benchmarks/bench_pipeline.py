@@ -55,7 +55,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from nec_dev.perf import machine_description
+from nec_dev.workflow_demo import (
+    create_topics,
+    follow,
+    json_consumer,
+    local_stack,
+    spawn_cli,
+    stop_processes,
+    workflow_message,
+    wrapper_args,
+    write_tar_gz,
+)
+from nec_serve.config_store import LocalConfigStore
+from nec_serve.imagery import read_bigearthnet_patch
+from nec_serve.kafka_io import json_producer
+from nec_serve.messages import parse_workflow
+from nec_serve.pipeline import ModelBundle
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUCKET = "nec-bench"
@@ -248,7 +266,7 @@ def plot_stages(rows: Sequence[dict], path: Path, title: str) -> None:
 
     A second panel shows the same bars without inference, so the small stages can be read.
     """
-    import matplotlib
+    import matplotlib  # only for the plot; Agg is chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -304,11 +322,6 @@ def prepare_inputs(
     Repeats of a kind take other scenes where the data has them (NAIP, Landsat). Files
     named in ``exclude`` (the export's calibration scene) are left out.
     """
-    import numpy as np
-
-    from nec_dev.workflow_demo import write_tar_gz
-    from nec_serve.imagery import read_bigearthnet_patch
-
     naip = sorted(p for p in (data / "naip").glob("*.tif") if p.name not in exclude)
     landsat = sorted((data / "landsat").glob("*.tif"))
     patches = sorted(p for p in (data / "bigearthnet").iterdir() if p.is_dir())
@@ -390,19 +403,6 @@ def run_wrapper(
 
     Returns ``(input, stats, wall_s, load average)`` per message, in the order they finished.
     """
-    from nec_dev.workflow_demo import (
-        create_topics,
-        follow,
-        json_consumer,
-        spawn_cli,
-        stop_processes,
-        workflow_message,
-        wrapper_args,
-    )
-    from nec_serve.config_store import LocalConfigStore
-    from nec_serve.kafka_io import json_producer
-    from nec_serve.messages import parse_workflow
-
     tag = f"nec-bench-{server}"
     t_in, t_out = f"{tag}.in", f"{tag}.out"
     store = work / f"configs-{server}"
@@ -477,14 +477,11 @@ def main() -> int:
     if args.messages < 1:
         p.error("--messages must be >= 1")
 
-    from nec_dev.workflow_demo import local_stack
-    from nec_serve.pipeline import ModelBundle
-
     export_dir = Path(args.model_dir).resolve()
     bundle = ModelBundle.load(export_dir)
     context = {
         "machine": machine_description(),
-        "model": bundle.manifest["model"],
+        "model": bundle.manifest.model,
         "img_size": bundle.img_size,
         "trigger": "kafka",
     }
@@ -496,7 +493,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         inputs_dir = Path(tmp) / "inputs"
         inputs_dir.mkdir()
-        calibration = Path((bundle.manifest.get("calibration") or {}).get("source") or "")
+        calibration = Path((bundle.manifest.calibration or {}).get("source") or "")
         warmup, inputs = prepare_inputs(args.data, inputs_dir, args.messages, [calibration.name])
         repository = export_dir / "model_repository_local" if "triton" in servers else None
         with local_stack(repository, work) as stack:

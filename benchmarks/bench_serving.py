@@ -22,7 +22,7 @@ import numpy as np
 
 from nec_dev.perf import latency_stats, machine_description, write_rows
 from nec_dev.triton import LocalTritonServer
-from nec_serve.imagery import Normalisation, read_raster, tile_image
+from nec_serve.imagery import read_raster, tile_image
 from nec_serve.pipeline import LocalEngine, ModelBundle
 from nec_serve.serving.client import TritonEngine
 
@@ -33,7 +33,7 @@ def real_tiles(bundle: ModelBundle, n: int) -> np.ndarray:
     scene = read_raster(DATA / "naip" / "m_4709963_se_14_1_20180716.tif", [1, 2, 3])
     tiles, _ = tile_image(scene, bundle.img_size)
     tiles = np.concatenate([tiles] * (1 + n // len(tiles)))[:n]
-    return Normalisation.for_dtype(scene.dtype, 3).apply(tiles).astype(np.float32)
+    return bundle.normalisation(scene.dtype).apply(tiles).astype(np.float32)
 
 
 def interleaved(fns: dict, batch: np.ndarray, iters: int, warmup: int) -> dict[str, np.ndarray]:
@@ -123,7 +123,7 @@ def main() -> int:
                 r = latency_stats(s, b)
                 rows.append(
                     {
-                        "model": bundle.manifest["model"],
+                        "model": bundle.manifest.model,
                         "img_size": bundle.img_size,
                         "path": name,
                         "batch": b,

@@ -52,7 +52,9 @@ from nec_dev.perf import (
     write_rows,
     write_variant_repository,
 )
-from nec_serve.imagery import Normalisation, read_raster, tile_image
+from nec_dev.triton import LocalTritonServer
+from nec_serve.contract import GraphRole
+from nec_serve.imagery import read_raster, tile_image
 from nec_serve.pipeline import LocalEngine, ModelBundle
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -66,22 +68,31 @@ def real_tiles(bundle: ModelBundle, n: int, data: Path) -> np.ndarray:
     tiles, _ = tile_image(scene, bundle.img_size)
     # Spread over the scene, not its first row of tiles.
     pick = np.linspace(0, len(tiles) - 1, num=min(n, len(tiles))).astype(int)
-    norm = Normalisation.for_dtype(scene.dtype, bundle.in_chans)
-    return norm.apply(tiles[pick]).astype(np.float32)
+    return bundle.normalisation(scene.dtype).apply(tiles[pick]).astype(np.float32)
 
 
 def input_files(bundle: ModelBundle, kind: str, n: int, data: Path, tmp: Path) -> dict[str, str]:
-    """perf_analyzer --input-data per model: JSON files of real tiles/symbols, or 'zero'."""
-    models = ["nec_encoder", "nec_decoder", "nec_decoder_block1"]
+    """perf_analyzer --input-data per served model: JSON files of real tiles/symbols, or 'zero'.
+
+    The encoder gets tiles, every other graph of the export the symbols the encoder makes.
+    """
+    graphs = bundle.manifest.graphs
     if kind == "zero":
-        return dict.fromkeys(models, "zero")
+        return {g.name: "zero" for g in graphs.values()}
     tiles = real_tiles(bundle, n, data)
     symbols, _ = LocalEngine(bundle).encode(tiles)
-    return {
-        "nec_encoder": str(write_input_data(tmp / "encoder.json", {"images": tiles})),
-        "nec_decoder": str(write_input_data(tmp / "decoder.json", {"symbols": symbols})),
-        "nec_decoder_block1": str(tmp / "decoder.json"),
-    }
+    files = {}
+    for role, graph in graphs.items():
+        array = tiles if role == GraphRole.ENCODER else symbols
+        path = tmp / f"{role.value}.json"
+        files[graph.name] = str(write_input_data(path, {graph.inputs[0].name: array}))
+    return files
+
+
+def served_models(bundle: ModelBundle, names: list[str]) -> list[str]:
+    """The served model names of ``names``: graph roles of the export, or names as given."""
+    by_role = {role.value: graph.name for role, graph in bundle.manifest.graphs.items()}
+    return [by_role.get(n, n) for n in names]
 
 
 class Sweep:
@@ -90,6 +101,7 @@ class Sweep:
     def __init__(self, args, bundle: ModelBundle, binary: Path, tmp: Path):
         self.args, self.bundle, self.binary = args, bundle, binary
         self.inputs = input_files(bundle, args.input, args.tiles, args.data, tmp)
+        self.encoder = bundle.manifest.graph(GraphRole.ENCODER).name
         self.raw_dir = args.out / "perf_analyzer"
         self.raw_dir.mkdir(parents=True, exist_ok=True)
         self.machine = machine_description()
@@ -103,7 +115,7 @@ class Sweep:
         args = self.args
         self.first_config = self.first_config or config
         for model in args.models:
-            if args.decoder_first_config_only and model != "nec_encoder":
+            if args.decoder_first_config_only and model != self.encoder:
                 if config != self.first_config:
                     continue
             for protocol in args.protocols:
@@ -151,7 +163,7 @@ class Sweep:
                     "run": args.run,
                     "machine": self.machine,
                     "model": model,
-                    "export": self.bundle.manifest["model"],
+                    "export": self.bundle.manifest.model,
                     "img_size": self.bundle.img_size,
                     "protocol": protocol,
                     "config": config,
@@ -178,8 +190,6 @@ def sweep(args, bundle: ModelBundle, binary: Path, tmp: Path) -> Sweep:
         run.server(args.config_label, max(args.batch), urls, args.metrics_url)
         return run
 
-    from nec_dev.triton import LocalTritonServer
-
     for variant in [Variant.parse(c) for c in args.configs]:
         repo = write_variant_repository(
             bundle.root / f"model_repository_{args.repository}",
@@ -205,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the export's repository the local servers start from (torch: PyTorch, GPU if any)",
     )
     p.add_argument("--run", default="cpu", help="label of this machine's rows (cpu, gpu, ...)")
-    p.add_argument("--models", nargs="+", default=["nec_encoder", "nec_decoder"])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        help="graph roles (encoder, decoder, decoder_block1) or served model names to measure "
+        "(default: encoder decoder)",
+    )
     p.add_argument("--protocols", nargs="+", default=["grpc", "http"], choices=["grpc", "http"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
@@ -249,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --grpc-url and --http-url for the protocols swept, or neither")
 
     bundle = ModelBundle.load(args.model_dir)
+    args.models = served_models(bundle, args.models or ["encoder", "decoder"])
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     table, md = args.out / "perf_sweep.csv", args.out / "perf_sweep.md"
@@ -269,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_curves(
         merged,
         args.out / "perf_sweep.png",
-        title=f"NEC {bundle.manifest['model']} {bundle.img_size} px, perf_analyzer "
+        title=f"NEC {bundle.manifest.model} {bundle.img_size} px, perf_analyzer "
         f"{PERF_ANALYZER_VERSION}, {args.input} input",
     )
     summary = summary_markdown(merged)

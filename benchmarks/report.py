@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nec_dev.perf import read_rows, summary_markdown
+from nec_serve.contract import NEC, GraphRole
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -87,7 +88,7 @@ def target_rows(
     gpu_perf = [
         r
         for r in perf
-        if r["model"] == "nec_encoder"
+        if r["model"] == NEC.graph_name(GraphRole.ENCODER)
         and int(r["img_size"]) == GPU_IMG_SIZE
         and "gpu" in r["run"].lower()
         and float(r["latency_us_p99"]) / 1e3 < GPU_MAX_P99_MS

@@ -12,14 +12,28 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from nec_serve import __version__
+import numpy as np
+
+from nec_controller.main import add_parser as add_controller
+from nec_serve import __version__, deploy
+from nec_serve.container import ContainerReader
+from nec_serve.contract import GraphRole, decode_outputs
 from nec_serve.errors import InvalidInput, NecError
+from nec_serve.imagery import iter_inputs, parse_bands
+from nec_serve.pipeline import ModelBundle, compress, decompress, make_engine, tile_index
+from nec_wrapper.main import add_parser as add_wrapper
+
+# Imported by the commands that need them, not here: nec_models and nec_export need PyTorch,
+# and nec_dev (local servers, the demo) is dev tooling; neither is in the runtime images,
+# where this CLI starts the wrapper and the controller.
 
 __all__ = ["main", "build_parser"]
 
@@ -40,21 +54,9 @@ def atomic_output(path: Path):
         raise
 
 
-def _bands(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        bands = [int(b) for b in text.split(",")]
-    except ValueError as err:
-        raise InvalidInput(f"invalid --bands {text!r}, expected e.g. 1,2,3") from err
-    if any(b < 1 for b in bands):
-        raise InvalidInput(f"invalid --bands {text!r}: band indices start at 1")
-    return bands
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     """List registered models."""
-    from nec_models import list_models
+    from nec_models import list_models  # PyTorch: see the imports above
 
     print("\n".join(list_models()))
     return 0
@@ -62,7 +64,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export graphs, tables and Triton repositories for a model (and checkpoint)."""
-    from nec_export import ExportOptions, export_model
+    from nec_export import ExportOptions, export_model  # PyTorch: see the imports above
     from nec_models import create_model, load_checkpoint
 
     kwargs = {"img_size": args.img_size} if args.img_size else {}
@@ -74,9 +76,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     calibration = None
     if args.calibrate:
         from nec_export.calibrate import calibrate_from_inputs
-        from nec_serve.imagery import iter_inputs
 
-        inputs = iter_inputs(args.calibrate, _bands(args.calibrate_bands))
+        inputs = iter_inputs(args.calibrate, parse_bands(args.calibrate_bands, "--calibrate-bands"))
         report = calibrate_from_inputs(model_nec(model), inputs, args.calibrate_tiles)
         calibration = {"source": str(args.calibrate), **report.as_dict()}
         print(
@@ -95,11 +96,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = export_model(
         model, args.out, options, checkpoint_sha256=ckpt_sha, calibration=calibration
     )
-    enc = manifest["parity"]["nec_encoder"]
+    enc = manifest.graph(GraphRole.ENCODER).parity
+    nec = manifest.family_params
     print(
-        f"exported {manifest['model']} ({manifest['img_size']} px, {manifest['tokens']} tokens x "
-        f"{manifest['channels']} channels) to {args.out}\n"
-        f"  tables sha256 {manifest['table_sha256']}\n"
+        f"exported {manifest.model} ({manifest.input.img_size} px, {nec.tokens} tokens x "
+        f"{nec.channels} channels) to {args.out}\n"
+        f"  tables sha256 {manifest.entropy.sha256}\n"
         f"  encoder parity: latent max |err| {enc['max_abs_err']:.2e} (tol {enc['atol']:.0e}), "
         f"symbols differing {enc['symbol_mismatches']}/{enc['symbols_total']} "
         f"({enc['mismatches_near_half']} within rounding distance of .5)"
@@ -113,8 +115,6 @@ def model_nec(model):
 
 
 def _engine(args: argparse.Namespace, bundle):
-    from nec_serve.pipeline import make_engine
-
     return make_engine(
         bundle, args.server, threads=args.threads, shared_memory=args.shm, timeout_s=args.timeout
     )
@@ -122,10 +122,7 @@ def _engine(args: argparse.Namespace, bundle):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve an export's graphs on the local tritonserver until interrupted."""
-    import signal
-    import time
-
-    from nec_dev.triton import LocalTritonServer
+    from nec_dev.triton import LocalTritonServer  # dev tooling: see the imports above
 
     repo = Path(args.model_dir) / f"model_repository_{args.repository}"
     server = LocalTritonServer(
@@ -160,11 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """Compress imagery into a container."""
-    from nec_serve.imagery import iter_inputs
-    from nec_serve.pipeline import ModelBundle, compress
-
     bundle = ModelBundle.load(args.model_dir)
-    bands = _bands(args.bands)
+    bands = parse_bands(args.bands)
     out = Path(args.out)
     with atomic_output(out) as f:
         stats = compress(
@@ -182,12 +176,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_decompress(args: argparse.Namespace) -> int:
     """Decode a container into embeddings, block-1 features or symbols (.npy)."""
-    import numpy as np
-
-    from nec_serve.pipeline import DECODER_OUTPUTS, ModelBundle, decompress, tile_index
-
     bundle = ModelBundle.load(args.model_dir)
-    engine = _engine(args, bundle) if DECODER_OUTPUTS[args.output] else None
+    engine = _engine(args, bundle) if decode_outputs()[args.output] else None
     try:
         f = open(args.input, "rb")  # noqa: SIM115 - closed below
     except OSError as err:
@@ -207,8 +197,6 @@ def cmd_decompress(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print a container's header and, with --tiles, its tile records (CRC-checked)."""
-    from nec_serve.container import ContainerReader
-
     try:
         f = open(args.input, "rb")  # noqa: SIM115 - closed below
     except OSError as err:
@@ -231,7 +219,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job: export, compress and decompress real imagery, print a summary."""
-    from nec_dev.demo import run_demo
+    from nec_dev.demo import run_demo  # dev tooling: see the imports above
 
     return run_demo(args)
 
@@ -301,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help=".npy file to write")
     s.add_argument(
         "--output",
-        choices=("embeddings", "features", "symbols"),
+        choices=tuple(decode_outputs()),
         default="embeddings",
         help="embeddings (T x C), first-decoder-block features, or raw symbols",
     )
@@ -329,13 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tiles", action="store_true", help="also list every tile")
     s.set_defaults(func=cmd_inspect)
 
-    from nec_controller.main import add_parser as add_controller
-    from nec_wrapper.main import add_parser as add_wrapper
-
     add_wrapper(sub)
     add_controller(sub)
-    from nec_serve import deploy
-
     deploy.add_parser(sub)
 
     s = sub.add_parser(

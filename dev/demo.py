@@ -1,7 +1,7 @@
-"""The main job until the Kafka workflow exists: export, compress, decompress, report.
+"""The main job: export, compress, decompress and report, then the same as a workflow.
 
-Exports a NEC model (ViT-B/16 at 224 px by default; no trained weights can be fetched
-here, so the encoder keeps its initial weights and the entropy bottleneck is calibrated
+Exports a NEC model (ViT-B/16 at 224 px by default; no trained checkpoint ships with the
+project, so the encoder keeps its initial weights and the entropy bottleneck is calibrated
 to the latents of one NAIP scene, which is then left out), compresses each real dataset
 of ``../shared/data`` into a container, decodes it back to embeddings, and prints bits
 per pixel, compression ratio against the raw bytes and against float32 embeddings, the
@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nec_dev.workflow_demo import run_workflow_demo
+from nec_serve.contract import MANIFEST_FILENAME, GraphRole, Manifest
+from nec_serve.errors import SchemaVersionError
 from nec_serve.imagery import iter_inputs
 from nec_serve.pipeline import LocalEngine, ModelBundle, compress, decompress
 
@@ -44,8 +47,8 @@ class _RecordingEngine:
         self.latents.append(latent)
         return symbols, latent
 
-    def decode(self, graph: str, symbols: np.ndarray) -> np.ndarray:
-        return self.inner.decode(graph, symbols)
+    def decode(self, role: GraphRole, symbols: np.ndarray) -> np.ndarray:
+        return self.inner.decode(role, symbols)
 
 
 def default_data_dir() -> Path:
@@ -53,15 +56,26 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def _reusable(model: str, out: Path) -> bool:
+    """Whether ``out`` holds an export of ``model`` that this nec-serve reads.
+
+    An export by an older nec-serve (another manifest schema version) is made again.
+    """
+    if not (out / MANIFEST_FILENAME).exists():
+        return False
+    try:
+        existing = Manifest.load(out)
+    except SchemaVersionError as err:
+        print(f"[export] not reusing {out}: {err}")
+        return False
+    return existing.model == model and (out / "model_repository_local").is_dir()
+
+
 def _export(model: str, out: Path, calibration: Path) -> ModelBundle:
-    manifest = out / "manifest.json"
-    if (
-        manifest.exists()
-        and json.loads(manifest.read_text()).get("model") == model
-        and (out / "model_repository_local").is_dir()
-    ):
+    if _reusable(model, out):
         print(f"[export] reusing {out}")
         return ModelBundle.load(out)
+    # PyTorch, needed only to export: the reuse above runs without it.
     from nec_export import export_model
     from nec_export.calibrate import calibrate_from_inputs
     from nec_models import create_model
@@ -76,9 +90,10 @@ def _export(model: str, out: Path, calibration: Path) -> ModelBundle:
     )
     calib = {"source": str(calibration), **report.as_dict()}
     man = export_model(nec, out, calibration=calib)
-    enc = man["parity"]["nec_encoder"]
+    enc = man.graph(GraphRole.ENCODER).parity
+    nec_params = man.family_params
     print(
-        f"[export] {model}: {man['tokens']} tokens x {man['channels']} channels in "
+        f"[export] {model}: {nec_params.tokens} tokens x {nec_params.channels} channels in "
         f"{time.perf_counter() - t0:.1f} s; encoder ONNX vs PyTorch max |err| "
         f"{enc['max_abs_err']:.2e}, symbols differing {enc['symbol_mismatches']}/"
         f"{enc['symbols_total']}"
@@ -139,8 +154,6 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     if args.skip_workflow:
         return 0
-    from nec_dev.workflow_demo import run_workflow_demo
-
     print("\n[workflow] the same export as a Kafka-triggered workflow on the local stack")
     return run_workflow_demo(bundle.root, data, work / "workflow")
 

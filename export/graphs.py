@@ -10,9 +10,12 @@ decoder block to ``(B, T - 1, D)``. Batch is a dynamic axis; the image size is f
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +25,14 @@ import torch
 from torch import nn
 
 from nec_models.nec import NECFactorized
-from nec_serve.errors import ExportCheckFailed
+from nec_serve.contract import GraphRole
+from nec_serve.errors import ExportCheckFailed, InvalidInput
 
 __all__ = [
     "EncoderGraph",
     "DecoderGraph",
-    "GraphSpec",
+    "NEC_GRAPHS",
+    "graph_module",
     "ParityReport",
     "export_onnx",
     "check_graph",
@@ -76,12 +81,20 @@ class DecoderGraph(nn.Module):
         return embeddings
 
 
-@dataclass(frozen=True)
-class GraphSpec:
-    """Names, dtypes and per-item shapes (no batch axis) of one graph's tensors."""
+#: The module behind each graph role NEC exports; a new role (a task head) adds its builder.
+NEC_GRAPHS: dict[GraphRole, Callable[[NECFactorized], nn.Module]] = {
+    GraphRole.ENCODER: EncoderGraph,
+    GraphRole.DECODER: DecoderGraph,
+    GraphRole.FEATURES: partial(DecoderGraph, first_block=True),
+}
 
-    inputs: tuple[tuple[str, str, tuple[int, ...]], ...]
-    outputs: tuple[tuple[str, str, tuple[int, ...]], ...]
+
+def graph_module(model: NECFactorized, role: GraphRole) -> nn.Module:
+    """The PyTorch module of ``role`` for ``model`` (what is exported, or run by PyTorch)."""
+    try:
+        return NEC_GRAPHS[role](model)
+    except KeyError:
+        raise InvalidInput(f"NEC exports no {role} graph") from None
 
 
 @dataclass
@@ -132,8 +145,6 @@ def export_onnx(
 
 
 def _forward_args(module: nn.Module) -> list[str]:
-    import inspect
-
     return [p for p in inspect.signature(module.forward).parameters if p != "self"]
 
 

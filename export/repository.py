@@ -23,7 +23,6 @@ the repository uploaded for Triton is enough for a coder to find them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -32,11 +31,9 @@ from pathlib import Path
 
 import torch
 
-from nec_export.graphs import DecoderGraph, EncoderGraph, check_graph, export_onnx
+from nec_export.graphs import check_graph, export_onnx, graph_module
 from nec_export.triton import (
-    DataType,
     StringParameter,
-    TensorSpec,
     cpu_config,
     gpu_config,
     local_config,
@@ -44,16 +41,25 @@ from nec_export.triton import (
 )
 from nec_models.nec import NECClassifier, NECFactorized, NECHyperprior
 from nec_serve import __version__
+from nec_serve.contract import (
+    FACTORIZED,
+    MANIFEST_FILENAME,
+    NEC,
+    DataType,
+    EntropyModelSpec,
+    GraphRole,
+    GraphSpec,
+    InputSpec,
+    Manifest,
+    NecParams,
+    TensorSpec,
+)
 from nec_serve.errors import InvalidInput
+from nec_serve.imagery import Normalisation
 from nec_serve.tables import TABLES_FILENAME, EntropyTables
 
-__all__ = ["tables_from_model", "export_model", "ExportOptions", "GRAPH_NAMES"]
+__all__ = ["tables_from_model", "export_model", "ExportOptions"]
 
-ENCODER = "nec_encoder"
-DECODER = "nec_decoder"
-DECODER_BLOCK1 = "nec_decoder_block1"
-GRAPH_NAMES = (ENCODER, DECODER, DECODER_BLOCK1)
-MANIFEST = "manifest.json"
 # Not imported here: it needs Triton's triton_python_backend_utils, present only in Triton.
 TRITON_MODEL_PY = Path(__file__).resolve().parent / "triton_model.py"
 
@@ -110,11 +116,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_torch_repository(model, nec, out: Path, specs: dict, options, make_config) -> None:
+def _write_torch_repository(
+    model, nec, out: Path, graphs: dict[GraphRole, GraphSpec], options, make_config
+) -> None:
     """``model_repository_torch``: the Python backend running the PyTorch graphs.
 
     The model file is the same ``model.py``; parameters tell it to rebuild the registered
-    architecture, load ``weights.pt`` and run the graph with PyTorch on ``torch_device``.
+    architecture, load ``weights.pt`` and run the graph of its role with PyTorch on
+    ``torch_device``.
     """
     name = getattr(model, "registry_name", None)
     if name is None:
@@ -126,13 +135,14 @@ def _write_torch_repository(model, nec, out: Path, specs: dict, options, make_co
     weights.parent.mkdir(parents=True, exist_ok=True)
     torch.save(nec.state_dict(), weights)
     repo = out / "model_repository_torch"
-    for graph, (inputs, outputs) in specs.items():
-        config = make_config(graph, inputs, outputs)
+    for graph in graphs.values():
+        config = make_config(graph.name, graph.inputs, graph.outputs)
         params = {
             "runtime": "torch",
             "nec_model": name,
             "img_size": str(nec.img_size),
-            "graph": graph,
+            "graph": graph.name,
+            "role": graph.role.value,
             "device": options.torch_device,
             "precision": options.torch_precision,
         }
@@ -140,9 +150,9 @@ def _write_torch_repository(model, nec, out: Path, specs: dict, options, make_co
             config,
             parameters={**config.parameters, **{k: StringParameter(v) for k, v in params.items()}},
         )
-        (repo / graph).mkdir(parents=True, exist_ok=True)
-        (repo / graph / "config.pbtxt").write_text(to_pbtxt(config))
-        vdir = repo / graph / options.version
+        (repo / graph.name).mkdir(parents=True, exist_ok=True)
+        (repo / graph.name / "config.pbtxt").write_text(to_pbtxt(config))
+        vdir = repo / graph.name / options.version
         _link_or_copy(weights, vdir / "weights.pt")
         _link_or_copy(TRITON_MODEL_PY, vdir / "model.py")
         for fname in (TABLES_FILENAME, TABLES_FILENAME + ".sha256"):
@@ -169,8 +179,8 @@ def export_model(
     options: ExportOptions = ExportOptions(),
     checkpoint_sha256: str | None = None,
     calibration: dict | None = None,
-) -> dict:
-    """Export graphs, tables and both Triton repositories; returns the manifest.
+) -> Manifest:
+    """Export graphs, tables and the Triton repositories; write and return the manifest.
 
     Every graph is checked against PyTorch on a batch of ``options.check_batch`` random
     images (see :func:`nec_export.graphs.check_graph`); a failed check raises and leaves
@@ -179,44 +189,40 @@ def export_model(
     nec = _check_exportable(model).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
+    (out / MANIFEST_FILENAME).unlink(missing_ok=True)
     tables = tables_from_model(nec)
     tables.save(out / TABLES_FILENAME)
 
     c, t, s = nec.embed_dim, nec.num_tokens, nec.img_size
     gen = torch.Generator().manual_seed(options.seed)
     images = torch.randn(options.check_batch, nec.in_chans, s, s, generator=gen)
-    enc = EncoderGraph(nec)
+    modules = {role: graph_module(nec, role) for role in NEC.graph_names}
     with torch.no_grad():
-        symbols = enc(images)[0]
-    graphs = {
-        ENCODER: (enc, images[:2], "images", ["symbols", "latent"]),
-        DECODER: (DecoderGraph(nec), symbols[:2], "symbols", ["embeddings"]),
-        DECODER_BLOCK1: (DecoderGraph(nec, True), symbols[:2], "symbols", ["features"]),
-    }
-    specs = {
-        ENCODER: (
-            (TensorSpec("images", DataType.TYPE_FP32, (nec.in_chans, s, s)),),
-            (
-                TensorSpec("symbols", DataType.TYPE_INT32, (c, t)),
-                TensorSpec("latent", DataType.TYPE_FP32, (c, t)),
-            ),
+        symbols = modules[GraphRole.ENCODER](images)[0]
+    fp32, sym = DataType.TYPE_FP32, TensorSpec("symbols", DataType.TYPE_INT32, (c, t))
+    tensors = {  # role -> (inputs, outputs), the encoder's outputs in the order the role fixes
+        GraphRole.ENCODER: (
+            (TensorSpec("images", fp32, (nec.in_chans, s, s)),),
+            (sym, TensorSpec("latent", fp32, (c, t))),
         ),
-        DECODER: (
-            (TensorSpec("symbols", DataType.TYPE_INT32, (c, t)),),
-            (TensorSpec("embeddings", DataType.TYPE_FP32, (t, c)),),
-        ),
-        DECODER_BLOCK1: (
-            (TensorSpec("symbols", DataType.TYPE_INT32, (c, t)),),
-            (TensorSpec("features", DataType.TYPE_FP32, (t - 1, nec.decoder_embed_dim)),),
+        GraphRole.DECODER: ((sym,), (TensorSpec("embeddings", fp32, (t, c)),)),
+        GraphRole.FEATURES: (
+            (sym,),
+            (TensorSpec("features", fp32, (t - 1, nec.decoder_embed_dim)),),
         ),
     }
-    parity = {}
-    for name, (module, example, in_name, out_names) in graphs.items():
-        path = export_onnx(module, example, out / "onnx" / f"{name}.onnx", in_name, out_names)
-        check_in = images if name == ENCODER else symbols
-        medians = nec.medians() if name == ENCODER else None
-        parity[name] = check_graph(name, module, path, check_in, medians).as_dict()
+    graphs: dict[GraphRole, GraphSpec] = {}
+    for role, module in modules.items():
+        name, (inputs, outputs) = NEC.graph_name(role), tensors[role]
+        is_encoder = role == GraphRole.ENCODER
+        check_in = images if is_encoder else symbols
+        file = f"onnx/{name}.onnx"
+        path = export_onnx(
+            module, check_in[:2], out / file, inputs[0].name, [o.name for o in outputs]
+        )
+        medians = nec.medians() if is_encoder else None
+        parity = check_graph(name, module, path, check_in, medians).as_dict()
+        graphs[role] = GraphSpec(role, name, file, inputs, outputs, parity)
 
     configs = {
         "gpu": partial(gpu_config, max_batch_size=options.gpu_max_batch),
@@ -229,40 +235,34 @@ def export_model(
     }
     for variant, make_config in configs.items():
         repo = out / f"model_repository_{variant}"
-        for name, (inputs, outputs) in specs.items():
+        for graph in graphs.values():
+            name = graph.name
             (repo / name).mkdir(parents=True, exist_ok=True)
-            (repo / name / "config.pbtxt").write_text(to_pbtxt(make_config(name, inputs, outputs)))
+            config = make_config(name, graph.inputs, graph.outputs)
+            (repo / name / "config.pbtxt").write_text(to_pbtxt(config))
             vdir = repo / name / options.version
-            _link_or_copy(out / "onnx" / f"{name}.onnx", vdir / "model.onnx")
+            _link_or_copy(out / graph.file, vdir / "model.onnx")
             for fname in (TABLES_FILENAME, TABLES_FILENAME + ".sha256"):
                 _link_or_copy(out / fname, vdir / fname)
             if variant == "local":
                 _link_or_copy(TRITON_MODEL_PY, vdir / "model.py")
     if options.torch_runtime:
-        _write_torch_repository(model, nec, out, specs, options, configs["local"])
+        _write_torch_repository(model, nec, out, graphs, options, configs["local"])
 
-    manifest = {
-        "model": getattr(model, "registry_name", type(nec).__name__),
-        "model_version": options.version,
-        "img_size": s,
-        "in_chans": nec.in_chans,
-        "channels": c,
-        "tokens": t,
-        "decoder_embed_dim": nec.decoder_embed_dim,
-        "table_sha256": tables.sha256,
-        "checkpoint_sha256": checkpoint_sha256,
-        "calibration": calibration,
-        "graphs": {
-            name: {
-                "file": f"onnx/{name}.onnx",
-                "inputs": [[x.name, x.data_type.value, list(x.dims)] for x in specs[name][0]],
-                "outputs": [[x.name, x.data_type.value, list(x.dims)] for x in specs[name][1]],
-            }
-            for name in graphs
-        },
-        "parity": parity,
-        "created_by": f"nec-serve {__version__}",
-        "torch": torch.__version__,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    # The statistics the model expects of [0, 1] pixels with its band count.
+    norm = Normalisation.for_dtype("float32", nec.in_chans)
+    manifest = Manifest(
+        family=NEC.name,
+        model=getattr(model, "registry_name", type(nec).__name__),
+        model_version=options.version,
+        input=InputSpec(s, nec.in_chans, norm.mean, norm.std),
+        graphs=graphs,
+        entropy=EntropyModelSpec(FACTORIZED.kind, TABLES_FILENAME, tables.sha256),
+        family_params=NecParams(c, t, nec.decoder_embed_dim),
+        checkpoint_sha256=checkpoint_sha256,
+        calibration=calibration,
+        created_by=f"nec-serve {__version__}",
+        torch_version=torch.__version__,
+    )
+    manifest.save(out)
     return manifest

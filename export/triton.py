@@ -12,6 +12,10 @@ import enum
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
+# ``DataType`` and ``ModelInput``/``ModelOutput`` (``TensorSpec``) are the model contract's:
+# the manifest and the Triton configs describe a graph's tensors with the same objects.
+from nec_serve.contract import DataType, TensorSpec
+
 __all__ = [
     "DataType",
     "Kind",
@@ -27,30 +31,11 @@ __all__ = [
 ]
 
 
-class DataType(enum.Enum):
-    """``DataType`` of model_config.proto (the ones the NEC graphs use)."""
-
-    TYPE_FP32 = "TYPE_FP32"
-    TYPE_FP16 = "TYPE_FP16"
-    TYPE_INT32 = "TYPE_INT32"
-    TYPE_INT64 = "TYPE_INT64"
-    TYPE_UINT8 = "TYPE_UINT8"
-
-
 class Kind(enum.Enum):
     """``ModelInstanceGroup.Kind``."""
 
     KIND_GPU = "KIND_GPU"
     KIND_CPU = "KIND_CPU"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """``ModelInput`` / ``ModelOutput``: dims exclude the batch axis."""
-
-    name: str
-    data_type: DataType
-    dims: tuple[int, ...]
 
 
 @dataclass(frozen=True)

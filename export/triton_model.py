@@ -45,19 +45,24 @@ class _OnnxGraph:
 class _TorchGraph:
     """The same graph in PyTorch (``runtime: torch``), on the GPU when there is one.
 
-    It rebuilds the registered NEC architecture and loads ``weights.pt`` beside this file;
+    It rebuilds the registered NEC architecture, loads ``weights.pt`` beside this file and
+    runs the module of the config's ``role`` parameter (a graph role of the model contract);
     ``device: auto`` picks the GPU if PyTorch sees one, else the CPU.
 
-    Needs ``torch``, ``nec_models`` and ``nec_export`` importable by the backend's Python.
-    ``precision`` bf16/fp16 runs under autocast: faster on a GPU, but symbols then differ
-    from the fp32 export at rounding boundaries, so it is for throughput measurements.
+    Needs ``torch``, ``nec_models``, ``nec_export`` and ``nec_serve`` importable by the
+    backend's Python. ``precision`` bf16/fp16 runs under autocast: faster on a GPU, but
+    symbols then differ from the fp32 export at rounding boundaries, so it is for
+    throughput measurements.
     """
 
     def __init__(self, version_dir: Path, params: dict, output_names: list):
+        # Imported here, not at the top: the onnxruntime path above runs in a Triton whose
+        # Python may have neither PyTorch nor the project's packages.
         import torch
 
-        from nec_export.graphs import DecoderGraph, EncoderGraph
+        from nec_export.graphs import graph_module
         from nec_models import create_model, load_checkpoint
+        from nec_serve.contract import GraphRole
 
         want = params.get("device", "auto")
         if want == "auto":
@@ -71,13 +76,7 @@ class _TorchGraph:
         model = create_model(params["nec_model"], img_size=int(params["img_size"]))
         nec = getattr(model, "backbone", model)
         load_checkpoint(nec, version_dir / "weights.pt")
-        graph = params["graph"]
-        if graph == "nec_encoder":
-            module = EncoderGraph(nec)
-        elif graph in ("nec_decoder", "nec_decoder_block1"):
-            module = DecoderGraph(nec, first_block=graph == "nec_decoder_block1")
-        else:
-            raise RuntimeError(f"unknown graph {graph!r}")
+        module = graph_module(nec, GraphRole.of(params["role"]))
         self.module = module.eval().to(self.device)
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.get("precision"))
         self.output_names = output_names

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from nec_serve.contract import NEC, GraphRole
 from nec_serve.errors import InvalidInput, NecError
 
 __all__ = [
@@ -135,7 +136,7 @@ SERVICES = (
     Service(
         "nec-encoder",
         "encoder",
-        ("nec_encoder",),
+        (NEC.graph_name(GraphRole.ENCODER),),
         {
             "gpu": _GPU,
             "cpu": Sizing(
@@ -150,7 +151,7 @@ SERVICES = (
     Service(
         "nec-decoder",
         "decoder",
-        ("nec_decoder", "nec_decoder_block1"),
+        (NEC.graph_name(GraphRole.DECODER), NEC.graph_name(GraphRole.FEATURES)),
         {
             "gpu": _GPU,
             "cpu": Sizing(

@@ -8,6 +8,8 @@ place. Messages name the bad value and, where there is one, the fix.
 __all__ = [
     "NecError",
     "InvalidInput",
+    "ManifestError",
+    "SchemaVersionError",
     "CorruptBitstream",
     "TableMismatch",
     "CheckpointMismatch",
@@ -30,6 +32,14 @@ class NecError(Exception):
 
 class InvalidInput(NecError, ValueError):
     """Input data that cannot be processed: wrong shape, band count, NaN, bad file."""
+
+
+class ManifestError(InvalidInput):
+    """An export's ``manifest.json`` that is missing, unreadable or breaks the model contract."""
+
+
+class SchemaVersionError(ManifestError):
+    """A manifest of another schema version (or none: written before the contract had one)."""
 
 
 class CorruptBitstream(NecError):

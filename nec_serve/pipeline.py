@@ -10,7 +10,6 @@ in-process with onnxruntime; the Triton client of the serving layer offers the s
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -19,13 +18,15 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import numpy as np
+from tqdm import tqdm
 
 from nec_serve import __version__
-from nec_serve.codec import FactorizedCodec
 from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter, TileRecord
+from nec_serve.contract import GraphRole, Manifest, decode_outputs
 from nec_serve.errors import InvalidInput
-from nec_serve.imagery import InputLimits, Normalisation, _human_bytes, tile_image
-from nec_serve.tables import TABLES_FILENAME, EntropyTables
+from nec_serve.imagery import InputLimits, Normalisation, tile_image
+from nec_serve.imagery.limits import human_bytes
+from nec_serve.serving.client import TritonEngine
 
 __all__ = [
     "ModelBundle",
@@ -37,70 +38,64 @@ __all__ = [
     "compress",
     "decompress",
     "check_decoded_size",
-    "DECODER_OUTPUTS",
 ]
-
-MANIFEST = "manifest.json"
-ENCODER = "nec_encoder"
-#: decompress output -> decoder graph that produces it (``symbols`` needs none).
-DECODER_OUTPUTS = {"embeddings": "nec_decoder", "features": "nec_decoder_block1", "symbols": None}
 
 
 @dataclass(frozen=True)
 class ModelBundle:
-    """An export directory as the coder sees it: manifest, verified tables, codec."""
+    """An export directory as the coder sees it: manifest, verified tables, codec.
+
+    ``tables`` and ``codec`` are what the manifest's entropy model kind loads (for
+    ``factorized``: :class:`~nec_serve.tables.EntropyTables` and
+    :class:`~nec_serve.codec.FactorizedCodec`).
+    """
 
     root: Path
-    manifest: dict
-    tables: EntropyTables
-    codec: FactorizedCodec
+    manifest: Manifest
+    tables: Any
+    codec: Any
 
     @classmethod
     def load(cls, root: str | Path) -> ModelBundle:
         """Load ``root`` (written by ``nec-serve export``) and verify its table hash."""
         root = Path(root)
-        try:
-            manifest = json.loads((root / MANIFEST).read_text())
-        except FileNotFoundError as err:
-            raise InvalidInput(
-                f"{root} is not a model export: no {MANIFEST} (run `nec-serve export` first)"
-            ) from err
-        except ValueError as err:
-            raise InvalidInput(f"{root / MANIFEST} is not valid JSON: {err}") from err
-        tables = EntropyTables.load(root / TABLES_FILENAME)
-        if tables.sha256 != manifest.get("table_sha256"):
-            raise InvalidInput(
-                f"{root}: entropy tables hash {tables.sha256[:12]} differs from the manifest's "
-                f"{str(manifest.get('table_sha256'))[:12]}: the export directory is inconsistent"
-            )
-        return cls(root, manifest, tables, FactorizedCodec(tables))
+        manifest = Manifest.load(root)
+        tables, codec = manifest.entropy.load(root)
+        return cls(root, manifest, tables, codec)
 
     @property
     def img_size(self) -> int:
         """Tile size in pixels the encoder takes."""
-        return int(self.manifest["img_size"])
+        return self.manifest.input.img_size
 
     @property
     def in_chans(self) -> int:
         """Bands the encoder takes."""
-        return int(self.manifest["in_chans"])
+        return self.manifest.input.in_chans
 
     @property
     def tokens(self) -> int:
         """Tokens per tile."""
-        return int(self.manifest["tokens"])
+        return self.manifest.family_params.tokens
 
     @property
     def channels(self) -> int:
         """Latent channels."""
-        return int(self.manifest["channels"])
+        return self.manifest.family_params.channels
 
-    def graph_path(self, graph: str) -> Path:
-        """Path of an exported ONNX graph."""
-        try:
-            return self.root / self.manifest["graphs"][graph]["file"]
-        except KeyError as err:
-            raise InvalidInput(f"{self.root}: the export has no graph {graph!r}") from err
+    def graph_path(self, role: GraphRole) -> Path:
+        """Path of the exported ONNX graph of ``role``."""
+        return self.root / self.manifest.graph(role).file
+
+    def normalisation(self, dtype: Any) -> Normalisation:
+        """How raw pixels of ``dtype`` become this model's input.
+
+        The scale comes from the dtype (:meth:`Normalisation.for_dtype`), the per-band mean
+        and std from the manifest.
+        """
+        inp = self.manifest.input
+        scale = Normalisation.for_dtype(dtype, inp.in_chans).scale
+        return Normalisation(scale, inp.mean, inp.std)
 
 
 class Engine(Protocol):
@@ -109,8 +104,8 @@ class Engine(Protocol):
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images ``(B, bands, S, S)`` float32 -> symbols ``(B, C, T)`` int32, latent."""
 
-    def decode(self, graph: str, symbols: np.ndarray) -> np.ndarray:
-        """Symbols ``(B, C, T)`` int32 -> the decoder graph's output."""
+    def decode(self, role: GraphRole, symbols: np.ndarray) -> np.ndarray:
+        """Symbols ``(B, C, T)`` int32 -> the output of the graph of ``role``."""
 
 
 class LocalEngine:
@@ -126,21 +121,22 @@ class LocalEngine:
         self._ort = ort
         self._sessions: dict = {}
 
-    def _session(self, graph: str):
-        if graph not in self._sessions:
-            self._sessions[graph] = self._ort.InferenceSession(
-                str(self._bundle.graph_path(graph)), self._opts, providers=["CPUExecutionProvider"]
+    def _run(self, role: GraphRole, array: np.ndarray) -> list[np.ndarray]:
+        spec = self._bundle.manifest.graph(role)
+        if role not in self._sessions:
+            self._sessions[role] = self._ort.InferenceSession(
+                str(self._bundle.graph_path(role)), self._opts, providers=["CPUExecutionProvider"]
             )
-        return self._sessions[graph]
+        return self._sessions[role].run(None, {spec.inputs[0].name: array})
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the encoder graph."""
-        symbols, latent = self._session(ENCODER).run(None, {"images": images})
+        symbols, latent = self._run(GraphRole.ENCODER, images)[:2]
         return symbols, latent
 
-    def decode(self, graph: str, symbols: np.ndarray) -> np.ndarray:
-        """Run a decoder graph."""
-        return self._session(graph).run(None, {"symbols": symbols})[0]
+    def decode(self, role: GraphRole, symbols: np.ndarray) -> np.ndarray:
+        """Run the decoding graph of ``role``."""
+        return self._run(role, symbols)[0]
 
 
 def make_engine(bundle: ModelBundle, server: str | None = None, *, threads: int = 0, **client):
@@ -150,8 +146,6 @@ def make_engine(bundle: ModelBundle, server: str | None = None, *, threads: int 
     shared memory); ``threads`` to the in-process engine.
     """
     if server:
-        from nec_serve.serving.client import TritonEngine
-
         return TritonEngine(server, bundle, **client)
     return LocalEngine(bundle, threads=threads)
 
@@ -237,10 +231,10 @@ class _Counter:
 def _normalisation_for(name: str, raw: np.ndarray, bundle: ModelBundle) -> Normalisation:
     if raw.shape[0] != bundle.in_chans:
         raise InvalidInput(
-            f"image {name!r} has {raw.shape[0]} bands, model {bundle.manifest['model']!r} takes "
+            f"image {name!r} has {raw.shape[0]} bands, model {bundle.manifest.model!r} takes "
             f"{bundle.in_chans}: choose bands, e.g. --bands 1,2,3 for RGB"
         )
-    return Normalisation.for_dtype(raw.dtype, raw.shape[0])
+    return bundle.normalisation(raw.dtype)
 
 
 def compress(
@@ -342,8 +336,8 @@ def _header(
     return ContainerHeader(
         table_sha256=bundle.tables.sha256,
         meta={
-            "model": m["model"],
-            "model_version": m["model_version"],
+            "model": m.model,
+            "model_version": m.model_version,
             "channels": bundle.channels,
             "tokens": bundle.tokens,
             "img_size": bundle.img_size,
@@ -367,10 +361,10 @@ def _check_engine_output(symbols: np.ndarray, n: int, bundle: ModelBundle) -> No
 def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
     """Refuse a container made by another model or with other tables."""
     meta = header.meta
-    if meta.get("model") != bundle.manifest["model"]:
+    if meta.get("model") != bundle.manifest.model:
         raise InvalidInput(
             f"container was made by model {meta.get('model')!r}, the export is "
-            f"{bundle.manifest['model']!r}"
+            f"{bundle.manifest.model!r}"
         )
     header.check_tables(bundle.tables.sha256)
     # ContainerHeader has checked that both are integers in range.
@@ -400,15 +394,16 @@ def _iter_decoded(
     output: str,
     batch_size: int,
 ) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
-    if output not in DECODER_OUTPUTS:
-        raise InvalidInput(f"unknown output {output!r}, expected one of {sorted(DECODER_OUTPUTS)}")
+    outputs = decode_outputs()
+    if output not in outputs:
+        raise InvalidInput(f"unknown output {output!r}, expected one of {sorted(outputs)}")
     check_compatible(header, bundle)
-    graph = DECODER_OUTPUTS[output]
+    role = outputs[output]
     records: list[TileRecord] = []
 
     def run() -> np.ndarray:
         symbols = bundle.codec.decode_batch([r.payload for r in records], bundle.tokens)
-        return symbols if graph is None else engine.decode(graph, symbols)
+        return symbols if role is None else engine.decode(role, symbols)
 
     for record in records_in:
         records.append(record)
@@ -451,7 +446,7 @@ def check_decoded_size(
     nbytes = int(count) * math.prod(int(d) for d in shape) * dt.itemsize
     if nbytes > limits.max_decoded_bytes:
         raise InvalidInput(
-            f"{label}: {count} tiles of {dt.name}{shape} decode to {_human_bytes(nbytes)} "
+            f"{label}: {count} tiles of {dt.name}{shape} decode to {human_bytes(nbytes)} "
             f"({nbytes} bytes), over max_decoded_bytes={limits.max_decoded_bytes}"
         )
 
@@ -511,6 +506,4 @@ def decompress(
 
 
 def _progress(enabled: bool, desc: str, unit: str):
-    from tqdm import tqdm
-
     return tqdm(desc=desc, unit=unit, disable=not enabled, leave=False)

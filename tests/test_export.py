@@ -13,9 +13,10 @@ from tritonclient.grpc import model_config_pb2
 
 from nec_export import ExportOptions, export_model
 from nec_export.graphs import check_graph
-from nec_export.repository import GRAPH_NAMES, tables_from_model
+from nec_export.repository import tables_from_model
 from nec_export.triton import DataType, ModelConfig, TensorSpec, cpu_config, to_pbtxt
 from nec_models import create_model
+from nec_serve.contract import NEC, GraphRole, Manifest
 from nec_serve.errors import ExportCheckFailed, InvalidInput
 from nec_serve.tables import EntropyTables
 
@@ -26,23 +27,28 @@ def _parse(text: str) -> model_config_pb2.ModelConfig:
 
 
 def test_manifest_records_parity_and_hashes(tiny_export):
-    man = json.loads((tiny_export / "manifest.json").read_text())
-    enc = man["parity"]["nec_encoder"]
+    man = Manifest.load(tiny_export)
+    enc = man.graph(GraphRole.ENCODER).parity
     assert enc["symbols_total"] == 4 * 64 * 17
     assert enc["max_abs_err"] <= enc["atol"] == 1e-3
     assert enc["symbol_mismatches"] == enc["mismatches_near_half"]
-    for name in ("nec_decoder", "nec_decoder_block1"):
-        assert man["parity"][name]["max_abs_err"] <= 1e-4
+    for role in (GraphRole.DECODER, GraphRole.FEATURES):
+        assert man.graph(role).parity["max_abs_err"] <= 1e-4
     tables = EntropyTables.load(tiny_export / "entropy_tables.bin")
-    assert man["table_sha256"] == tables.sha256
-    assert (man["tokens"], man["channels"], man["img_size"]) == (17, 64, 32)
+    assert man.entropy.sha256 == tables.sha256
+    assert man.entropy.kind == "factorized" and man.family == "nec"
+    params = man.family_params
+    assert (params.tokens, params.channels, man.input.img_size) == (17, 64, 32)
+    # The file holds what the export returned, in the contract's JSON form.
+    on_disk = json.loads((tiny_export / "manifest.json").read_text())
+    assert Manifest.from_dict(on_disk) == man and on_disk == man.to_dict()
 
 
 @pytest.mark.parametrize("variant", ["gpu", "cpu", "local"])
 def test_repository_layout_and_configs_parse_as_triton_model_config(tiny_export, variant):
     repo = tiny_export / f"model_repository_{variant}"
-    assert sorted(p.name for p in repo.iterdir()) == sorted(GRAPH_NAMES)
-    for name in GRAPH_NAMES:
+    assert sorted(p.name for p in repo.iterdir()) == sorted(NEC.graph_names.values())
+    for name in NEC.graph_names.values():
         cfg = _parse((repo / name / "config.pbtxt").read_text())
         assert cfg.name == name
         assert cfg.backend == ("python" if variant == "local" else "onnxruntime")
@@ -122,8 +128,8 @@ def test_hyperprior_export_is_refused_with_reason(tmp_path):
 def test_classifier_exports_its_backbone(tmp_path):
     model = create_model("vit_base_compressed_tiny", with_decoder=True)
     man = export_model(model, tmp_path)
-    assert man["model"] == "vit_base_compressed_tiny"
-    assert man["parity"]["nec_decoder_block1"]["max_abs_err"] <= 1e-4
+    assert man.model == "vit_base_compressed_tiny"
+    assert man.graph(GraphRole.FEATURES).parity["max_abs_err"] <= 1e-4
 
 
 def test_parity_check_fails_on_a_graph_that_differs(tiny_export, tiny_model):
@@ -202,8 +208,8 @@ def test_vit_b_exports_at_256_px_with_exact_symbols(tmp_path):
 
     model = load_checkpoint(create_model("mae_vit_compress_adapter", img_size=256), src)
     man = export_model(model, tmp_path, ExportOptions(check_batch=2))
-    enc = man["parity"]["nec_encoder"]
-    assert (man["tokens"], man["channels"]) == (257, 768)
+    enc = man.graph(GraphRole.ENCODER).parity
+    assert (man.family_params.tokens, man.family_params.channels) == (257, 768)
     assert enc["symbols_total"] == 2 * 768 * 257
     assert enc["max_abs_err"] < 1e-4
     assert enc["symbol_mismatches"] == enc["mismatches_near_half"] <= 1

@@ -791,8 +791,8 @@ import nec_serve.imagery as imagery
 missing = [name for name in imagery.__all__ if not hasattr(imagery, name)]
 assert not missing, missing
 assert set(imagery.__all__) <= set(dir(imagery))
-from nec_serve.imagery import _human_bytes
-assert _human_bytes(30 * 10**9) == "30.0 GB"
+from nec_serve.imagery.limits import human_bytes
+assert human_bytes(30 * 10**9) == "30.0 GB"
 try:
     imagery.no_such_name
 except AttributeError as err:

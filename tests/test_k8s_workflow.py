@@ -36,6 +36,7 @@ from test_docker import DOCKERFILE, UID, effective, run_with_runtime_packages, s
 from test_k8s import VARIANTS, by_kind, copy_k8s, kv
 
 from nec_serve.config_store import KubernetesConfigStore
+from nec_serve.contract import Manifest
 from nec_serve.errors import InvalidInput
 from nec_serve.messages import config_name, parse_workflow
 
@@ -790,8 +791,8 @@ def test_readme_documents_the_nec_model_command():
 STARTUP = """
 import json, sys
 import nec_cli.main as cli
-import nec_serve.config_store as config_store
-import nec_serve.kafka_io as kafka_io
+import nec_controller.main as controller_main
+import nec_wrapper.main as wrapper_main
 args_list = json.loads(sys.argv[3])
 
 class Started(Exception):
@@ -805,11 +806,11 @@ class FakeProducer:
     def close(self, timeout=None):
         pass
 
-config_store.KubernetesConfigStore = FakeStore
-kafka_io.json_producer = lambda bootstrap: FakeProducer()
 seen = {}
+for main in (controller_main, wrapper_main):  # the names as each service's main uses them
+    main.KubernetesConfigStore = FakeStore
+    main.json_producer = lambda bootstrap: FakeProducer()
 if args_list[0] == "wrapper":
-    import nec_wrapper.triggers as triggers
 
     def fake_server(handler, host, port):
         seen.update(host=host, port=port, mode=handler.settings.mode,
@@ -817,10 +818,8 @@ if args_list[0] == "wrapper":
                     work_dir=str(handler.settings.work_dir))
         raise Started
 
-    triggers.make_http_server = fake_server
+    wrapper_main.make_http_server = fake_server
 else:
-    import nec_controller.app as app
-    import nec_controller.sources as sources
 
     class FakeSources:
         def __init__(self, bootstrap, namespace):
@@ -837,8 +836,8 @@ else:
         )
         raise Started
 
-    sources.KubernetesSources = FakeSources
-    app.run_controller = fake_run
+    controller_main.KubernetesSources = FakeSources
+    controller_main.run_controller = fake_run
 args = cli.build_parser().parse_args(args_list)
 try:
     args.func(args)
@@ -875,7 +874,7 @@ def test_wrapper_starts_from_its_manifest_with_the_image_packages(
         "port": 8080,
         "mode": mode,
         "server": f"http://{isvc}-predictor.{NS}.svc.cluster.local:80",
-        "tables": json.loads((tiny_export / "manifest.json").read_text())["table_sha256"],
+        "tables": Manifest.load(tiny_export).entropy.sha256,
         "work_dir": str(scratch),
         "namespace": NS,
     }

@@ -216,7 +216,7 @@ def test_container_from_other_tables_is_refused(tmp_path, tiny_export, naip_crop
     changed = EntropyTables(cdf, t.cdf_length, t.offset, t.medians, t.precision)
     changed.save(other / "entropy_tables.bin")
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["table_sha256"] = changed.sha256
+    manifest["entropy"]["sha256"] = changed.sha256
     (other / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = _run(
         capsys, "decompress", box, "--model-dir", other, "--out", tmp_path / "e.npy", "-q"
@@ -229,7 +229,7 @@ def test_export_directory_with_tampered_tables_is_refused(tmp_path, tiny_export)
     shutil.copytree(tiny_export, other)
     (other / "entropy_tables.bin.sha256").unlink()
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["table_sha256"] = "0" * 64
+    manifest["entropy"]["sha256"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(manifest))
     from nec_serve.errors import InvalidInput
 
@@ -375,7 +375,7 @@ def _raw_container(meta: dict, sha: str) -> bytes:
 )
 def test_decompress_of_bad_headers_raises_project_errors(tiny_export, change, error, match):
     bundle = ModelBundle.load(tiny_export)
-    meta = {"model": bundle.manifest["model"], "channels": bundle.channels, "tokens": bundle.tokens}
+    meta = {"model": bundle.manifest.model, "channels": bundle.channels, "tokens": bundle.tokens}
     data = _raw_container({**meta, **change}, bundle.tables.sha256)
     with pytest.raises(error, match=match):
         decompress(io.BytesIO(data), bundle, None, "symbols")

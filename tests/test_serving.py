@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from nec_dev.triton import LocalTritonServer, free_port
+from nec_serve.contract import GraphRole
 from nec_serve.errors import InvalidInput, ModelMismatch, ServerUnavailable
 from nec_serve.imagery import read_raster
 from nec_serve.pipeline import LocalEngine, ModelBundle, compress, decompress
@@ -48,13 +49,13 @@ def test_server_symbols_equal_in_process_onnxruntime(server, bundle, protocol):
     with TritonEngine(url, bundle) as remote:
         symbols, latent = remote.encode(images)  # 20 > max_batch_size 8: split by the client
         only = remote.encode_symbols(images[:3])
-        emb = remote.decode("nec_decoder", symbols)
+        emb = remote.decode(GraphRole.DECODER, symbols)
     ref_sym, ref_lat = LocalEngine(bundle).encode(images)
     assert symbols.dtype == np.int32 and symbols.shape == (20, 64, 17)
     np.testing.assert_array_equal(symbols, ref_sym)
     np.testing.assert_array_equal(only, ref_sym[:3])
     np.testing.assert_allclose(latent, ref_lat, atol=1e-5)
-    np.testing.assert_array_equal(emb, LocalEngine(bundle).decode("nec_decoder", ref_sym))
+    np.testing.assert_array_equal(emb, LocalEngine(bundle).decode(GraphRole.DECODER, ref_sym))
 
 
 @pytest.mark.parametrize(("protocol", "shm"), [("grpc", False), ("http", False), ("grpc", True)])
@@ -125,7 +126,8 @@ def test_export_that_does_not_match_the_served_model(server, tiny_export, tmp_pa
     other = tmp_path / "other"
     shutil.copytree(tiny_export, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["graphs"]["nec_encoder"]["inputs"][0][2] = [3, 64, 64]
+    manifest["graphs"]["encoder"]["inputs"][0]["dims"] = [3, 64, 64]
+    manifest["input"]["img_size"] = 64  # a consistent manifest, just not the served model's
     (other / "manifest.json").write_text(json.dumps(manifest))
     engine = TritonEngine(f"http://{server.http_url}", ModelBundle.load(other))
     with pytest.raises(ModelMismatch, match=r"does not match the export.*\[-1, 3, 64, 64\]"):
@@ -207,6 +209,7 @@ def test_torch_runtime_repository_serves_the_same_graphs(tiny_model, tmp_path, s
     )
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params["runtime"] == "torch" and params["graph"] == "nec_encoder"
+    assert params["role"] == GraphRole.ENCODER.value
     assert params["nec_model"] == "mae_vit_compress_adapter_tiny" and params["device"] == "cpu"
     assert (repo / "nec_decoder" / "1" / "weights.pt").is_file()
 
@@ -216,13 +219,14 @@ def test_torch_runtime_repository_serves_the_same_graphs(tiny_model, tmp_path, s
     ref_sym, ref_lat = LocalEngine(bundle).encode(images)
     with LocalTritonServer(repo) as srv, TritonEngine(f"grpc://{srv.grpc_url}", bundle) as eng:
         symbols, latent = eng.encode(images)
-        emb = eng.decode("nec_decoder", symbols)
-        feats = eng.decode("nec_decoder_block1", symbols)
+        emb = eng.decode(GraphRole.DECODER, symbols)
+        feats = eng.decode(GraphRole.FEATURES, symbols)
     # PyTorch is the reference the ONNX export was checked against: same symbols here.
     np.testing.assert_array_equal(symbols, ref_sym)
     np.testing.assert_allclose(latent, ref_lat, atol=1e-4)
-    np.testing.assert_allclose(emb, LocalEngine(bundle).decode("nec_decoder", ref_sym), atol=1e-6)
-    ref_feats = LocalEngine(bundle).decode("nec_decoder_block1", ref_sym)
+    ref_emb = LocalEngine(bundle).decode(GraphRole.DECODER, ref_sym)
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-6)
+    ref_feats = LocalEngine(bundle).decode(GraphRole.FEATURES, ref_sym)
     np.testing.assert_allclose(feats, ref_feats, atol=1e-4)
 
 

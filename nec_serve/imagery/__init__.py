@@ -96,9 +96,6 @@ _MODULES = {
 }
 # Name here -> (module, name there).
 _LAZY = {name: (module, name) for module, names in _MODULES.items() for name in names}
-# WAR: private names that other modules imported from the single-file imagery module; kept
-# resolvable under their old name, new code imports the public name from the submodule.
-_LAZY["_human_bytes"] = ("limits", "human_bytes")
 
 
 def __getattr__(name: str) -> Any:

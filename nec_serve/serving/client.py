@@ -21,13 +21,13 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from nec_serve.contract import GraphRole, TensorSpec
 from nec_serve.errors import InvalidInput, ModelMismatch, ServerUnavailable
 
 __all__ = ["TritonEngine", "parse_server_url", "TRANSIENT_STATUSES"]
 
 log = logging.getLogger(__name__)
 
-ENCODER = "nec_encoder"
 #: Triton statuses worth another try: the server is (re)starting, overloaded or slow.
 TRANSIENT_STATUSES = frozenset(
     {
@@ -95,6 +95,8 @@ class TritonEngine:
         self.backoff_s = backoff_s
         self.model_version = model_version
         self.shared_memory = shared_memory
+        # tritonclient is imported on use: its gRPC part cannot share a process with kserve
+        # (kserve issue #3099), and only this client needs it.
         if self.protocol == "grpc":
             import tritonclient.grpc as tc
         else:
@@ -115,7 +117,7 @@ class TritonEngine:
 
     def _call(self, what: str, fn, *args, **kwargs):
         """Call the client with bounded retries on transient failures."""
-        from tritonclient.utils import InferenceServerException
+        from tritonclient.utils import InferenceServerException  # on use, see __init__
 
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
@@ -140,11 +142,13 @@ class TritonEngine:
                 self._client = self._new_client()  # a broken keep-alive socket stays broken
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _check(self, name: str) -> _Served:
-        if name in self._served:
-            return self._served[name]
-        from tritonclient.utils import InferenceServerException
+    def _check(self, role: GraphRole) -> _Served:
+        if role in self._served:
+            return self._served[role]
+        from tritonclient.utils import InferenceServerException  # on use, see __init__
 
+        spec = self.bundle.manifest.graph(role)
+        name = spec.name
         c = self._client
         try:
             ready = self._call("readiness", c.is_server_ready)
@@ -164,17 +168,16 @@ class TritonEngine:
         meta = self._call("metadata", c.get_model_metadata, name, self.model_version)
         config = self._call("config", c.get_model_config, name, self.model_version)
         meta, config = self._as_dicts(meta, config)
-        spec = self.bundle.manifest["graphs"][name]
         max_batch = int(config.get("max_batch_size", 0))
 
         def described(tensors: list) -> list[tuple[str, str, list[int]]]:
             return [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in tensors]
 
-        def expected(tensors: list) -> list[tuple[str, str, list[int]]]:
-            return [(n, dt.removeprefix("TYPE_"), [-1, *dims]) for n, dt, dims in tensors]
+        def expected(tensors: tuple[TensorSpec, ...]) -> list[tuple[str, str, list[int]]]:
+            return [(t.name, t.data_type.v2, [-1, *t.dims]) for t in tensors]
 
         got_in, got_out = described(meta["inputs"]), described(meta["outputs"])
-        want_in, want_out = expected(spec["inputs"]), expected(spec["outputs"])
+        want_in, want_out = expected(spec.inputs), expected(spec.outputs)
         if got_in != want_in or sorted(got_out) != sorted(want_out) or max_batch < 1:
             raise ModelMismatch(
                 f"model {name!r} on {self.url} does not match the export "
@@ -183,13 +186,13 @@ class TritonEngine:
                 "with batching"
             )
         served = _Served(name, max_batch, want_in[0][0], want_in[0][1])
-        self._served[name] = served
+        self._served[role] = served
         return served
 
     def _as_dicts(self, meta, config) -> tuple[dict, dict]:
         if self.protocol == "http":
             return meta, config
-        from google.protobuf.json_format import MessageToDict
+        from google.protobuf.json_format import MessageToDict  # comes with tritonclient.grpc
 
         m = MessageToDict(meta, preserving_proto_field_name=True)
         cfg = MessageToDict(config.config, preserving_proto_field_name=True)
@@ -229,7 +232,7 @@ class TritonEngine:
         return {o: result.as_numpy(o) for o in outputs}
 
     def _to_shm(self, inp, model: str, batch: np.ndarray) -> None:
-        import tritonclient.utils.shared_memory as shm
+        import tritonclient.utils.shared_memory as shm  # on use, see __init__
 
         region = f"nec_{model}_in"
         handle, size = self._regions.get(region, (None, 0))
@@ -245,10 +248,10 @@ class TritonEngine:
         shm.set_shared_memory_region(handle, [np.ascontiguousarray(batch)])
         inp.set_shared_memory(region, batch.nbytes)
 
-    def _run(self, model: str, array: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        from tritonclient.utils import InferenceServerException
+    def _run(self, role: GraphRole, array: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        from tritonclient.utils import InferenceServerException  # on use, see __init__
 
-        served = self._check(model)
+        served = self._check(role)
         parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
         for start in range(0, len(array), served.max_batch_size):
             chunk = np.ascontiguousarray(array[start : start + served.max_batch_size])
@@ -256,32 +259,37 @@ class TritonEngine:
                 got = self._infer_once(served, chunk, outputs)
             except InferenceServerException as err:
                 raise InvalidInput(
-                    f"{self.url} refused a {model} request of shape {chunk.shape}: {err.message()}"
+                    f"{self.url} refused a {served.name} request of shape {chunk.shape}: "
+                    f"{err.message()}"
                 ) from err
             for o in outputs:
                 parts[o].append(got[o])
         return [np.concatenate(parts[o]) for o in outputs]
 
+    def _outputs(self, role: GraphRole, count: int) -> list[str]:
+        """Names of the first ``count`` outputs of the graph of ``role``."""
+        return [t.name for t in self.bundle.manifest.graph(role).outputs[:count]]
+
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images ``(B, bands, S, S)`` float32 -> symbols int32 and latent, via the server."""
-        symbols, latent = self._run(
-            ENCODER, images.astype(np.float32, copy=False), ["symbols", "latent"]
-        )
+        role = GraphRole.ENCODER
+        images = images.astype(np.float32, copy=False)
+        symbols, latent = self._run(role, images, self._outputs(role, 2))
         return symbols, latent
 
     def encode_symbols(self, images: np.ndarray) -> np.ndarray:
         """Only the symbols: half the bytes over the wire of :meth:`encode`."""
-        return self._run(ENCODER, images.astype(np.float32, copy=False), ["symbols"])[0]
+        role = GraphRole.ENCODER
+        return self._run(role, images.astype(np.float32, copy=False), self._outputs(role, 1))[0]
 
-    def decode(self, graph: str, symbols: np.ndarray) -> np.ndarray:
-        """Symbols ``(B, C, T)`` int32 -> the decoder graph's output, via the server."""
-        output = self.bundle.manifest["graphs"][graph]["outputs"][0][0]
-        return self._run(graph, symbols.astype(np.int32, copy=False), [output])[0]
+    def decode(self, role: GraphRole, symbols: np.ndarray) -> np.ndarray:
+        """Symbols ``(B, C, T)`` int32 -> the output of the graph of ``role``, via the server."""
+        return self._run(role, symbols.astype(np.int32, copy=False), self._outputs(role, 1))[0]
 
     def close(self) -> None:
         """Release shared-memory regions and the connection."""
         if self._regions:
-            import tritonclient.utils.shared_memory as shm
+            import tritonclient.utils.shared_memory as shm  # on use, see __init__
 
             for region, (handle, _) in self._regions.items():
                 try:
