@@ -108,7 +108,8 @@ def graph_in_chans(graph) -> int:
 
 
 def onnx_points(args, machine: str) -> list[dict]:
-    from nec_serve.pipeline import LocalEngine, ModelBundle
+    from nec_serve.bundle import ModelBundle
+    from nec_serve.engines import LocalEngine
 
     bundle = ModelBundle.load(args.onnx_dir)
     engine = LocalEngine(bundle)

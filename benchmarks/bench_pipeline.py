@@ -69,11 +69,11 @@ from nec_dev.workflow_demo import (
     wrapper_args,
     write_tar_gz,
 )
+from nec_serve.bundle import ModelBundle
 from nec_serve.config_store import LocalConfigStore
 from nec_serve.imagery import read_bigearthnet_patch
 from nec_serve.kafka_io import json_producer
 from nec_serve.messages import parse_workflow
-from nec_serve.pipeline import ModelBundle
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUCKET = "nec-bench"

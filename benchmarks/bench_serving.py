@@ -22,8 +22,9 @@ import numpy as np
 
 from nec_dev.perf import latency_stats, machine_description, write_rows
 from nec_dev.triton import LocalTritonServer
+from nec_serve.bundle import ModelBundle
+from nec_serve.engines import LocalEngine
 from nec_serve.imagery import read_raster, tile_image
-from nec_serve.pipeline import LocalEngine, ModelBundle
 from nec_serve.serving.client import TritonEngine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

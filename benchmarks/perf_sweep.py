@@ -53,9 +53,10 @@ from nec_dev.perf import (
     write_variant_repository,
 )
 from nec_dev.triton import LocalTritonServer
+from nec_serve.bundle import ModelBundle
 from nec_serve.contract import GraphRole
+from nec_serve.engines import LocalEngine
 from nec_serve.imagery import read_raster, tile_image
-from nec_serve.pipeline import LocalEngine, ModelBundle
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCENE = "naip/m_4709963_se_14_1_20180716.tif"

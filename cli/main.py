@@ -20,15 +20,15 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 from nec_controller.main import add_parser as add_controller
 from nec_serve import __version__, deploy
+from nec_serve.bundle import ModelBundle
 from nec_serve.container import ContainerReader
 from nec_serve.contract import GraphRole, decode_outputs
+from nec_serve.engines import make_engine
 from nec_serve.errors import InvalidInput, NecError
 from nec_serve.imagery import iter_inputs, parse_bands
-from nec_serve.pipeline import ModelBundle, compress, decompress, make_engine, tile_index
+from nec_serve.pipeline import compress, write_embeddings
 from nec_wrapper.main import add_parser as add_wrapper
 
 # Imported by the commands that need them, not here: nec_models and nec_export need PyTorch,
@@ -178,20 +178,20 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     """Decode a container into embeddings, block-1 features or symbols (.npy)."""
     bundle = ModelBundle.load(args.model_dir)
     engine = _engine(args, bundle) if decode_outputs()[args.output] else None
-    try:
-        f = open(args.input, "rb")  # noqa: SIM115 - closed below
-    except OSError as err:
-        raise InvalidInput(f"cannot read container {args.input}: {err}") from err
-    with f:
-        header, records, arr = decompress(
-            f, bundle, engine, args.output, args.batch_size, progress=not args.quiet
-        )
-    out = Path(args.out)
-    with atomic_output(out) as g:
-        np.save(g, arr, allow_pickle=False)
-    with atomic_output(out.with_suffix(".tiles.json")) as g:
-        g.write(json.dumps(tile_index(records), indent=1).encode())
-    print(f"decoded {len(records)} tiles -> {out} {arr.dtype}{tuple(arr.shape)}")
+    container, out = Path(args.input), Path(args.out)
+    if not container.is_file():
+        raise InvalidInput(f"cannot read container {args.input}: no such file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = write_embeddings(
+        container,
+        out,
+        bundle,
+        engine,
+        args.output,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(f"decoded {done['tiles']} tiles -> {out} {done['dtype']}{done['shape']}")
     return 0
 
 

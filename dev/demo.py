@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from nec_dev.workflow_demo import run_workflow_demo
+from nec_serve.bundle import ModelBundle
 from nec_serve.contract import MANIFEST_FILENAME, GraphRole, Manifest
+from nec_serve.engines import LocalEngine
 from nec_serve.errors import SchemaVersionError
 from nec_serve.imagery import iter_inputs
-from nec_serve.pipeline import LocalEngine, ModelBundle, compress, decompress
+from nec_serve.pipeline import compress, decompress
 
 __all__ = ["run_demo", "DATASETS"]
 

@@ -1,7 +1,7 @@
 """The model contract: what an export promises every reader of it, as typed, frozen data.
 
 ``nec-serve export`` writes one :class:`Manifest` to ``<export>/manifest.json``; the coder
-(:class:`nec_serve.pipeline.ModelBundle`), the Triton client, the Python-backend model,
+(:class:`nec_serve.bundle.ModelBundle`), the Triton client, the Python-backend model,
 deployment, the demo, the CLI and the benchmarks read it through :meth:`Manifest.load`,
 which validates every field and names the one that is wrong. Nothing else spells a
 manifest key or a graph name: the keys are the field names of the dataclasses below, and

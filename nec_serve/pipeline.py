@@ -1,153 +1,43 @@
 """Compress imagery to containers and back, with any inference engine.
 
-The steps are pure functions over arrays plus two thin loops: :func:`compress` reads
-images, tiles and normalises them, asks an engine for symbols in batches, entropy-codes
-each tile on the CPU and streams tile records into a container; :func:`decompress` does
-the reverse. An engine is anything with ``encode(images) -> (symbols, latent)`` and
-``decode(graph, symbols) -> array``: :class:`LocalEngine` runs the exported ONNX graphs
-in-process with onnxruntime; the Triton client of the serving layer offers the same.
+The steps are pure functions over arrays plus thin loops: :func:`compress` reads images,
+tiles and normalises them, asks an engine (:mod:`nec_serve.engines`) for symbols in
+batches, entropy-codes each tile on the CPU and streams tile records into a container;
+:func:`decompress` does the reverse in memory, and :func:`write_embeddings` into a
+memory-mapped ``.npy`` with memory bounded by a batch.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import numpy as np
 from tqdm import tqdm
 
 from nec_serve import __version__
+from nec_serve.bundle import ModelBundle
 from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter, TileRecord
-from nec_serve.contract import GraphRole, Manifest, decode_outputs
+from nec_serve.contract import decode_outputs
+from nec_serve.engines import Engine
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, Normalisation, tile_image
 from nec_serve.imagery.limits import human_bytes
-from nec_serve.serving.client import TritonEngine
 
 __all__ = [
-    "ModelBundle",
-    "Engine",
-    "LocalEngine",
-    "make_engine",
     "tile_index",
     "CompressStats",
     "compress",
     "decompress",
     "check_decoded_size",
+    "write_embeddings",
 ]
-
-
-@dataclass(frozen=True)
-class ModelBundle:
-    """An export directory as the coder sees it: manifest, verified tables, codec.
-
-    ``tables`` and ``codec`` are what the manifest's entropy model kind loads (for
-    ``factorized``: :class:`~nec_serve.tables.EntropyTables` and
-    :class:`~nec_serve.codec.FactorizedCodec`).
-    """
-
-    root: Path
-    manifest: Manifest
-    tables: Any
-    codec: Any
-
-    @classmethod
-    def load(cls, root: str | Path) -> ModelBundle:
-        """Load ``root`` (written by ``nec-serve export``) and verify its table hash."""
-        root = Path(root)
-        manifest = Manifest.load(root)
-        tables, codec = manifest.entropy.load(root)
-        return cls(root, manifest, tables, codec)
-
-    @property
-    def img_size(self) -> int:
-        """Tile size in pixels the encoder takes."""
-        return self.manifest.input.img_size
-
-    @property
-    def in_chans(self) -> int:
-        """Bands the encoder takes."""
-        return self.manifest.input.in_chans
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per tile."""
-        return self.manifest.family_params.tokens
-
-    @property
-    def channels(self) -> int:
-        """Latent channels."""
-        return self.manifest.family_params.channels
-
-    def graph_path(self, role: GraphRole) -> Path:
-        """Path of the exported ONNX graph of ``role``."""
-        return self.root / self.manifest.graph(role).file
-
-    def normalisation(self, dtype: Any) -> Normalisation:
-        """How raw pixels of ``dtype`` become this model's input.
-
-        The scale comes from the dtype (:meth:`Normalisation.for_dtype`), the per-band mean
-        and std from the manifest.
-        """
-        inp = self.manifest.input
-        scale = Normalisation.for_dtype(dtype, inp.in_chans).scale
-        return Normalisation(scale, inp.mean, inp.std)
-
-
-class Engine(Protocol):
-    """What the pipeline needs from an inference backend."""
-
-    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Images ``(B, bands, S, S)`` float32 -> symbols ``(B, C, T)`` int32, latent."""
-
-    def decode(self, role: GraphRole, symbols: np.ndarray) -> np.ndarray:
-        """Symbols ``(B, C, T)`` int32 -> the output of the graph of ``role``."""
-
-
-class LocalEngine:
-    """Runs the exported graphs in-process with onnxruntime on the CPU."""
-
-    def __init__(self, bundle: ModelBundle, threads: int = 0):
-        import onnxruntime as ort  # heavy; only engines that run graphs locally need it
-
-        self._bundle = bundle
-        self._opts = ort.SessionOptions()
-        if threads:
-            self._opts.intra_op_num_threads = threads
-        self._ort = ort
-        self._sessions: dict = {}
-
-    def _run(self, role: GraphRole, array: np.ndarray) -> list[np.ndarray]:
-        spec = self._bundle.manifest.graph(role)
-        if role not in self._sessions:
-            self._sessions[role] = self._ort.InferenceSession(
-                str(self._bundle.graph_path(role)), self._opts, providers=["CPUExecutionProvider"]
-            )
-        return self._sessions[role].run(None, {spec.inputs[0].name: array})
-
-    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run the encoder graph."""
-        symbols, latent = self._run(GraphRole.ENCODER, images)[:2]
-        return symbols, latent
-
-    def decode(self, role: GraphRole, symbols: np.ndarray) -> np.ndarray:
-        """Run the decoding graph of ``role``."""
-        return self._run(role, symbols)[0]
-
-
-def make_engine(bundle: ModelBundle, server: str | None = None, *, threads: int = 0, **client):
-    """The engine for ``server`` (a Triton URL), or in-process onnxruntime when None.
-
-    ``client`` goes to :class:`~nec_serve.serving.client.TritonEngine` (timeouts, retries,
-    shared memory); ``threads`` to the in-process engine.
-    """
-    if server:
-        return TritonEngine(server, bundle, **client)
-    return LocalEngine(bundle, threads=threads)
 
 
 def tile_index(records: Iterable[TileRecord]) -> list[dict]:
@@ -503,6 +393,80 @@ def decompress(
     if not parts:
         raise InvalidInput("container holds no tiles")
     return reader.header, records, np.concatenate(parts)
+
+
+def write_embeddings(
+    container: Path,
+    dest: Path,
+    bundle: ModelBundle,
+    engine: Engine | None,
+    output: str = "embeddings",
+    *,
+    batch_size: int = 8,
+    limits: InputLimits | None = None,
+    label: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """Decode the container file ``container`` into ``dest`` (``.npy``) and its tile index.
+
+    Two passes over the file: the first counts the tiles (every CRC checked, at most
+    ``limits.max_tiles``), the second decodes batch by batch straight into a memory-mapped
+    ``.npy``, whose size is checked against ``limits.max_decoded_bytes`` before it is
+    allocated, so memory stays bounded by one batch. ``dest`` and
+    ``dest.with_suffix(".tiles.json")`` (where each row came from) are written under
+    temporary names and renamed into place only when complete: a failure leaves neither.
+
+    Returns:
+        ``{"tiles", "shape", "dtype", "decode_s"}``.
+    """
+    limits = InputLimits() if limits is None else limits
+    label = label or str(container)
+    index_path = dest.with_suffix(".tiles.json")
+    parts = [dest.with_name(f".{dest.name}.part"), index_path.with_name(f".{index_path.name}.part")]
+    with container.open("rb") as f:
+        count = 0
+        for _ in ContainerReader(f):
+            count += 1
+            if count > limits.max_tiles:
+                raise InvalidInput(
+                    f"{label}: container holds more than max_tiles={limits.max_tiles} tiles"
+                )
+    t0 = time.perf_counter()
+    bar = _progress(progress, "decompress", "tile")
+    index: list[dict] = []
+    try:
+        with container.open("rb") as f:
+            reader = ContainerReader(f)
+            out = None
+            row = 0
+            for records, arr in iter_decoded(reader, bundle, engine, output, batch_size):
+                if out is None:
+                    check_decoded_size(count, arr.shape[1:], arr.dtype, limits, label)
+                    out = np.lib.format.open_memmap(
+                        parts[0], mode="w+", dtype=arr.dtype, shape=(count, *arr.shape[1:])
+                    )
+                out[row : row + len(arr)] = arr
+                row += len(arr)
+                index.extend(tile_index(records))
+                bar.update(len(records))
+            if out is None:
+                raise InvalidInput(f"{label}: container holds no tiles")
+            out.flush()
+            shape, dtype = tuple(out.shape), out.dtype
+            del out
+        parts[1].write_text(json.dumps(index))
+        os.replace(parts[0], dest)
+        os.replace(parts[1], index_path)
+    finally:
+        bar.close()
+        for part in parts:
+            part.unlink(missing_ok=True)
+    return {
+        "tiles": count,
+        "shape": shape,
+        "dtype": np.dtype(dtype).name,
+        "decode_s": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _progress(enabled: bool, desc: str, unit: str):

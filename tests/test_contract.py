@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from nec_serve import contract
+from nec_serve.bundle import ModelBundle
 from nec_serve.contract import (
     MANIFEST_FILENAME,
     NEC,
@@ -30,7 +31,6 @@ from nec_serve.contract import (
     register_graph_role,
 )
 from nec_serve.errors import InvalidInput, ManifestError, SchemaVersionError
-from nec_serve.pipeline import ModelBundle
 
 SHA = "ab" * 32
 FP32, INT32 = DataType.TYPE_FP32, DataType.TYPE_INT32

@@ -758,7 +758,7 @@ MODEL_FILES = ["manifest.json", "entropy_tables.bin", "entropy_tables.bin.sha256
 
 
 def test_nec_model_configmap_from_an_export(validator, tiny_export, tmp_path):
-    from nec_serve.pipeline import ModelBundle
+    from nec_serve.bundle import ModelBundle
 
     cm = kubectl_configmap("nec-model", [tiny_export / f for f in MODEL_FILES], NS)
     assert validator.errors(cm) == []

@@ -11,16 +11,12 @@ import pytest
 import torch
 
 from nec_cli.main import main
+from nec_serve.bundle import ModelBundle
 from nec_serve.container import MAGIC, ContainerReader
+from nec_serve.engines import LocalEngine
 from nec_serve.errors import CorruptBitstream, InvalidInput
 from nec_serve.imagery import InputLimits, Normalisation, iter_inputs, read_raster, tile_image
-from nec_serve.pipeline import (
-    LocalEngine,
-    ModelBundle,
-    check_decoded_size,
-    compress,
-    decompress,
-)
+from nec_serve.pipeline import check_decoded_size, compress, decompress
 
 NAIP = "naip/m_4709963_se_14_1_20180716.tif"
 

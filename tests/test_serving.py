@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from nec_dev.triton import LocalTritonServer, free_port
+from nec_serve.bundle import ModelBundle
 from nec_serve.contract import GraphRole
+from nec_serve.engines import LocalEngine
 from nec_serve.errors import InvalidInput, ModelMismatch, ServerUnavailable
 from nec_serve.imagery import read_raster
-from nec_serve.pipeline import LocalEngine, ModelBundle, compress, decompress
+from nec_serve.pipeline import compress, decompress
 from nec_serve.serving.client import TritonEngine, parse_server_url
 
 NAIP = "naip/m_4709963_se_14_1_20180716.tif"

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 from nec_dev.stack.s3 import LocalS3
+from nec_serve.bundle import ModelBundle
 from nec_serve.config_store import LocalConfigStore
+from nec_serve.engines import LocalEngine
 from nec_serve.imagery import iter_inputs, read_raster
 from nec_serve.messages import config_name, parse_workflow
-from nec_serve.pipeline import LocalEngine, ModelBundle, compress
+from nec_serve.pipeline import compress
 
 NAIP = "naip/m_4709963_se_14_1_20180716.tif"
 

@@ -39,11 +39,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from nec_serve import s3
+from nec_serve.bundle import ModelBundle
 from nec_serve.config_store import ConfigStore
-from nec_serve.container import ContainerReader
+from nec_serve.engines import make_engine
 from nec_serve.errors import InvalidInput, NecError, TransientError, is_transient
 from nec_serve.imagery import InputLimits, iter_inputs
 from nec_serve.messages import (
@@ -55,14 +54,7 @@ from nec_serve.messages import (
     public_reason,
     status_event,
 )
-from nec_serve.pipeline import (
-    ModelBundle,
-    check_decoded_size,
-    compress,
-    iter_decoded,
-    make_engine,
-    tile_index,
-)
+from nec_serve.pipeline import compress, write_embeddings
 
 __all__ = [
     "WrapperSettings",
@@ -387,46 +379,21 @@ class StepHandler:
         return {**stats.summary(), "mode": "compress"}
 
     def _decompress(self, src: Path, dest: Path, label: str) -> dict:
-        # Two passes over the local container: count tiles (CRC-checked), then decode
-        # straight into a memory-mapped .npy, so memory stays bounded by one batch. The
-        # output's size is checked against the limits before it is allocated.
-        limits = self.settings.limits
-        with src.open("rb") as f:
-            reader = ContainerReader(f)
-            count = 0
-            for _ in reader:
-                count += 1
-                if count > limits.max_tiles:
-                    raise InvalidInput(
-                        f"{label}: container holds more than max_tiles={limits.max_tiles} tiles"
-                    )
-        t0 = time.perf_counter()
-        index = []
-        with src.open("rb") as f:
-            reader = ContainerReader(f)
-            out = None
-            row = 0
-            for records, arr in iter_decoded(
-                reader, self.bundle, self.engine, self.settings.output, self.settings.batch_size
-            ):
-                if out is None:
-                    check_decoded_size(count, arr.shape[1:], arr.dtype, limits, label)
-                    out = np.lib.format.open_memmap(
-                        dest, mode="w+", dtype=arr.dtype, shape=(count, *arr.shape[1:])
-                    )
-                out[row : row + len(arr)] = arr
-                row += len(arr)
-                index.extend(tile_index(records))
-            if out is None:
-                raise InvalidInput(f"{label}: container holds no tiles")
-            out.flush()
-            del out
-        dest.with_suffix(".tiles.json").write_text(json.dumps(index))
+        done = write_embeddings(
+            src,
+            dest,
+            self.bundle,
+            self.engine,
+            self.settings.output,
+            batch_size=self.settings.batch_size,
+            limits=self.settings.limits,
+            label=label,
+        )
         return {
             "mode": "decompress",
-            "tiles": count,
+            "tiles": done["tiles"],
             "output": self.settings.output,
-            "decode_s": round(time.perf_counter() - t0, 3),
+            "decode_s": done["decode_s"],
         }
 
     # -- Kafka side effects ----------------------------------------------------------
