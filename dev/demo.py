@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from nec_dev.workflow_demo import run_workflow_demo
+from nec_export import export_model
+from nec_export.calibrate import calibrate_from_inputs
+from nec_models import create_model
 from nec_serve.bundle import ModelBundle
 from nec_serve.contract import MANIFEST_FILENAME, GraphRole, Manifest
 from nec_serve.engines import LocalEngine
@@ -77,11 +80,6 @@ def _export(model: str, out: Path, calibration: Path) -> ModelBundle:
     if _reusable(model, out):
         print(f"[export] reusing {out}")
         return ModelBundle.load(out)
-    # PyTorch, needed only to export: the reuse above runs without it.
-    from nec_export import export_model
-    from nec_export.calibrate import calibrate_from_inputs
-    from nec_models import create_model
-
     t0 = time.perf_counter()
     nec = create_model(model)
     report = calibrate_from_inputs(nec, iter_inputs(calibration, [1, 2, 3]), max_tiles=20)

@@ -27,6 +27,7 @@ import csv
 import io
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -228,6 +229,7 @@ def write_variant_repository(
     size and dynamic batching of the variant. With several instances on the CPU the
     onnxruntime threads are split between them.
     """
+    # tritonclient on use: its gRPC protobufs cannot share a process with kserve (#3099).
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -425,7 +427,7 @@ def plot_curves(rows: Sequence[Mapping], path: str | Path, title: str = "") -> P
 
     A curve's points are the concurrency values, in order; x is inferences/s, y latency in ms.
     """
-    import matplotlib
+    import matplotlib  # heavy, and only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -557,8 +559,6 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    import platform
-
     desc = f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     if shutil.which("nvidia-smi"):
         try:

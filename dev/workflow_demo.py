@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nec_dev.stack.kafka import LocalKafka
+from nec_dev.stack.s3 import LocalS3
+from nec_dev.triton import LocalTritonServer, free_port
+from nec_serve.kafka_io import json_producer
+
 __all__ = [
     "run_workflow_demo",
     "LocalStack",
@@ -80,10 +85,6 @@ def local_stack(repository: Path | None, work: Path) -> Iterator[LocalStack]:
     ``repository`` is an export's ``model_repository_local/``; Triton logs to
     ``work/tritonserver.log``. Everything is stopped, in reverse order, on leaving.
     """
-    from nec_dev.stack.kafka import LocalKafka
-    from nec_dev.stack.s3 import LocalS3
-    from nec_dev.triton import LocalTritonServer
-
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with ExitStack() as stack:
@@ -265,9 +266,6 @@ def _inputs(data: Path, tmp: Path) -> list[tuple[str, Path]]:
 
 def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float = 900) -> int:
     """Run the workflow demo; returns the exit status."""
-    from nec_dev.triton import free_port
-    from nec_serve.kafka_io import json_producer
-
     work.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     t_start = time.perf_counter()

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from nec_models.nec import NECFactorized
+from nec_serve.errors import InvalidInput
+from nec_serve.imagery import Normalisation, tile_image
 
 __all__ = ["CalibrationReport", "calibrate_bottleneck", "calibrate_from_inputs", "latents_of"]
 
@@ -112,9 +114,6 @@ def calibrate_from_inputs(
     Tiles are cut and normalised exactly as ``nec-serve compress`` does, so the fitted
     density is that of the latents the coder will see.
     """
-    from nec_serve.errors import InvalidInput
-    from nec_serve.imagery import Normalisation, tile_image
-
     batches, n = [], 0
     for name, raw in inputs:
         if raw.shape[0] != model.in_chans:

@@ -28,7 +28,7 @@ class _OnnxGraph:
     """``model.onnx`` beside this file, run by onnxruntime on the CPU."""
 
     def __init__(self, version_dir: Path, params: dict, input_name: str, output_names: list):
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy; imported by the model instance that runs it
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params.get("intra_op_thread_count", "0"))

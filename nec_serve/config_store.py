@@ -9,6 +9,7 @@ message puts credentials in its config; they never reach a ConfigMap or a log he
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -173,8 +174,6 @@ class KubernetesConfigStore:
 
     def get(self, name: str) -> WorkflowConfig:
         """Read the ConfigMap and Secret back."""
-        import base64
-
         from kubernetes.client.exceptions import ApiException  # heavy; Kubernetes mode only
 
         try:

@@ -16,7 +16,7 @@ def json_producer(bootstrap_servers: str, timeout_s: float = 15.0):
     Callers wait on ``send(...).get(timeout)`` so that a message counts as written only
     once the broker acknowledged it.
     """
-    from kafka import KafkaProducer
+    from kafka import KafkaProducer  # optional (workflow extra): the core imports without it
 
     ms = int(timeout_s * 1000)
     return KafkaProducer(
@@ -37,7 +37,7 @@ def manual_commit_consumer(bootstrap_servers: str, group_id: str, *topics: str, 
     is refreshed every few seconds so topics created after subscribing are seen quickly.
     ``kwargs`` (``max_poll_records``, ``max_poll_interval_ms``, ...) go to KafkaConsumer.
     """
-    from kafka import KafkaConsumer
+    from kafka import KafkaConsumer  # optional (workflow extra): the core imports without it
 
     return KafkaConsumer(
         *topics,
@@ -57,8 +57,8 @@ def commit_after(consumer, tp, record) -> bool:
     logged and reported as False, not raised: the record is then delivered again, which
     processing is safe against, and the consumer goes on.
     """
-    from kafka import OffsetAndMetadata
-    from kafka.errors import KafkaError
+    from kafka import OffsetAndMetadata  # optional (workflow extra), as above
+    from kafka.errors import KafkaError  # optional (workflow extra), as above
 
     try:
         consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})

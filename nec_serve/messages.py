@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nec_serve.errors import InvalidInput
+from nec_serve.errors import InvalidInput, NecError
 
 __all__ = [
     "MessageError",
@@ -385,8 +385,6 @@ def public_reason(err: BaseException) -> str:
     error. Either way credential-like values are cut and local paths are replaced by
     ``<path>``: a reason names the input object, never the host's files.
     """
-    from nec_serve.errors import NecError
-
     if isinstance(err, NecError):
         text = err.message
     else:

@@ -98,7 +98,7 @@ class LocalS3(ChildProcess):
         Returns:
             ``botocore.client.S3`` using path-style addressing.
         """
-        import boto3
+        import boto3  # heavy; only clients of the local server need it
         from botocore.config import Config
 
         cfg = Config(
