@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: install demo test lint format bench bench-codec bench-encoder bench-serving \
 	bench-pipeline bench-perf clean
 
-$(STAMP): requirements/lock.txt requirements/build.txt pyproject.toml setup.py nec_serve/_rans.c scripts/bootstrap.sh
+$(STAMP): requirements/lock.txt requirements/build.txt pyproject.toml dev/pyproject.toml setup.py nec_serve/_rans.c scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
 	touch $@
 

@@ -85,9 +85,7 @@ def make_client(
         retries={"max_attempts": attempts, "mode": "standard"},
         s3={"addressing_style": "path"} if endpoint_url or creds is not None else {},
     )
-    return boto3.client(
-        "s3", endpoint_url=endpoint_url, region_name=region, config=config, **keys
-    )
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config, **keys)
 
 
 def redact_url(url: str | None) -> str:
@@ -136,7 +134,7 @@ def translate(err: BaseException, what: str) -> NecError:
             return InvalidInput(f"{what}: {_NOT_FOUND} ({code or status})")
         if code in _DENIED or status == 403:
             return InvalidInput(f"{what}: access denied ({code or status}); check the credentials")
-        if status >= 500:
+        if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout"):
             return TransientError(f"{what}: S3 error {code or 'unknown'} (HTTP {status})")
         return InvalidInput(f"{what}: S3 refused the request ({code or 'unknown'}, HTTP {status})")
     if isinstance(err, NoCredentialsError | PartialCredentialsError):

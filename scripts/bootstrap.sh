@@ -21,8 +21,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "${PIP[@]}" install -q -r requirements/lock.txt
     echo "$want" > "$stamp"
 fi
-# The project itself, editable, with its C extension (the rANS coder) compiled here.
+# The project itself, editable, with its C extension (the rANS coder) compiled here, and its
+# development tooling (dev/: local stack, demo, benchmark helpers), a distribution of its own.
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
-.venv/bin/python -c 'import nec_serve._rans, nec_models, nec_export' \
+"${PIP[@]}" install -q --no-deps --no-build-isolation -e dev
+.venv/bin/python -c 'import nec_serve._rans, nec_models, nec_export, nec_dev.stack' \
     || { echo "bootstrap: import check failed" >&2; exit 1; }
 echo "bootstrap: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

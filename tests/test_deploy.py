@@ -24,7 +24,9 @@ from test_k8s import kv
 
 from nec_dev.triton import free_port
 from nec_serve import deploy
+from nec_serve.deploy.repository import _list_keys
 from nec_serve.errors import InvalidInput
+from nec_serve.s3 import make_client
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = ("nec_decoder", "nec_decoder_block1", "nec_encoder")
@@ -95,12 +97,12 @@ def aws_env(monkeypatch, tmp_path):
 
 @pytest.fixture
 def s3(s3_endpoint, aws_env):
-    client = deploy.make_s3_client(s3_endpoint, "us-east-1")
+    client = make_client(endpoint_url=s3_endpoint, region="us-east-1")
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     if BUCKET not in existing:
         client.create_bucket(Bucket=BUCKET)
     yield client
-    for key in deploy._list_keys(client, BUCKET, ""):
+    for key in _list_keys(client, BUCKET, ""):
         client.delete_object(Bucket=BUCKET, Key=key)
 
 
@@ -117,7 +119,7 @@ def storage_initializer_download(client, uri: str, dest: Path) -> None:
     Storage._download_s3, v0.20.0): list by the URI's key prefix (no trailing slash), skip
     directory markers and zero-byte objects, strip the prefix, write under /mnt/models."""
     bucket, _, path = uri.removeprefix("s3://").partition("/")
-    for key, size in deploy._list_keys(client, bucket, path).items():
+    for key, size in _list_keys(client, bucket, path).items():
         if key.endswith("/") or size == 0:
             continue
         target = key[len(path) :].lstrip("/") if key != path else key.rsplit("/", 1)[-1]
@@ -139,7 +141,7 @@ def test_upload_layout_is_the_export_byte_for_byte(s3, s3_endpoint, tiny_export,
     assert {k.split("/")[0] for k in local} == set(GRAPHS)
     for graph in GRAPHS:
         assert f"{graph}/config.pbtxt" in local and f"{graph}/1/model.onnx" in local
-    keys = deploy._list_keys(s3, BUCKET, "")
+    keys = _list_keys(s3, BUCKET, "")
     prefix = f"nec/run-1/model_repository_{variant}/"
     assert set(keys) == {prefix + rel for rel in local}
     for rel, data in local.items():
@@ -163,7 +165,7 @@ def test_upload_mirrors_the_directory_without_touching_siblings(s3, s3_endpoint,
     for key in (stale, sibling, other):
         s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
     deploy.upload_repository(repo, BUCKET, "/nec/run-2/", "cpu", endpoint_url=s3_endpoint)
-    keys = set(deploy._list_keys(s3, BUCKET, ""))
+    keys = set(_list_keys(s3, BUCKET, ""))
     assert stale not in keys
     assert {sibling, other} <= keys
     assert {k for k in keys if k.startswith(base + "/")} == {
@@ -174,7 +176,7 @@ def test_upload_mirrors_the_directory_without_touching_siblings(s3, s3_endpoint,
     deploy.upload_repository(
         repo, BUCKET, "nec/run-2", "cpu", endpoint_url=s3_endpoint, delete_stale=False
     )
-    assert stale in deploy._list_keys(s3, BUCKET, base + "/")
+    assert stale in _list_keys(s3, BUCKET, base + "/")
 
 
 def _fake_repo(root: Path, models=GRAPHS) -> Path:
@@ -233,7 +235,7 @@ def test_s3_failures_name_bucket_and_endpoint(s3, s3_endpoint, tmp_path):
     with pytest.raises(deploy.DeployError, match="bucket 'nec-no-such-bucket' .* does not exist"):
         deploy.upload_repository(repo, "nec-no-such-bucket", "p", "cpu", endpoint_url=s3_endpoint)
     dead = f"http://nec-user:hunter2pass@127.0.0.1:{free_port()}"
-    client = deploy.make_s3_client(dead, "us-east-1", connect_timeout=1, max_attempts=1)
+    client = make_client(endpoint_url=dead, region="us-east-1", connect_timeout_s=1, attempts=1)
     start = time.monotonic()
     with pytest.raises(deploy.DeployError) as err:
         deploy.upload_repository(repo, BUCKET, "p", "cpu", client=client, endpoint_url=dead)
@@ -275,7 +277,7 @@ def test_cli_without_kubeconfig_fails_before_uploading(s3, s3_endpoint, aws_env,
     out = run_py(f"import sys; from nec_serve.deploy import main; sys.exit(main({argv!r}))", env)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "nec-serve deploy: error: no usable Kubernetes configuration" in out.stderr
-    assert deploy._list_keys(s3, BUCKET, "nokube/") == {}
+    assert _list_keys(s3, BUCKET, "nokube/") == {}
 
 
 def test_add_parser_registers_deploy():

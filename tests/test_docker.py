@@ -230,6 +230,25 @@ def test_build_context_is_exactly_what_is_copied(dockerfile):
     assert {"**/*.so", "**/__pycache__"} <= set(lines)
 
 
+def test_the_builder_copies_every_package_of_the_wheel_and_no_dev_tooling(dockerfile):
+    """The wheel is built from pyproject's package folders: all must be in the build, and
+    the dev tooling (its own distribution, dev/pyproject.toml) must not be."""
+    import tomllib
+
+    folders = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "package-dir"
+        ].values()
+    )
+    copied = {
+        rest.split()[0].rstrip("/")
+        for op, rest in dockerfile["builder"]["ops"]
+        if op == "COPY" and not rest.startswith("--from=")
+    }
+    assert folders <= copied, folders - copied
+    assert "dev" not in copied and "dev" not in folders
+
+
 # ------------------------------------------------------------------------------ runtime.txt
 
 

@@ -20,8 +20,16 @@ LINT = Path(sys.executable).parent / "lint-imports"
 
 
 def _package_dirs() -> dict[str, str]:
-    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    return setuptools["package-dir"]
+    """Import name -> folder, of the product's distribution and the dev tooling's."""
+    dirs = dict(_setuptools(ROOT)["package-dir"])
+    dirs.update(
+        {name: str(Path("dev") / d) for name, d in _setuptools(ROOT / "dev")["package-dir"].items()}
+    )
+    return dirs
+
+
+def _setuptools(project: Path) -> dict:
+    return tomllib.loads((project / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
 def _lint(tree: Path) -> subprocess.CompletedProcess:
@@ -40,7 +48,9 @@ def _copy_tree(dest: Path) -> Path:
     """The project's packages under their import names, and its pyproject.toml."""
     for name, folder in _package_dirs().items():
         shutil.copytree(
-            ROOT / folder, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.so")
+            ROOT / folder,
+            dest / name,
+            ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "pyproject.toml"),
         )
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
     return dest

@@ -1,0 +1,246 @@
+"""The two InferenceServices, their sizing per variant, and their typed ``kserve`` objects.
+
+``nec-encoder`` loads ``nec_encoder``; ``nec-decoder`` loads ``nec_decoder`` and
+``nec_decoder_block1``. :func:`build_inference_services` builds the objects that
+``kubectl apply -k k8s/overlays/<variant>`` creates (tests/test_deploy.py compares them field
+by field).
+
+``kserve`` and ``kubernetes`` are imported inside the functions: ``kserve`` and
+``tritonclient.grpc`` register the same protobuf symbols and cannot live in one process
+(kserve issue #3099).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nec_serve.contract import NEC, GraphRole
+from nec_serve.errors import InvalidInput
+
+__all__ = [
+    "Sizing",
+    "Service",
+    "SERVICES",
+    "VARIANTS",
+    "NAMESPACE",
+    "SERVICE_ACCOUNT",
+    "RUNTIME",
+    "RUNTIME_VERSION",
+    "TRITON_HTTP_PORT",
+    "GROUP",
+    "VERSION",
+    "PLURAL",
+    "check_variant",
+    "build_inference_services",
+    "to_manifest",
+]
+
+VARIANTS = ("gpu", "cpu")
+NAMESPACE = "nec"
+SERVICE_ACCOUNT = "nec-models"  # k8s/base/serviceaccount.yaml; lists the S3 Secret nec-s3
+# KServe's ClusterServingRuntime for Triton (config/runtimes/kserve-tritonserver.yaml, v0.20.0):
+# tritonserver --model-store=/mnt/models --grpc-port=9000 --http-port=8080 --allow-grpc=true
+# --allow-http=true, image nvcr.io/nvidia/tritonserver, user 1000. Our args are appended.
+RUNTIME = "kserve-tritonserver"
+RUNTIME_VERSION = "26.07-py3"  # tag of nvcr.io/nvidia/tritonserver
+TRITON_HTTP_PORT = 8080
+DEPLOYMENT_MODE = "Serverless"
+TRT_CACHE_PATH = "/tmp/trt_cache"  # trt_engine_cache_path of the GPU configs (export/triton.py)
+COMMON_LABELS = {"app.kubernetes.io/name": "nec", "app.kubernetes.io/part-of": "nec-serve"}
+VARIANT_LABEL = "nec-serve/variant"
+GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """Resources and autoscaling of one service in one variant."""
+
+    requests: dict[str, str]
+    limits: dict[str, str]
+    min_replicas: int
+    max_replicas: int
+    scale_target: int  # in-flight requests per replica (Knative concurrency)
+
+
+@dataclass(frozen=True)
+class Service:
+    """One InferenceService: a Triton server loading some models of the repository."""
+
+    name: str
+    component: str
+    models: tuple[str, ...]
+    sizing: dict[str, Sizing]  # by variant
+
+    def args(self) -> list[str]:
+        """Triton arguments appended to the runtime's: load only this service's models."""
+        return [
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.models),
+            "--strict-readiness=true",
+        ]
+
+
+_GPU = Sizing(
+    requests={"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
+    limits={"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+    min_replicas=1,
+    max_replicas=4,
+    scale_target=4,
+)
+SERVICES = (
+    Service(
+        "nec-encoder",
+        "encoder",
+        (NEC.graph_name(GraphRole.ENCODER),),
+        {
+            "gpu": _GPU,
+            "cpu": Sizing(
+                requests={"cpu": "4", "memory": "4Gi"},
+                limits={"cpu": "4", "memory": "8Gi"},
+                min_replicas=1,
+                max_replicas=8,
+                scale_target=2,
+            ),
+        },
+    ),
+    Service(
+        "nec-decoder",
+        "decoder",
+        (NEC.graph_name(GraphRole.DECODER), NEC.graph_name(GraphRole.FEATURES)),
+        {
+            "gpu": _GPU,
+            "cpu": Sizing(
+                requests={"cpu": "2", "memory": "2Gi"},
+                limits={"cpu": "2", "memory": "4Gi"},
+                min_replicas=1,
+                max_replicas=8,
+                scale_target=2,
+            ),
+        },
+    ),
+)
+
+
+def check_variant(variant: str) -> str:
+    """``variant`` if it is one of :data:`VARIANTS`, else :class:`InvalidInput` naming it."""
+    if variant not in VARIANTS:
+        raise InvalidInput(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    return variant
+
+
+def build_inference_services(
+    variant: str,
+    uri: str,
+    namespace: str = NAMESPACE,
+    runtime_version: str = RUNTIME_VERSION,
+    service_account: str = SERVICE_ACCOUNT,
+) -> list:
+    """Typed ``V1beta1InferenceService`` objects for the encoder and the decoders.
+
+    They are the objects of ``k8s/overlays/<variant>`` with ``storageUri`` set to ``uri``:
+    Triton runtime, protocol v2, only this service's models loaded (explicit model control),
+    readiness on Triton's ``/v2/health/ready``, non-root security contexts, the variant's
+    resources and Knative concurrency autoscaling.
+    """
+    import kserve  # here, not at module level: kserve issue #3099 (see the docstring)
+    from kubernetes import client as k8s
+
+    check_variant(variant)
+    if not uri.startswith("s3://"):
+        raise InvalidInput(f"storageUri {uri!r}: expected s3://<bucket>/<prefix>/...")
+
+    def probe(path: str, **timing) -> k8s.V1Probe:
+        action = k8s.V1HTTPGetAction(path=path, port=TRITON_HTTP_PORT)
+        return k8s.V1Probe(http_get=action, **timing)
+
+    services = []
+    for svc in SERVICES:
+        size = svc.sizing[variant]
+        gpu = variant == "gpu"
+        model = kserve.V1beta1ModelSpec(
+            name=None,  # the SDK's default "" would be sent; KServe names it kserve-container
+            model_format=kserve.V1beta1ModelFormat(name="triton"),
+            runtime=RUNTIME,
+            runtime_version=runtime_version,
+            protocol_version="v2",
+            storage_uri=uri,
+            args=svc.args(),
+            readiness_probe=probe(
+                "/v2/health/ready", period_seconds=10, timeout_seconds=5, failure_threshold=3
+            ),
+            liveness_probe=probe(
+                "/v2/health/live",
+                initial_delay_seconds=30,
+                period_seconds=15,
+                timeout_seconds=5,
+                failure_threshold=40,
+            ),
+            resources=k8s.V1ResourceRequirements(
+                requests=dict(size.requests), limits=dict(size.limits)
+            ),
+            security_context=k8s.V1SecurityContext(
+                run_as_non_root=True,
+                run_as_user=1000,
+                allow_privilege_escalation=False,
+                privileged=False,
+                capabilities=k8s.V1Capabilities(drop=["ALL"]),
+                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+            ),
+            volume_mounts=(
+                [k8s.V1VolumeMount(name="trt-cache", mount_path=TRT_CACHE_PATH)] if gpu else None
+            ),
+        )
+        predictor = kserve.V1beta1PredictorSpec(
+            service_account_name=service_account,
+            min_replicas=size.min_replicas,
+            max_replicas=size.max_replicas,
+            scale_metric="concurrency",
+            scale_target=size.scale_target,
+            security_context=k8s.V1PodSecurityContext(
+                run_as_non_root=True,
+                run_as_user=1000,
+                run_as_group=1000,
+                fs_group=1000,
+                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+            ),
+            tolerations=(
+                [k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+                if gpu
+                else None
+            ),
+            volumes=(
+                [
+                    k8s.V1Volume(
+                        name="trt-cache", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="8Gi")
+                    )
+                ]
+                if gpu
+                else None
+            ),
+            model=model,
+        )
+        services.append(
+            kserve.V1beta1InferenceService(
+                api_version=f"{GROUP}/{VERSION}",
+                kind="InferenceService",
+                metadata=k8s.V1ObjectMeta(
+                    name=svc.name,
+                    namespace=namespace,
+                    labels={
+                        **COMMON_LABELS,
+                        "app.kubernetes.io/component": svc.component,
+                        VARIANT_LABEL: variant,
+                    },
+                    annotations={"serving.kserve.io/deploymentMode": DEPLOYMENT_MODE},
+                ),
+                spec=kserve.V1beta1InferenceServiceSpec(predictor=predictor),
+            )
+        )
+    return services
+
+
+def to_manifest(obj) -> dict:
+    """The JSON form the API server receives (camelCase keys, no None fields)."""
+    from kubernetes.client import ApiClient  # optional dependency, as kserve
+
+    return ApiClient().sanitize_for_serialization(obj)
