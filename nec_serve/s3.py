@@ -111,6 +111,7 @@ def translate(err: BaseException, what: str) -> NecError:
     one (``S3UploadFailedError``). The message starts with ``what`` and says what went
     wrong; it holds no credential (``user:password@`` in URLs is removed).
     """
+    # boto3 on use: an optional (extra) and heavy dependency
     from boto3.exceptions import Boto3Error
     from botocore.exceptions import (
         BotoCoreError,
@@ -150,6 +151,7 @@ def translate(err: BaseException, what: str) -> NecError:
 
 def head(client, bucket: str, key: str) -> tuple[int, str]:
     """Size and ETag of ``s3://bucket/key``."""
+    # botocore on use: an optional (extra) and heavy dependency
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -172,6 +174,7 @@ def exists(client, bucket: str, key: str) -> bool:
 
 def put_json(client, bucket: str, key: str, value: dict) -> None:
     """Write a small JSON object (a marker) to ``s3://bucket/key``."""
+    # botocore on use: an optional (extra) and heavy dependency
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -193,6 +196,7 @@ def download(
     With ``etag``, only that version of the object is read: an object replaced since it
     was looked at is a :class:`TransientError` (read it again), not silently other bytes.
     """
+    # botocore on use: an optional (extra) and heavy dependency
     from botocore.exceptions import BotoCoreError, ClientError
 
     what = f"s3://{bucket}/{key}"
@@ -218,6 +222,7 @@ def download(
 
 def upload(client, path: Path, bucket: str, key: str) -> None:
     """Upload ``path`` to ``s3://bucket/key`` (multipart above the threshold)."""
+    # boto3 on use: an optional (extra) and heavy dependency
     from boto3.exceptions import Boto3Error
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError

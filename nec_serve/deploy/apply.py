@@ -62,6 +62,7 @@ def _api_message(err: Exception) -> str:
 
 def require_service_account(kclient, namespace: str, service_account: str) -> None:
     """Fail unless ``namespace/service_account`` exists, saying how to create it."""
+    # kubernetes on use: an optional (extra) and heavy dependency
     from kubernetes.client.rest import ApiException
 
     try:
@@ -83,6 +84,7 @@ def apply_inference_services(
     kclient, isvcs: Sequence, namespace: str = NAMESPACE, check_service_account: bool = True
 ) -> dict[str, int]:
     """Create each InferenceService, or replace it if it exists; return name -> generation."""
+    # kubernetes on use: an optional (extra) and heavy dependency
     from kubernetes.client.rest import ApiException
 
     if check_service_account:
