@@ -62,6 +62,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_mae(args: argparse.Namespace) -> int:
+    """MAE pretraining on EuroSAT RGB (nec_models.train), resumable."""
+    from nec_models.train import MAEConfig, train_mae  # PyTorch: see the imports above
+
+    cfg = MAEConfig(
+        data=args.data,
+        out=args.out,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        blr=args.blr,
+        warmup_epochs=args.warmup_epochs,
+        mask_ratio=args.mask_ratio,
+        norm_pix_loss=args.norm_pix_loss,
+        seed=args.seed,
+        split_seed=args.split_seed,
+        max_items=args.max_items,
+        threads=args.threads,
+    )
+    result = train_mae(cfg, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export graphs, tables and Triton repositories for a model (and checkpoint)."""
     from nec_export import ExportOptions, export_model  # PyTorch: see the imports above
@@ -233,6 +257,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("models", help="list registered models")
     s.set_defaults(func=cmd_models)
+
+    train = sub.add_parser("train", help="train models on ../shared/data").add_subparsers(
+        dest="stage", required=True
+    )
+    s = train.add_parser("mae", help="MAE pretraining from scratch on EuroSAT RGB, resumable")
+    s.add_argument("--data", required=True, help="EuroSAT RGB root (<Class>/<Class>_<n>.jpg)")
+    s.add_argument("--out", required=True, help="run folder: split, cache, log.csv, checkpoint")
+    s.add_argument("--model", default="mae_vit_tiny_patch8", help="registered MAE ViT")
+    s.add_argument("--epochs", type=int, default=100)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * batch / 256")
+    s.add_argument("--warmup-epochs", type=int, default=5)
+    s.add_argument("--mask-ratio", type=float, default=0.75)
+    s.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised target")
+    s.add_argument("--seed", type=int, default=0, help="model init, data order, masks")
+    s.add_argument("--split-seed", type=int, default=0, help="the train/val/test split")
+    s.add_argument("--max-items", type=int, default=0, help="first N images per class (0: all)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    s.add_argument("--resume", action="store_true", help="continue after the last epoch")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train_mae)
 
     s = sub.add_parser("export", help="export ONNX graphs, entropy tables, Triton repositories")
     s.add_argument("--model", required=True, help="registry name (see `nec-serve models`)")

@@ -152,6 +152,59 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` to pixel patches ``(B, patches, p*p*C)`` (MAE's order)."""
+        p, c = self.patch_size, self.in_chans
+        g = self.img_size // p
+        x = images.reshape(images.shape[0], c, g, p, g, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(images.shape[0], g * g, p * p * c)
+
+    def forward_masked(
+        self, images: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MAE pretraining: reconstruct ``images`` from a random ``1 - mask_ratio`` of patches.
+
+        Returns the predicted pixel patches ``(B, patches, p*p*C)`` and the mask ``(B,
+        patches)`` (1 = masked, the patches the loss is taken on), as the official
+        ``MaskedAutoencoderViT.forward`` does; the noise comes from ``generator``.
+        """
+        b, n = images.shape[0], self.patch_embed.num_patches
+        keep = int(n * (1 - mask_ratio))
+        x = self.patch_embed(images) + self.pos_embed[:, 1:, :]
+        noise = torch.rand(b, n, generator=generator, device=images.device)
+        shuffle = torch.argsort(noise, dim=1)
+        restore = torch.argsort(shuffle, dim=1)
+        kept = shuffle[:, :keep]
+        x = torch.gather(x, 1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        mask = torch.ones(b, n, device=images.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, restore)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(b, -1, -1)
+        x = torch.cat((cls, x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.decoder_embed(self.norm(x))
+        fill = self.mask_token.expand(b, n - keep, -1)
+        body = torch.cat((x[:, 1:, :], fill), dim=1)
+        body = torch.gather(body, 1, restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat((x[:, :1, :], body), dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :], mask
+
+    def masked_loss(
+        self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, norm_pix: bool = False
+    ) -> torch.Tensor:
+        """Mean squared error on the masked patches (per-patch normalised with ``norm_pix``)."""
+        target = self.patchify(images)
+        if norm_pix:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """Pixel patches ``(B, patches, p*p*C)`` back to images ``(B, C, H, W)``."""
         p, c = self.patch_size, self.in_chans
@@ -314,6 +367,30 @@ _VIT_TINY = dict(
     decoder_depth=1,
     decoder_num_heads=4,
 )
+
+
+# MAE pretraining sizes for 64 px EuroSAT patches: patch 8 gives 64 tokens.
+_VIT_TINY_P8 = dict(
+    patch_size=8,
+    embed_dim=192,
+    depth=12,
+    num_heads=3,
+    decoder_embed_dim=128,
+    decoder_depth=2,
+    decoder_num_heads=4,
+)
+
+
+@register_model("mae_vit_tiny_patch8")
+def mae_vit_tiny_patch8(img_size: int = 64) -> MaskedAutoencoderViT:
+    """MAE ViT-Tiny/8 for pretraining on 64 px patches (64 tokens), with a small decoder."""
+    return MaskedAutoencoderViT(img_size=img_size, **_VIT_TINY_P8)
+
+
+@register_model("mae_vit_pretrain_test")
+def mae_vit_pretrain_test(img_size: int = 64) -> MaskedAutoencoderViT:
+    """Tiny test variant of :func:`mae_vit_tiny_patch8`."""
+    return MaskedAutoencoderViT(img_size=img_size, **_VIT_TINY)
 
 
 @register_model("mae_vit_compress_adapter")

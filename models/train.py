@@ -1,0 +1,312 @@
+"""MAE pretraining on EuroSAT RGB: resumable, logged, deterministic.
+
+``train_mae(config)`` pretrains a registered MAE ViT (``mae_vit_tiny_patch8``: 64 tokens on
+64 px patches) from scratch, as MAE does: 75 % of the patches masked, the loss on the
+masked patches, AdamW (0.9, 0.95) with weight decay on the weights only, a cosine schedule
+after a linear warm-up (per step), RandomResizedCrop and flips on the training images,
+ImageNet normalisation as the service applies it to uint8 input.
+
+Reproducible and resumable:
+
+- The split is made once (stratified, seeded; :mod:`nec_models.eurosat`) and written to
+  ``<out>/split.csv``; a resumed run reads it back. Only ``train`` and ``val`` are used:
+  the test part stays untouched for the final numbers.
+- The data order and every augmentation and mask of an epoch come from generators seeded
+  by ``(seed, epoch)``, so an epoch is the same whether or not the run was interrupted.
+- After every epoch, ``<out>/checkpoint.pth`` is written (atomically) in the official
+  layout ``{"model", "optimizer", "epoch", "scaler", "args"}``, and a row goes to
+  ``<out>/log.csv``. ``resume=True`` continues after the last finished epoch: a run
+  killed mid-epoch loses at most that epoch, and the result equals an uninterrupted run's.
+- A non-finite loss stops the run with :class:`TrainingDiverged`; the checkpoint of the
+  last good epoch is left as it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms.v2 import functional as tvf
+from tqdm import tqdm
+
+from nec_models.eurosat import Decoded, decode, make_split, read_split, scan, write_split
+from nec_models.registry import create_model
+from nec_serve.errors import InvalidInput, NecError
+from nec_serve.imagery import Normalisation
+
+__all__ = ["MAEConfig", "TrainingDiverged", "train_mae", "LOG_FIELDS"]
+
+LOG_FIELDS = ("epoch", "train_loss", "val_loss", "lr", "seconds", "images_per_s")
+
+
+class TrainingDiverged(NecError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    """Everything a pretraining run depends on; stored as ``args`` in every checkpoint."""
+
+    data: str
+    out: str
+    model: str = "mae_vit_tiny_patch8"
+    epochs: int = 100
+    batch_size: int = 64
+    blr: float = 1.5e-4  # base learning rate; lr = blr * batch_size / 256, as in MAE
+    min_lr: float = 0.0
+    warmup_epochs: int = 5
+    weight_decay: float = 0.05
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    seed: int = 0
+    split_seed: int = 0
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    max_items: int = 0  # 0: all; else the first items of each class (for tests)
+    threads: int = 0  # 0: torch's default
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work, naming the setting."""
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(f"train mae: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.mask_ratio < 1:
+            raise InvalidInput(f"train mae: mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.blr <= 0 or self.warmup_epochs < 0 or self.max_items < 0:
+            raise InvalidInput("train mae: blr must be > 0, warmup_epochs and max_items >= 0")
+
+    @property
+    def lr(self) -> float:
+        """The peak learning rate."""
+        return self.blr * self.batch_size / 256
+
+
+def _lr_at(cfg: MAEConfig, t: float) -> float:
+    """Learning rate at fractional epoch ``t``: linear warm-up, then half a cosine."""
+    if t < cfg.warmup_epochs:
+        return cfg.lr * t / cfg.warmup_epochs
+    span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (
+        1.0 + math.cos(math.pi * (t - cfg.warmup_epochs) / span)
+    )
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith((".bias", "_token")) else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class _Batches:
+    """uint8 NHWC images -> normalised float NCHW batches, augmented from a generator."""
+
+    def __init__(self, size: int, scale: tuple[float, float]):
+        norm = Normalisation.for_dtype(np.uint8, 3)
+        self.size = size
+        self.scale = scale
+        self.divisor = float(norm.scale)
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: np.ndarray, gen: torch.Generator | None) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+        if gen is not None:
+            x = torch.stack([self._augment(img, gen) for img in x])
+        return (x / self.divisor - self.mean) / self.std
+
+    def _augment(self, img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        # RandomResizedCrop (aspect 3/4..4/3, as torchvision's), then both flips.
+        h, w = img.shape[-2:]
+        for _ in range(10):
+            u = torch.rand(3, generator=gen).tolist()
+            area = h * w * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[0])
+            ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[1])
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(u[2] * (h - ch + 1))
+                left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+                break
+        else:
+            top, left, ch, cw = 0, 0, h, w
+        out = tvf.resized_crop(img, top, left, ch, cw, [self.size, self.size], antialias=True)
+        flips = torch.rand(2, generator=gen).tolist()
+        if flips[0] < 0.5:
+            out = out.flip(-1)
+        if flips[1] < 0.5:
+            out = out.flip(-2)
+        return out
+
+
+def _load_data(cfg: MAEConfig, out: Path) -> tuple[Decoded, Decoded, dict]:
+    split_path = out / "split.csv"
+    if split_path.exists():
+        split = read_split(split_path)
+    else:
+        items = scan(cfg.data)
+        if cfg.max_items:
+            per_class: dict[int, int] = {}
+            kept = []
+            for item in items:
+                per_class[item.label] = per_class.get(item.label, 0) + 1
+                if per_class[item.label] <= cfg.max_items:
+                    kept.append(item)
+            items = kept
+        split = make_split(items, cfg.split, cfg.split_seed)
+        write_split(split, split_path)
+    for name in ("train", "val"):
+        if not split[name]:
+            raise InvalidInput(
+                f"train mae: the {name} split of {cfg.data} is empty; give more images "
+                f"(--max-items) or other --split fractions"
+            )
+    train = decode(cfg.data, split["train"], out / "cache" / "train")
+    val = decode(cfg.data, split["val"], out / "cache" / "val")
+    info = {
+        "split": {k: len(v) for k, v in split.items()},
+        "skipped": len(train.skipped) + len(val.skipped),
+    }
+    return train, val, info
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _config_of(args: dict) -> MAEConfig:
+    known = {f.name for f in fields(MAEConfig)}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if k in known}
+    return MAEConfig(**values)
+
+
+@torch.no_grad()
+def _val_loss(model, batches: _Batches, val: Decoded, cfg: MAEConfig, epoch: int) -> float:
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)  # the same every epoch
+    total, n = 0.0, 0
+    for i in range(0, len(val.labels), cfg.batch_size):
+        x = batches(val.images[i : i + cfg.batch_size], None)
+        pred, mask = model.forward_masked(x, cfg.mask_ratio, gen)
+        total += float(model.masked_loss(x, pred, mask, cfg.norm_pix_loss)) * len(x)
+        n += len(x)
+    return total / max(n, 1)
+
+
+def train_mae(cfg: MAEConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Pretrain (or, with ``resume``, continue pretraining) as the module docstring says.
+
+    Returns:
+        ``{"epochs_run", "last_epoch", "train_loss", "val_loss", "checkpoint", "split",
+        "skipped"}``.
+
+    Raises:
+        InvalidInput: bad data, a ``--resume`` without a checkpoint or of another model.
+        TrainingDiverged: a non-finite loss.
+    """
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pth"
+    start = 0
+    if resume:
+        if not ckpt_path.exists():
+            raise InvalidInput(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = _config_of(state["args"])
+        if saved.model != cfg.model:
+            raise InvalidInput(f"--resume: {ckpt_path} is a {saved.model!r} run, not {cfg.model!r}")
+        start = int(state["epoch"]) + 1
+    else:
+        if ckpt_path.exists():
+            raise InvalidInput(f"{ckpt_path} exists: pass --resume, or choose another --out")
+        state = None
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train, val, info = _load_data(cfg, out)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
+    )
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    batches = _Batches(model.img_size, cfg.crop_scale)
+    steps = math.ceil(len(train.labels) / cfg.batch_size)
+    result = {"epochs_run": 0, "last_epoch": start - 1, "checkpoint": str(ckpt_path), **info}
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(train.labels), generator=gen).numpy()
+        total = 0.0
+        bar = tqdm(range(steps), desc=f"mae {epoch + 1}/{cfg.epochs}", disable=not progress)
+        for step in bar:
+            idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            lr = _lr_at(cfg, epoch + step / steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = batches(train.images[idx], gen)
+            pred, mask = model.forward_masked(x, cfg.mask_ratio, gen)
+            loss = model.masked_loss(x, pred, mask, cfg.norm_pix_loss)
+            if not torch.isfinite(loss):
+                kept = f"epoch {epoch - 1} is kept at {ckpt_path}" if epoch else "none was written"
+                raise TrainingDiverged(
+                    f"train mae: the loss is {float(loss)} at epoch {epoch}, step {step}: "
+                    f"stopped; the checkpoint of the last good {kept}; lower --blr"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(idx)
+            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+        model.eval()
+        val_loss = _val_loss(model, batches, val, cfg, epoch)
+        seconds = time.perf_counter() - t0
+        row = {
+            "epoch": epoch,
+            "train_loss": round(total / len(train.labels), 6),
+            "val_loss": round(val_loss, 6),
+            "lr": f"{lr:.6g}",
+            "seconds": round(seconds, 2),
+            "images_per_s": round(len(train.labels) / seconds, 1),
+        }
+        _save(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "scaler": None,  # CPU float32: no loss scaling
+                "args": asdict(cfg),
+            },
+        )
+        _append_log(out / "log.csv", row)
+        result.update(
+            epochs_run=result["epochs_run"] + 1,
+            last_epoch=epoch,
+            train_loss=row["train_loss"],
+            val_loss=row["val_loss"],
+        )
+    return result
