@@ -86,6 +86,26 @@ def cmd_train_mae(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_nec(args: argparse.Namespace) -> int:
+    """NEC compression fine-tuning from an MAE checkpoint (nec_models.train), resumable."""
+    from nec_models.train import NECConfig, train_nec  # PyTorch: see the imports above
+
+    cfg = NECConfig(
+        init=args.init,
+        out=args.out,
+        lmbda=args.lmbda,
+        rate_on=args.rate_on,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    result = train_nec(cfg, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export graphs, tables and Triton repositories for a model (and checkpoint)."""
     from nec_export import ExportOptions, export_model  # PyTorch: see the imports above
@@ -278,6 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue after the last epoch")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train_mae)
+    s = train.add_parser("nec", help="NEC compression fine-tuning from an MAE checkpoint")
+    s.add_argument("--init", required=True, help="runs/mae/checkpoint.pth (its split is reused)")
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--lmbda", type=float, default=1000.0, help="reconstruction weight vs bits")
+    s.add_argument(
+        "--rate-on",
+        choices=("visible", "all"),
+        default="visible",
+        help="rate term on the visible tokens (official) or on all tokens (what is coded)",
+    )
+    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--resume", action="store_true", help="continue after the last epoch")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train_nec)
 
     s = sub.add_parser("export", help="export ONNX graphs, entropy tables, Triton repositories")
     s.add_argument("--model", required=True, help="registry name (see `nec-serve models`)")

@@ -169,6 +169,17 @@ class MaskedAutoencoderViT(nn.Module):
         patches)`` (1 = masked, the patches the loss is taken on), as the official
         ``MaskedAutoencoderViT.forward`` does; the noise comes from ``generator``.
         """
+        tokens, mask, restore = self.encode_masked(images, mask_ratio, generator)
+        return self.decode_masked(tokens, restore), mask
+
+    def encode_masked(
+        self, images: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The encoder on a random ``1 - mask_ratio`` of the patches.
+
+        Returns the final-norm tokens ``(B, 1 + kept, embed_dim)`` (CLS first), the mask
+        ``(B, patches)`` (1 = masked) and the indices that restore the patch order.
+        """
         b, n = images.shape[0], self.patch_embed.num_patches
         keep = int(n * (1 - mask_ratio))
         x = self.patch_embed(images) + self.pos_embed[:, 1:, :]
@@ -184,14 +195,19 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat((cls, x), dim=1)
         for blk in self.blocks:
             x = blk(x)
-        x = self.decoder_embed(self.norm(x))
-        fill = self.mask_token.expand(b, n - keep, -1)
+        return self.norm(x), mask, restore
+
+    def decode_masked(self, tokens: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+        """The decoder on kept tokens (CLS first) plus mask tokens, in patch order."""
+        b, n = restore.shape
+        x = self.decoder_embed(tokens)
+        fill = self.mask_token.expand(b, n + 1 - x.shape[1], -1)
         body = torch.cat((x[:, 1:, :], fill), dim=1)
         body = torch.gather(body, 1, restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat((x[:, :1, :], body), dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :], mask
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
     def masked_loss(
         self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, norm_pix: bool = False
@@ -251,6 +267,34 @@ class NECFactorized(MaskedAutoencoderViT):
         """
         x = self.decoder_embed(embeddings[:, 1:, :]) + self.decoder_pos_embed[:, 1:, :]
         return self.decoder_blocks[0](x)
+
+    def forward_train(
+        self,
+        images: torch.Tensor,
+        mask_ratio: float,
+        generator: torch.Generator | None = None,
+        rate_on: str = "visible",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NEC compression fine-tuning: masked reconstruction through the bottleneck.
+
+        The visible tokens (after the final norm) pass the bottleneck (noisy in training)
+        and the decoder reconstructs the image from them, as the official code does. The
+        rate is ``sum -log2 p`` per image, on those visible tokens (``rate_on="visible"``,
+        the official estimate) or, with ``rate_on="all"``, on every token of one more,
+        unmasked encoder pass: what ``compress()`` actually codes.
+
+        Returns:
+            predicted patches ``(B, patches, p*p*C)``, the mask, bits per image (scalar).
+        """
+        if rate_on not in ("visible", "all"):
+            raise ValueError(f"rate_on must be 'visible' or 'all', got {rate_on!r}")
+        tokens, mask, restore = self.encode_masked(images, mask_ratio, generator)
+        y_hat, likelihoods = self.bottleneck(tokens.transpose(1, 2).unsqueeze(-1))
+        pred = self.decode_masked(y_hat.squeeze(-1).transpose(1, 2), restore)
+        if rate_on == "all":
+            _, likelihoods = self.bottleneck(self.latent(images).unsqueeze(-1))
+        bits = -torch.log2(likelihoods).sum() / images.shape[0]
+        return pred, mask, bits
 
     @torch.no_grad()
     def compress(self, images: torch.Tensor) -> dict:
@@ -391,6 +435,18 @@ def mae_vit_tiny_patch8(img_size: int = 64) -> MaskedAutoencoderViT:
 def mae_vit_pretrain_test(img_size: int = 64) -> MaskedAutoencoderViT:
     """Tiny test variant of :func:`mae_vit_tiny_patch8`."""
     return MaskedAutoencoderViT(img_size=img_size, **_VIT_TINY)
+
+
+@register_model("nec_vit_tiny_patch8")
+def nec_vit_tiny_patch8(img_size: int = 64, ld: float = 0.0) -> NECFactorized:
+    """NEC on :func:`mae_vit_tiny_patch8` (fine-tuned from its pretraining)."""
+    return NECFactorized(ld=ld, img_size=img_size, **_VIT_TINY_P8)
+
+
+@register_model("nec_vit_pretrain_test")
+def nec_vit_pretrain_test(img_size: int = 64, ld: float = 0.0) -> NECFactorized:
+    """Tiny test variant of :func:`nec_vit_tiny_patch8`, on :func:`mae_vit_pretrain_test`."""
+    return NECFactorized(ld=ld, img_size=img_size, **_VIT_TINY)
 
 
 @register_model("mae_vit_compress_adapter")

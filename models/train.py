@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,12 +37,22 @@ from torch import nn
 from torchvision.transforms.v2 import functional as tvf
 from tqdm import tqdm
 
+from nec_models.checkpoint import load_checkpoint
 from nec_models.eurosat import Decoded, decode, make_split, read_split, scan, write_split
 from nec_models.registry import create_model
 from nec_serve.errors import InvalidInput, NecError
 from nec_serve.imagery import Normalisation
 
-__all__ = ["MAEConfig", "TrainingDiverged", "train_mae", "LOG_FIELDS"]
+__all__ = [
+    "MAEConfig",
+    "NECConfig",
+    "TrainingDiverged",
+    "train_mae",
+    "train_nec",
+    "LOG_FIELDS",
+    "NEC_LOG_FIELDS",
+    "NEC_OF_MAE",
+]
 
 LOG_FIELDS = ("epoch", "train_loss", "val_loss", "lr", "seconds", "images_per_s")
 
@@ -187,10 +198,10 @@ def _save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def _append_log(path: Path, row: dict) -> None:
+def _append_log(path: Path, row: dict, names: tuple[str, ...] = LOG_FIELDS) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=names)
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -309,4 +320,221 @@ def train_mae(cfg: MAEConfig, *, resume: bool = False, progress: bool = True) ->
             train_loss=row["train_loss"],
             val_loss=row["val_loss"],
         )
+    return result
+
+
+# ------------------------------------------------------------------------ NEC fine-tuning
+
+#: The NEC model that fine-tunes each pretraining model (same ViT, plus the bottleneck).
+NEC_OF_MAE = {
+    "mae_vit_tiny_patch8": "nec_vit_tiny_patch8",
+    "mae_vit_pretrain_test": "nec_vit_pretrain_test",
+}
+#: What the "adapter" setting trains (IBM/neural-embedding-compression main_compress.py):
+#: patch_embed, CLS token, the last encoder block, the norms, the decoder's embedding, mask
+#: token, first block, norm and prediction, and the bottleneck; the rest stays frozen.
+_ADAPTER_PREFIXES = (
+    "patch_embed.",
+    "cls_token",
+    "norm.",
+    "decoder_embed.",
+    "mask_token",
+    "decoder_blocks.0.",
+    "decoder_norm.",
+    "decoder_pred.",
+    "bottleneck.",
+)
+NEC_LOG_FIELDS = (
+    "epoch",
+    "train_loss",
+    "train_recon",
+    "train_bits",
+    "val_recon",
+    "val_bits_estimate",
+    "val_bits_coded",
+    "seconds",
+)
+
+
+@dataclass(frozen=True)
+class NECConfig:
+    """A NEC compression fine-tuning run; stored as ``args`` in every checkpoint."""
+
+    init: str  # an MAE pretraining checkpoint (its folder holds the split)
+    out: str
+    lmbda: float = 1000.0  # weight of the reconstruction against the rate (bits per image)
+    rate_on: str = "visible"  # "visible": the official estimate; "all": what is coded
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-4
+    aux_lr: float = 1e-3
+    weight_decay: float = 0.05
+    mask_ratio: float = 0.75
+    seed: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work, naming the setting."""
+        if self.rate_on not in ("visible", "all"):
+            raise InvalidInput(f"train nec: --rate-on must be visible or all, got {self.rate_on!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lmbda <= 0 or self.lr <= 0:
+            raise InvalidInput("train nec: epochs, batch size, lmbda and lr must be > 0")
+
+
+def _is_adapter(name: str) -> bool:
+    last_block = name.startswith("blocks.") and name.split(".")[1] == "_LAST_"
+    return last_block or name.startswith(_ADAPTER_PREFIXES)
+
+
+def _nec_from_mae(init: Path) -> tuple[nn.Module, dict]:
+    try:
+        state = torch.load(init, map_location="cpu", weights_only=True)
+        mae_args = state["args"]
+        weights = state["model"]
+    except (
+        OSError,
+        RuntimeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        EOFError,
+        pickle.PickleError,
+    ) as err:
+        raise InvalidInput(f"--init {init}: not an MAE pretraining checkpoint: {err}") from None
+    name = NEC_OF_MAE.get(mae_args.get("model"))
+    if name is None:
+        raise InvalidInput(
+            f"--init {init}: model {mae_args.get('model')!r} has no NEC variant; "
+            f"known: {sorted(NEC_OF_MAE)}"
+        )
+    model = create_model(name)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("bottleneck.") for k in missing):
+        raise InvalidInput(
+            f"--init {init}: does not fit {name!r} (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]})"
+        )
+    last = str(len(model.blocks) - 1)
+    for pname, p in model.named_parameters():
+        p.requires_grad = _is_adapter(pname.replace(f"blocks.{last}.", "blocks._LAST_.", 1))
+    return model, mae_args
+
+
+@torch.no_grad()
+def _rate_check(
+    model, batches: _Batches, val: Decoded, cfg: NECConfig
+) -> tuple[float, float, float]:
+    """Validation reconstruction loss, estimated and really coded bits per image (all tokens)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)
+    model.bottleneck.update(force=True)
+    recon = est = coded = 0.0
+    for i in range(0, len(val.labels), cfg.batch_size):
+        x = batches(val.images[i : i + cfg.batch_size], None)
+        pred, mask, _ = model.forward_train(x, cfg.mask_ratio, gen, "visible")
+        recon += float(model.masked_loss(x, pred, mask)) * len(x)
+        _, likelihoods = model.bottleneck(model.latent(x).unsqueeze(-1))
+        est += float(-torch.log2(likelihoods).sum())
+        coded += 8.0 * sum(len(s) for s in model.compress(x)["strings"][0])
+    n = len(val.labels)
+    return recon / n, est / n, coded / n
+
+
+def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune NEC from an MAE checkpoint: ``lmbda`` x reconstruction + bits per image.
+
+    The adapter parameters train with AdamW, the bottleneck's quantiles with their own Adam
+    on the auxiliary loss every step. The split is the MAE run's (copied next to this run),
+    so the test part stays untouched. Every epoch writes ``checkpoint.pth`` (official
+    layout plus ``aux_optimizer``) and a ``log.csv`` row with the training-time rate
+    estimate beside the size really coded on the validation images.
+    """
+    out, init = Path(cfg.out), Path(cfg.init)
+    ckpt_path = out / "checkpoint.pth"
+    if ckpt_path.exists() and not resume:
+        raise InvalidInput(f"{ckpt_path} exists: pass --resume, or choose another --out")
+    if resume and not ckpt_path.exists():
+        raise InvalidInput(f"--resume: no checkpoint at {ckpt_path}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model, mae_args = _nec_from_mae(init)
+    split_src = init.parent / "split.csv"
+    if not split_src.exists():
+        raise InvalidInput(f"--init {init}: no split.csv beside it (the pretraining's split)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "split.csv").exists():
+        (out / "split.csv").write_bytes(split_src.read_bytes())
+    train, val, info = _load_data(_config_of(dict(mae_args, out=str(out))), out)
+    aux = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
+    main = [
+        p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("quantiles")
+    ]
+    optimizer = torch.optim.AdamW(main, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    aux_optimizer = torch.optim.Adam(aux, lr=cfg.aux_lr)
+    start = 0
+    if resume:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        load_checkpoint(model, state)  # sizes the bottleneck's table buffers, unlike torch
+        optimizer.load_state_dict(state["optimizer"])
+        aux_optimizer.load_state_dict(state["aux_optimizer"])
+        start = int(state["epoch"]) + 1
+    batches = _Batches(model.img_size, tuple(mae_args.get("crop_scale", (0.2, 1.0))))
+    steps = math.ceil(len(train.labels) / cfg.batch_size)
+    result = {"epochs_run": 0, "last_epoch": start - 1, "checkpoint": str(ckpt_path), **info}
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        # The bottleneck's training noise draws from the global generator: seed it per epoch
+        # too, so a resumed epoch is the same as an uninterrupted one.
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(train.labels), generator=gen).numpy()
+        sums = {"loss": 0.0, "recon": 0.0, "bits": 0.0}
+        bar = tqdm(range(steps), desc=f"nec {epoch + 1}/{cfg.epochs}", disable=not progress)
+        for step in bar:
+            idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            x = batches(train.images[idx], gen)
+            pred, mask, bits = model.forward_train(x, cfg.mask_ratio, gen, cfg.rate_on)
+            recon = model.masked_loss(x, pred, mask)
+            loss = cfg.lmbda * recon + bits
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"train nec: the loss is {float(loss)} at epoch {epoch}, step {step}: "
+                    f"stopped; the last good checkpoint is kept at {ckpt_path}; lower --lr"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            aux_optimizer.zero_grad(set_to_none=True)
+            model.bottleneck.loss().backward()
+            aux_optimizer.step()
+            for key, value in (("loss", loss), ("recon", recon), ("bits", bits)):
+                sums[key] += float(value) * len(idx)
+            bar.set_postfix(loss=f"{float(loss):.3f}", bits=f"{float(bits):.0f}")
+        val_recon, est, coded = _rate_check(model, batches, val, cfg)
+        n = len(train.labels)
+        row = {
+            "epoch": epoch,
+            "train_loss": round(sums["loss"] / n, 4),
+            "train_recon": round(sums["recon"] / n, 6),
+            "train_bits": round(sums["bits"] / n, 1),
+            "val_recon": round(val_recon, 6),
+            "val_bits_estimate": round(est, 1),
+            "val_bits_coded": round(coded, 1),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        _save(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "aux_optimizer": aux_optimizer.state_dict(),
+                "epoch": epoch,
+                "scaler": None,
+                "args": {**asdict(cfg), "model": NEC_OF_MAE[mae_args["model"]]},
+            },
+        )
+        _append_log(out / "log.csv", row, NEC_LOG_FIELDS)
+        result.update(epochs_run=result["epochs_run"] + 1, last_epoch=epoch, **row)
     return result

@@ -111,3 +111,89 @@ def test_bad_runs_are_refused(eurosat, tmp_path):
         train_mae(_config(eurosat, tmp_path / "few", max_items=3), progress=False)
     with pytest.raises(InvalidInput, match="mask_ratio"):
         _config(eurosat, tmp_path / "x", mask_ratio=1.0)
+
+
+# ------------------------------------------------------------------------ NEC fine-tuning
+
+
+@pytest.fixture(scope="module")
+def mae_run(eurosat, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mae")
+    train_mae(_config(eurosat, out, epochs=2), progress=False)
+    return out / "checkpoint.pth"
+
+
+@pytest.mark.parametrize("rate_on", ["visible", "all"])
+def test_nec_fine_tuning_trains_the_adapter_only_and_measures_its_rate(mae_run, tmp_path, rate_on):
+    from nec_models.train import NEC_LOG_FIELDS, NECConfig, train_nec
+
+    cfg = NECConfig(
+        init=str(mae_run),
+        out=str(tmp_path / "nec"),
+        lmbda=100,
+        rate_on=rate_on,
+        epochs=3,
+        batch_size=8,
+        lr=1e-3,
+        threads=1,
+    )
+    result = train_nec(cfg, progress=False)
+    assert result["epochs_run"] == 3
+    rows = (tmp_path / "nec" / "log.csv").read_text().splitlines()
+    assert rows[0] == ",".join(NEC_LOG_FIELDS) and len(rows) == 4
+    bits = [float(r.split(",")[3]) for r in rows[1:]]
+    assert bits[-1] < bits[0]  # the rate term is being minimised
+    # The estimate on every token is the size really coded, to a few percent; the official
+    # estimate on the visible tokens only sees about a quarter of it (mask ratio 0.75).
+    est, coded = result["val_bits_estimate"], result["val_bits_coded"]
+    assert abs(est - coded) / coded < 0.05, (est, coded)
+    if rate_on == "visible":
+        assert result["train_bits"] < 0.4 * coded
+    else:
+        assert abs(result["train_bits"] - coded) / coded < 0.2
+    # Only the adapter moved; the checkpoint loads through the official-layout loader.
+    mae = torch.load(mae_run, weights_only=True)["model"]
+    nec = load_checkpoint(
+        create_model("nec_vit_pretrain_test"), tmp_path / "nec" / "checkpoint.pth"
+    )
+    state = nec.state_dict()
+    last = len(nec.blocks) - 1
+    assert not torch.equal(
+        state[f"blocks.{last}.attn.qkv.weight"], mae[f"blocks.{last}.attn.qkv.weight"]
+    )
+    assert not torch.equal(
+        state["decoder_blocks.0.mlp.fc1.weight"], mae["decoder_blocks.0.mlp.fc1.weight"]
+    )
+    for key in ("blocks.0.attn.qkv.weight", "blocks.0.norm1.weight"):
+        assert torch.equal(state[key], mae[key]), key
+    assert (tmp_path / "nec" / "split.csv").read_bytes() == (
+        mae_run.parent / "split.csv"
+    ).read_bytes()
+
+
+def test_nec_fine_tuning_refuses_a_bad_init(mae_run, tmp_path):
+    from nec_models.train import NECConfig, train_nec
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InvalidInput, match="not an MAE pretraining checkpoint"):
+        train_nec(NECConfig(init=str(bad), out=str(tmp_path / "o")), progress=False)
+    with pytest.raises(InvalidInput, match="rate-on must be visible or all"):
+        NECConfig(init=str(mae_run), out=str(tmp_path / "o"), rate_on="some")
+
+
+def test_nec_fine_tuning_resumes_to_the_same_weights(mae_run, tmp_path):
+    from nec_models.train import NECConfig, train_nec
+
+    def cfg(out, epochs):
+        return NECConfig(
+            init=str(mae_run), out=str(out), lmbda=100, epochs=epochs, batch_size=8, threads=1
+        )
+
+    train_nec(cfg(tmp_path / "straight", 3), progress=False)
+    train_nec(cfg(tmp_path / "resumed", 2), progress=False)
+    assert train_nec(cfg(tmp_path / "resumed", 3), resume=True, progress=False)["epochs_run"] == 1
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
