@@ -106,6 +106,25 @@ def cmd_train_nec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    """The classifier head on decoded embeddings of a NEC run (nec_models.train)."""
+    from nec_models.train import ClassifierConfig, train_classifier  # PyTorch: see above
+
+    cfg = ClassifierConfig(
+        init=args.init,
+        out=args.out,
+        with_decoder=args.with_decoder,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+        evaluate_test=args.evaluate_test,
+    )
+    print(json.dumps(train_classifier(cfg, progress=not args.quiet), indent=1))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export graphs, tables and Triton repositories for a model (and checkpoint)."""
     from nec_export import ExportOptions, export_model  # PyTorch: see the imports above
@@ -316,6 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue after the last epoch")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train_nec)
+    s = train.add_parser("classifier", help="classifier head on a NEC run's decoded embeddings")
+    s.add_argument("--init", required=True, help="runs/nec-L/checkpoint.pth")
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--with-decoder", action="store_true", help="through the first decoder block")
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument(
+        "--evaluate-test", action="store_true", help="also top-1 on the test split (final numbers)"
+    )
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train_classifier)
 
     s = sub.add_parser("export", help="export ONNX graphs, entropy tables, Triton repositories")
     s.add_argument("--model", required=True, help="registry name (see `nec-serve models`)")

@@ -449,6 +449,22 @@ def nec_vit_pretrain_test(img_size: int = 64, ld: float = 0.0) -> NECFactorized:
     return NECFactorized(ld=ld, img_size=img_size, **_VIT_TINY)
 
 
+@register_model("nec_classifier_tiny_patch8")
+def nec_classifier_tiny_patch8(
+    img_size: int = 64, num_classes: int = 10, with_decoder: bool = False
+) -> NECClassifier:
+    """Classifier on :func:`nec_vit_tiny_patch8` embeddings (EuroSAT's 10 classes)."""
+    return NECClassifier(nec_vit_tiny_patch8(img_size), num_classes, with_decoder)
+
+
+@register_model("nec_classifier_pretrain_test")
+def nec_classifier_pretrain_test(
+    img_size: int = 64, num_classes: int = 10, with_decoder: bool = False
+) -> NECClassifier:
+    """Tiny test variant of :func:`nec_classifier_tiny_patch8`."""
+    return NECClassifier(nec_vit_pretrain_test(img_size), num_classes, with_decoder)
+
+
 @register_model("mae_vit_compress_adapter")
 def mae_vit_compress_adapter(img_size: int = 224, ld: float = 0.0) -> NECFactorized:
     """NEC ViT-B/16 with a factorized prior (the paper's main model)."""

@@ -46,6 +46,9 @@ from nec_serve.imagery import Normalisation
 __all__ = [
     "MAEConfig",
     "NECConfig",
+    "ClassifierConfig",
+    "train_classifier",
+    "CLASSIFIER_OF_NEC",
     "TrainingDiverged",
     "train_mae",
     "train_nec",
@@ -532,9 +535,166 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
                 "aux_optimizer": aux_optimizer.state_dict(),
                 "epoch": epoch,
                 "scaler": None,
-                "args": {**asdict(cfg), "model": NEC_OF_MAE[mae_args["model"]]},
+                "args": {
+                    **asdict(cfg),
+                    "model": NEC_OF_MAE[mae_args["model"]],
+                    "pretraining": mae_args,  # its data settings, for the heads trained on it
+                },
             },
         )
         _append_log(out / "log.csv", row, NEC_LOG_FIELDS)
         result.update(epochs_run=result["epochs_run"] + 1, last_epoch=epoch, **row)
+    return result
+
+
+# ------------------------------------------------------------------------ classifier head
+
+#: The classifier on each NEC model's decoded embeddings.
+CLASSIFIER_OF_NEC = {
+    "nec_vit_tiny_patch8": "nec_classifier_tiny_patch8",
+    "nec_vit_pretrain_test": "nec_classifier_pretrain_test",
+}
+CLS_LOG_FIELDS = ("epoch", "train_loss", "train_top1", "val_top1", "seconds")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """A classifier-head run on decoded embeddings; stored as ``args`` in its checkpoint."""
+
+    init: str  # a NEC fine-tuning checkpoint (its folder holds the split)
+    out: str
+    with_decoder: bool = False
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    threads: int = 0
+    evaluate_test: bool = False  # the test split: only for the final numbers
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work, naming the setting."""
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise InvalidInput("train classifier: epochs, batch size and lr must be > 0")
+
+
+def _read_run(path: Path, what: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.PickleError) as err:
+        raise InvalidInput(f"--init {path}: not a {what} checkpoint: {err}") from None
+
+
+@torch.no_grad()
+def _decoded_embeddings(backbone, batches: _Batches, data: Decoded, batch_size: int) -> np.ndarray:
+    """Embeddings as a consumer decodes them: latent -> symbols -> dequantized, once."""
+    parts = []
+    for i in range(0, len(data.labels), batch_size):
+        x = batches(data.images[i : i + batch_size], None)
+        parts.append(backbone.dequantize(backbone.symbols(backbone.latent(x))).numpy())
+    return np.concatenate(parts)
+
+
+def _top1(model, emb: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(labels), batch_size):
+            logits = model.forward_embeddings(torch.from_numpy(emb[i : i + batch_size]))
+            right += int((logits.argmax(-1).numpy() == labels[i : i + batch_size]).sum())
+    return right / max(len(labels), 1)
+
+
+def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
+    """Train the attention-pooling head on decoded embeddings, the NEC model frozen.
+
+    The encoder, its final norm and the bottleneck never change (the official code leaves
+    the norm trainable, which would change the transmitted code); with ``with_decoder`` the
+    first decoder block trains with the head. The embeddings of the split's images are
+    decoded once, exactly as a consumer decodes a container, and cached. Top-1 is reported
+    on validation every epoch and on the test split only with ``evaluate_test``.
+    """
+    out, init = Path(cfg.out), Path(cfg.init)
+    state = _read_run(init, "NEC fine-tuning")
+    nec_name = (state.get("args") or {}).get("model")
+    if nec_name not in CLASSIFIER_OF_NEC:
+        raise InvalidInput(
+            f"--init {init}: model {nec_name!r} has no classifier; "
+            f"known: {sorted(CLASSIFIER_OF_NEC)}"
+        )
+    if (out / "checkpoint.pth").exists():
+        raise InvalidInput(f"{out / 'checkpoint.pth'} exists: choose another --out")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = create_model(CLASSIFIER_OF_NEC[nec_name], with_decoder=cfg.with_decoder)
+    kept = set(model.backbone.state_dict())
+    load_checkpoint(model.backbone, {k: v for k, v in state["model"].items() if k in kept})
+    trainable = ("decoder_embed.", "decoder_blocks.0.") if cfg.with_decoder else ()
+    for name, p in model.backbone.named_parameters():
+        p.requires_grad = name.startswith(trainable)
+    split_src = init.parent / "split.csv"
+    if not split_src.exists():
+        raise InvalidInput(f"--init {init}: no split.csv beside it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "split.csv").write_bytes(split_src.read_bytes())
+    pretraining = (state.get("args") or {}).get("pretraining")
+    if not isinstance(pretraining, dict):
+        raise InvalidInput(f"--init {init}: its args name no pretraining run")
+    mae_like = dict(pretraining, out=str(out))
+    train, val, info = _load_data(_config_of(mae_like), out)
+    batches = _Batches(model.img_size, (1.0, 1.0))
+    model.eval()
+    emb = {
+        "train": _decoded_embeddings(model.backbone, batches, train, cfg.batch_size),
+        "val": _decoded_embeddings(model.backbone, batches, val, cfg.batch_size),
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    steps = math.ceil(len(train.labels) / cfg.batch_size)
+    result = {"epochs_run": 0, **info}
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(train.labels), generator=gen).numpy()
+        total, right = 0.0, 0
+        for step in tqdm(range(steps), desc=f"cls {epoch + 1}/{cfg.epochs}", disable=not progress):
+            idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            x = torch.from_numpy(emb["train"][idx])
+            y = torch.from_numpy(train.labels[idx])
+            logits = model.forward_embeddings(x)
+            loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"train classifier: the loss is {float(loss)}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(idx)
+            right += int((logits.argmax(-1) == y).sum())
+        row = {
+            "epoch": epoch,
+            "train_loss": round(total / len(train.labels), 5),
+            "train_top1": round(right / len(train.labels), 4),
+            "val_top1": round(_top1(model, emb["val"], val.labels, cfg.batch_size), 4),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        _append_log(out / "log.csv", row, CLS_LOG_FIELDS)
+        result.update(epochs_run=epoch + 1, **row)
+    _save(
+        out / "checkpoint.pth",
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": cfg.epochs - 1,
+            "scaler": None,
+            "args": {**asdict(cfg), "model": CLASSIFIER_OF_NEC[nec_name]},
+        },
+    )
+    if cfg.evaluate_test:
+        split = read_split(out / "split.csv")
+        test = decode(mae_like["data"], split["test"], out / "cache" / "test")
+        test_emb = _decoded_embeddings(model.backbone, batches, test, cfg.batch_size)
+        result["test_top1"] = round(_top1(model, test_emb, test.labels, cfg.batch_size), 4)
     return result

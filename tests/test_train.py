@@ -197,3 +197,78 @@ def test_nec_fine_tuning_resumes_to_the_same_weights(mae_run, tmp_path):
     b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------ classifier head
+
+
+@pytest.fixture(scope="module")
+def nec_run(mae_run, tmp_path_factory):
+    from nec_models.train import NECConfig, train_nec
+
+    out = tmp_path_factory.mktemp("nec")
+    train_nec(
+        NECConfig(init=str(mae_run), out=str(out), lmbda=100, epochs=2, batch_size=8, threads=1),
+        progress=False,
+    )
+    return out / "checkpoint.pth"
+
+
+@pytest.mark.parametrize("with_decoder", [False, True])
+def test_the_classifier_trains_on_decoded_embeddings_with_the_code_frozen(
+    nec_run, tmp_path, with_decoder
+):
+    from nec_models.train import ClassifierConfig, train_classifier
+
+    cfg = ClassifierConfig(
+        init=str(nec_run),
+        out=str(tmp_path / "cls"),
+        with_decoder=with_decoder,
+        epochs=8,
+        batch_size=16,
+        lr=3e-3,
+        threads=1,
+    )
+    result = train_classifier(cfg, progress=False)
+    assert "test_top1" not in result  # the test split stays untouched unless asked
+    rows = (tmp_path / "cls" / "log.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[1]) for r in rows]
+    assert len(rows) == 8 and losses[-1] < losses[0], losses
+    assert 0.0 <= result["val_top1"] <= 1.0 and result["train_top1"] > 0.2
+    name = "nec_classifier_pretrain_test"
+    cls = load_checkpoint(
+        create_model(name, with_decoder=with_decoder), tmp_path / "cls" / "checkpoint.pth"
+    )
+    nec = torch.load(nec_run, weights_only=True)["model"]
+    backbone = cls.backbone.state_dict()
+    for key in ("norm.weight", "norm.bias", "blocks.1.attn.qkv.weight", "bottleneck.quantiles"):
+        assert torch.equal(backbone[key], nec[key]), key  # the transmitted code is unchanged
+    if with_decoder:
+        assert not torch.equal(
+            backbone["decoder_blocks.0.mlp.fc1.weight"], nec["decoder_blocks.0.mlp.fc1.weight"]
+        )
+    # The cached embeddings are what a consumer decodes: the head on them equals the model
+    # run end to end on the images.
+    x = torch.randn(3, 3, 64, 64)
+    b = cls.backbone
+    with torch.no_grad():
+        emb = b.dequantize(b.symbols(b.latent(x)))
+        assert torch.equal(cls.forward_embeddings(emb), cls(x))
+    final = train_classifier(
+        ClassifierConfig(
+            init=str(nec_run),
+            out=str(tmp_path / "final"),
+            epochs=1,
+            threads=1,
+            evaluate_test=True,
+        ),
+        progress=False,
+    )
+    assert 0.0 <= final["test_top1"] <= 1.0
+
+
+def test_the_classifier_refuses_what_is_not_a_nec_run(mae_run, tmp_path):
+    from nec_models.train import ClassifierConfig, train_classifier
+
+    with pytest.raises(InvalidInput, match="has no classifier"):
+        train_classifier(ClassifierConfig(init=str(mae_run), out=str(tmp_path / "c")))
