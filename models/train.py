@@ -164,6 +164,26 @@ class _Batches:
         return out
 
 
+class _Epoch:
+    """One epoch's data order and randomness, the same however the run got there.
+
+    ``gen`` (data order, augmentations, masks) and the global generator (noise drawn by
+    modules, e.g. the bottleneck's) are both seeded by ``(seed, epoch)``; iterating yields
+    ``(step, sorted indices of the batch)``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int):
+        self.gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        torch.manual_seed(seed * 1_000_003 + epoch)
+        self.order = torch.randperm(n, generator=self.gen).numpy()
+        self.batch_size = batch_size
+        self.steps = math.ceil(n / batch_size)
+
+    def __iter__(self):
+        for step in range(self.steps):
+            yield step, np.sort(self.order[step * self.batch_size : (step + 1) * self.batch_size])
+
+
 def _load_data(cfg: MAEConfig, out: Path) -> tuple[Decoded, Decoded, dict]:
     split_path = out / "split.csv"
     if split_path.exists():
@@ -272,12 +292,11 @@ def train_mae(cfg: MAEConfig, *, resume: bool = False, progress: bool = True) ->
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(train.labels), generator=gen).numpy()
+        ep = _Epoch(len(train.labels), cfg.batch_size, cfg.seed, epoch)
+        gen = ep.gen
         total = 0.0
-        bar = tqdm(range(steps), desc=f"mae {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for step in bar:
-            idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+        bar = tqdm(ep, total=steps, desc=f"mae {epoch + 1}/{cfg.epochs}", disable=not progress)
+        for step, idx in bar:
             lr = _lr_at(cfg, epoch + step / steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -488,15 +507,13 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        # The bottleneck's training noise draws from the global generator: seed it per epoch
-        # too, so a resumed epoch is the same as an uninterrupted one.
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(train.labels), generator=gen).numpy()
+        # The bottleneck's training noise draws from the global generator, which _Epoch
+        # seeds too: a resumed epoch is the same as an uninterrupted one.
+        ep = _Epoch(len(train.labels), cfg.batch_size, cfg.seed, epoch)
+        gen = ep.gen
         sums = {"loss": 0.0, "recon": 0.0, "bits": 0.0}
-        bar = tqdm(range(steps), desc=f"nec {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for step in bar:
-            idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+        bar = tqdm(ep, total=steps, desc=f"nec {epoch + 1}/{cfg.epochs}", disable=not progress)
+        for step, idx in bar:
             x = batches(train.images[idx], gen)
             pred, mask, bits = model.forward_train(x, cfg.mask_ratio, gen, cfg.rate_on)
             recon = model.masked_loss(x, pred, mask)
@@ -657,11 +674,11 @@ def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(train.labels), generator=gen).numpy()
+        ep = _Epoch(len(train.labels), cfg.batch_size, cfg.seed, epoch)
         total, right = 0.0, 0
-        for step in tqdm(range(steps), desc=f"cls {epoch + 1}/{cfg.epochs}", disable=not progress):
-            idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+        for _, idx in tqdm(
+            ep, total=steps, desc=f"cls {epoch + 1}/{cfg.epochs}", disable=not progress
+        ):
             x = torch.from_numpy(emb["train"][idx])
             y = torch.from_numpy(train.labels[idx])
             logits = model.forward_embeddings(x)
