@@ -8,6 +8,7 @@ when complete, so a failed run never leaves a half-written container or array.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,25 +63,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _from_args(config_class, args: argparse.Namespace):
+    """A training config from the flags of the same names (the rest keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def cmd_train_mae(args: argparse.Namespace) -> int:
     """MAE pretraining on EuroSAT RGB (nec_models.train), resumable."""
     from nec_models.train import MAEConfig, train_mae  # PyTorch: see the imports above
 
-    cfg = MAEConfig(
-        data=args.data,
-        out=args.out,
-        model=args.model,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        blr=args.blr,
-        warmup_epochs=args.warmup_epochs,
-        mask_ratio=args.mask_ratio,
-        norm_pix_loss=args.norm_pix_loss,
-        seed=args.seed,
-        split_seed=args.split_seed,
-        max_items=args.max_items,
-        threads=args.threads,
-    )
+    cfg = _from_args(MAEConfig, args)
     result = train_mae(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps(result, indent=1))
     return 0
@@ -90,17 +83,7 @@ def cmd_train_nec(args: argparse.Namespace) -> int:
     """NEC compression fine-tuning from an MAE checkpoint (nec_models.train), resumable."""
     from nec_models.train import NECConfig, train_nec  # PyTorch: see the imports above
 
-    cfg = NECConfig(
-        init=args.init,
-        out=args.out,
-        lmbda=args.lmbda,
-        rate_on=args.rate_on,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        threads=args.threads,
-    )
+    cfg = _from_args(NECConfig, args)
     result = train_nec(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps(result, indent=1))
     return 0
@@ -110,17 +93,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     """The classifier head on decoded embeddings of a NEC run (nec_models.train)."""
     from nec_models.train import ClassifierConfig, train_classifier  # PyTorch: see above
 
-    cfg = ClassifierConfig(
-        init=args.init,
-        out=args.out,
-        with_decoder=args.with_decoder,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        threads=args.threads,
-        evaluate_test=args.evaluate_test,
-    )
+    cfg = _from_args(ClassifierConfig, args)
     print(json.dumps(train_classifier(cfg, progress=not args.quiet), indent=1))
     return 0
 

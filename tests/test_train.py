@@ -272,3 +272,24 @@ def test_the_classifier_refuses_what_is_not_a_nec_run(mae_run, tmp_path):
 
     with pytest.raises(InvalidInput, match="has no classifier"):
         train_classifier(ClassifierConfig(init=str(mae_run), out=str(tmp_path / "c")))
+
+
+def test_the_cli_passes_every_flag_to_the_trainers(eurosat, tmp_path, capsys):
+    from nec_cli.main import main
+
+    mae = tmp_path / "mae"
+    common = ["--batch-size", "8", "--threads", "1", "-q"]
+    argv = ["train", "mae", "--data", str(eurosat), "--out", str(mae), "--model"]
+    argv += ["mae_vit_pretrain_test", "--epochs", "1", "--max-items", "10", "--blr", "0.01"]
+    assert main([*argv, *common]) == 0
+    args = torch.load(mae / "checkpoint.pth", weights_only=True)["args"]
+    assert (args["blr"], args["max_items"], args["batch_size"], args["epochs"]) == (0.01, 10, 8, 1)
+    nec = tmp_path / "nec"
+    argv = ["train", "nec", "--init", str(mae / "checkpoint.pth"), "--out", str(nec)]
+    assert main([*argv, "--rate-on", "all", "--lmbda", "50", "--epochs", "1", *common]) == 0
+    args = torch.load(nec / "checkpoint.pth", weights_only=True)["args"]
+    assert (args["rate_on"], args["lmbda"], args["model"]) == ("all", 50.0, "nec_vit_pretrain_test")
+    argv = ["train", "classifier", "--init", str(nec / "checkpoint.pth"), "--out"]
+    assert main([*argv, str(tmp_path / "cls"), "--epochs", "1", "--with-decoder", *common]) == 0
+    assert '"val_top1"' in capsys.readouterr().out
+    assert main(["train", "nec", "--init", str(tmp_path / "none.pth"), "--out", "x", "-q"]) == 2
