@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
-from nec_serve.errors import InvalidInput, is_transient
+from nec_serve.errors import InvalidInput
 from nec_serve.kafka_io import commit_after, manual_commit_consumer
 from nec_serve.messages import (
     MessageError,
@@ -30,6 +29,7 @@ from nec_serve.messages import (
     public_reason,
     status_event,
 )
+from nec_serve.retry import GaveUp, retrying
 
 __all__ = ["Controller", "run_controller", "COMPONENT"]
 
@@ -73,23 +73,12 @@ class Controller:
             config = parse_workflow(raw)
         except Exception as err:  # the consumer boundary: any message, any error
             return self._give_up(raw, None, public_reason(err))
-        delay = self.backoff_s
-        for attempt in range(1, self.attempts + 1):
-            try:
-                action = self._apply(config)
-            except Exception as err:
-                if not is_transient(err):
-                    return self._give_up(raw, config, public_reason(err))
-                if attempt == self.attempts:
-                    reason = f"gave up after {attempt} attempts: {public_reason(err)}"
-                    return self._give_up(raw, config, reason)
-                log.warning("attempt %d failed (%s); retrying in %.1f s", attempt, err, delay)
-                time.sleep(delay)
-                delay *= 2
-            else:
-                log.info("workflow %r: %s (%s)", config.name, action, config.source_name)
-                return action
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            action = retrying(lambda: self._apply(config), self.attempts, self.backoff_s, "apply")
+        except GaveUp as err:
+            return self._give_up(raw, config, err.reason)
+        log.info("workflow %r: %s (%s)", config.name, action, config.source_name)
+        return action
 
     def _apply(self, config: WorkflowConfig) -> str:
         name = config.source_name

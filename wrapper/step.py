@@ -43,7 +43,7 @@ from nec_serve import s3
 from nec_serve.bundle import ModelBundle
 from nec_serve.config_store import ConfigStore
 from nec_serve.engines import make_engine
-from nec_serve.errors import InvalidInput, NecError, TransientError, is_transient
+from nec_serve.errors import InvalidInput, NecError, TransientError
 from nec_serve.imagery import InputLimits, iter_inputs
 from nec_serve.messages import (
     MAX_MESSAGE_BYTES,
@@ -55,6 +55,7 @@ from nec_serve.messages import (
     status_event,
 )
 from nec_serve.pipeline import compress, write_embeddings
+from nec_serve.retry import GaveUp, retrying
 
 __all__ = [
     "WrapperSettings",
@@ -204,15 +205,6 @@ class _WorkDir:
             os.close(self._fd)
 
 
-class _Failed(Exception):
-    """What the retries ended with: a public reason and how many attempts were made."""
-
-    def __init__(self, reason: str, attempts: int):
-        super().__init__(reason)
-        self.reason = reason
-        self.attempts = attempts
-
-
 class StepHandler:
     """Processes workflow-step messages; shared by the HTTP and Kafka triggers."""
 
@@ -246,23 +238,8 @@ class StepHandler:
         return self._give_up(config_name, raw, workflow, component, reason, attempts=1)
 
     def _retrying(self, what: str, fn):
-        """``fn()``, retried on transient errors with backoff; raises :class:`_Failed`."""
-        delay = self.settings.backoff_s
-        for attempt in range(1, self.settings.attempts + 1):
-            try:
-                return fn()
-            except Exception as err:
-                if not is_transient(err):
-                    raise _Failed(public_reason(err), attempt) from err
-                if attempt == self.settings.attempts:
-                    reason = f"gave up after {attempt} attempts: {public_reason(err)}"
-                    raise _Failed(reason, attempt) from err
-                log.warning(
-                    "%s: attempt %d failed (%s); retry in %.1f s", what, attempt, err, delay
-                )
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")  # pragma: no cover
+        """``fn()`` with the settings' bounded retries (:func:`nec_serve.retry.retrying`)."""
+        return retrying(fn, self.settings.attempts, self.settings.backoff_s, what)
 
     def _handle(self, config_name: str, raw: bytes | None) -> Outcome:
         workflow: WorkflowConfig | None = None
@@ -275,7 +252,7 @@ class StepHandler:
                 raise InvalidInput("field 'S3_bucket_desc.filename' is required by this step")
             if not step.previous_component_end:
                 raise InvalidInput("previous component did not end (previous_component_end false)")
-        except _Failed as err:
+        except GaveUp as err:
             return self._give_up(config_name, raw, workflow, component, err.reason, err.attempts)
         except Exception as err:
             reason = public_reason(err)
@@ -286,7 +263,7 @@ class StepHandler:
             clean_work_dirs(self.settings.work_dir)
         try:
             out = self._retrying(step.key, lambda: self._run(workflow, step))
-        except _Failed as err:
+        except GaveUp as err:
             return self._give_up(config_name, raw, workflow, component, err.reason, err.attempts)
         self._status(component, workflow.name, "finished", json.dumps(out.stats))
         return out
