@@ -409,20 +409,8 @@ def _is_adapter(name: str) -> bool:
 
 
 def _nec_from_mae(init: Path) -> tuple[nn.Module, dict]:
-    try:
-        state = torch.load(init, map_location="cpu", weights_only=True)
-        mae_args = state["args"]
-        weights = state["model"]
-    except (
-        OSError,
-        RuntimeError,
-        KeyError,
-        TypeError,
-        ValueError,
-        EOFError,
-        pickle.PickleError,
-    ) as err:
-        raise InvalidInput(f"--init {init}: not an MAE pretraining checkpoint: {err}") from None
+    state = _read_run(init, "an MAE pretraining")
+    mae_args, weights = state["args"], state["model"]
     name = NEC_OF_MAE.get(mae_args.get("model"))
     if name is None:
         raise InvalidInput(
@@ -596,10 +584,14 @@ class ClassifierConfig:
 
 
 def _read_run(path: Path, what: str) -> dict:
+    """A trainer's checkpoint: a dict with ``args`` (a dict) and ``model``, or a clear error."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.PickleError) as err:
-        raise InvalidInput(f"--init {path}: not a {what} checkpoint: {err}") from None
+        raise InvalidInput(f"--init {path}: not {what} checkpoint: {err}") from None
+    if not (isinstance(state, dict) and isinstance(state.get("args"), dict) and "model" in state):
+        raise InvalidInput(f"--init {path}: not {what} checkpoint (no args and model)")
+    return state
 
 
 @torch.no_grad()
@@ -632,8 +624,8 @@ def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
     on validation every epoch and on the test split only with ``evaluate_test``.
     """
     out, init = Path(cfg.out), Path(cfg.init)
-    state = _read_run(init, "NEC fine-tuning")
-    nec_name = (state.get("args") or {}).get("model")
+    state = _read_run(init, "a NEC fine-tuning")
+    nec_name = state["args"].get("model")
     if nec_name not in CLASSIFIER_OF_NEC:
         raise InvalidInput(
             f"--init {init}: model {nec_name!r} has no classifier; "
@@ -655,7 +647,7 @@ def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
         raise InvalidInput(f"--init {init}: no split.csv beside it")
     out.mkdir(parents=True, exist_ok=True)
     (out / "split.csv").write_bytes(split_src.read_bytes())
-    pretraining = (state.get("args") or {}).get("pretraining")
+    pretraining = state["args"].get("pretraining")
     if not isinstance(pretraining, dict):
         raise InvalidInput(f"--init {init}: its args name no pretraining run")
     mae_like = dict(pretraining, out=str(out))
