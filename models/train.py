@@ -418,7 +418,10 @@ def _nec_from_mae(init: Path) -> tuple[nn.Module, dict]:
             f"known: {sorted(NEC_OF_MAE)}"
         )
     model = create_model(name)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shapes of another architecture
+        raise InvalidInput(f"--init {init}: does not fit {name!r}: {err}") from None
     if unexpected or any(not k.startswith("bottleneck.") for k in missing):
         raise InvalidInput(
             f"--init {init}: does not fit {name!r} (missing {missing[:5]}, unexpected "

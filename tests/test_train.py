@@ -178,6 +178,11 @@ def test_nec_fine_tuning_refuses_a_bad_init(mae_run, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(InvalidInput, match="not an MAE pretraining checkpoint"):
         train_nec(NECConfig(init=str(bad), out=str(tmp_path / "o")), progress=False)
+    state = torch.load(mae_run, weights_only=True)
+    state["model"]["patch_embed.proj.weight"] = torch.zeros(5, 3, 8, 8)  # another width
+    torch.save(state, tmp_path / "other.pth")
+    with pytest.raises(InvalidInput, match="does not fit 'nec_vit_pretrain_test'"):
+        train_nec(NECConfig(init=str(tmp_path / "other.pth"), out=str(tmp_path / "o2")))
     with pytest.raises(InvalidInput, match="rate-on must be visible or all"):
         NECConfig(init=str(mae_run), out=str(tmp_path / "o"), rate_on="some")
 
