@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,12 +103,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export graphs, tables and Triton repositories for a model (and checkpoint)."""
     from nec_export import ExportOptions, export_model  # PyTorch: see the imports above
     from nec_models import create_model, load_checkpoint
+    from nec_models.checkpoint import read_checkpoint
 
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = create_model(args.model, **kwargs)
-    ckpt_sha = None
+    ckpt, trained = None, {}
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
+        ckpt = read_checkpoint(args.checkpoint)
+        trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    name = args.model or trained.get("model")
+    if not name:
+        raise InvalidInput("export: name the model with --model (the checkpoint names none)")
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    if name == trained.get("model"):  # a trainer's checkpoint says how its model was built
+        kwargs.update({k: trained[k] for k in ("with_decoder", "num_classes") if k in trained})
+    model = create_model(name, **kwargs)
+    ckpt_sha = None
+    if ckpt is not None:
+        load_checkpoint(model, ckpt)
         ckpt_sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
     calibration = None
     if args.calibrate:
@@ -130,7 +141,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         torch_precision=args.torch_precision,
     )
     manifest = export_model(
-        model, args.out, options, checkpoint_sha256=ckpt_sha, calibration=calibration
+        model,
+        args.out,
+        options,
+        checkpoint_sha256=ckpt_sha,
+        calibration=calibration,
+        class_names=trained.get("class_names"),
     )
     enc = manifest.graph(GraphRole.ENCODER).parity
     nec = manifest.family_params
@@ -211,7 +227,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
-    """Decode a container into embeddings, block-1 features or symbols (.npy)."""
+    """Decode a container into embeddings, block-1 features, class scores or symbols."""
     bundle = ModelBundle.load(args.model_dir)
     engine = _engine(args, bundle) if decode_outputs()[args.output] else None
     container, out = Path(args.input), Path(args.out)
@@ -228,6 +244,11 @@ def cmd_decompress(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(f"decoded {done['tiles']} tiles -> {out} {done['dtype']}{done['shape']}")
+    classes = out.with_suffix(".classes.json")
+    if args.output == "classes" and classes.exists():
+        tiles = json.loads(classes.read_text())["tiles"]
+        counts = Counter(t["class"] for t in tiles)
+        print(f"classes -> {classes}: " + ", ".join(f"{n} {c}" for c, n in counts.most_common()))
     return 0
 
 
@@ -324,8 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train_classifier)
 
     s = sub.add_parser("export", help="export ONNX graphs, entropy tables, Triton repositories")
-    s.add_argument("--model", required=True, help="registry name (see `nec-serve models`)")
-    s.add_argument("--checkpoint", help="official NEC checkpoint ({'model': state_dict})")
+    s.add_argument(
+        "--model",
+        help="registry name (see `nec-serve models`); default: the one a trainer's checkpoint "
+        "names",
+    )
+    s.add_argument(
+        "--checkpoint",
+        help="official NEC checkpoint ({'model': state_dict}) or one written by `train`",
+    )
     s.add_argument("--img-size", type=int, help="input size in pixels (224, 256, 512)")
     s.add_argument("--out", required=True, help="export directory")
     s.add_argument("--version", default="1", help="model version in the Triton repository")
@@ -366,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--shm", action="store_true", help="send tensors via shared memory")
         s.add_argument("--timeout", type=float, default=60.0, help="per-request seconds")
 
-    s = sub.add_parser("compress", help="GeoTIFF / .npy / .tar.gz / folder -> container")
+    s = sub.add_parser("compress", help="GeoTIFF/.npy/JPEG/PNG, .tar.gz or folder -> container")
     s.add_argument("input")
     s.add_argument("--out", required=True, help="container file to write")
     s.add_argument("--bands", help="1-based bands to read, e.g. 1,2,3 (NAIP RGB)")
@@ -380,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         choices=tuple(decode_outputs()),
         default="embeddings",
-        help="embeddings (T x C), first-decoder-block features, or raw symbols",
+        help="embeddings (T x C), first-decoder-block features, class scores (+ .classes.json) "
+        "or raw symbols",
     )
     coding_args(s)
     s.set_defaults(func=cmd_decompress)

@@ -15,7 +15,6 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,15 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from nec_models.nec import NECFactorized
+from nec_models.nec import NECClassifier, NECFactorized
 from nec_serve.contract import GraphRole
 from nec_serve.errors import ExportCheckFailed, InvalidInput
 
 __all__ = [
     "EncoderGraph",
     "DecoderGraph",
+    "ClassifierGraph",
+    "graph_roles",
     "NEC_GRAPHS",
     "graph_module",
     "ParityReport",
@@ -81,20 +82,57 @@ class DecoderGraph(nn.Module):
         return embeddings
 
 
-#: The module behind each graph role NEC exports; a new role (a task head) adds its builder.
-NEC_GRAPHS: dict[GraphRole, Callable[[NECFactorized], nn.Module]] = {
-    GraphRole.ENCODER: EncoderGraph,
-    GraphRole.DECODER: DecoderGraph,
-    GraphRole.FEATURES: partial(DecoderGraph, first_block=True),
+class ClassifierGraph(nn.Module):
+    """symbols ``(B, C, T)`` int32 -> class scores ``(B, K)`` float32 (softmax).
+
+    The head of a :class:`~nec_models.nec.NECClassifier` on the embeddings a consumer
+    decodes, so a consumer step outputs labels without ever seeing pixels.
+    """
+
+    def __init__(self, model: NECClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, symbols: torch.Tensor) -> torch.Tensor:
+        """Softmax over the head's logits of the dequantized embeddings."""
+        embeddings = self.model.backbone.dequantize(symbols)
+        return torch.softmax(self.model.forward_embeddings(embeddings), dim=-1)
+
+
+def _backbone(model: nn.Module) -> NECFactorized:
+    return model.backbone if isinstance(model, NECClassifier) else model
+
+
+#: The module behind each graph role NEC exports, built from the exported model (an
+#: :class:`NECFactorized`, or an :class:`NECClassifier` and its backbone).
+NEC_GRAPHS: dict[GraphRole, Callable[[nn.Module], nn.Module]] = {
+    GraphRole.ENCODER: lambda m: EncoderGraph(_backbone(m)),
+    GraphRole.DECODER: lambda m: DecoderGraph(_backbone(m)),
+    GraphRole.FEATURES: lambda m: DecoderGraph(_backbone(m), first_block=True),
+    GraphRole.CLASSIFIER: ClassifierGraph,
 }
 
 
-def graph_module(model: NECFactorized, role: GraphRole) -> nn.Module:
+def graph_roles(model: nn.Module) -> list[GraphRole]:
+    """The graph roles ``model`` can export.
+
+    The classifier role needs a classifier's head; block-1 features need the first decoder
+    block, which a classifier trained without it drops.
+    """
+    nec = _backbone(model)
+    roles = [GraphRole.ENCODER, GraphRole.DECODER]
+    if hasattr(nec, "decoder_blocks") and hasattr(nec, "decoder_embed"):
+        roles.append(GraphRole.FEATURES)
+    if isinstance(model, NECClassifier) and isinstance(model.head, nn.Linear):
+        roles.append(GraphRole.CLASSIFIER)
+    return roles
+
+
+def graph_module(model: nn.Module, role: GraphRole) -> nn.Module:
     """The PyTorch module of ``role`` for ``model`` (what is exported, or run by PyTorch)."""
-    try:
-        return NEC_GRAPHS[role](model)
-    except KeyError:
-        raise InvalidInput(f"NEC exports no {role} graph") from None
+    if role not in graph_roles(model):
+        raise InvalidInput(f"{type(model).__name__} exports no {role} graph")
+    return NEC_GRAPHS[role](model)
 
 
 @dataclass

@@ -23,15 +23,17 @@ the repository uploaded for Triton is enough for a coder to find them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from nec_export.graphs import check_graph, export_onnx, graph_module
+from nec_export.graphs import check_graph, export_onnx, graph_module, graph_roles
 from nec_export.triton import (
     StringParameter,
     cpu_config,
@@ -133,13 +135,14 @@ def _write_torch_repository(
         )
     weights = out / "torch" / "weights.pt"
     weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(nec.state_dict(), weights)
+    torch.save(model.state_dict(), weights)
     repo = out / "model_repository_torch"
     for graph in graphs.values():
         config = make_config(graph.name, graph.inputs, graph.outputs)
         params = {
             "runtime": "torch",
             "nec_model": name,
+            "model_kwargs": json.dumps(_model_kwargs(model)),
             "img_size": str(nec.img_size),
             "graph": graph.name,
             "role": graph.role.value,
@@ -157,6 +160,13 @@ def _write_torch_repository(
         _link_or_copy(TRITON_MODEL_PY, vdir / "model.py")
         for fname in (TABLES_FILENAME, TABLES_FILENAME + ".sha256"):
             _link_or_copy(out / fname, vdir / fname)
+
+
+def _model_kwargs(model: torch.nn.Module) -> dict:
+    """What rebuilds ``model`` from the registry beside its name and image size."""
+    if isinstance(model, NECClassifier):
+        return {"num_classes": model.head.out_features, "with_decoder": model.with_decoder}
+    return {}
 
 
 def _check_exportable(model: torch.nn.Module) -> NECFactorized:
@@ -179,14 +189,28 @@ def export_model(
     options: ExportOptions = ExportOptions(),
     checkpoint_sha256: str | None = None,
     calibration: dict | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Manifest:
     """Export graphs, tables and the Triton repositories; write and return the manifest.
 
     Every graph is checked against PyTorch on a batch of ``options.check_batch`` random
     images (see :func:`nec_export.graphs.check_graph`); a failed check raises and leaves
-    no manifest, so a half-done export is never mistaken for a good one.
+    no manifest, so a half-done export is never mistaken for a good one. A classifier
+    (:class:`NECClassifier`) also exports its head as the ``classifier`` graph, its scores
+    named by ``class_names`` (default ``class_0`` ...).
     """
     nec = _check_exportable(model).eval()
+    model.eval()
+    roles = graph_roles(model)
+    names: tuple[str, ...] = ()
+    if GraphRole.CLASSIFIER in roles:
+        k = model.head.out_features
+        names = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(k))
+        if len(names) != k or len(set(names)) != k or not all(names):
+            raise InvalidInput(
+                f"the classifier scores {k} classes; class names {list(names)} must be {k} "
+                "distinct non-empty names"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILENAME).unlink(missing_ok=True)
@@ -196,7 +220,7 @@ def export_model(
     c, t, s = nec.embed_dim, nec.num_tokens, nec.img_size
     gen = torch.Generator().manual_seed(options.seed)
     images = torch.randn(options.check_batch, nec.in_chans, s, s, generator=gen)
-    modules = {role: graph_module(nec, role) for role in NEC.graph_names}
+    modules = {role: graph_module(model, role) for role in roles}
     with torch.no_grad():
         symbols = modules[GraphRole.ENCODER](images)[0]
     fp32, sym = DataType.TYPE_FP32, TensorSpec("symbols", DataType.TYPE_INT32, (c, t))
@@ -210,6 +234,7 @@ def export_model(
             (sym,),
             (TensorSpec("features", fp32, (t - 1, nec.decoder_embed_dim)),),
         ),
+        GraphRole.CLASSIFIER: ((sym,), (TensorSpec("scores", fp32, (len(names),)),)),
     }
     graphs: dict[GraphRole, GraphSpec] = {}
     for role, module in modules.items():
@@ -258,7 +283,7 @@ def export_model(
         input=InputSpec(s, nec.in_chans, norm.mean, norm.std),
         graphs=graphs,
         entropy=EntropyModelSpec(FACTORIZED.kind, TABLES_FILENAME, tables.sha256),
-        family_params=NecParams(c, t, nec.decoder_embed_dim),
+        family_params=NecParams(c, t, nec.decoder_embed_dim, names),
         checkpoint_sha256=checkpoint_sha256,
         calibration=calibration,
         created_by=f"nec-serve {__version__}",

@@ -73,10 +73,10 @@ class _TorchGraph:
         threads = int(params.get("intra_op_thread_count", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
-        model = create_model(params["nec_model"], img_size=int(params["img_size"]))
-        nec = getattr(model, "backbone", model)
-        load_checkpoint(nec, version_dir / "weights.pt")
-        module = graph_module(nec, GraphRole.of(params["role"]))
+        kwargs = json.loads(params.get("model_kwargs", "{}"))
+        model = create_model(params["nec_model"], img_size=int(params["img_size"]), **kwargs)
+        load_checkpoint(model, version_dir / "weights.pt")
+        module = graph_module(model, GraphRole.of(params["role"]))
         self.module = module.eval().to(self.device)
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.get("precision"))
         self.output_names = output_names

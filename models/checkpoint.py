@@ -23,7 +23,7 @@ from torch import nn
 
 from nec_serve.errors import CheckpointMismatch
 
-__all__ = ["load_checkpoint", "read_state_dict", "remap_compressai_keys"]
+__all__ = ["load_checkpoint", "read_checkpoint", "read_state_dict", "remap_compressai_keys"]
 
 _OLD_KEY = re.compile(r"^(?P<prefix>.*)\._(?P<kind>matrix|bias|factor)(?P<index>\d+)$")
 _NEW_NAME = {"matrix": "matrices", "bias": "biases", "factor": "factors"}
@@ -31,21 +31,26 @@ _ENTROPY_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length")
 _MAX_LISTED = 8
 
 
+def read_checkpoint(path: str | Path) -> Mapping:
+    """Load a checkpoint file with PyTorch's restricted unpickler (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointMismatch(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for bad or unsafe files
+        raise CheckpointMismatch(
+            f"cannot read checkpoint {path}: {err}. Only torch.save files of tensors are "
+            "accepted (weights_only=True); pickled code is refused."
+        ) from err
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointMismatch(f"checkpoint {path} is not a dict but {type(ckpt).__name__}")
+    return ckpt
+
+
 def read_state_dict(source: str | Path | Mapping) -> dict[str, torch.Tensor]:
     """Return the state dict of a checkpoint path or an already loaded checkpoint."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise CheckpointMismatch(f"checkpoint {path} does not exist")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for bad or unsafe files
-            raise CheckpointMismatch(
-                f"cannot read checkpoint {path}: {err}. Only torch.save files of tensors are "
-                "accepted (weights_only=True); pickled code is refused."
-            ) from err
-    else:
-        ckpt = source
+    ckpt = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     if isinstance(ckpt, Mapping) and "model" in ckpt and isinstance(ckpt["model"], Mapping):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, Mapping) or not all(isinstance(k, str) for k in ckpt):

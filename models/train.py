@@ -24,6 +24,7 @@ Reproducible and resumable:
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import pickle
@@ -38,7 +39,7 @@ from torchvision.transforms.v2 import functional as tvf
 from tqdm import tqdm
 
 from nec_models.checkpoint import load_checkpoint
-from nec_models.eurosat import Decoded, decode, make_split, read_split, scan, write_split
+from nec_models.eurosat import CLASSES, Decoded, decode, make_split, read_split, scan, write_split
 from nec_models.registry import create_model
 from nec_serve.errors import InvalidInput, NecError
 from nec_serve.imagery import Normalisation
@@ -586,6 +587,14 @@ class ClassifierConfig:
             raise InvalidInput("train classifier: epochs, batch size and lr must be > 0")
 
 
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _read_run(path: Path, what: str) -> dict:
     """A trainer's checkpoint: a dict with ``args`` (a dict) and ``model``, or a clear error."""
     try:
@@ -701,7 +710,13 @@ def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
             "optimizer": optimizer.state_dict(),
             "epoch": cfg.epochs - 1,
             "scaler": None,
-            "args": {**asdict(cfg), "model": CLASSIFIER_OF_NEC[nec_name]},
+            "args": {
+                **asdict(cfg),
+                "model": CLASSIFIER_OF_NEC[nec_name],
+                "num_classes": len(CLASSES),
+                "class_names": list(CLASSES),
+                "nec_init_sha256": _sha256_file(init),
+            },
         },
     )
     if cfg.evaluate_test:

@@ -34,7 +34,7 @@ import math
 import re
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_type_hints
@@ -167,6 +167,7 @@ class GraphRole:
     ENCODER: ClassVar[GraphRole]
     DECODER: ClassVar[GraphRole]
     FEATURES: ClassVar[GraphRole]
+    CLASSIFIER: ClassVar[GraphRole]
 
     value: str
     output: str | None = None
@@ -224,6 +225,8 @@ def decode_outputs() -> dict[str, GraphRole | None]:
 GraphRole.ENCODER = register_graph_role("encoder")
 GraphRole.DECODER = register_graph_role("decoder", output="embeddings")
 GraphRole.FEATURES = register_graph_role("decoder_block1", output="features")
+#: symbols -> class scores (softmax) of a classifier head trained on decoded embeddings.
+GraphRole.CLASSIFIER = register_graph_role("classifier", output="classes")
 
 
 # ------------------------------------------------------------------------------ reading JSON
@@ -270,6 +273,10 @@ class _Fields:
     def obj(self, key: str) -> _Fields:
         """A nested object."""
         return _Fields(self.raw(key), self.path(key), self.source)
+
+    def has(self, key: str) -> bool:
+        """Whether the object holds ``key`` (for fields with a default, which may be absent)."""
+        return key in self._data
 
     def typed(self, key: str, hint: Any, check: Callable[[Any], str | None] | None = None) -> Any:
         """The value of ``key`` converted to the type ``hint``, then ``check``-ed."""
@@ -364,7 +371,7 @@ def _from_json(cls: type, src: _Fields, **given: Any) -> Any:
     values = {
         f.name: src.typed(f.name, hints[f.name], f.metadata.get("check"))
         for f in _json_fields(cls)
-        if f.name not in given
+        if f.name not in given and (src.has(f.name) or f.default is MISSING)
     }
     src.done()
     obj = cls(**values, **given)
@@ -623,11 +630,18 @@ class NecParams:
         channels: latent channels C (768 for ViT-B).
         tokens: tokens per tile T, the CLS token included.
         decoder_embed_dim: width of the first MAE decoder block's features.
+        class_names: what each score of the ``classifier`` graph means, in its order
+            (empty when the export has no classifier).
     """
 
     channels: int = field(metadata={"check": _check_positive})
     tokens: int = field(metadata={"check": _check_positive})
     decoder_embed_dim: int = field(metadata={"check": _check_positive})
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Keep the class names in a tuple."""
+        object.__setattr__(self, "class_names", tuple(self.class_names))
 
     def check(self, manifest: Manifest, source: str) -> None:
         """The encoder takes ``(in_chans, S, S)`` images and returns int32 ``(C, T)`` symbols."""
@@ -649,6 +663,15 @@ class NecParams:
                 f"{list(symbols.dims)}, but family_params.channels and tokens make it "
                 f"TYPE_INT32 [{self.channels}, {self.tokens}]"
             )
+        head = manifest.graphs.get(GraphRole.CLASSIFIER)
+        classes = head.outputs[0].dims if head else (0,)
+        if classes != (len(self.class_names),):
+            raise ManifestError(
+                f"{source}: family_params.class_names holds {len(self.class_names)} names but "
+                f"the classifier graph scores {list(classes) if head else 'no'} classes"
+            )
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ManifestError(f"{source}: family_params.class_names repeats a name")
 
 
 #: Neural Embedding Compression: MAE ViT encoder with a factorized prior.
@@ -659,6 +682,7 @@ NEC = register_family(
             GraphRole.ENCODER: "nec_encoder",
             GraphRole.DECODER: "nec_decoder",
             GraphRole.FEATURES: "nec_decoder_block1",
+            GraphRole.CLASSIFIER: "nec_classifier",
         },
         entropy_kinds=(FACTORIZED.kind,),
         params=NecParams,

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,13 +24,14 @@ from tqdm import tqdm
 from nec_serve import __version__
 from nec_serve.bundle import ModelBundle
 from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter, TileRecord
-from nec_serve.contract import decode_outputs
+from nec_serve.contract import GraphRole, decode_outputs
 from nec_serve.engines import Engine
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, Normalisation, tile_image
 from nec_serve.imagery.limits import human_bytes
 
 __all__ = [
+    "class_report",
     "tile_index",
     "CompressStats",
     "compress",
@@ -43,6 +44,31 @@ __all__ = [
 def tile_index(records: Iterable[TileRecord]) -> list[dict]:
     """Where each decoded row came from: tile index, source name, pixel origin."""
     return [{"tile": r.index, "source": r.source, "row": r.row, "col": r.col} for r in records]
+
+
+def class_report(index: list[dict], scores: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Per-tile labels from classifier scores ``(tiles, classes)``, beside the tile index.
+
+    Returns ``{"class_names", "tiles": [{tile, source, row, col, class, score, scores}]}``
+    where ``class`` is the best-scoring name and ``scores`` maps every name to its score.
+    """
+    names = list(class_names)
+    if scores.ndim != 2 or scores.shape[1] != len(names) or len(index) != len(scores):
+        raise InvalidInput(
+            f"classifier scores {scores.shape} do not fit {len(index)} tiles x {len(names)} classes"
+        )
+    tiles = []
+    for where, row in zip(index, scores, strict=True):
+        best = int(np.argmax(row))
+        tiles.append(
+            {
+                **where,
+                "class": names[best],
+                "score": round(float(row[best]), 6),
+                "scores": {n: round(float(v), 6) for n, v in zip(names, row, strict=True)},
+            }
+        )
+    return {"class_names": names, "tiles": tiles}
 
 
 @dataclass
@@ -289,6 +315,11 @@ def _iter_decoded(
         raise InvalidInput(f"unknown output {output!r}, expected one of {sorted(outputs)}")
     check_compatible(header, bundle)
     role = outputs[output]
+    if role is not None and role not in bundle.manifest.graphs:
+        raise InvalidInput(
+            f"output {output!r} needs the {role} graph, and the export at {bundle.root} has "
+            f"none (it has {', '.join(str(r) for r in bundle.manifest.graphs)})"
+        )
     records: list[TileRecord] = []
 
     def run() -> np.ndarray:
@@ -415,6 +446,8 @@ def write_embeddings(
     allocated, so memory stays bounded by one batch. ``dest`` and
     ``dest.with_suffix(".tiles.json")`` (where each row came from) are written under
     temporary names and renamed into place only when complete: a failure leaves neither.
+    For ``output="classes"`` the rows are class scores, and
+    ``dest.with_suffix(".classes.json")`` (:func:`class_report`) is written the same way.
 
     Returns:
         ``{"tiles", "shape", "dtype", "decode_s"}``.
@@ -422,7 +455,10 @@ def write_embeddings(
     limits = InputLimits() if limits is None else limits
     label = label or str(container)
     index_path = dest.with_suffix(".tiles.json")
-    parts = [dest.with_name(f".{dest.name}.part"), index_path.with_name(f".{index_path.name}.part")]
+    classes_path = dest.with_suffix(".classes.json")
+    role = decode_outputs().get(output)
+    finals = [dest, index_path] + ([classes_path] if role == GraphRole.CLASSIFIER else [])
+    parts = [p.with_name(f".{p.name}.part") for p in finals]
     with container.open("rb") as f:
         count = 0
         for _ in ContainerReader(f):
@@ -455,8 +491,13 @@ def write_embeddings(
             shape, dtype = tuple(out.shape), out.dtype
             del out
         parts[1].write_text(json.dumps(index))
-        os.replace(parts[0], dest)
-        os.replace(parts[1], index_path)
+        if len(parts) > 2:
+            names = bundle.manifest.family_params.class_names
+            scores = np.load(parts[0], mmap_mode="r")
+            parts[2].write_text(json.dumps(class_report(index, np.asarray(scores), names)))
+            del scores
+        for part, final in zip(parts, finals, strict=True):
+            os.replace(part, final)
     finally:
         bar.close()
         for part in parts:

@@ -134,7 +134,8 @@ _DELETE = object()
         (_set("graphs.encoder", _DELETE), r": graphs\.encoder is missing"),
         (
             _set("graphs.bogus", {}),
-            r": graphs\.bogus is not a registered graph role \(decoder, decoder_block1, encoder\)",
+            r": graphs\.bogus is not a registered graph role "
+            r"\(classifier, decoder, decoder_block1, encoder\)",
         ),
         (_set("graphs.encoder.name", "nec encoder"), r": graphs\.encoder\.name must be letters"),
         (_set("graphs.encoder.file", "../x.onnx"), r": graphs\.encoder\.file must be a relative"),
@@ -242,6 +243,7 @@ def test_builtin_roles_and_outputs():
     assert decode_outputs() == {
         "embeddings": GraphRole.DECODER,
         "features": GraphRole.FEATURES,
+        "classes": GraphRole.CLASSIFIER,
         "symbols": None,
     }
     assert (
@@ -375,3 +377,13 @@ def test_registrations_refuse_clashes(registries):
             ModelFamily("x", {GraphRole.ENCODER: "nec_encoder"}, ("factorized",), NecParams)
         )
     assert register_graph_role("decoder", output="embeddings") is GraphRole.DECODER
+
+
+def test_class_names_must_match_the_classifier_graph():
+    data = make_manifest().to_dict()
+    assert data["family_params"]["class_names"] == []
+    del data["family_params"]["class_names"]  # older manifests of schema 2 have none
+    assert Manifest.from_dict(data).family_params.class_names == ()
+    data["family_params"]["class_names"] = ["forest", "river"]
+    with pytest.raises(ManifestError, match=r"holds 2 names but the classifier graph scores no"):
+        Manifest.from_dict(data)

@@ -16,7 +16,7 @@ from nec_export.graphs import check_graph
 from nec_export.repository import tables_from_model
 from nec_export.triton import DataType, ModelConfig, TensorSpec, cpu_config, to_pbtxt
 from nec_models import create_model
-from nec_serve.contract import NEC, GraphRole, Manifest
+from nec_serve.contract import GraphRole, Manifest
 from nec_serve.errors import ExportCheckFailed, InvalidInput
 from nec_serve.tables import EntropyTables
 
@@ -47,8 +47,10 @@ def test_manifest_records_parity_and_hashes(tiny_export):
 @pytest.mark.parametrize("variant", ["gpu", "cpu", "local"])
 def test_repository_layout_and_configs_parse_as_triton_model_config(tiny_export, variant):
     repo = tiny_export / f"model_repository_{variant}"
-    assert sorted(p.name for p in repo.iterdir()) == sorted(NEC.graph_names.values())
-    for name in NEC.graph_names.values():
+    names = [g.name for g in Manifest.load(tiny_export).graphs.values()]
+    assert sorted(names) == ["nec_decoder", "nec_decoder_block1", "nec_encoder"]  # no head
+    assert sorted(p.name for p in repo.iterdir()) == names
+    for name in names:
         cfg = _parse((repo / name / "config.pbtxt").read_text())
         assert cfg.name == name
         assert cfg.backend == ("python" if variant == "local" else "onnxruntime")

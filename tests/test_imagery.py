@@ -399,11 +399,35 @@ def test_band_out_of_range() -> None:
 
 
 def test_unsupported_suffix(tmp_path: Path) -> None:
-    shutil.copy(NAIP, tmp_path / "scene.png")
-    with pytest.raises(InvalidInput, match=r"scene\.png: unsupported file type '\.png'"):
+    shutil.copy(NAIP, tmp_path / "scene.jp2")
+    with pytest.raises(InvalidInput, match=r"scene\.jp2: unsupported file type '\.jp2'"):
+        read_raster(tmp_path / "scene.jp2")
+    with pytest.raises(InvalidInput, match=r"unsupported input '\.jp2'"):
+        list(iter_inputs(tmp_path / "scene.jp2"))
+
+
+def test_jpeg_and_png_read_as_pillow_decodes_them(tmp_path: Path) -> None:
+    from PIL import Image
+
+    src = next((DATA / "eurosat_rgb" / "Forest").glob("*.jpg"), None)
+    if src is None:
+        pytest.skip("no eurosat_rgb in the sample data")
+    arr = read_raster(src)
+    want = np.asarray(Image.open(src)).transpose(2, 0, 1)
+    assert arr.shape == (3, 64, 64) and arr.dtype == np.uint8 and np.array_equal(arr, want)
+    Image.fromarray(want[1]).save(tmp_path / "green.png")
+    assert np.array_equal(read_raster(tmp_path / "green.png"), want[1:2])
+    assert np.array_equal(read_raster(src, bands=[3, 1]), want[[2, 0]])
+    data = src.read_bytes()
+    assert np.array_equal(read_raster_bytes(data, "patch.JPG"), want)
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidInput, match=r"cut\.jpg: not a readable image"):
+        read_raster(tmp_path / "cut.jpg")
+    shutil.copy(NAIP, tmp_path / "scene.png")  # a GeoTIFF under another name
+    with pytest.raises(InvalidInput, match=r"scene\.png: not a readable image"):
         read_raster(tmp_path / "scene.png")
-    with pytest.raises(InvalidInput, match=r"unsupported input '\.png'"):
-        list(iter_inputs(tmp_path / "scene.png"))
+    with pytest.raises(InvalidInput, match=r"big\.jpg.*max_pixels"):
+        read_raster(src, limits=InputLimits(max_pixels=100), label="big.jpg")
 
 
 def test_object_npy_refused(tmp_path: Path) -> None:

@@ -298,3 +298,83 @@ def test_the_cli_passes_every_flag_to_the_trainers(eurosat, tmp_path, capsys):
     assert main([*argv, str(tmp_path / "cls"), "--epochs", "1", "--with-decoder", *common]) == 0
     assert '"val_top1"' in capsys.readouterr().out
     assert main(["train", "nec", "--init", str(tmp_path / "none.pth"), "--out", "x", "-q"]) == 2
+
+
+# ------------------------------------------------------------------------ labels as a step output
+
+
+def test_a_trained_classifier_exports_its_head_and_decompress_outputs_labels(
+    nec_run, eurosat, tmp_path, capsys
+):
+    import json
+    import shutil
+
+    import numpy as np
+
+    from nec_cli.main import main
+    from nec_models.eurosat import CLASSES
+    from nec_serve.bundle import ModelBundle
+    from nec_serve.contract import GraphRole, Manifest
+    from nec_serve.engines import make_engine
+    from nec_serve.imagery import read_raster
+
+    cls_dir, exp = tmp_path / "cls", tmp_path / "export"
+    argv = ["train", "classifier", "--init", str(nec_run), "--out", str(cls_dir)]
+    assert main([*argv, "--epochs", "2", "--batch-size", "16", "--threads", "1", "-q"]) == 0
+    # The trainer's checkpoint names its model and classes: export needs nothing else.
+    assert main(["export", "--checkpoint", str(cls_dir / "checkpoint.pth"), "--out", str(exp)]) == 0
+    manifest = Manifest.load(exp)
+    assert manifest.model == "nec_classifier_pretrain_test"
+    assert manifest.family_params.class_names == CLASSES
+    head = manifest.graph(GraphRole.CLASSIFIER)
+    assert head.outputs[0].dims == (len(CLASSES),) and head.parity["max_abs_err"] <= 1e-4
+    assert GraphRole.FEATURES not in manifest.graphs  # trained without the decoder block
+
+    # One real patch of each of four classes, compressed and labelled by a consumer step.
+    images = tmp_path / "patches"
+    images.mkdir()
+    picked = [next((eurosat / c).glob("*.jpg")) for c in CLASSES[:4]]
+    for p in picked:
+        shutil.copy(p, images / p.name)
+    container = tmp_path / "patches.nec"
+    argv = ["compress", str(images), "--out", str(container), "--model-dir", str(exp), "-q"]
+    assert main(argv) == 0
+    out = tmp_path / "scores.npy"
+    argv = ["decompress", str(container), "--out", str(out), "--output", "classes", "-q"]
+    assert main([*argv, "--model-dir", str(exp)]) == 0
+    report = json.loads(out.with_suffix(".classes.json").read_text())
+    scores = np.load(out)
+    assert scores.shape == (4, len(CLASSES)) and np.allclose(scores.sum(1), 1, atol=1e-5)
+    assert [t["source"] for t in report["tiles"]] == sorted(p.name for p in picked)
+    for tile, row in zip(report["tiles"], scores, strict=True):
+        assert tile["class"] == CLASSES[int(row.argmax())]
+        assert tile["scores"][tile["class"]] == tile["score"] == round(float(row.max()), 6)
+
+    # The served head scores what PyTorch scores on the same images.
+    from nec_models import create_model, load_checkpoint
+
+    model = load_checkpoint(
+        create_model("nec_classifier_pretrain_test"), cls_dir / "checkpoint.pth"
+    )
+    bundle = ModelBundle.load(exp)
+    norm = bundle.normalisation("uint8")
+    batch = np.stack([read_raster(images / t["source"]) for t in report["tiles"]])
+    x = norm.apply(batch)
+    with torch.no_grad():
+        want = torch.softmax(model(torch.from_numpy(x)), -1).numpy()
+    engine = make_engine(bundle)
+    symbols, _ = engine.encode(x)
+    got = engine.decode(GraphRole.CLASSIFIER, symbols)
+    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(scores - want).max() < 1e-4
+
+    # An export without a head cannot answer --output classes, and says so.
+    plain = tmp_path / "plain"
+    assert main(["export", "--checkpoint", str(nec_run), "--out", str(plain)]) == 0
+    argv = ["compress", str(images), "--out", str(container), "--model-dir", str(plain), "-q"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    argv = ["decompress", str(container), "--out", str(tmp_path / "x.npy"), "-q"]
+    assert main([*argv, "--output", "classes", "--model-dir", str(plain)]) == 2
+    assert "needs the classifier graph" in capsys.readouterr().err
+    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.classes.json").exists()

@@ -42,6 +42,7 @@ from pathlib import Path
 from nec_serve import s3
 from nec_serve.bundle import ModelBundle
 from nec_serve.config_store import ConfigStore
+from nec_serve.contract import decode_outputs
 from nec_serve.engines import make_engine
 from nec_serve.errors import InvalidInput, NecError, TransientError
 from nec_serve.imagery import InputLimits, iter_inputs
@@ -213,6 +214,12 @@ class StepHandler:
         self.store = store
         self.producer = producer
         self.bundle = ModelBundle.load(settings.model_dir)
+        role = decode_outputs().get(settings.output)
+        if settings.mode == "decompress" and role and role not in self.bundle.manifest.graphs:
+            raise InvalidInput(
+                f"--output {settings.output} needs the {role} graph; the export at "
+                f"{settings.model_dir} has none"
+            )
         self.engine = engine or make_engine(self.bundle, settings.server)
         self._sent: OrderedDict[str, None] = OrderedDict()  # ids published by this process
         if Path(settings.work_dir).is_dir():
@@ -305,10 +312,11 @@ class StepHandler:
             t2 = time.perf_counter()
             s3.upload(client, dest, bucket, out_key)
             extra_keys = []
-            index = dest.with_suffix(".tiles.json")
-            if index.exists():
-                extra_keys.append(out_key[: -len(".npy")] + ".tiles.json")
-                s3.upload(client, index, bucket, extra_keys[-1])
+            for suffix in (".tiles.json", ".classes.json"):  # what decompress writes beside
+                extra = dest.with_suffix(suffix)
+                if extra.exists():
+                    extra_keys.append(out_key[: -len(".npy")] + suffix)
+                    s3.upload(client, extra, bucket, extra_keys[-1])
             t3 = time.perf_counter()
             stats.update(
                 message_id=msg_id,

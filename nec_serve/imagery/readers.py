@@ -49,7 +49,11 @@ BIGEARTHNET_RGB = ("B04", "B03", "B02")
 BIGEARTHNET_SIZE = 120
 
 #: Suffixes :func:`read_raster` accepts (compared case-insensitively).
-RASTER_SUFFIXES = (".tif", ".tiff", ".npy")
+RASTER_SUFFIXES = (".tif", ".tiff", ".npy", ".jpg", ".jpeg", ".png")
+#: Read with Pillow (as the EuroSAT training data was), not GDAL, whose JPEG decoder
+#: differs from Pillow's by a few levels on a quarter of the pixels.
+_PILLOW_SUFFIXES = (".jpg", ".jpeg", ".png")
+_PIL_MODES = {"L": np.uint8, "RGB": np.uint8, "RGBA": np.uint8, "I;16": np.uint16}
 
 _BIGEARTHNET_BAND_FILE = re.compile(r"_B(0[1-9]|1[0-2]|8A)\.tif$")
 
@@ -109,6 +113,32 @@ def _read_geotiff_bytes(
         raise InvalidInput(
             f"{label}: not a readable GeoTIFF (truncated or corrupt?): {err}"
         ) from err
+
+
+def _read_pillow(
+    f: BinaryIO, label: str, bands: Sequence[int] | None, budget: Budget
+) -> np.ndarray:
+    """A JPEG or PNG as ``(bands, H, W)``; its declared size is checked before decoding."""
+    from PIL import Image, UnidentifiedImageError  # only for these files
+
+    try:
+        with Image.open(f, formats=("JPEG", "PNG")) as im:
+            if im.mode not in _PIL_MODES:
+                raise InvalidInput(
+                    f"{label}: unsupported image mode {im.mode}; expected one of "
+                    f"{', '.join(_PIL_MODES)}"
+                )
+            n_bands = len(im.getbands())
+            indexes = band_indexes(bands, n_bands, label)
+            dtype = np.dtype(_PIL_MODES[im.mode])
+            budget.image(label, n_bands, im.height, im.width, dtype)
+            arr = np.asarray(im, dtype=dtype)
+    except InvalidInput:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InvalidInput(f"{label}: not a readable image (truncated or corrupt?): {err}") from err
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr[[i - 1 for i in indexes]])
 
 
 def _check_npy(arr: Any, label: str, bands: Sequence[int] | None) -> np.ndarray:
@@ -231,7 +261,7 @@ def read_raster(
     limits: InputLimits | None = None,
     label: str | None = None,
 ) -> np.ndarray:
-    """Read a GeoTIFF or ``.npy`` file as ``(bands, H, W)`` in the file's dtype.
+    """Read a GeoTIFF, ``.npy``, JPEG or PNG file as ``(bands, H, W)`` in the file's dtype.
 
     The geometry the file declares (``.npy`` header; GeoTIFF band count, size, dtype and
     block size) is checked against ``limits`` before any pixel is allocated or read.
@@ -273,9 +303,11 @@ def read_raster_budgeted(
         raise InvalidInput(f"{label}: is a directory, not a raster file")
     if size == 0:
         raise InvalidInput(f"{label}: file is empty (0 bytes)")
-    if suffix == ".npy":
+    if suffix == ".npy" or suffix in _PILLOW_SUFFIXES:
         try:
             with open(p, "rb") as f:
+                if suffix != ".npy":
+                    return _read_pillow(f, label, bands, budget)
                 # The size of the file as opened, not as it was when stat() ran.
                 return _load_npy(f, os.fstat(f.fileno()).st_size, label, bands, budget)
         except PermissionError as err:
@@ -323,6 +355,8 @@ def read_raster_bytes_budgeted(
         raise InvalidInput(f"{label}: file is empty (0 bytes)")
     if suffix == ".npy":
         return _load_npy(io.BytesIO(data), len(data), label, bands, budget)
+    if suffix in _PILLOW_SUFFIXES:
+        return _read_pillow(io.BytesIO(data), label, bands, budget)
     return _read_geotiff_bytes(data, label, bands, budget)
 
 
