@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=20)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument(
+        "--bottleneck-lr", type=float, default=1e-2, help="the entropy model's density"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--resume", action="store_true", help="continue after the last epoch")

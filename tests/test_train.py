@@ -4,6 +4,7 @@ weights, a diverging run stops and keeps its last good checkpoint, bad input is 
 
 from __future__ import annotations
 
+from pathlib import Path
 from unittest.mock import patch
 
 import pytest
@@ -378,3 +379,52 @@ def test_a_trained_classifier_exports_its_head_and_decompress_outputs_labels(
     assert main([*argv, "--output", "classes", "--model-dir", str(plain)]) == 2
     assert "needs the classifier graph" in capsys.readouterr().err
     assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.classes.json").exists()
+
+
+def test_bench_rate_scores_every_condition_from_real_files(mae_run, nec_run, eurosat, tmp_path):
+    import csv
+    import importlib.util
+
+    from nec_cli.main import main
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_rate", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rate.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cls_dir, exp = tmp_path / "cls", tmp_path / "export"
+    argv = ["train", "classifier", "--init", str(nec_run), "--out", str(cls_dir), "-q"]
+    assert main([*argv, "--epochs", "1", "--threads", "1"]) == 0
+    assert main(["export", "--checkpoint", str(cls_dir / "checkpoint.pth"), "--out", str(exp)]) == 0
+    out = tmp_path / "rate"
+    args = ["--mae", str(mae_run), "--nec", str(exp), "--data", str(eurosat), "--out", str(out)]
+    args += ["--work", str(tmp_path / "work"), "--train-per-class", "2", "--max-test", "10"]
+    args += ["--head-model", "nec_classifier_pretrain_test", "--head-epochs", "1"]
+    args += ["--cnn-epochs", "1", "--uniform-bits", "2", "8", "--quick", "--threads", "1"]
+    assert bench.main(args) == 0
+    rows = list(csv.DictReader((out / "rate.csv").open()))
+    kinds = {(r["kind"], r["codec"]) for r in rows}
+    assert {("raw", "jpeg"), ("raw", "webp"), ("raw", "jpeg2000"), ("raw", "png")} <= kinds
+    assert {
+        ("embedding", "float32"),
+        ("embedding", "uniform+zstd"),
+        ("nec", "nec_classifier_pretrain_test"),
+    } <= kinds
+    by = {(r["codec"], r["setting"]): r for r in rows}
+    jpeg = [float(by["jpeg", f"q{q}"]["bits_per_image"]) for q in (10, 50, 90)]
+    assert jpeg == sorted(jpeg) and jpeg[0] > 0  # a higher quality costs more bits
+    assert float(by["uniform+zstd", "2bit"]["bits_per_image"]) < float(
+        by["uniform+zstd", "8bit"]["bits_per_image"]
+    )
+    assert float(by["float32", "uncompressed"]["bits_per_image"]) == 32 * 65 * 64  # T x C
+    nec = by["nec_classifier_pretrain_test", "export"]
+    # Real container bytes: the header is amortised over 10 images, the payload alone less.
+    assert 0 < float(nec["payload_bits_per_image"]) < float(nec["bits_per_image"])
+    for r in rows:
+        for key in ("head_top1", "cnn_top1", "shipped_top1"):
+            assert r[key] == "" or 0.0 <= float(r[key]) <= 1.0
+    assert (out / "rate.png").stat().st_size > 10_000
+    assert "| nec_classifier_pretrain_test export |" in (out / "rate.md").read_text()
+    # A rerun skips what is done.
+    before = (out / "rate.csv").read_text()
+    assert bench.main(args) == 0 and (out / "rate.csv").read_text() == before
