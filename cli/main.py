@@ -59,8 +59,15 @@ def atomic_output(path: Path):
 def cmd_models(args: argparse.Namespace) -> int:
     """List registered models."""
     from nec_models import list_models  # PyTorch: see the imports above
+    from nec_models.shipped import shipped_models
 
     print("\n".join(list_models()))
+    shipped = shipped_models()
+    if shipped:
+        print("\nshipped trained weights (nec-serve export --shipped NAME):")
+        for name, entry in shipped.items():
+            metrics = ", ".join(f"{k} {v}" for k, v in entry.get("metrics", {}).items())
+            print(f"  {name}: {entry['model']}" + (f" ({metrics})" if metrics else ""))
     return 0
 
 
@@ -104,11 +111,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nec_export import ExportOptions, export_model  # PyTorch: see the imports above
     from nec_models import create_model, load_checkpoint
     from nec_models.checkpoint import read_checkpoint
+    from nec_models.shipped import materialize, shipped_models
 
-    ckpt, trained = None, {}
+    ckpt, trained, ckpt_sha = None, {}, None
+    if args.checkpoint and args.shipped:
+        raise InvalidInput("export: give --checkpoint or --shipped, not both")
     if args.checkpoint:
         ckpt = read_checkpoint(args.checkpoint)
         trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+        ckpt_sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+    elif args.shipped:
+        ckpt = materialize(args.shipped)
+        trained = ckpt["args"]
+        ckpt_sha = shipped_models()[args.shipped]["sha256"]
     name = args.model or trained.get("model")
     if not name:
         raise InvalidInput("export: name the model with --model (the checkpoint names none)")
@@ -116,10 +131,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if name == trained.get("model"):  # a trainer's checkpoint says how its model was built
         kwargs.update({k: trained[k] for k in ("with_decoder", "num_classes") if k in trained})
     model = create_model(name, **kwargs)
-    ckpt_sha = None
     if ckpt is not None:
         load_checkpoint(model, ckpt)
-        ckpt_sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
     calibration = None
     if args.calibrate:
         from nec_export.calibrate import calibrate_from_inputs
@@ -324,9 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=20)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument(
-        "--bottleneck-lr", type=float, default=1e-2, help="the entropy model's density"
-    )
+    s.add_argument("--bottleneck-lr", type=float, default=1e-2, help="the entropy model's density")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--resume", action="store_true", help="continue after the last epoch")
@@ -357,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         help="official NEC checkpoint ({'model': state_dict}) or one written by `train`",
     )
+    s.add_argument("--shipped", help="a trained model shipped in weights/ (`nec-serve models`)")
     s.add_argument("--img-size", type=int, help="input size in pixels (224, 256, 512)")
     s.add_argument("--out", required=True, help="export directory")
     s.add_argument("--version", default="1", help="model version in the Triton repository")

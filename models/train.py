@@ -460,6 +460,25 @@ def _rate_check(
     return recon / n, est / n, coded / n
 
 
+def _nec_optimizers(model: nn.Module, cfg: NECConfig):
+    """AdamW on the adapter (``lr``) and the density (``bottleneck_lr``); Adam on quantiles."""
+    aux = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
+    density, adapter = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad and not n.endswith("quantiles"):
+            (density if n.startswith("bottleneck.") else adapter).append(p)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": adapter},
+            {"params": density, "lr": cfg.bottleneck_lr, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        weight_decay=cfg.weight_decay,
+    )
+    return optimizer, torch.optim.Adam(aux, lr=cfg.aux_lr)
+
+
 def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune NEC from an MAE checkpoint: ``lmbda`` x reconstruction + bits per image.
 
@@ -487,21 +506,7 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
     if not (out / "split.csv").exists():
         (out / "split.csv").write_bytes(split_src.read_bytes())
     train, val, info = _load_data(_config_of(dict(mae_args, out=str(out))), out)
-    aux = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
-    density, adapter = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad and not n.endswith("quantiles"):
-            (density if n.startswith("bottleneck.") else adapter).append(p)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": adapter},
-            {"params": density, "lr": cfg.bottleneck_lr, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-        weight_decay=cfg.weight_decay,
-    )
-    aux_optimizer = torch.optim.Adam(aux, lr=cfg.aux_lr)
+    optimizer, aux_optimizer = _nec_optimizers(model, cfg)
     start = 0
     if resume:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)

@@ -428,3 +428,51 @@ def test_bench_rate_scores_every_condition_from_real_files(mae_run, nec_run, eur
     # A rerun skips what is done.
     before = (out / "rate.csv").read_text()
     assert bench.main(args) == 0 and (out / "rate.csv").read_text() == before
+
+
+def test_shipped_weights_are_a_half_precision_base_and_small_deltas(
+    mae_run, nec_run, tmp_path, monkeypatch, capsys
+):
+    from nec_cli.main import main
+    from nec_models import shipped
+    from nec_serve.contract import GraphRole, Manifest
+
+    cls_dir = tmp_path / "cls"
+    argv = ["train", "classifier", "--init", str(nec_run), "--out", str(cls_dir), "-q"]
+    assert main([*argv, "--epochs", "1", "--threads", "1"]) == 0
+    root = tmp_path / "weights"
+    index = shipped.pack(
+        mae_run,
+        {"tiny-L100": cls_dir / "checkpoint.pth"},
+        root / "eurosat",
+        {"tiny-L100": {"x": 1}},
+    )
+    delta = torch.load(root / "eurosat" / "tiny-L100.pt", weights_only=True)
+    assert "backbone.blocks.1.attn.qkv.weight" in delta  # the adapter: the last block
+    assert "backbone.blocks.0.attn.qkv.weight" not in delta  # frozen: taken from the base
+    assert {"pool.q.weight", "head.weight"} <= set(delta)
+    assert delta["backbone.bottleneck.quantiles"].dtype == torch.float32  # the code: exact
+    assert delta["head.weight"].dtype == torch.float16
+    assert index["models"]["tiny-L100"]["metrics"] == {"x": 1}
+
+    trained = torch.load(cls_dir / "checkpoint.pth", weights_only=True)["model"]
+    rebuilt = shipped.materialize("tiny-L100", root)["model"]
+    assert set(rebuilt) == set(trained)
+    for key, value in trained.items():
+        want = value if "bottleneck" in key or not value.is_floating_point() else value.half()
+        assert torch.equal(rebuilt[key], want.to(rebuilt[key].dtype)), key
+    with pytest.raises(InvalidInput, match=r"no shipped model 'nope'; shipped: "):
+        shipped.materialize("nope", root)
+    (root / "eurosat" / "tiny-L100.pt").write_bytes(b"tampered")
+    with pytest.raises(InvalidInput, match=r"tiny-L100\.pt: SHA-256 .* the index says"):
+        shipped.materialize("tiny-L100", root)
+
+    shipped.pack(mae_run, {"tiny-L100": cls_dir / "checkpoint.pth"}, root / "eurosat")
+    monkeypatch.setattr(shipped, "WEIGHTS_DIR", root)
+    assert main(["models"]) == 0
+    assert "tiny-L100: nec_classifier_pretrain_test" in capsys.readouterr().out
+    exp = tmp_path / "export"
+    assert main(["export", "--shipped", "tiny-L100", "--out", str(exp)]) == 0
+    manifest = Manifest.load(exp)
+    assert GraphRole.CLASSIFIER in manifest.graphs
+    assert manifest.checkpoint_sha256 == shipped.shipped_models()["tiny-L100"]["sha256"]

@@ -1,0 +1,170 @@
+"""The trained weights that ship with the repository, stored small and rebuilt on demand.
+
+``weights/<set>/`` holds one MAE base in half precision and, per NEC rate point, a *delta*:
+only the tensors that differ from the base (the NEC adapter, the entropy bottleneck and
+the classifier head), floats in half precision except the entropy bottleneck, which stays
+in float32 because its quantiles and tables decide the transmitted code. ``index.json``
+lists each shipped model with its files, their SHA-256 and its metrics; ``MODEL_CARD.md``
+says how it was made.
+
+:func:`materialize` rebuilds an ordinary checkpoint in the official layout
+(``{"model", "args", ...}``, float32) that ``nec-serve export --shipped NAME`` exports like
+any other; every number reported for a shipped model was measured on the rebuilt weights,
+not on the float32 training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from nec_serve.errors import InvalidInput
+
+__all__ = ["WEIGHTS_DIR", "shipped_models", "materialize", "pack"]
+
+#: ``weights/`` at the repository root (the shipped models travel with the checkout).
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+INDEX = "index.json"
+# Kept in float32: the entropy model's parameters and tables define the code itself.
+_FULL_PRECISION = ("bottleneck.", "backbone.bottleneck.")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _index(root: Path) -> dict:
+    path = root / INDEX
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"base": None, "models": {}}
+    except ValueError as err:
+        raise InvalidInput(f"{path} is not valid JSON: {err}") from err
+
+
+def shipped_models(root: Path | None = None) -> dict[str, dict]:
+    """Name -> entry (registry model, files, metrics) of every shipped model under ``root``."""
+    out: dict[str, dict] = {}
+    base = Path(root) if root else WEIGHTS_DIR
+    for index in sorted(base.glob(f"*/{INDEX}")):
+        for name, entry in _index(index.parent).get("models", {}).items():
+            out[name] = {**entry, "dir": str(index.parent)}
+    return out
+
+
+def _half(key: str, value: torch.Tensor) -> torch.Tensor:
+    if value.is_floating_point() and not key.startswith(_FULL_PRECISION):
+        return value.to(torch.float16)
+    return value
+
+
+def _load(path: Path, sha256: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InvalidInput(f"shipped weights {path} are missing (is this a full checkout?)")
+    got = _sha256(path)
+    if got != sha256:
+        raise InvalidInput(f"shipped weights {path}: SHA-256 {got}, the index says {sha256}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def materialize(name: str, root: Path | None = None) -> dict:
+    """The shipped model ``name`` as a float32 checkpoint ``{"model", "args", "epoch", ...}``.
+
+    Raises:
+        InvalidInput: an unknown name (the known ones are listed), a missing file or one
+            whose SHA-256 differs from the index.
+    """
+    models = shipped_models(root)
+    if name not in models:
+        raise InvalidInput(f"no shipped model {name!r}; shipped: {', '.join(sorted(models))}")
+    entry = models[name]
+    folder = Path(entry["dir"])
+    base_entry = _index(folder)["base"]
+    base = _load(folder / base_entry["file"], base_entry["sha256"])
+    state = dict(base)
+    if entry["file"] != base_entry["file"]:
+        delta = _load(folder / entry["file"], entry["sha256"])
+        prefix = entry.get("base_prefix", "")
+        state = {prefix + k: v for k, v in base.items() if prefix + k not in delta}
+        state.update(delta)
+        keep = set(entry["keys"])
+        state = {k: v for k, v in state.items() if k in keep}
+    model = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    args = dict(entry["args"])
+    return {"model": model, "args": args, "epoch": entry.get("epoch"), "scaler": None}
+
+
+def pack(
+    base_checkpoint: Path,
+    models: Mapping[str, Path],
+    out: Path,
+    metrics: Mapping[str, dict] | None = None,
+) -> dict:
+    """Write ``out`` (a weights set): the base in half precision, each model as a delta.
+
+    Args:
+        base_checkpoint: the MAE pretraining checkpoint every model was fine-tuned from.
+        models: shipped name -> a trainer's checkpoint (NEC or classifier).
+        out: the folder to write (``weights/<set>``).
+        metrics: shipped name -> numbers measured on the rebuilt weights, for the index.
+
+    Returns:
+        the index written to ``out/index.json``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    base_ckpt = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
+    base = {k: _half(k, v) for k, v in base_ckpt["model"].items()}
+    base_name = f"{base_ckpt['args']['model']}.pt"
+    torch.save(base, out / base_name)
+    index = {
+        "base": {
+            "name": base_ckpt["args"]["model"],
+            "file": base_name,
+            "sha256": _sha256(out / base_name),
+            "args": base_ckpt["args"],
+            "epoch": base_ckpt.get("epoch"),
+        },
+        "models": {
+            base_ckpt["args"]["model"]: {
+                "model": base_ckpt["args"]["model"],
+                "file": base_name,
+                "sha256": _sha256(out / base_name),
+                "args": base_ckpt["args"],
+                "epoch": base_ckpt.get("epoch"),
+                "metrics": dict((metrics or {}).get(base_ckpt["args"]["model"], {})),
+            }
+        },
+    }
+    for name, path in models.items():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = ckpt["model"]
+        prefix = "backbone." if any(k.startswith("backbone.") for k in state) else ""
+        delta = {}
+        for key, value in state.items():
+            packed = _half(key, value)
+            ref = base.get(key[len(prefix) :]) if key.startswith(prefix) else None
+            if ref is None or ref.dtype != packed.dtype or not torch.equal(ref, packed):
+                delta[key] = packed
+        file = f"{name}.pt"
+        torch.save(delta, out / file)
+        index["models"][name] = {
+            "model": ckpt["args"]["model"],
+            "file": file,
+            "sha256": _sha256(out / file),
+            "base_prefix": prefix,
+            "keys": sorted(state),
+            "args": {k: v for k, v in ckpt["args"].items() if k != "pretraining"},
+            "epoch": ckpt.get("epoch"),
+            "metrics": dict((metrics or {}).get(name, {})),
+        }
+    (out / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return index
