@@ -20,6 +20,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -137,6 +138,7 @@ def wrapper_args(
     bands: str | None = None,
     batch_size: int | None = None,
     group: str | None = None,
+    output: str | None = None,
 ) -> list[str]:
     """``nec-serve wrapper`` arguments; ``server`` None runs the graphs in-process."""
     args = ["wrapper", "--mode", mode, "--model-dir", str(export_dir), "--bootstrap", bootstrap]
@@ -153,6 +155,8 @@ def wrapper_args(
         args += ["--bands", bands]
     if batch_size is not None:
         args += ["--batch-size", str(batch_size)]
+    if output:
+        args += ["--output", output]
     return args
 
 
@@ -264,8 +268,23 @@ def _inputs(data: Path, tmp: Path) -> list[tuple[str, Path]]:
     return [("naip_2010_2018.tar.gz", naip), ("2015.tif", data / "landsat" / "2015.tif")]
 
 
-def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float = 900) -> int:
-    """Run the workflow demo; returns the exit status."""
+def run_workflow_demo(
+    export_dir: Path,
+    data: Path,
+    work: Path,
+    timeout_s: float = 900,
+    *,
+    inputs: Callable[[Path, Path], list[tuple[str, Path]]] | None = None,
+    bands: str | None = "1,2,3",
+    output: str = "embeddings",
+) -> int:
+    """Run the workflow demo; returns the exit status.
+
+    ``inputs(data, tmp)`` makes the objects dropped in S3 (default: NAIP scenes in a
+    ``.tar.gz`` and a Landsat GeoTIFF), ``bands`` is what the compress step reads of them,
+    ``output`` what the decompress step writes (``classes``: scores and per-tile labels).
+    """
+    make_inputs = inputs or _inputs
     work.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     t_start = time.perf_counter()
@@ -289,8 +308,9 @@ def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float
                     trigger="http",
                     port=ports[service],
                     server=stack.triton_url,
-                    bands="1,2,3" if compress else None,
+                    bands=bands if compress else None,
                     batch_size=8 if compress else None,
+                    output=None if compress else output,
                 )
                 procs.append(spawn_cli(args, work / f"{service}.log"))
                 wait_http(f"http://127.0.0.1:{ports[service]}", procs[-1], work / f"{service}.log")
@@ -305,7 +325,7 @@ def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float
 
             client = s3.client()
             client.create_bucket(Bucket=BUCKET)
-            inputs = _inputs(data, Path(tmp))
+            inputs = make_inputs(data, Path(tmp))
             for name, path in inputs:
                 client.upload_file(str(path), BUCKET, f"input/{name}")
                 print(f"[s3] put s3://{BUCKET}/input/{name} ({path.stat().st_size} bytes)")
@@ -344,6 +364,8 @@ def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float
             print(f"[kafka] workflow published and {len(inputs)} step messages sent")
 
             results = _watch(watch, len(inputs), timeout_s)
+            if output == "classes":
+                _print_labels(client, results)
             for service in ("nec-compress", "nec-decompress"):
                 producer.send(
                     "system.ML",
@@ -362,6 +384,21 @@ def run_workflow_demo(export_dir: Path, data: Path, work: Path, timeout_s: float
     _summary(results, time.perf_counter() - t_start, work)
     failed = [r for r in results if r.get("status") == "failed"]
     return 1 if failed or len([r for r in results if r["status"] == "done"]) < len(inputs) else 0
+
+
+def _print_labels(client, results: list[dict]) -> None:
+    """What the decompress step labelled: the ``.classes.json`` it put beside its output."""
+    for r in results:
+        if r["status"] != "done":
+            continue
+        key = r["decompress"]["output_key"]
+        key = key[: -len(".npy")] + ".classes.json" if key.endswith(".npy") else key
+        body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        tiles = json.loads(body)["tiles"]
+        counts = Counter(t["class"] for t in tiles).most_common()
+        print(
+            f"[s3] {key}: {len(tiles)} tiles labelled: " + ", ".join(f"{c} {n}" for c, n in counts)
+        )
 
 
 def _watch(consumer, expected: int, timeout_s: float) -> list[dict]:

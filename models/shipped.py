@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from nec_models.eurosat import CLASSES, read_split
 from nec_serve.errors import InvalidInput
 
 __all__ = ["WEIGHTS_DIR", "shipped_models", "materialize", "pack"]
@@ -117,10 +118,18 @@ def pack(
         out: the folder to write (``weights/<set>``).
         metrics: shipped name -> numbers measured on the rebuilt weights, for the index.
 
+    The test part of the pretraining's ``split.csv`` (beside ``base_checkpoint``) is
+    written to ``out/test_split.csv``: the images no shipped model was trained on.
+
     Returns:
         the index written to ``out/index.json``.
     """
     out.mkdir(parents=True, exist_ok=True)
+    split_csv = Path(base_checkpoint).parent / "split.csv"
+    if split_csv.exists():  # the held-out images, for the demo and the benchmarks
+        test = read_split(split_csv)["test"]
+        rows = "".join(f"{i.path},{CLASSES[i.label]}\n" for i in test)
+        (out / "test_split.csv").write_text("path,label\n" + rows)
     base_ckpt = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
     base = {k: _half(k, v) for k, v in base_ckpt["model"].items()}
     base_name = f"{base_ckpt['args']['model']}.pt"

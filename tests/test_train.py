@@ -4,6 +4,7 @@ weights, a diverging run stops and keeps its last good checkpoint, bad input is 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from unittest.mock import patch
 
@@ -431,7 +432,7 @@ def test_bench_rate_scores_every_condition_from_real_files(mae_run, nec_run, eur
 
 
 def test_shipped_weights_are_a_half_precision_base_and_small_deltas(
-    mae_run, nec_run, tmp_path, monkeypatch, capsys
+    mae_run, nec_run, eurosat, tmp_path, monkeypatch, capsys
 ):
     from nec_cli.main import main
     from nec_models import shipped
@@ -468,6 +469,8 @@ def test_shipped_weights_are_a_half_precision_base_and_small_deltas(
         shipped.materialize("tiny-L100", root)
 
     shipped.pack(mae_run, {"tiny-L100": cls_dir / "checkpoint.pth"}, root / "eurosat")
+    test_rows = (root / "eurosat" / "test_split.csv").read_text().splitlines()
+    assert test_rows[0] == "path,label" and len(test_rows) == 1 + 10  # 1 of 10 a class
     monkeypatch.setattr(shipped, "WEIGHTS_DIR", root)
     assert main(["models"]) == 0
     assert "tiny-L100: nec_classifier_pretrain_test" in capsys.readouterr().out
@@ -476,3 +479,19 @@ def test_shipped_weights_are_a_half_precision_base_and_small_deltas(
     manifest = Manifest.load(exp)
     assert GraphRole.CLASSIFIER in manifest.graphs
     assert manifest.checkpoint_sha256 == shipped.shipped_models()["tiny-L100"]["sha256"]
+
+    # The demo runs it by default when it is the one named, on the Sentinel-2 data it fits.
+    work = tmp_path / "demo"
+    argv = ["demo", "--model", "tiny-L100", "--work", str(work), "--skip-workflow", "-q"]
+    assert main([*argv, "--data", str(eurosat.parent)]) == 0
+    out = capsys.readouterr().out
+    rows = {r["dataset"]: r for r in json.loads((work / "summary.json").read_text())}
+    assert rows["eurosat_test"]["images"] == 10 and rows["eurosat_test"]["scored"] == 10
+    assert 0 <= rows["eurosat_test"]["top1"] <= 1 and "bits/image | top-1" in out
+    for name in ("eurosat_ms", "bigearthnet", "ssl4eo"):
+        if (
+            eurosat.parent / {"eurosat_ms": "eurosat_ms", "ssl4eo": "ssl4eo_s12"}.get(name, name)
+        ).exists():
+            assert rows[name]["container_bytes"] > 0 and rows[name]["decoded_max_abs_err"] <= 0.5
+    report = json.loads((work / "eurosat_test.classes.json").read_text())
+    assert len(report["tiles"]) == 10 and report["class_names"][0] == "AnnualCrop"
