@@ -50,6 +50,7 @@ from torch import nn
 from nec_dev.perf import machine_description
 from nec_models import create_model
 from nec_models.eurosat import CLASSES, decode, read_split
+from nec_models.shipped import materialize, split_of
 from nec_serve.bundle import ModelBundle
 from nec_serve.contract import GraphRole
 from nec_serve.engines import make_engine
@@ -295,8 +296,12 @@ def run(args) -> Path:
         csv_path.unlink(missing_ok=True)
     done = _done(csv_path)
     torch.set_num_threads(args.threads)
-    mae_ckpt = torch.load(args.mae, map_location="cpu", weights_only=True)
-    split = read_split(Path(args.split) if args.split else Path(args.mae).parent / "split.csv")
+    if Path(args.mae).is_file():
+        mae_ckpt = torch.load(args.mae, map_location="cpu", weights_only=True)
+        split_csv = Path(args.mae).parent / "split.csv"
+    else:  # a shipped model's name
+        mae_ckpt, split_csv = materialize(args.mae), split_of(args.mae)
+    split = read_split(Path(args.split) if args.split else split_csv)
     work = Path(args.work)
     train = decode(args.data, _subset(split["train"], args.train_per_class), work / "train")
     test = decode(args.data, split["test"][: args.max_test or None], work / "test")
@@ -475,7 +480,11 @@ def headline(rows: list[dict], n_train: int, n_test: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mae", default="models/weights/mae_vit_tiny_patch8/checkpoint.pth")
+    p.add_argument(
+        "--mae",
+        default="mae_vit_tiny_patch8",
+        help="the frozen MAE encoder: a pretraining checkpoint, or a shipped model's name",
+    )
     p.add_argument("--split", help="split.csv (default: beside --mae)")
     p.add_argument("--nec", nargs="*", default=[], help="NEC exports (classifier checkpoints)")
     p.add_argument("--data", default="../shared/data/eurosat_rgb")

@@ -3,8 +3,8 @@
 The shipped EuroSAT models take 64 px Sentinel-2 RGB as EuroSAT's RGB product renders it:
 8-bit B04, B03, B02. Four sources of ``../shared/data`` fit that:
 
-* ``eurosat_test``: the EuroSAT RGB test split the model never saw (its list ships beside
-  the weights), labelled: top-1 of the model's own classifier graph;
+* ``eurosat_test``: the EuroSAT RGB test split the model never saw (its ``split.csv``
+  ships beside the weights), labelled: top-1 of the model's own classifier graph;
 * ``eurosat_ms``: the EuroSAT multispectral GeoTIFFs (uint16 L1C), rendered to 8-bit RGB as
   EuroSAT did (``DN / 10.71``, measured here: the median ratio over the 219 patches present
   in both products, 10th-90th percentile 10.64-10.75); labelled, but top-1 is counted only
@@ -20,7 +20,6 @@ scores (``decompress --output classes``).
 
 from __future__ import annotations
 
-import csv
 import json
 import tarfile
 import time
@@ -32,7 +31,7 @@ import numpy as np
 
 from nec_export import export_model
 from nec_models import create_model, load_checkpoint
-from nec_models.eurosat import CLASSES
+from nec_models.eurosat import CLASSES, read_split
 from nec_models.shipped import materialize, shipped_models
 from nec_serve.bundle import ModelBundle
 from nec_serve.contract import MANIFEST_FILENAME, Manifest
@@ -101,8 +100,7 @@ def _to_8bit(dn: np.ndarray) -> np.ndarray:
 
 
 def _test_split(weights_dir: Path) -> list[tuple[str, int]]:
-    with (weights_dir / "test_split.csv").open() as f:
-        return [(r["path"], CLASSES.index(r["label"])) for r in csv.DictReader(f)]
+    return [(i.path, i.label) for i in read_split(weights_dir / "split.csv")["test"]]
 
 
 def trained_sources(data: Path, weights_dir: Path) -> dict[str, tuple[Iterator, dict]]:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from nec_models.eurosat import CLASSES, read_split
+from nec_models.eurosat import read_split
 from nec_serve.errors import InvalidInput
 
-__all__ = ["WEIGHTS_DIR", "shipped_models", "materialize", "pack"]
+__all__ = ["WEIGHTS_DIR", "shipped_models", "materialize", "pack", "split_of"]
 
 #: ``weights/`` at the repository root (the shipped models travel with the checkout).
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -118,18 +118,17 @@ def pack(
         out: the folder to write (``weights/<set>``).
         metrics: shipped name -> numbers measured on the rebuilt weights, for the index.
 
-    The test part of the pretraining's ``split.csv`` (beside ``base_checkpoint``) is
-    written to ``out/test_split.csv``: the images no shipped model was trained on.
+    The pretraining's ``split.csv`` (beside ``base_checkpoint``) is copied to ``out``: its
+    test part holds the images no shipped model was trained on.
 
     Returns:
         the index written to ``out/index.json``.
     """
     out.mkdir(parents=True, exist_ok=True)
     split_csv = Path(base_checkpoint).parent / "split.csv"
-    if split_csv.exists():  # the held-out images, for the demo and the benchmarks
-        test = read_split(split_csv)["test"]
-        rows = "".join(f"{i.path},{CLASSES[i.label]}\n" for i in test)
-        (out / "test_split.csv").write_text("path,label\n" + rows)
+    if split_csv.exists():  # which images trained them, and which were held out
+        read_split(split_csv)  # checked before it ships
+        (out / "split.csv").write_bytes(split_csv.read_bytes())
     base_ckpt = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
     base = {k: _half(k, v) for k, v in base_ckpt["model"].items()}
     base_name = f"{base_ckpt['args']['model']}.pt"
@@ -177,3 +176,14 @@ def pack(
         }
     (out / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     return index
+
+
+def split_of(name: str, root: Path | None = None) -> Path:
+    """The ``split.csv`` the shipped model ``name`` was trained on."""
+    models = shipped_models(root)
+    if name not in models:
+        raise InvalidInput(f"no shipped model {name!r}; shipped: {', '.join(sorted(models))}")
+    path = Path(models[name]["dir"]) / "split.csv"
+    if not path.is_file():
+        raise InvalidInput(f"shipped model {name!r} has no split.csv beside its weights")
+    return path

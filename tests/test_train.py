@@ -469,8 +469,10 @@ def test_shipped_weights_are_a_half_precision_base_and_small_deltas(
         shipped.materialize("tiny-L100", root)
 
     shipped.pack(mae_run, {"tiny-L100": cls_dir / "checkpoint.pth"}, root / "eurosat")
-    test_rows = (root / "eurosat" / "test_split.csv").read_text().splitlines()
-    assert test_rows[0] == "path,label" and len(test_rows) == 1 + 10  # 1 of 10 a class
+    assert (root / "eurosat" / "split.csv").read_bytes() == (
+        mae_run.parent / "split.csv"
+    ).read_bytes()
+    assert shipped.split_of("tiny-L100", root) == root / "eurosat" / "split.csv"
     monkeypatch.setattr(shipped, "WEIGHTS_DIR", root)
     assert main(["models"]) == 0
     assert "tiny-L100: nec_classifier_pretrain_test" in capsys.readouterr().out
