@@ -151,8 +151,8 @@ def test_nec_fine_tuning_trains_the_adapter_only_and_measures_its_rate(mae_run, 
     assert abs(est - coded) / coded < 0.05, (est, coded)
     if rate_on == "visible":
         assert result["train_bits"] < 0.4 * coded
-    else:
-        assert abs(result["train_bits"] - coded) / coded < 0.2
+    else:  # an epoch's mean, while the rate still falls: above the end-of-epoch size
+        assert 0 <= (result["train_bits"] - coded) / coded < 0.3
     # Only the adapter moved; the checkpoint loads through the official-layout loader.
     mae = torch.load(mae_run, weights_only=True)["model"]
     nec = load_checkpoint(
