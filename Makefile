@@ -62,7 +62,7 @@ bench-perf: $(BENCH_EXPORT)/manifest.json  ## perf_analyzer sweep, curves and su
 
 # The EuroSAT models that ship in weights/eurosat/ (scripts/train_eurosat.sh, ~3 h on 2 cores,
 # resumable), and what each gives per bit against image codecs (~40 min on 2 cores).
-LAMBDAS     ?= 300 3000 30000
+LAMBDAS     ?= 30000 300000 3000000
 RATE_MODELS := $(addprefix nec-eurosat-l,$(LAMBDAS))
 
 train-eurosat: install  ## MAE, NEC at each lambda, classifier heads (runs/, resumable)

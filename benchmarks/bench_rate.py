@@ -409,7 +409,8 @@ def summarise(csv_path: Path, out: Path, n_train: int, n_test: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     groups: dict[tuple[str, str], list] = {}
     for r in rows:
         if r["kind"] == "raw":
@@ -440,7 +441,7 @@ def summarise(csv_path: Path, out: Path, n_train: int, n_test: int) -> None:
 
 
 def _cheapest(rows: list[dict], top1: float) -> dict | None:
-    """The raw-codec row with the fewest bits reaching ``top1`` (either consumer)."""
+    """The raw-codec row with the fewest bits whose better consumer reaches ``top1``."""
     ok = [r for r in rows if r["kind"] == "raw" and r["top1"] >= top1]
     return min(ok, key=lambda r: r["bits"]) if ok else None
 
@@ -450,36 +451,41 @@ def headline(rows: list[dict], n_train: int, n_test: int) -> str:
     lines = [
         "# Rate against accuracy (EuroSAT RGB test split)",
         "",
-        f"{n_test} test images; every consumer trained on the same {n_train} training images. "
-        "Bits per image from real files and containers; raw = 98,304 bits.",
+        f"{n_test} test images. Bits per image from real files and containers (NEC: the "
+        "container, header amortised, and the entropy-coded payload alone); raw 8-bit RGB = "
+        f"98,304 bits. *Same budget*: a consumer trained on the same {n_train} training images "
+        "(NEC: attention-pooling head on decoded embeddings; raw codecs: the better of the "
+        "frozen-MAE head and the small CNN). *Shipped*: the model's own classifier graph, "
+        "trained on the whole train split.",
         "",
-        "| condition | bits/image | compression | top-1 | cheapest raw codec at >= that top-1 | "
-        "its bits | NEC advantage |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        "| NEC model | bits/image | payload bits | compression | top-1 same budget | "
+        "top-1 shipped | cheapest raw codec at >= same-budget top-1 | its bits | its top-1 | "
+        "NEC advantage |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in sorted((r for r in rows if r["kind"] == "nec"), key=lambda r: r["bits"]):
-        best = _cheapest(rows, r["top1"])
-        adv = f"{best['bits'] / r['bits']:.1f}x" if best else "no codec reaches it"
+        head = float(r["head_top1"])
+        best = _cheapest(rows, head)
+        codec = f"{best['codec']} {best['setting']}" if best else "none reaches it"
+        bits = f"{best['bits']:.0f}" if best else "-"
+        its = f"{100 * best['top1']:.1f}%" if best else "-"
+        adv = f"{best['bits'] / r['bits']:.2f}x" if best else "-"
+        shipped = f"{100 * float(r['shipped_top1']):.1f}%" if r["shipped_top1"] else "-"
         lines.append(
-            f"| {r['codec']} {r['setting']} | {r['bits']:.0f} | {r['compression_pct']}% | "
-            f"{100 * r['top1']:.1f}% | {best['codec'] + ' ' + best['setting'] if best else '-'} | "
-            f"{best['bits']:.0f} | {adv} |"
-            if best
-            else f"| {r['codec']} {r['setting']} | {r['bits']:.0f} | {r['compression_pct']}% | "
-            f"{100 * r['top1']:.1f}% | - | - | {adv} |"
+            f"| {r['setting']} | {r['bits']:.0f} | {float(r['payload_bits_per_image']):.0f} | "
+            f"{r['compression_pct']}% | {100 * head:.1f}% | {shipped} | {codec} | {bits} | "
+            f"{its} | {adv} |"
         )
     ref = [r for r in rows if r["kind"] == "embedding" and r["codec"] == "float32"]
     if ref:
-        lines += [
-            "",
-            f"Uncompressed-embedding head: {100 * float(ref[0]['head_top1']):.1f}% top-1.",
-        ]
+        top = float(ref[0]["head_top1"])
+        lines += ["", f"Uncompressed-embedding head (same budget): {100 * top:.1f}% top-1."]
         for r in rows:
             if r["kind"] == "nec" and float(r["compression_pct"]) >= 99.0:
-                gap = 100 * (float(ref[0]["head_top1"]) - r["top1"])
+                gap = 100 * (top - float(r["head_top1"]))
                 lines.append(
-                    f"- {r['setting']}: {r['compression_pct']}% compression, "
-                    f"{gap:+.1f} points below it."
+                    f"- {r['setting']}: {r['compression_pct']}% compression, same-budget top-1 "
+                    f"{gap:.1f} points below it."
                 )
     return "\n".join(lines) + "\n"
 

@@ -458,7 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the main job: export, codec report on ../shared/data, local workflow"
     )
     s.add_argument("--data", default=None, help="data folder (default: ../shared/data)")
-    s.add_argument("--model", default="mae_vit_compress_adapter")
+    s.add_argument(
+        "--model",
+        default="nec-eurosat-l3000000",
+        help="a shipped trained model (`nec-serve models`), or a registry name such as the "
+        "untrained mae_vit_compress_adapter",
+    )
     s.add_argument("--work", default="artifacts/demo", help="where exports and outputs go")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--threads", type=int, default=0)

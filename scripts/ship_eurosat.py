@@ -16,7 +16,13 @@ import argparse
 import csv
 from pathlib import Path
 
-from nec_models.shipped import WEIGHTS_DIR, pack
+import numpy as np
+import torch
+
+from nec_models import create_model, load_checkpoint
+from nec_models.eurosat import decode, read_split
+from nec_models.shipped import WEIGHTS_DIR, materialize, pack
+from nec_serve.imagery import Normalisation
 
 
 def _last_row(log: Path) -> dict:
@@ -25,12 +31,49 @@ def _last_row(log: Path) -> dict:
     return rows[-1] if rows else {}
 
 
+@torch.no_grad()
+def rate_estimates(name: str, images, root: Path, batch: int = 128) -> dict:
+    """Bits per image of the rebuilt model ``name`` on ``images`` (uint8 NHWC), three ways.
+
+    ``visible_estimate``: the official training-time estimate, ``-log2`` of the noisy
+    likelihood of the visible tokens of a masked pass (mask 0.75); ``all_estimate``: the
+    same on every token of an unmasked pass (``--rate-on all``); ``coded``: the bytes
+    CompressAI's coder writes for the tile (what a container's payload holds).
+    """
+    ckpt = materialize(name, root)
+    kwargs = {k: ckpt["args"][k] for k in ("with_decoder", "num_classes") if k in ckpt["args"]}
+    nec = load_checkpoint(create_model(ckpt["args"]["model"], **kwargs), ckpt).backbone
+    nec.eval()
+    eb = nec.bottleneck
+    norm = Normalisation.for_dtype(np.uint8, 3)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the bottleneck's training noise
+    sums = {"visible_estimate": 0.0, "all_estimate": 0.0, "coded": 0.0}
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(
+            norm.apply(np.ascontiguousarray(images[i : i + batch]).transpose(0, 3, 1, 2))
+        )
+        tokens, _, _ = nec.encode_masked(x, 0.75, gen)
+        eb.train()  # the noisy likelihood training sees
+        _, lik_visible = eb(tokens.transpose(1, 2).unsqueeze(-1))
+        _, lik_all = eb(nec.latent(x).unsqueeze(-1))
+        eb.eval()
+        sums["visible_estimate"] += float(-torch.log2(lik_visible).sum())
+        sums["all_estimate"] += float(-torch.log2(lik_all).sum())
+        sums["coded"] += 8.0 * sum(len(b) for b in nec.compress(x)["strings"][0])
+    return {k: round(v / len(images), 1) for k, v in sums.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs")
     p.add_argument("--lambdas", nargs="+", required=True)
     p.add_argument("--metrics", help="rate.csv of bench_rate.py, run on the packed weights")
     p.add_argument("--out", default=str(WEIGHTS_DIR / "eurosat"))
+    p.add_argument("--data", default="../shared/data/eurosat_rgb")
+    p.add_argument(
+        "--estimates", action="store_true", help="rate estimators against coded size (val)"
+    )
     args = p.parse_args()
     runs = Path(args.runs)
     models = {f"nec-eurosat-l{lm}": runs / f"cls-{lm}" / "checkpoint.pth" for lm in args.lambdas}
@@ -58,6 +101,18 @@ def main() -> int:
             m["test_top1"] = float(r["shipped_top1"])
         metrics[name] = m
     index = pack(runs / "mae" / "checkpoint.pth", models, Path(args.out), metrics)
+    if args.estimates:  # on the rebuilt weights, the validation split
+        split = read_split(Path(args.out) / "split.csv")
+        val = decode(args.data, split["val"], runs / "mae" / "cache" / "val")
+        for name in models:
+            metrics[name].update(
+                {
+                    f"val_{k}": v
+                    for k, v in rate_estimates(name, val.images, Path(args.out).parent).items()
+                }
+            )
+            print(name, metrics[name], flush=True)
+        index = pack(runs / "mae" / "checkpoint.pth", models, Path(args.out), metrics)
     total = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.suffix == ".pt")
     print(f"packed {len(index['models'])} models into {args.out}: {total / 1e6:.1f} MB of weights")
     for name, entry in index["models"].items():
