@@ -146,6 +146,13 @@ def run_demo(args: argparse.Namespace) -> int:
         rows.append(row)
         print(f"[{name}] " + json.dumps(row))
     _print_table(rows)
+    return _finish(
+        rows, args, work, partial(run_workflow_demo, bundle.root, data, work / "workflow")
+    )
+
+
+def _finish(rows: list[dict], args: argparse.Namespace, work: Path, workflow) -> int:
+    """Write the summary, fail on a decode off by more than half a step, run the workflow."""
     (work / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     bad = [r["dataset"] for r in rows if r["decoded_max_abs_err"] > 0.5 + 1e-3]
     if bad:
@@ -154,7 +161,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.skip_workflow:
         return 0
     print("\n[workflow] the same export as a Kafka-triggered workflow on the local stack")
-    return run_workflow_demo(bundle.root, data, work / "workflow")
+    return workflow()
 
 
 def _run_trained(args: argparse.Namespace, entry: dict, data: Path, work: Path) -> int:
@@ -168,18 +175,17 @@ def _run_trained(args: argparse.Namespace, entry: dict, data: Path, work: Path) 
         bundle, engine, data, Path(entry["dir"]), work, batch_size=args.batch_size
     )
     _print_table(rows, trained=True)
-    (work / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    bad = [r["dataset"] for r in rows if r["decoded_max_abs_err"] > 0.5 + 1e-3]
-    if bad:
-        print(f"FAILED: decoded embeddings off by more than half a step for {bad}")
-        return 1
-    if args.skip_workflow:
-        return 0
-    print("\n[workflow] the same export as a Kafka-triggered workflow on the local stack")
     inputs = partial(eurosat_workflow_inputs, weights_dir=Path(entry["dir"]))
-    return run_workflow_demo(
-        bundle.root, data, work / "workflow", inputs=inputs, bands=None, output="classes"
+    workflow = partial(
+        run_workflow_demo,
+        bundle.root,
+        data,
+        work / "workflow",
+        inputs=inputs,
+        bands=None,
+        output="classes",
     )
+    return _finish(rows, args, work, workflow)
 
 
 def _print_table(rows: list[dict], trained: bool = False) -> None:

@@ -9,7 +9,6 @@ decoder block to ``(B, T - 1, D)``. Batch is a dynamic axis; the image size is f
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import warnings
@@ -26,6 +25,7 @@ from torch import nn
 from nec_models.nec import NECClassifier, NECFactorized
 from nec_serve.contract import GraphRole
 from nec_serve.errors import ExportCheckFailed, InvalidInput
+from nec_serve.hashing import sha256_file
 
 __all__ = [
     "EncoderGraph",
@@ -186,14 +186,6 @@ def _forward_args(module: nn.Module) -> list[str]:
     return [p for p in inspect.signature(module.forward).parameters if p != "self"]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:
     """A CPU onnxruntime session for ``path`` (``threads`` 0 = onnxruntime's default)."""
     opts = ort.SessionOptions()
@@ -231,7 +223,7 @@ def check_graph(
             float(err.max()),
             float(err.mean()),
             EMBEDDING_ATOL,
-            sha256=_sha256(path),
+            sha256=sha256_file(path),
         )
         if report.max_abs_err > EMBEDDING_ATOL or got[0].shape != ref_np.shape:
             raise ExportCheckFailed(f"{name}: ONNX differs from PyTorch: {report}")
@@ -252,7 +244,7 @@ def check_graph(
         symbols_total=int(ref_sym.size),
         symbol_mismatches=int(mismatch.sum()),
         mismatches_near_half=int((mismatch & near_half).sum()),
-        sha256=_sha256(path),
+        sha256=sha256_file(path),
     )
     if got_sym.dtype != np.int32 or got_sym.shape != ref_sym.shape:
         raise ExportCheckFailed(f"{name}: symbols are {got_sym.dtype}{got_sym.shape}")

@@ -15,7 +15,6 @@ not on the float32 training run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from nec_models.eurosat import read_split
 from nec_serve.errors import InvalidInput
+from nec_serve.hashing import sha256_file
 
 __all__ = ["WEIGHTS_DIR", "shipped_models", "materialize", "pack", "split_of"]
 
@@ -32,14 +32,6 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 INDEX = "index.json"
 # Kept in float32: the entropy model's parameters and tables define the code itself.
 _FULL_PRECISION = ("bottleneck.", "backbone.bottleneck.")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _index(root: Path) -> dict:
@@ -71,7 +63,7 @@ def _half(key: str, value: torch.Tensor) -> torch.Tensor:
 def _load(path: Path, sha256: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InvalidInput(f"shipped weights {path} are missing (is this a full checkout?)")
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != sha256:
         raise InvalidInput(f"shipped weights {path}: SHA-256 {got}, the index says {sha256}")
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -137,7 +129,7 @@ def pack(
         "base": {
             "name": base_ckpt["args"]["model"],
             "file": base_name,
-            "sha256": _sha256(out / base_name),
+            "sha256": sha256_file(out / base_name),
             "args": base_ckpt["args"],
             "epoch": base_ckpt.get("epoch"),
         },
@@ -145,7 +137,7 @@ def pack(
             base_ckpt["args"]["model"]: {
                 "model": base_ckpt["args"]["model"],
                 "file": base_name,
-                "sha256": _sha256(out / base_name),
+                "sha256": sha256_file(out / base_name),
                 "args": base_ckpt["args"],
                 "epoch": base_ckpt.get("epoch"),
                 "metrics": dict((metrics or {}).get(base_ckpt["args"]["model"], {})),
@@ -167,7 +159,7 @@ def pack(
         index["models"][name] = {
             "model": ckpt["args"]["model"],
             "file": file,
-            "sha256": _sha256(out / file),
+            "sha256": sha256_file(out / file),
             "base_prefix": prefix,
             "keys": sorted(state),
             "args": {k: v for k, v in ckpt["args"].items() if k != "pretraining"},

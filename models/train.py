@@ -24,7 +24,6 @@ Reproducible and resumable:
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import os
 import pickle
@@ -42,6 +41,7 @@ from nec_models.checkpoint import load_checkpoint
 from nec_models.eurosat import CLASSES, Decoded, decode, make_split, read_split, scan, write_split
 from nec_models.registry import create_model
 from nec_serve.errors import InvalidInput, NecError
+from nec_serve.hashing import sha256_file
 from nec_serve.imagery import Normalisation
 
 __all__ = [
@@ -615,14 +615,6 @@ class ClassifierConfig:
             raise InvalidInput("train classifier: epochs, batch size and lr must be > 0")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_run(path: Path, what: str) -> dict:
     """A trainer's checkpoint: a dict with ``args`` (a dict) and ``model``, or a clear error."""
     try:
@@ -743,7 +735,7 @@ def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
                 "model": CLASSIFIER_OF_NEC[nec_name],
                 "num_classes": len(CLASSES),
                 "class_names": list(CLASSES),
-                "nec_init_sha256": _sha256_file(init),
+                "nec_init_sha256": sha256_file(init),
             },
         },
     )
