@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from nec_serve.container import ContainerReader
 from nec_serve.contract import GraphRole, decode_outputs
 from nec_serve.engines import make_engine
 from nec_serve.errors import InvalidInput, NecError
+from nec_serve.hashing import sha256_file
 from nec_serve.imagery import iter_inputs, parse_bands
 from nec_serve.pipeline import compress, write_embeddings
 from nec_wrapper.main import add_parser as add_wrapper
@@ -109,30 +109,27 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export graphs, tables and Triton repositories for a model (and checkpoint)."""
     from nec_export import ExportOptions, export_model  # PyTorch: see the imports above
-    from nec_models import create_model, load_checkpoint
+    from nec_models import create_model
     from nec_models.checkpoint import read_checkpoint
-    from nec_models.shipped import materialize, shipped_models
+    from nec_models.shipped import load_trained, materialize, shipped_models
 
-    ckpt, trained, ckpt_sha = None, {}, None
+    ckpt, ckpt_sha = None, None
     if args.checkpoint and args.shipped:
         raise InvalidInput("export: give --checkpoint or --shipped, not both")
     if args.checkpoint:
         ckpt = read_checkpoint(args.checkpoint)
-        trained = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-        ckpt_sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+        ckpt_sha = sha256_file(args.checkpoint)
     elif args.shipped:
         ckpt = materialize(args.shipped)
-        trained = ckpt["args"]
         ckpt_sha = shipped_models()[args.shipped]["sha256"]
-    name = args.model or trained.get("model")
-    if not name:
-        raise InvalidInput("export: name the model with --model (the checkpoint names none)")
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    if name == trained.get("model"):  # a trainer's checkpoint says how its model was built
-        kwargs.update({k: trained[k] for k in ("with_decoder", "num_classes") if k in trained})
-    model = create_model(name, **kwargs)
-    if ckpt is not None:
-        load_checkpoint(model, ckpt)
+    if ckpt is None:
+        if not args.model:
+            raise InvalidInput("export: name the model with --model")
+        model = create_model(args.model, **kwargs)
+    else:
+        model = load_trained(ckpt, args.model, **kwargs)
+    trained = ckpt.get("args") if ckpt is not None and isinstance(ckpt.get("args"), dict) else {}
     calibration = None
     if args.calibrate:
         from nec_export.calibrate import calibrate_from_inputs

@@ -30,14 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from nec_export import export_model
-from nec_models import create_model, load_checkpoint
 from nec_models.eurosat import CLASSES, read_split
-from nec_models.shipped import materialize, shipped_models
+from nec_models.shipped import load_trained, materialize, shipped_models
 from nec_serve.bundle import ModelBundle
 from nec_serve.contract import MANIFEST_FILENAME, Manifest
 from nec_serve.errors import SchemaVersionError
 from nec_serve.imagery import iter_inputs, read_raster
-from nec_serve.pipeline import class_report, compress, decompress
+from nec_serve.pipeline import class_report, compress, decompress, tile_index
 
 __all__ = [
     "export_shipped",
@@ -64,11 +63,9 @@ def export_shipped(name: str, out: Path) -> ModelBundle:
             print(f"[export] not reusing {out}: {err}")
     t0 = time.perf_counter()
     ckpt = materialize(name)
-    args = ckpt["args"]
-    kwargs = {k: args[k] for k in ("with_decoder", "num_classes") if k in args}
-    model = load_checkpoint(create_model(entry["model"], **kwargs), ckpt)
+    model = load_trained(ckpt)
     man = export_model(
-        model, out, checkpoint_sha256=entry["sha256"], class_names=args.get("class_names")
+        model, out, checkpoint_sha256=entry["sha256"], class_names=ckpt["args"].get("class_names")
     )
     print(
         f"[export] shipped {name} ({entry['model']}): graphs "
@@ -159,8 +156,9 @@ def run_trained_sources(
         with container.open("rb") as f:
             _, _, scores = decompress(f, bundle, engine, "classes", batch_size)
         t_dec = time.perf_counter() - t0
-        index = [{"tile": r.index, "source": r.source, "row": r.row, "col": r.col} for r in records]
-        report = class_report(index, scores, bundle.manifest.family_params.class_names)
+        report = class_report(
+            tile_index(records), scores, bundle.manifest.family_params.class_names
+        )
         (work / f"{name}.classes.json").write_text(json.dumps(report))
         err = emb - np.concatenate(rec.latents).transpose(0, 2, 1)
         scored = [t for t in report["tiles"] if t["source"] in labels]

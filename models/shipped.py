@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
+from nec_models.checkpoint import load_checkpoint
 from nec_models.eurosat import read_split
+from nec_models.registry import create_model
 from nec_serve.errors import InvalidInput
 from nec_serve.hashing import sha256_file
 
-__all__ = ["WEIGHTS_DIR", "shipped_models", "materialize", "pack", "split_of"]
+__all__ = ["WEIGHTS_DIR", "shipped_models", "materialize", "pack", "split_of", "load_trained"]
 
 #: ``weights/`` at the repository root (the shipped models travel with the checkout).
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -179,3 +181,27 @@ def split_of(name: str, root: Path | None = None) -> Path:
     if not path.is_file():
         raise InvalidInput(f"shipped model {name!r} has no split.csv beside its weights")
     return path
+
+
+#: Constructor arguments a trainer records in its checkpoint's ``args``.
+_TRAINED_KWARGS = ("with_decoder", "num_classes")
+
+
+def load_trained(ckpt: Mapping, name: str | None = None, **kwargs):
+    """The model a checkpoint holds, built as its trainer built it, weights loaded.
+
+    ``name`` defaults to the model the checkpoint's ``args`` name; where it is that model,
+    the constructor arguments the trainer recorded (``with_decoder``, ``num_classes``) are
+    used too, under any given in ``kwargs``.
+
+    Raises:
+        InvalidInput: no ``name`` given and none in the checkpoint.
+        CheckpointMismatch: weights that do not fit the model.
+    """
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    name = name or args.get("model")
+    if not name:
+        raise InvalidInput("name the model (the checkpoint names none)")
+    if name == args.get("model"):
+        kwargs = {**{k: args[k] for k in _TRAINED_KWARGS if k in args}, **kwargs}
+    return load_checkpoint(create_model(name, **kwargs), ckpt)

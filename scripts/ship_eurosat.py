@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nec_models import create_model, load_checkpoint
 from nec_models.eurosat import decode, read_split
-from nec_models.shipped import WEIGHTS_DIR, materialize, pack
+from nec_models.shipped import WEIGHTS_DIR, load_trained, materialize, pack
 from nec_serve.imagery import Normalisation
 
 
@@ -40,9 +39,7 @@ def rate_estimates(name: str, images, root: Path, batch: int = 128) -> dict:
     same on every token of an unmasked pass (``--rate-on all``); ``coded``: the bytes
     CompressAI's coder writes for the tile (what a container's payload holds).
     """
-    ckpt = materialize(name, root)
-    kwargs = {k: ckpt["args"][k] for k in ("with_decoder", "num_classes") if k in ckpt["args"]}
-    nec = load_checkpoint(create_model(ckpt["args"]["model"], **kwargs), ckpt).backbone
+    nec = load_trained(materialize(name, root)).backbone
     nec.eval()
     eb = nec.bottleneck
     norm = Normalisation.for_dtype(np.uint8, 3)

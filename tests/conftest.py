@@ -19,6 +19,15 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def eurosat(data_dir):
+    """The labelled EuroSAT RGB patches of the sample data (skips where they are absent)."""
+    root = data_dir / "eurosat_rgb"
+    if not root.exists():
+        pytest.skip("no eurosat_rgb in the sample data")
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     import torch
 

@@ -22,14 +22,6 @@ from nec_models.eurosat import (
 from nec_serve.errors import InvalidInput
 
 
-@pytest.fixture(scope="module")
-def eurosat(data_dir):
-    root = data_dir / "eurosat_rgb"
-    if not root.exists():
-        pytest.skip("no eurosat_rgb in the sample data")
-    return root
-
-
 @pytest.fixture()
 def small(eurosat, tmp_path):
     """Four real patches of each of three classes, copied (the shared data is read-only)."""

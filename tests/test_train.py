@@ -16,14 +16,6 @@ from nec_models.train import MAEConfig, TrainingDiverged, _Batches, train_mae
 from nec_serve.errors import InvalidInput
 
 
-@pytest.fixture(scope="module")
-def eurosat(data_dir):
-    root = data_dir / "eurosat_rgb"
-    if not root.exists():
-        pytest.skip("no eurosat_rgb in the sample data")
-    return root
-
-
 def _config(eurosat, out, **kw) -> MAEConfig:
     base = dict(
         data=str(eurosat),
