@@ -30,7 +30,7 @@ from nec_serve.engines import make_engine
 from nec_serve.errors import InvalidInput, NecError
 from nec_serve.hashing import sha256_file
 from nec_serve.imagery import iter_inputs, parse_bands
-from nec_serve.pipeline import compress, write_embeddings
+from nec_serve.pipeline import compress, default_output, write_bands, write_embeddings
 from nec_wrapper.main import add_parser as add_wrapper
 
 # Imported by the commands that need them, not here: nec_models and nec_export need PyTorch,
@@ -106,6 +106,16 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_rvq(args: argparse.Namespace) -> int:
+    """The RVQ Sentinel-2 compressor on 10-band data (nec_models.train_rvq), resumable."""
+    from nec_models.train_rvq import RVQConfig, train_rvq  # PyTorch: see the imports above
+
+    cfg = _from_args(RVQConfig, args)
+    result = train_rvq(cfg, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export graphs, tables and Triton repositories for a model (and checkpoint)."""
     from nec_export import ExportOptions, export_model  # PyTorch: see the imports above
@@ -159,14 +169,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         class_names=trained.get("class_names"),
     )
     enc = manifest.graph(GraphRole.ENCODER).parity
-    nec = manifest.family_params
+    params = manifest.family_params
+    if manifest.family == "rvq":
+        shape = (
+            f"{params.levels} codebooks x {params.codebook_size} entries, "
+            f"{params.tokens} latent positions per tile"
+        )
+    else:
+        shape = f"{params.tokens} tokens x {params.channels} channels"
     print(
-        f"exported {manifest.model} ({manifest.input.img_size} px, {nec.tokens} tokens x "
-        f"{nec.channels} channels) to {args.out}\n"
+        f"exported {manifest.model} ({manifest.family}, {manifest.input.img_size} px, {shape}) "
+        f"to {args.out}\n"
         f"  tables sha256 {manifest.entropy.sha256}\n"
         f"  encoder parity: latent max |err| {enc['max_abs_err']:.2e} (tol {enc['atol']:.0e}), "
         f"symbols differing {enc['symbol_mismatches']}/{enc['symbols_total']} "
-        f"({enc['mismatches_near_half']} within rounding distance of .5)"
+        f"({enc['mismatches_near_half']} at near ties)"
     )
     return 0
 
@@ -231,19 +248,45 @@ def cmd_compress(args: argparse.Namespace) -> int:
             bands=bands,
             batch_size=args.batch_size,
             progress=not args.quiet,
+            codebooks=args.codebooks,
         )
-    print(json.dumps({"output": str(out), **stats.summary()}, indent=2))
+    rate = (
+        {}
+        if args.codebooks is None and bundle.family != "rvq"
+        else {"codebooks": args.codebooks or bundle.manifest.family_params.levels}
+    )
+    print(
+        json.dumps(
+            {"output": str(out), "family": bundle.family, **rate, **stats.summary()}, indent=2
+        )
+    )
     return 0
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
     """Decode a container into embeddings, block-1 features, class scores or symbols."""
     bundle = ModelBundle.load(args.model_dir)
+    args.output = args.output or default_output(bundle)
     engine = _engine(args, bundle) if decode_outputs()[args.output] else None
     container, out = Path(args.input), Path(args.out)
     if not container.is_file():
         raise InvalidInput(f"cannot read container {args.input}: no such file")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.output == "bands":
+        done = write_bands(
+            container,
+            out,
+            bundle,
+            engine,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+        print(
+            f"decoded {done['tiles']} tiles of {done['images']} image(s) with "
+            f"{done['codebooks']} codebook(s) -> {done['path']} ({done['format']}, uint16 "
+            f"{', '.join(bundle.manifest.family_params.band_names)})"
+        )
+        return 0
     done = write_embeddings(
         container,
         out,
@@ -355,6 +398,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train_classifier)
 
+    s = train.add_parser("rvq", help="the RVQ Sentinel-2 compressor (1-8 codebooks), resumable")
+    s.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="ssl4eo_s12, eurosat_ms and/or bigearthnet folders (10 bands are taken from each)",
+    )
+    s.add_argument("--out", required=True, help="run folder: split.csv, log.csv, checkpoint")
+    s.add_argument("--model", default="rvq_s2_small", help="registered RVQ model")
+    s.add_argument("--epochs", type=int, default=40)
+    s.add_argument("--crops-per-epoch", type=int, default=2048)
+    s.add_argument("--crop", type=int, default=64, help="training crop size in pixels")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
+    s.add_argument(
+        "--train-codebooks",
+        type=int,
+        default=0,
+        help="codebooks per sample: 0 draws 1..levels per sample (one model, every rate)",
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--split-seed", type=int, default=0, help="the train/val/test split by group")
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--resume", action="store_true", help="continue after the last epoch")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train_rvq)
+
     s = sub.add_parser("export", help="export ONNX graphs, entropy tables, Triton repositories")
     s.add_argument(
         "--model",
@@ -410,18 +481,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input")
     s.add_argument("--out", required=True, help="container file to write")
     s.add_argument("--bands", help="1-based bands to read, e.g. 1,2,3 (NAIP RGB)")
+    s.add_argument(
+        "--codebooks",
+        type=int,
+        help="RVQ family: codebook levels to code, 1..8 (the rate; default all the export has)",
+    )
     coding_args(s)
     s.set_defaults(func=cmd_compress)
 
-    s = sub.add_parser("decompress", help="container -> embeddings .npy")
+    s = sub.add_parser("decompress", help="container -> embeddings .npy or bands GeoTIFF")
     s.add_argument("input")
-    s.add_argument("--out", required=True, help=".npy file to write")
+    s.add_argument(
+        "--out",
+        required=True,
+        help=".npy file to write (bands: a .tif, or a .tar of them for several images)",
+    )
     s.add_argument(
         "--output",
         choices=tuple(decode_outputs()),
-        default="embeddings",
-        help="embeddings (T x C), first-decoder-block features, class scores (+ .classes.json) "
-        "or raw symbols",
+        default=None,
+        help="embeddings (T x C; the NEC default), first-decoder-block features, class scores "
+        "(+ .classes.json), raw symbols, or the reconstructed bands as GeoTIFF (the RVQ default)",
     )
     coding_args(s)
     s.set_defaults(func=cmd_decompress)

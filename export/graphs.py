@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from nec_models.nec import NECClassifier, NECFactorized
+from nec_models.rvq import RVQAutoencoder
 from nec_serve.contract import GraphRole
 from nec_serve.errors import ExportCheckFailed, InvalidInput
 from nec_serve.hashing import sha256_file
@@ -31,6 +32,9 @@ __all__ = [
     "EncoderGraph",
     "DecoderGraph",
     "ClassifierGraph",
+    "RVQEncoderGraph",
+    "RVQDecoderGraph",
+    "check_rvq_encoder",
     "graph_roles",
     "NEC_GRAPHS",
     "graph_module",
@@ -99,6 +103,34 @@ class ClassifierGraph(nn.Module):
         return torch.softmax(self.model.forward_embeddings(embeddings), dim=-1)
 
 
+class RVQEncoderGraph(nn.Module):
+    """bands ``(B, 10, S, S)`` -> indices ``(B, levels, T)`` int32 (all levels), latent."""
+
+    def __init__(self, model: RVQAutoencoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every level's nearest-entry index and the continuous latent ``(B, D, T)``."""
+        return self.model.indices(images)
+
+
+class RVQDecoderGraph(nn.Module):
+    """indices ``(B, levels, T)`` int32, ``-1`` for unused levels -> bands ``(B, 10, S, S)``.
+
+    The number of levels a tile was coded with travels in the indices themselves (the
+    coder fills the levels it did not code with -1), so the graph has one input.
+    """
+
+    def __init__(self, model: RVQAutoencoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """Standardised bands of the tile (the pipeline undoes the standardisation)."""
+        return self.model.decode_indices(indices)
+
+
 def _backbone(model: nn.Module) -> NECFactorized:
     return model.backbone if isinstance(model, NECClassifier) else model
 
@@ -119,6 +151,8 @@ def graph_roles(model: nn.Module) -> list[GraphRole]:
     The classifier role needs a classifier's head; block-1 features need the first decoder
     block, which a classifier trained without it drops.
     """
+    if isinstance(model, RVQAutoencoder):
+        return [GraphRole.ENCODER, GraphRole.RECONSTRUCTION]
     nec = _backbone(model)
     roles = [GraphRole.ENCODER, GraphRole.DECODER]
     if hasattr(nec, "decoder_blocks") and hasattr(nec, "decoder_embed"):
@@ -132,6 +166,8 @@ def graph_module(model: nn.Module, role: GraphRole) -> nn.Module:
     """The PyTorch module of ``role`` for ``model`` (what is exported, or run by PyTorch)."""
     if role not in graph_roles(model):
         raise InvalidInput(f"{type(model).__name__} exports no {role} graph")
+    if isinstance(model, RVQAutoencoder):
+        return RVQEncoderGraph(model) if role == GraphRole.ENCODER else RVQDecoderGraph(model)
     return NEC_GRAPHS[role](model)
 
 
@@ -255,3 +291,60 @@ def check_graph(
         raise ExportCheckFailed(f"{name}: symbols differ from PyTorch: {report}")
     log.info("%s parity: %s", name, report)
     return report
+
+
+def check_rvq_encoder(
+    name: str, module: RVQEncoderGraph, path: Path, inputs: torch.Tensor
+) -> ParityReport:
+    """Parity of the RVQ encoder: latent within :data:`LATENT_ATOL`, indices near-equal.
+
+    An index may differ only at a position whose first differing level was a near tie
+    in PyTorch: the two nearest entries' squared distances within :data:`HALF_BAND`
+    relative of each other (later levels follow from that choice). Such positions must
+    be rare (:data:`MAX_FLIP_FRACTION`).
+    """
+    sess = session(path)
+    model = module.model
+    with torch.no_grad():
+        ref_idx, ref_lat = (t.numpy() for t in module(inputs))
+        gaps = _first_level_gaps(model, torch.from_numpy(ref_lat))
+    got_idx, got_lat = sess.run(None, {sess.get_inputs()[0].name: inputs.numpy()})
+    err = np.abs(got_lat - ref_lat)
+    differ = got_idx != ref_idx  # (B, L, T)
+    positions = differ.any(1)  # (B, T)
+    first = differ.argmax(1)  # first differing level per position
+    tie = np.take_along_axis(gaps, first[:, None, :], 1)[:, 0] <= HALF_BAND
+    report = ParityReport(
+        name,
+        len(inputs),
+        "latent",
+        float(err.max()),
+        float(err.mean()),
+        LATENT_ATOL,
+        symbols_total=int(positions.size),
+        symbol_mismatches=int(positions.sum()),
+        mismatches_near_half=int((positions & tie).sum()),
+        sha256=sha256_file(path),
+    )
+    if got_idx.dtype != np.int32 or got_idx.shape != ref_idx.shape:
+        raise ExportCheckFailed(f"{name}: indices are {got_idx.dtype}{got_idx.shape}")
+    if report.max_abs_err > LATENT_ATOL:
+        raise ExportCheckFailed(f"{name}: latent differs from PyTorch: {report}")
+    far = report.symbol_mismatches - report.mismatches_near_half
+    if far or report.symbol_mismatches > MAX_FLIP_FRACTION * report.symbols_total + 1:
+        raise ExportCheckFailed(f"{name}: indices differ from PyTorch: {report}")
+    log.info("%s parity: %s", name, report)
+    return report
+
+
+def _first_level_gaps(model: RVQAutoencoder, latent: torch.Tensor) -> np.ndarray:
+    """Relative gap between the two nearest entries at every level, ``(B, L, T)``."""
+    b, d, t = latent.shape
+    residual = latent.permute(0, 2, 1).reshape(-1, d)
+    gaps = []
+    for level in range(model.levels):
+        idx, dist = model.quantizer.nearest(residual, level)
+        two = dist.topk(2, dim=1, largest=False).values
+        gaps.append((two[:, 1] - two[:, 0]) / two[:, 1].abs().clamp(min=1e-6))
+        residual = residual - model.quantizer.codebooks[level][idx]
+    return torch.stack(gaps, 1).reshape(b, t, model.levels).permute(0, 2, 1).numpy()

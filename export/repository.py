@@ -31,9 +31,16 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from nec_export.graphs import check_graph, export_onnx, graph_module, graph_roles
+from nec_export.graphs import (
+    check_graph,
+    check_rvq_encoder,
+    export_onnx,
+    graph_module,
+    graph_roles,
+)
 from nec_export.triton import (
     StringParameter,
     cpu_config,
@@ -42,11 +49,15 @@ from nec_export.triton import (
     to_pbtxt,
 )
 from nec_models.nec import NECClassifier, NECFactorized, NECHyperprior
+from nec_models.rvq import S2_BANDS, RVQAutoencoder
 from nec_serve import __version__
+from nec_serve.categorical import categorical_tables
 from nec_serve.contract import (
+    CATEGORICAL,
     FACTORIZED,
     MANIFEST_FILENAME,
     NEC,
+    RVQ,
     DataType,
     EntropyModelSpec,
     GraphRole,
@@ -54,13 +65,14 @@ from nec_serve.contract import (
     InputSpec,
     Manifest,
     NecParams,
+    RvqParams,
     TensorSpec,
 )
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import Normalisation
 from nec_serve.tables import TABLES_FILENAME, EntropyTables
 
-__all__ = ["tables_from_model", "export_model", "ExportOptions"]
+__all__ = ["tables_from_model", "export_model", "export_rvq", "ExportOptions"]
 
 # Not imported here: it needs Triton's triton_python_backend_utils, present only in Triton.
 TRITON_MODEL_PY = Path(__file__).resolve().parent / "triton_model.py"
@@ -183,6 +195,36 @@ def _check_exportable(model: torch.nn.Module) -> NECFactorized:
     return model
 
 
+def _write_repositories(
+    model: torch.nn.Module, nec, out: Path, graphs: dict[GraphRole, GraphSpec], options
+) -> None:
+    """The GPU, CPU and local Triton repositories of ``graphs`` (and the torch one)."""
+    configs = {
+        "gpu": partial(gpu_config, max_batch_size=options.gpu_max_batch),
+        "cpu": partial(
+            cpu_config, max_batch_size=options.cpu_max_batch, instances=options.cpu_instances
+        ),
+        "local": partial(
+            local_config, max_batch_size=options.cpu_max_batch, instances=options.cpu_instances
+        ),
+    }
+    for variant, make_config in configs.items():
+        repo = out / f"model_repository_{variant}"
+        for graph in graphs.values():
+            name = graph.name
+            (repo / name).mkdir(parents=True, exist_ok=True)
+            config = make_config(name, graph.inputs, graph.outputs)
+            (repo / name / "config.pbtxt").write_text(to_pbtxt(config))
+            vdir = repo / name / options.version
+            _link_or_copy(out / graph.file, vdir / "model.onnx")
+            for fname in (TABLES_FILENAME, TABLES_FILENAME + ".sha256"):
+                _link_or_copy(out / fname, vdir / fname)
+            if variant == "local":
+                _link_or_copy(TRITON_MODEL_PY, vdir / "model.py")
+    if options.torch_runtime:
+        _write_torch_repository(model, nec, out, graphs, options, configs["local"])
+
+
 def export_model(
     model: torch.nn.Module,
     out_dir: str | Path,
@@ -190,6 +232,7 @@ def export_model(
     checkpoint_sha256: str | None = None,
     calibration: dict | None = None,
     class_names: Sequence[str] | None = None,
+    index_counts=None,
 ) -> Manifest:
     """Export graphs, tables and the Triton repositories; write and return the manifest.
 
@@ -197,8 +240,13 @@ def export_model(
     images (see :func:`nec_export.graphs.check_graph`); a failed check raises and leaves
     no manifest, so a half-done export is never mistaken for a good one. A classifier
     (:class:`NECClassifier`) also exports its head as the ``classifier`` graph, its scores
-    named by ``class_names`` (default ``class_0`` ...).
+    named by ``class_names`` (default ``class_0`` ...). An RVQ model
+    (:class:`~nec_models.rvq.RVQAutoencoder`) exports its encoder and decoder with
+    categorical tables made from ``index_counts``, its training set's ``(levels, K)``
+    index histograms (:func:`export_rvq`).
     """
+    if isinstance(model, RVQAutoencoder):
+        return export_rvq(model, out_dir, index_counts, options, checkpoint_sha256)
     nec = _check_exportable(model).eval()
     model.eval()
     roles = graph_roles(model)
@@ -249,30 +297,7 @@ def export_model(
         parity = check_graph(name, module, path, check_in, medians).as_dict()
         graphs[role] = GraphSpec(role, name, file, inputs, outputs, parity)
 
-    configs = {
-        "gpu": partial(gpu_config, max_batch_size=options.gpu_max_batch),
-        "cpu": partial(
-            cpu_config, max_batch_size=options.cpu_max_batch, instances=options.cpu_instances
-        ),
-        "local": partial(
-            local_config, max_batch_size=options.cpu_max_batch, instances=options.cpu_instances
-        ),
-    }
-    for variant, make_config in configs.items():
-        repo = out / f"model_repository_{variant}"
-        for graph in graphs.values():
-            name = graph.name
-            (repo / name).mkdir(parents=True, exist_ok=True)
-            config = make_config(name, graph.inputs, graph.outputs)
-            (repo / name / "config.pbtxt").write_text(to_pbtxt(config))
-            vdir = repo / name / options.version
-            _link_or_copy(out / graph.file, vdir / "model.onnx")
-            for fname in (TABLES_FILENAME, TABLES_FILENAME + ".sha256"):
-                _link_or_copy(out / fname, vdir / fname)
-            if variant == "local":
-                _link_or_copy(TRITON_MODEL_PY, vdir / "model.py")
-    if options.torch_runtime:
-        _write_torch_repository(model, nec, out, graphs, options, configs["local"])
+    _write_repositories(model, nec, out, graphs, options)
 
     # The statistics the model expects of [0, 1] pixels with its band count.
     norm = Normalisation.for_dtype("float32", nec.in_chans)
@@ -286,6 +311,97 @@ def export_model(
         family_params=NecParams(c, t, nec.decoder_embed_dim, names),
         checkpoint_sha256=checkpoint_sha256,
         calibration=calibration,
+        created_by=f"nec-serve {__version__}",
+        torch_version=torch.__version__,
+    )
+    manifest.save(out)
+    return manifest
+
+
+def export_rvq(
+    model: RVQAutoencoder,
+    out_dir: str | Path,
+    index_counts,
+    options: ExportOptions = ExportOptions(),
+    checkpoint_sha256: str | None = None,
+) -> Manifest:
+    """Export the RVQ compressor: encoder, decoder, categorical tables, repositories.
+
+    The tables are one static distribution per codebook level, the training set's index
+    histogram ``index_counts`` ``(levels, K)`` (default: the model's
+    ``quantizer.index_counts``, filled by the trainer) with +1 smoothing
+    (:func:`nec_serve.categorical.categorical_tables`). Both graphs are checked against
+    PyTorch (:func:`nec_export.graphs.check_rvq_encoder`, and the decoder within
+    :data:`~nec_export.graphs.EMBEDDING_ATOL` on indices with random unused levels).
+    """
+    if index_counts is None:
+        index_counts = model.quantizer.index_counts.cpu().numpy()
+    counts = np.asarray(index_counts)
+    if not counts.any():
+        raise InvalidInput(
+            "the RVQ model has no index histograms (quantizer.index_counts is empty): export "
+            "a checkpoint of a finished `nec-serve train rvq` run, or a shipped model"
+        )
+    if counts.shape != (model.levels, model.codebook_size):
+        raise InvalidInput(
+            f"index histograms {counts.shape} do not fit {model.levels} codebooks of "
+            f"{model.codebook_size} entries"
+        )
+    model.eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILENAME).unlink(missing_ok=True)
+    tables = categorical_tables(counts)
+    tables.save(out / TABLES_FILENAME)
+    s, bands, levels = model.img_size, model.in_chans, model.levels
+    t = model.latent_size**2
+    gen = torch.Generator().manual_seed(options.seed)
+    images = torch.randn(options.check_batch, bands, s, s, generator=gen)
+    encoder = graph_module(model, GraphRole.ENCODER)
+    with torch.no_grad():
+        indices = encoder(images)[0]
+    # Each tile of the check batch uses a different number of levels (-1 beyond them).
+    used = torch.arange(levels)[None, :, None] < torch.arange(1, len(images) + 1)[:, None, None]
+    indices = torch.where(used, indices, torch.full_like(indices, -1))
+    fp32, idx = DataType.TYPE_FP32, TensorSpec("indices", DataType.TYPE_INT32, (levels, t))
+    tensors = {
+        GraphRole.ENCODER: (
+            (TensorSpec("images", fp32, (bands, s, s)),),
+            (idx, TensorSpec("latent", fp32, (model.latent, t))),
+        ),
+        GraphRole.RECONSTRUCTION: ((idx,), (TensorSpec("bands", fp32, (bands, s, s)),)),
+    }
+    graphs: dict[GraphRole, GraphSpec] = {}
+    for role, (inputs, outputs) in tensors.items():
+        name, module = RVQ.graph_name(role), graph_module(model, role)
+        check_in = images if role == GraphRole.ENCODER else indices
+        file = f"onnx/{name}.onnx"
+        path = export_onnx(
+            module, check_in[:2], out / file, inputs[0].name, [o.name for o in outputs]
+        )
+        if role == GraphRole.ENCODER:
+            parity = check_rvq_encoder(name, module, path, check_in).as_dict()
+        else:
+            parity = check_graph(name, module, path, check_in).as_dict()
+        graphs[role] = GraphSpec(role, name, file, inputs, outputs, parity)
+    _write_repositories(model, model, out, graphs, options)
+    manifest = Manifest(
+        family=RVQ.name,
+        model=getattr(model, "registry_name", type(model).__name__),
+        model_version=options.version,
+        input=InputSpec(s, bands, model.band_mean.tolist(), model.band_std.tolist()),
+        graphs=graphs,
+        entropy=EntropyModelSpec(CATEGORICAL.kind, TABLES_FILENAME, tables.sha256),
+        family_params=RvqParams(
+            levels=levels,
+            codebook_size=model.codebook_size,
+            latent_channels=model.latent,
+            downscale=model.downscale,
+            tokens=t,
+            band_names=S2_BANDS[:bands] if bands <= len(S2_BANDS) else (),
+        ),
+        checkpoint_sha256=checkpoint_sha256,
+        calibration=None,
         created_by=f"nec-serve {__version__}",
         torch_version=torch.__version__,
     )

@@ -27,13 +27,27 @@ from nec_models.registry import create_model
 from nec_serve.errors import InvalidInput
 from nec_serve.hashing import sha256_file
 
-__all__ = ["WEIGHTS_DIR", "shipped_models", "materialize", "pack", "split_of", "load_trained"]
+__all__ = [
+    "WEIGHTS_DIR",
+    "shipped_models",
+    "materialize",
+    "pack",
+    "pack_standalone",
+    "split_of",
+    "load_trained",
+]
 
 #: ``weights/`` at the repository root (the shipped models travel with the checkout).
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 INDEX = "index.json"
-# Kept in float32: the entropy model's parameters and tables define the code itself.
-_FULL_PRECISION = ("bottleneck.", "backbone.bottleneck.")
+# Kept in float32: the entropy model's parameters and tables define the code itself (NEC's
+# bottleneck; the RVQ codebooks, which decide every index, and their index histograms).
+_FULL_PRECISION = (
+    "bottleneck.",
+    "backbone.bottleneck.",
+    "quantizer.codebooks",
+    "quantizer.index_counts",
+)
 
 
 def _index(root: Path) -> dict:
@@ -83,7 +97,7 @@ def materialize(name: str, root: Path | None = None) -> dict:
         raise InvalidInput(f"no shipped model {name!r}; shipped: {', '.join(sorted(models))}")
     entry = models[name]
     folder = Path(entry["dir"])
-    base_entry = _index(folder)["base"]
+    base_entry = _index(folder)["base"] or entry  # a standalone model is its own base
     base = _load(folder / base_entry["file"], base_entry["sha256"])
     state = dict(base)
     if entry["file"] != base_entry["file"]:
@@ -167,6 +181,50 @@ def pack(
             "args": {k: v for k, v in ckpt["args"].items() if k != "pretraining"},
             "epoch": ckpt.get("epoch"),
             "metrics": dict((metrics or {}).get(name, {})),
+        }
+    (out / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return index
+
+
+def pack_standalone(
+    models: Mapping[str, Path],
+    out: Path,
+    metrics: Mapping[str, dict] | None = None,
+    notes: Mapping[str, dict] | None = None,
+) -> dict:
+    """Write ``out`` (a weights set) of models trained from scratch, no shared base.
+
+    Each model's tensors are stored in half precision except :data:`_FULL_PRECISION`
+    (for RVQ: the codebooks and index histograms stay float32, so the codes are the
+    trained model's). The first model's run ``split.csv`` is copied beside them.
+
+    Args:
+        models: shipped name -> a trainer's checkpoint.
+        out: the folder to write (``weights/<set>``).
+        metrics: shipped name -> numbers measured on the rebuilt weights.
+        notes: shipped name -> anything else the index should say (e.g. training time).
+
+    Returns:
+        the index written to ``out/index.json``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict = {"base": None, "models": {}}
+    for i, (name, path) in enumerate(models.items()):
+        if i == 0 and (Path(path).parent / "split.csv").exists():
+            (out / "split.csv").write_bytes((Path(path).parent / "split.csv").read_bytes())
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: _half(k, v) for k, v in ckpt["model"].items()}
+        file = f"{name}.pt"
+        torch.save(state, out / file)
+        index["models"][name] = {
+            "model": ckpt["args"]["model"],
+            "file": file,
+            "sha256": sha256_file(out / file),
+            "keys": sorted(state),
+            "args": ckpt["args"],
+            "epoch": ckpt.get("epoch"),
+            "metrics": dict((metrics or {}).get(name, {})),
+            **dict((notes or {}).get(name, {})),
         }
     (out / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     return index

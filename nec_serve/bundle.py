@@ -61,9 +61,17 @@ class ModelBundle:
     def normalisation(self, dtype: Any) -> Normalisation:
         """How raw pixels of ``dtype`` become this model's input.
 
-        The scale comes from the dtype (:meth:`Normalisation.for_dtype`), the per-band mean
-        and std from the manifest.
+        The scale comes from the family (the RVQ family's ``reflectance_scale``, whatever
+        the dtype) or else from the dtype (:meth:`Normalisation.for_dtype`); the per-band
+        mean and std from the manifest.
         """
         inp = self.manifest.input
-        scale = Normalisation.for_dtype(dtype, inp.in_chans).scale
+        scale = getattr(self.manifest.family_params, "reflectance_scale", None)
+        if scale is None:
+            scale = Normalisation.for_dtype(dtype, inp.in_chans).scale
         return Normalisation(scale, inp.mean, inp.std)
+
+    @property
+    def family(self) -> str:
+        """The export's model family (``nec``, ``rvq``)."""
+        return self.manifest.family

@@ -32,6 +32,14 @@ RAW_VALUE_SLACK = int(_rans.RAW_VALUE_SLACK)
 _INDEX_CACHE_SIZE = 16
 
 
+def _no_levels(levels: object) -> None:
+    if levels is not None:
+        raise InvalidInput(
+            f"codebooks={levels!r} applies to the RVQ family; a factorized prior codes every "
+            "channel"
+        )
+
+
 class FactorizedCodec:
     """rANS coder for ``(C, T)`` symbol arrays with one CDF per channel.
 
@@ -93,8 +101,13 @@ class FactorizedCodec:
             self._raise_range_error(sym[None])
             raise  # pragma: no cover - the range check above always finds the culprit
 
-    def encode_batch(self, symbols: np.ndarray) -> list[bytes]:
-        """Entropy-code a batch of images given as a ``(B, C, T)`` array, one stream each."""
+    def encode_batch(self, symbols: np.ndarray, levels: None = None) -> list[bytes]:
+        """Entropy-code a batch of images given as a ``(B, C, T)`` array, one stream each.
+
+        ``levels`` exists for the pipeline's one coder interface (the categorical coder
+        codes the first ``levels`` rows); a factorized prior codes every channel.
+        """
+        _no_levels(levels)
         sym = self._check_symbols(symbols, batched=True)
         indexes = self._index_array(sym.shape[2])
         try:
@@ -125,8 +138,11 @@ class FactorizedCodec:
         self._decode_into(data, out, None)
         return out
 
-    def decode_batch(self, streams: Sequence[bytes], tokens: int) -> np.ndarray:
+    def decode_batch(
+        self, streams: Sequence[bytes], tokens: int, levels: None = None
+    ) -> np.ndarray:
         """Decode several images of ``tokens`` tokens each into a ``(B, C, T)`` array."""
+        _no_levels(levels)
         if isinstance(streams, (bytes, bytearray, memoryview, str)):
             raise InvalidInput("decode_batch expects a sequence of bitstreams, not one stream")
         tokens = self._check_tokens(tokens)
@@ -137,7 +153,7 @@ class FactorizedCodec:
 
     # -- model cost ----------------------------------------------------------------------
 
-    def entropy_bound_bits(self, symbols: np.ndarray) -> float:
+    def entropy_bound_bits(self, symbols: np.ndarray, levels: None = None) -> float:
         """Ideal code length in bits of ``symbols`` under the quantized model.
 
         Each symbol costs ``-log2(freq / 2**precision)`` of its CDF entry. A symbol outside
@@ -148,10 +164,13 @@ class FactorizedCodec:
 
         Args:
             symbols: ``(C, T)`` or ``(B, C, T)`` integer array.
+            levels: must be None (the pipeline's one coder interface; see
+                :meth:`encode_batch`).
 
         Returns:
             The total over all symbols, in bits.
         """
+        _no_levels(levels)
         arr = np.asarray(symbols)
         sym = self._check_symbols(arr, batched=arr.ndim == 3)
         if sym.ndim == 2:

@@ -28,13 +28,18 @@ __all__ = [
 ]
 
 MAGIC = b"NECB"
-FORMAT_VERSION = 1
+#: 2 added source records (tag ``S``: where a source image lies, for georeferenced output);
+#: version 1 containers, which have none, are still read.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _HEAD = struct.Struct("<4sHH32sI")  # magic, version, flags, table sha256, meta length
 _TILE = struct.Struct("<IiiIIH")  # index, row, col, source h, source w, name length
 _END = struct.Struct("<IQ")  # tile count, total payload bytes
 _U32 = struct.Struct("<I")
 _TAG_TILE = b"T"
+_TAG_SOURCE = b"S"
 _TAG_END = b"E"
+_SOURCE = struct.Struct("<HI")  # name length, info length
 MAX_META_BYTES = 1 << 20
 MAX_NAME_BYTES = 4096
 MAX_PAYLOAD_BYTES = 1 << 30
@@ -70,6 +75,8 @@ _META_FIELDS: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
         "a string or an integer",
     ),
     "source_dtype": (False, lambda v: isinstance(v, str), "a string"),
+    "family": (False, lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "codebooks": (False, lambda v: _is_int(v) and 1 <= v <= 64, "an integer in 1..64"),
     "created_by": (False, lambda v: isinstance(v, str), "a string"),
 }
 
@@ -201,6 +208,21 @@ class ContainerWriter:
         self._total += len(payload)
         return self._count - 1
 
+    def write_source(self, source: str, info: dict[str, Any]) -> None:
+        """Record where source image ``source`` lies (JSON ``info``: crs, transform, ...).
+
+        Written before the source's first tile; a decoder that writes georeferenced output
+        reads it back from :attr:`ContainerReader.sources`.
+        """
+        if self._closed:
+            raise ValueError("container already closed")
+        name = source.encode()
+        body = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+        if len(name) > MAX_NAME_BYTES or len(body) > MAX_META_BYTES:
+            raise ValueError(f"source record of {source!r} is over the size limits")
+        record = _SOURCE.pack(len(name), len(body)) + name + body
+        self._f.write(_TAG_SOURCE + record + _U32.pack(zlib.crc32(record)))
+
     def close(self) -> None:
         """Write the trailer (tile count and total payload bytes, with a CRC32)."""
         if self._closed:
@@ -224,6 +246,8 @@ class ContainerReader:
         self._f = fileobj
         self.header = self._read_header()
         self.tile_count: int | None = None
+        #: Source records read so far: name -> info (see :meth:`ContainerWriter.write_source`).
+        self.sources: dict[str, dict[str, Any]] = {}
 
     def _read(self, n: int, what: str) -> bytes:
         data = self._f.read(n)
@@ -240,10 +264,10 @@ class ContainerReader:
         if len(head) != _HEAD.size:
             raise CorruptBitstream("container truncated inside the header")
         magic, version, _flags, digest, meta_len = _HEAD.unpack(head)
-        if version != FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise CorruptBitstream(
                 f"container format version {version} is not supported (this reader: "
-                f"{FORMAT_VERSION})"
+                f"{', '.join(map(str, _READABLE_VERSIONS))})"
             )
         if meta_len > MAX_META_BYTES:
             raise CorruptBitstream(f"container metadata length {meta_len} exceeds the limit")
@@ -280,27 +304,54 @@ class ContainerReader:
                     raise CorruptBitstream("unexpected bytes after the container trailer")
                 self.tile_count = count
                 return
+            if tag == _TAG_SOURCE and self.header.version >= 2:
+                self._read_source(count)
+                continue
             if tag != _TAG_TILE:
                 raise CorruptBitstream(f"bad record tag {tag!r} before tile {count}")
-            fixed = self._read(_TILE.size, f"tile {count} header")
-            index, row, col, sh, sw, name_len = _TILE.unpack(fixed)
-            if index != count:
-                raise CorruptBitstream(f"tile index {index} where {count} was expected")
-            if name_len > MAX_NAME_BYTES:
-                raise CorruptBitstream(f"tile {count} name length {name_len} exceeds the limit")
-            name = self._read(name_len, f"tile {count} name")
-            plen_raw = self._read(4, f"tile {count} payload length")
-            (plen,) = _U32.unpack(plen_raw)
-            if plen > MAX_PAYLOAD_BYTES:
-                raise CorruptBitstream(f"tile {count} payload length {plen} exceeds the limit")
-            payload = self._read(plen, f"tile {count} payload")
-            (crc,) = _U32.unpack(self._read(4, f"tile {count} CRC"))
-            if zlib.crc32(payload, zlib.crc32(fixed + name + plen_raw)) != crc:
-                raise CorruptBitstream(f"tile {count} CRC mismatch: the tile is corrupt")
-            try:
-                source = name.decode()
-            except UnicodeDecodeError as err:
-                raise CorruptBitstream(f"tile {count} name is not UTF-8") from err
-            yield TileRecord(index, source, row, col, sh, sw, payload)
+            record = self._read_tile(count)
+            yield record
             count += 1
-            total += plen
+            total += len(record.payload)
+
+    def _read_tile(self, count: int) -> TileRecord:
+        fixed = self._read(_TILE.size, f"tile {count} header")
+        index, row, col, sh, sw, name_len = _TILE.unpack(fixed)
+        if index != count:
+            raise CorruptBitstream(f"tile index {index} where {count} was expected")
+        if name_len > MAX_NAME_BYTES:
+            raise CorruptBitstream(f"tile {count} name length {name_len} exceeds the limit")
+        name = self._read(name_len, f"tile {count} name")
+        plen_raw = self._read(4, f"tile {count} payload length")
+        (plen,) = _U32.unpack(plen_raw)
+        if plen > MAX_PAYLOAD_BYTES:
+            raise CorruptBitstream(f"tile {count} payload length {plen} exceeds the limit")
+        payload = self._read(plen, f"tile {count} payload")
+        (crc,) = _U32.unpack(self._read(4, f"tile {count} CRC"))
+        if zlib.crc32(payload, zlib.crc32(fixed + name + plen_raw)) != crc:
+            raise CorruptBitstream(f"tile {count} CRC mismatch: the tile is corrupt")
+        try:
+            source = name.decode()
+        except UnicodeDecodeError as err:
+            raise CorruptBitstream(f"tile {count} name is not UTF-8") from err
+        return TileRecord(index, source, row, col, sh, sw, payload)
+
+    def _read_source(self, count: int) -> None:
+        where = f"source record before tile {count}"
+        fixed = self._read(_SOURCE.size, where)
+        name_len, info_len = _SOURCE.unpack(fixed)
+        if name_len > MAX_NAME_BYTES or info_len > MAX_META_BYTES:
+            raise CorruptBitstream(f"{where}: lengths exceed the limits")
+        name = self._read(name_len, where)
+        body = self._read(info_len, where)
+        (crc,) = _U32.unpack(self._read(4, f"{where} CRC"))
+        if zlib.crc32(fixed + name + body) != crc:
+            raise CorruptBitstream(f"{where}: CRC mismatch, the record is corrupt")
+        try:
+            info = json.loads(body)
+            source = name.decode()
+        except (ValueError, RecursionError, UnicodeDecodeError) as err:
+            raise CorruptBitstream(f"{where}: not valid UTF-8 JSON: {err}") from err
+        if not isinstance(info, dict):
+            raise CorruptBitstream(f"{where}: must hold a JSON object")
+        self.sources[source] = info

@@ -39,6 +39,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_type_hints
 
+from nec_serve.categorical import CategoricalCodec
 from nec_serve.codec import FactorizedCodec
 from nec_serve.errors import InvalidInput, ManifestError, SchemaVersionError
 from nec_serve.tables import EntropyTables
@@ -63,9 +64,12 @@ __all__ = [
     "register_family",
     "model_family",
     "NecParams",
+    "RvqParams",
     "Manifest",
     "FACTORIZED",
+    "CATEGORICAL",
     "NEC",
+    "RVQ",
 ]
 
 #: Written into every manifest; manifests of any other version are refused.
@@ -168,6 +172,7 @@ class GraphRole:
     DECODER: ClassVar[GraphRole]
     FEATURES: ClassVar[GraphRole]
     CLASSIFIER: ClassVar[GraphRole]
+    RECONSTRUCTION: ClassVar[GraphRole]
 
     value: str
     output: str | None = None
@@ -227,6 +232,8 @@ GraphRole.DECODER = register_graph_role("decoder", output="embeddings")
 GraphRole.FEATURES = register_graph_role("decoder_block1", output="features")
 #: symbols -> class scores (softmax) of a classifier head trained on decoded embeddings.
 GraphRole.CLASSIFIER = register_graph_role("classifier", output="classes")
+#: codebook indices -> reconstructed bands (the RVQ family's decoder).
+GraphRole.RECONSTRUCTION = register_graph_role("reconstruction", output="bands")
 
 
 # ------------------------------------------------------------------------------ reading JSON
@@ -531,6 +538,8 @@ class EntropyModelSpec:
 
 
 FACTORIZED = register_entropy_model("factorized", EntropyTables.load, FactorizedCodec)
+#: One static categorical table per codebook level (the RVQ family).
+CATEGORICAL = register_entropy_model("categorical", EntropyTables.load, CategoricalCodec)
 
 
 # ------------------------------------------------------------------------------ families
@@ -686,6 +695,88 @@ NEC = register_family(
         },
         entropy_kinds=(FACTORIZED.kind,),
         params=NecParams,
+    )
+)
+
+
+def _check_downscale(value: int) -> str | None:
+    return None if value in (1, 2, 4) else "must be 1, 2 or 4"
+
+
+@dataclass(frozen=True)
+class RvqParams:
+    """``family_params`` of the RVQ Sentinel-2 compressor.
+
+    Attributes:
+        levels: codebooks the export holds; a request codes the first 1..levels.
+        codebook_size: entries per codebook (K).
+        latent_channels: length of a codebook vector.
+        downscale: latent resolution is ``img_size / downscale`` per side.
+        tokens: latent positions per tile, ``(img_size / downscale) ** 2``.
+        band_names: the bands the encoder takes and the decoder returns, in order.
+        reflectance_scale: raw pixel values are reflectance times this (any dtype);
+            :class:`InputSpec` ``mean``/``std`` standardise ``raw / reflectance_scale``.
+        output_dtype: the decoded GeoTIFF's pixel type (values rounded and clipped).
+    """
+
+    levels: int = field(metadata={"check": _check_positive})
+    codebook_size: int = field(metadata={"check": _check_positive})
+    latent_channels: int = field(metadata={"check": _check_positive})
+    downscale: int = field(metadata={"check": _check_downscale})
+    tokens: int = field(metadata={"check": _check_positive})
+    band_names: tuple[str, ...] = field(metadata={"check": _check_not_empty})
+    reflectance_scale: float = 10000.0
+    output_dtype: str = "uint16"
+
+    def __post_init__(self) -> None:
+        """Keep the band names in a tuple."""
+        object.__setattr__(self, "band_names", tuple(self.band_names))
+
+    @property
+    def channels(self) -> int:
+        """Rows of a tile's symbol array: one per codebook level."""
+        return self.levels
+
+    def check(self, manifest: Manifest, source: str) -> None:
+        """Encoder ``(bands, S, S)`` -> int32 ``(levels, tokens)``; decoder the reverse."""
+        inp = manifest.input
+        side, rest = divmod(inp.img_size, self.downscale)
+        problems = []
+        if rest or side * side != self.tokens:
+            problems.append(
+                f"family_params.tokens {self.tokens} is not (input.img_size / downscale)^2 "
+                f"= ({inp.img_size} / {self.downscale})^2"
+            )
+        if len(self.band_names) != inp.in_chans:
+            problems.append(
+                f"family_params.band_names has {len(self.band_names)} names for "
+                f"{inp.in_chans} input bands"
+            )
+        if self.output_dtype not in ("uint16",):
+            problems.append(f"family_params.output_dtype {self.output_dtype!r} is not uint16")
+        sym = (DataType.TYPE_INT32, (self.levels, self.tokens))
+        enc = manifest.graphs[GraphRole.ENCODER]
+        if enc.inputs[0].dims != (inp.in_chans, inp.img_size, inp.img_size):
+            problems.append(f"graphs.encoder.inputs[0].dims {list(enc.inputs[0].dims)} disagree")
+        if (enc.outputs[0].data_type, enc.outputs[0].dims) != sym:
+            problems.append(f"graphs.encoder.outputs[0] is not TYPE_INT32 {list(sym[1])}")
+        dec = manifest.graphs.get(GraphRole.RECONSTRUCTION)
+        if dec is not None and (dec.inputs[0].data_type, dec.inputs[0].dims) != sym:
+            problems.append(f"graphs.reconstruction.inputs[0] is not TYPE_INT32 {list(sym[1])}")
+        if problems:
+            raise ManifestError(f"{source}: " + "; ".join(problems))
+
+
+#: The EO4EU Sentinel-2 compressor: convolutional autoencoder, residual VQ, 1-8 codebooks.
+RVQ = register_family(
+    ModelFamily(
+        name="rvq",
+        graph_names={
+            GraphRole.ENCODER: "rvq_encoder",
+            GraphRole.RECONSTRUCTION: "rvq_decoder",
+        },
+        entropy_kinds=(CATEGORICAL.kind,),
+        params=RvqParams,
     )
 )
 

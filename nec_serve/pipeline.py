@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tarfile
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import numpy as np
@@ -29,8 +32,11 @@ from nec_serve.engines import Engine
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, Normalisation, tile_image
 from nec_serve.imagery.limits import human_bytes
+from nec_serve.imagery.writers import write_geotiff
 
 __all__ = [
+    "default_output",
+    "write_bands",
     "class_report",
     "tile_index",
     "CompressStats",
@@ -39,6 +45,11 @@ __all__ = [
     "check_decoded_size",
     "write_embeddings",
 ]
+
+
+def default_output(bundle: ModelBundle) -> str:
+    """What decompressing with ``bundle`` gives by default: bands (RVQ), else embeddings."""
+    return "bands" if GraphRole.RECONSTRUCTION in bundle.manifest.graphs else "embeddings"
 
 
 def tile_index(records: Iterable[TileRecord]) -> list[dict]:
@@ -162,15 +173,22 @@ def compress(
     bands: list[int] | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    codebooks: int | None = None,
 ) -> CompressStats:
     """Compress ``(name, (bands, H, W))`` images into one container written to ``out``.
 
     Tiles are batched up to ``batch_size`` for the engine and written as soon as they are
     coded, so memory is bounded by one image plus one batch. All images must share a
     pixel dtype (the container records one normalisation).
+
+    ``codebooks`` is the RVQ family's rate: the first 1..levels codebook levels are coded
+    (default: all the export has); the container records it. Other families refuse it.
+    RVQ containers also record each georeferenced source's CRS and transform, so that
+    decoding writes GeoTIFFs that lie where the input did.
     """
     if batch_size < 1:
         raise InvalidInput(f"invalid batch size {batch_size}, expected >= 1")
+    levels = _levels_for(bundle, codebooks)
     stats = CompressStats()
     sink = _Counter(out)
     writer: ContainerWriter | None = None
@@ -186,13 +204,14 @@ def compress(
         symbols, latent = engine.encode(batch)
         t2 = time.perf_counter()
         _check_engine_output(symbols, len(tiles), bundle)
-        streams = bundle.codec.encode_batch(symbols)
+        streams = bundle.codec.encode_batch(symbols, levels)
         # Report figures, kept cheap (they run on the wrapper's hot path): the bound in one
         # batched call, the rounding error without float64 temporaries.
-        stats.entropy_bound_bits += bundle.codec.entropy_bound_bits(symbols)
-        err = latent - bundle.tables.medians.astype(np.float32)[None, :, None]
-        err -= symbols
-        stats.quant_sq_err += float(np.vdot(err, err))
+        stats.entropy_bound_bits += bundle.codec.entropy_bound_bits(symbols, levels)
+        if levels is None:  # a factorized prior: symbols round latent - median
+            err = latent - bundle.tables.medians.astype(np.float32)[None, :, None]
+            err -= symbols
+            stats.quant_sq_err += float(np.vdot(err, err))
         for info, payload in zip(pending, streams, strict=True):
             writer.write_tile(
                 payload,
@@ -208,7 +227,7 @@ def compress(
         stats.seconds["inference"] += t2 - t1
         stats.seconds["coding"] += t3 - t2
         stats.tiles += len(tiles)
-        stats.symbols += symbols.size
+        stats.symbols += symbols[:, :levels].size
         bar.update(len(tiles))
         tiles.clear()
         pending.clear()
@@ -216,18 +235,16 @@ def compress(
     t_read = time.perf_counter()
     for name, raw in inputs:
         stats.seconds["read"] += time.perf_counter() - t_read
-        this_norm = _normalisation_for(name, raw, bundle)
-        if norm is None:
+        this_norm = _admit(name, raw, bundle, norm, levels)
+        if writer is None:
             norm = this_norm
-            writer = ContainerWriter(sink, _header(bundle, norm, raw.dtype, bands))
-        elif this_norm != norm:
-            raise InvalidInput(
-                f"image {name!r} has dtype {raw.dtype}, unlike the images before it: "
-                "compress images of one dtype per container"
-            )
+            writer = ContainerWriter(sink, _header(bundle, norm, raw.dtype, bands, levels))
         stats.images += 1
         stats.source_pixels += raw.shape[1] * raw.shape[2]
         stats.raw_bytes += raw.nbytes
+        geo = getattr(raw, "geo", None)  # a georeferenced reader's GeoArray
+        if levels is not None and geo is not None:
+            writer.write_source(name, geo)
         image_tiles, grid = tile_image(raw, bundle.img_size)
         for tile, (row, col) in zip(image_tiles, grid.origins(), strict=True):
             tiles.append(tile)
@@ -245,13 +262,63 @@ def compress(
     return stats
 
 
+def _levels_for(bundle: ModelBundle, codebooks: int | None) -> int | None:
+    """The codebook levels to code: None for families without levels, else 1..levels."""
+    if not hasattr(bundle.codec, "check_levels"):
+        if codebooks is not None:
+            raise InvalidInput(
+                f"--codebooks applies to the RVQ family; {bundle.manifest.model!r} is a "
+                f"{bundle.family!r} model"
+            )
+        return None
+    return bundle.codec.check_levels(bundle.codec.levels if codebooks is None else codebooks)
+
+
+def _admit(
+    name: str,
+    raw: np.ndarray,
+    bundle: ModelBundle,
+    norm: Normalisation | None,
+    levels: int | None,
+) -> Normalisation:
+    """The normalisation of one more image, refusing what the container cannot hold."""
+    this_norm = _normalisation_for(name, raw, bundle)
+    if levels is not None:
+        _check_reflectance(name, raw)
+    if norm is not None and this_norm != norm:
+        raise InvalidInput(
+            f"image {name!r} has dtype {raw.dtype}, unlike the images before it: "
+            "compress images of one dtype per container"
+        )
+    return this_norm
+
+
+def _check_reflectance(name: str, raw: np.ndarray) -> None:
+    """Refuse negative reflectance (NaN and inf are refused by the readers)."""
+    if raw.dtype.kind in "if":
+        negative = raw < 0
+        if negative.any():
+            first = tuple(int(i) for i in np.unravel_index(int(np.argmax(negative)), raw.shape))
+            raise InvalidInput(
+                f"image {name!r}: {int(negative.sum())} negative reflectance value(s); first "
+                f"is {raw[first]} at (band, row, col) = {first}: reflectance x 10000 is >= 0"
+            )
+
+
 def _header(
-    bundle: ModelBundle, norm: Normalisation, dtype: np.dtype, bands: list[int] | None
+    bundle: ModelBundle,
+    norm: Normalisation,
+    dtype: np.dtype,
+    bands: list[int] | None,
+    levels: int | None = None,
 ) -> ContainerHeader:
     m = bundle.manifest
+    rate = {} if levels is None else {"codebooks": levels}
     return ContainerHeader(
         table_sha256=bundle.tables.sha256,
         meta={
+            **rate,
+            "family": m.family,
             "model": m.model,
             "model_version": m.model_version,
             "channels": bundle.channels,
@@ -275,8 +342,15 @@ def _check_engine_output(symbols: np.ndarray, n: int, bundle: ModelBundle) -> No
 
 
 def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
-    """Refuse a container made by another model or with other tables."""
+    """Refuse a container made by another model family, model or tables."""
     meta = header.meta
+    family = meta.get("family", "nec")  # containers before families were NEC's
+    if family != bundle.family:
+        raise InvalidInput(
+            f"container holds a {family!r}-family code (model {meta.get('model')!r}), the "
+            f"export at {bundle.root} is a {bundle.family!r} model: decode it with a "
+            f"{family!r} export"
+        )
     if meta.get("model") != bundle.manifest.model:
         raise InvalidInput(
             f"container was made by model {meta.get('model')!r}, the export is "
@@ -289,6 +363,13 @@ def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
             f"container holds {meta['channels']}x{meta['tokens']} symbols per tile, the export "
             f"codes {bundle.channels}x{bundle.tokens}"
         )
+    levels = meta.get("codebooks")
+    if hasattr(bundle.codec, "check_levels"):
+        if levels is None:
+            raise InvalidInput("container of the RVQ family does not say how many codebooks")
+        bundle.codec.check_levels(levels)
+    elif levels is not None:
+        raise InvalidInput(f"container codes {levels} codebooks, the export has none")
 
 
 def iter_decoded(
@@ -322,8 +403,10 @@ def _iter_decoded(
         )
     records: list[TileRecord] = []
 
+    levels = header.meta.get("codebooks")
+
     def run() -> np.ndarray:
-        symbols = bundle.codec.decode_batch([r.payload for r in records], bundle.tokens)
+        symbols = bundle.codec.decode_batch([r.payload for r in records], bundle.tokens, levels)
         return symbols if role is None else engine.decode(role, symbols)
 
     for record in records_in:
@@ -506,6 +589,115 @@ def write_embeddings(
         "tiles": count,
         "shape": shape,
         "dtype": np.dtype(dtype).name,
+        "decode_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _member_name(source: str) -> str:
+    """A safe ``.tif`` name inside the output tar for a tile source name."""
+    parts = [p for p in PurePosixPath(source.replace("\\", "/")).parts if p not in ("/", "..", ".")]
+    name = "/".join(parts) or "image"
+    stem = name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
+    return stem + ".tif"
+
+
+def write_bands(
+    container: Path,
+    dest: Path,
+    bundle: ModelBundle,
+    engine: Engine,
+    *,
+    batch_size: int = 8,
+    limits: InputLimits | None = None,
+    label: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """Decode an RVQ container into GeoTIFFs of the reconstructed bands.
+
+    Each source image is put back together from its tiles (padding cropped), its
+    normalisation undone, rounded and clipped to the export's ``output_dtype`` (uint16
+    reflectance x 10000), and written with the CRS and transform its source record holds
+    and the export's band names. One source gives ``dest`` (a GeoTIFF); several give
+    ``dest.with_suffix(".tar")``, a tar of ``<source>.tif``. Memory is bounded by one
+    source image (checked against ``limits.max_decoded_bytes``) plus one batch; outputs
+    are written under temporary names and renamed into place only when complete.
+
+    Returns:
+        ``{"tiles", "images", "path", "format", "codebooks", "decode_s"}``.
+    """
+    limits = InputLimits() if limits is None else limits
+    label = label or str(container)
+    params = bundle.manifest.family_params
+    names = getattr(params, "band_names", None)
+    if names is None:
+        raise InvalidInput(
+            f"output 'bands' needs an RVQ export; {bundle.root} is {bundle.family!r}"
+        )
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    t0 = time.perf_counter()
+    written: list[tuple[str, Path]] = []
+    tiles = 0
+    try:
+        with container.open("rb") as f:
+            reader = ContainerReader(f)
+            header = reader.header
+            norm = Normalisation.from_dict(header.meta.get("normalisation") or {})
+            tags = {"model": header.meta["model"], "codebooks": header.meta.get("codebooks")}
+            canvas: dict[str, Any] = {}
+
+            def finish() -> None:
+                if not canvas:
+                    return
+                out = np.rint(norm.invert(canvas["pixels"]))
+                out = np.clip(out, 0, np.iinfo(np.uint16).max).astype(np.uint16)
+                path = work / f"{len(written)}.tif"
+                write_geotiff(path, out, reader.sources.get(canvas["source"]), names, tags)
+                written.append((canvas["source"], path))
+                canvas.clear()
+
+            bar = _progress(progress, "decompress", "tile")
+            for records, arr in _iter_decoded(header, reader, bundle, engine, "bands", batch_size):
+                for record, tile in zip(records, arr, strict=True):
+                    tiles += 1
+                    if tiles > limits.max_tiles:
+                        raise InvalidInput(f"{label}: holds more than max_tiles={limits.max_tiles}")
+                    if canvas.get("source") != record.source:
+                        finish()
+                        h, w = record.source_height, record.source_width
+                        check_decoded_size(1, (len(names), h, w), np.float32, limits, label)
+                        canvas.update(
+                            source=record.source, pixels=np.zeros((len(names), h, w), np.float32)
+                        )
+                    px = canvas["pixels"]
+                    r, c = record.row, record.col
+                    hh = min(tile.shape[1], px.shape[1] - r)
+                    ww = min(tile.shape[2], px.shape[2] - c)
+                    if r < 0 or c < 0 or hh < 1 or ww < 1:
+                        raise InvalidInput(f"{label}: tile {record.index} lies outside its image")
+                    px[:, r : r + hh, c : c + ww] = tile[:, :hh, :ww]
+                bar.update(len(records))
+            finish()
+            bar.close()
+        if not written:
+            raise InvalidInput(f"{label}: container holds no tiles")
+        if len(written) == 1:
+            final, fmt = dest, "tif"
+            os.replace(written[0][1], final)
+        else:
+            final, fmt = dest.with_suffix(".tar"), "tar"
+            part = work / "out.tar"
+            with tarfile.open(part, "w") as tar:
+                for source, path in written:
+                    tar.add(path, arcname=_member_name(source))
+            os.replace(part, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "tiles": tiles,
+        "images": len(written),
+        "path": str(final),
+        "format": fmt,
+        "codebooks": header.meta.get("codebooks"),
         "decode_s": round(time.perf_counter() - t0, 3),
     }
 

@@ -55,6 +55,44 @@ def tiny_export(tmp_path_factory, tiny_model) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def rvq_run(tmp_path_factory, data_dir) -> Path:
+    """A tiny RVQ model trained for a few seconds on the real 10-band data: its run folder."""
+    from nec_models.train_rvq import RVQConfig, train_rvq
+
+    out = tmp_path_factory.mktemp("rvq-run")
+    cfg = RVQConfig(
+        data=tuple(str(data_dir / d) for d in ("ssl4eo_s12", "eurosat_ms", "bigearthnet")),
+        out=str(out),
+        model="rvq_s2_tiny",
+        epochs=2,
+        crops_per_epoch=32,
+        crop=16,
+        batch_size=8,
+        init_crops=8,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_rvq(cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rvq_export(tmp_path_factory, rvq_run) -> Path:
+    """The tiny trained RVQ model exported (graphs, categorical tables, repositories)."""
+    import torch
+
+    from nec_export import export_model
+    from nec_models.shipped import load_trained
+
+    out = tmp_path_factory.mktemp("export") / "rvq_s2_tiny"
+    ckpt = torch.load(rvq_run / "checkpoint.pth", map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_model(load_trained(ckpt), out)
+    return out
+
+
 # The real local stack (a Kafka broker and an S3 server), shared by the workflow tests;
 # each test uses its own topics and bucket.
 @pytest.fixture(scope="session")

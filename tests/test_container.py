@@ -52,7 +52,7 @@ def test_round_trip_preserves_header_and_tiles():
 def test_layout_matches_the_written_spec():
     data = _container([b"abcd"])
     magic, version, flags, digest, meta_len = struct.unpack_from("<4sHH32sI", data)
-    assert (magic, version, flags, digest.hex()) == (MAGIC, 1, 0, SHA)
+    assert (magic, version, flags, digest.hex()) == (MAGIC, 2, 0, SHA)
     meta_end = 44 + meta_len
     assert data[44:meta_end] == b'{"channels":4,"model":"m","model_version":"1","tokens":3}'
     (crc,) = struct.unpack_from("<I", data, meta_end)
@@ -93,6 +93,60 @@ def test_trailing_bytes_and_foreign_files_are_refused():
         _read_all(b"")
 
 
+GEO = {"crs": "EPSG:32633", "transform": [10.0, 0.0, 404400.0, 0.0, -10.0, 5342400.0]}
+
+
+def _with_sources() -> bytes:
+    buf = io.BytesIO()
+    with ContainerWriter(buf, ContainerHeader(SHA, dict(META))) as w:
+        w.write_source("a.tif", GEO)
+        w.write_tile(b"t0", source="a.tif")
+        w.write_source("b.tif", {"crs": "EPSG:4326", "transform": [1, 0, 0, 0, -1, 0]})
+        w.write_tile(b"t1", source="b.tif")
+    return buf.getvalue()
+
+
+def test_source_records_are_read_before_their_tiles():
+    reader = ContainerReader(io.BytesIO(_with_sources()))
+    seen = []
+    for tile in reader:
+        seen.append((tile.source, dict(reader.sources[tile.source])))
+    assert seen[0] == ("a.tif", GEO) and seen[1][1]["crs"] == "EPSG:4326"
+    assert [t.index for t in ContainerReader(io.BytesIO(_with_sources()))] == [0, 1]
+
+
+def test_damaged_source_records_are_detected():
+    data = _with_sources()
+    for pos in range(len(data)):
+        damaged = bytearray(data)
+        damaged[pos] ^= 0x04
+        with pytest.raises(CorruptBitstream):
+            _read_all(bytes(damaged))
+
+
+def test_version_1_containers_are_still_read_and_have_no_source_records():
+    data = bytearray(_container(PAYLOADS))
+    data[4:6] = struct.pack("<H", 1)
+    meta_len = struct.unpack_from("<I", data, 40)[0]
+    end = 44 + meta_len
+    data[end : end + 4] = struct.pack("<I", zlib.crc32(bytes(data[:end])))
+    header, tiles = _read_all(bytes(data))
+    assert header.version == 1 and [t.payload for t in tiles] == PAYLOADS
+    v1 = bytearray(_with_sources())
+    v1[4:6] = struct.pack("<H", 1)
+    v1[end : end + 4] = struct.pack("<I", zlib.crc32(bytes(v1[:end])))
+    with pytest.raises(CorruptBitstream, match="bad record tag b'S'"):
+        _read_all(bytes(v1))
+
+
+@pytest.mark.parametrize(
+    ("meta", "field"), [({"family": ""}, "family"), ({"codebooks": 0}, "codebooks")]
+)
+def test_family_and_codebooks_are_checked(meta, field):
+    with pytest.raises(ValueError, match=field):
+        ContainerHeader(SHA, {**META, **meta})
+
+
 def test_unknown_version_is_refused():
     data = bytearray(_container([b"x"]))
     data[4:6] = struct.pack("<H", 9)
@@ -127,7 +181,7 @@ def _raw_container(meta: bytes, sha: str = SHA) -> bytes:
 
     Built by hand from the spec: ContainerWriter refuses metadata like this.
     """
-    body = struct.pack("<4sHH32sI", MAGIC, 1, 0, bytes.fromhex(sha), len(meta)) + meta
+    body = struct.pack("<4sHH32sI", MAGIC, 2, 0, bytes.fromhex(sha), len(meta)) + meta
     end = struct.pack("<IQ", 0, 0)
     return (
         body + struct.pack("<I", zlib.crc32(body)) + b"E" + end + struct.pack("<I", zlib.crc32(end))

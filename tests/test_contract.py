@@ -14,6 +14,7 @@ from nec_serve.bundle import ModelBundle
 from nec_serve.contract import (
     MANIFEST_FILENAME,
     NEC,
+    RVQ,
     SCHEMA_VERSION,
     DataType,
     EntropyModelSpec,
@@ -120,7 +121,7 @@ _DELETE = object()
     ("change", "match"),
     [
         (_set("family", _DELETE), r"^manifest\.json: family is missing$"),
-        (_set("family", "rvq"), r"family is not a registered model family \(nec\)"),
+        (_set("family", "ssl"), r"family is not a registered model family \(nec, rvq\)"),
         (_set("model", 3), r": model must be a non-empty string, got int 3"),
         (_set("model_version", ""), r": model_version must be a non-empty string"),
         (_set("input.img_size", 0), r": input\.img_size must be >= 1, got 0"),
@@ -135,7 +136,7 @@ _DELETE = object()
         (
             _set("graphs.bogus", {}),
             r": graphs\.bogus is not a registered graph role "
-            r"\(classifier, decoder, decoder_block1, encoder\)",
+            r"\(classifier, decoder, decoder_block1, encoder, reconstruction\)",
         ),
         (_set("graphs.encoder.name", "nec encoder"), r": graphs\.encoder\.name must be letters"),
         (_set("graphs.encoder.file", "../x.onnx"), r": graphs\.encoder\.file must be a relative"),
@@ -225,8 +226,8 @@ def test_unknown_entropy_kind_is_named():
     data["entropy"]["kind"] = "rvq_categorical"
     with pytest.raises(
         ManifestError,
-        match=r"entropy\.kind is not a registered entropy model kind \(factorized\), got "
-        r"'rvq_categorical'",
+        match=r"entropy\.kind is not a registered entropy model kind \(categorical, factorized\), "
+        r"got 'rvq_categorical'",
     ):
         Manifest.from_dict(data)
     with pytest.raises(ManifestError, match=r"unknown entropy model kind 'x', expected one of"):
@@ -244,12 +245,16 @@ def test_builtin_roles_and_outputs():
         "embeddings": GraphRole.DECODER,
         "features": GraphRole.FEATURES,
         "classes": GraphRole.CLASSIFIER,
+        "bands": GraphRole.RECONSTRUCTION,
         "symbols": None,
     }
     assert (
         GraphRole.of("encoder") is GraphRole.ENCODER and str(GraphRole.FEATURES) == "decoder_block1"
     )
     assert NEC.graph_name(GraphRole.ENCODER) == "nec_encoder"
+    assert RVQ.graph_name(GraphRole.RECONSTRUCTION) == "rvq_decoder"
+    with pytest.raises(ManifestError, match="family 'rvq' has no decoder graph"):
+        RVQ.graph_name(GraphRole.DECODER)
     assert DataType.TYPE_INT32.v2 == "INT32"
     with pytest.raises(ManifestError, match=r"unknown graph role 'head', expected one of"):
         GraphRole.of("head")

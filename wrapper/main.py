@@ -40,8 +40,8 @@ def add_parser(sub) -> None:
     s.add_argument(
         "--output",
         choices=tuple(decode_outputs()),
-        default="embeddings",
-        help="what decompress writes",
+        default=None,
+        help="what decompress writes (default: bands for an RVQ export, else embeddings)",
     )
     s.add_argument("--status-topic", default="monitoring.notify")
     s.add_argument("--dead-letter-topic", default="nec.deadletter")

@@ -55,7 +55,7 @@ from nec_serve.messages import (
     public_reason,
     status_event,
 )
-from nec_serve.pipeline import compress, write_embeddings
+from nec_serve.pipeline import compress, default_output, write_bands, write_embeddings
 from nec_serve.retry import GaveUp, retrying
 
 __all__ = [
@@ -96,7 +96,7 @@ class WrapperSettings:
     attempts: int = 3
     backoff_s: float = 1.0
     bands: tuple[int, ...] | None = None
-    output: str = "embeddings"
+    output: str | None = None  # None: the export's default (pipeline.default_output)
     s3_timeout_s: float = 30.0
     limits: InputLimits = field(default_factory=InputLimits)
     max_message_bytes: int = MAX_MESSAGE_BYTES
@@ -133,14 +133,31 @@ class Outcome:
     stats: dict = field(default_factory=dict)
 
 
-def output_name(key: str, mode: str) -> str:
-    """Deterministic output file name for an input key."""
+def output_name(key: str, mode: str, output: str = "embeddings") -> str:
+    """Deterministic output file name for an input key.
+
+    ``.necb`` for compress; for decompress ``.tif`` when the output is bands (a container
+    of several images gives ``.tar`` instead, see :func:`nec_serve.pipeline.write_bands`),
+    else ``.npy``.
+    """
     name = key.rsplit("/", 1)[-1]
     for suffix in _INPUT_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    return f"{name}.necb" if mode == "compress" else f"{name}.npy"
+    if mode == "compress":
+        return f"{name}.necb"
+    return f"{name}.tif" if output == "bands" else f"{name}.npy"
+
+
+def _codebooks(meta: dict) -> int | None:
+    """``meta_information.codebooks`` of a step message: the RVQ rate it asks for."""
+    value = meta.get("codebooks")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"field 'meta_information.codebooks' must be an integer, got {value!r}")
+    return value
 
 
 def message_id(bucket: str, key: str, etag: str, component: str, step: str) -> str:
@@ -214,10 +231,11 @@ class StepHandler:
         self.store = store
         self.producer = producer
         self.bundle = ModelBundle.load(settings.model_dir)
-        role = decode_outputs().get(settings.output)
+        self.output = settings.output or default_output(self.bundle)
+        role = decode_outputs().get(self.output)
         if settings.mode == "decompress" and role and role not in self.bundle.manifest.graphs:
             raise InvalidInput(
-                f"--output {settings.output} needs the {role} graph; the export at "
+                f"--output {self.output} needs the {role} graph; the export at "
                 f"{settings.model_dir} has none"
             )
         self.engine = engine or make_engine(self.bundle, settings.server)
@@ -280,12 +298,14 @@ class StepHandler:
     def _run(self, workflow: WorkflowConfig, step: StepMessage) -> Outcome:
         client = s3.make_client(workflow.s3, timeout_s=self.settings.s3_timeout_s)
         bucket = workflow.s3.bucket
-        out_name = output_name(step.key, self.settings.mode)
+        out_name = output_name(step.key, self.settings.mode, self.output)
         out_key = f"result-{workflow.component}/{out_name}"
         _, etag = s3.head(client, bucket, step.key)
         msg_id = message_id(bucket, step.key, etag, workflow.component, self.settings.mode)
         marker = f"{MARKER_PREFIX}/{workflow.component}/{msg_id}.json"
-        if s3.exists(client, bucket, marker) and s3.exists(client, bucket, out_key):
+        done_key = self._published_output(client, bucket, marker, out_key)
+        if done_key:
+            out_key = done_key
             log.info("%s: already published as %s; not sent again", step.key, msg_id)
             stats = {"input_key": step.key, "output_key": out_key, "duplicate_of": msg_id}
             return Outcome(True, "finished", "duplicate", output_key=out_key, stats=stats)
@@ -301,10 +321,14 @@ class StepHandler:
             dest = work / out_name
             try:
                 stats = (
-                    self._compress(src, dest, label)
+                    self._compress(src, dest, label, _codebooks(step.meta))
                     if self.settings.mode == "compress"
                     else self._decompress(src, dest, label)
                 )
+                if stats.get("path"):  # bands of several images: a tar, not a GeoTIFF
+                    dest = Path(stats.pop("path"))
+                    out_name = dest.name
+                    out_key = f"result-{workflow.component}/{out_name}"
             except NecError as err:  # name the input object in every reason
                 if label in err.message:
                     raise
@@ -315,7 +339,7 @@ class StepHandler:
             for suffix in (".tiles.json", ".classes.json"):  # what decompress writes beside
                 extra = dest.with_suffix(suffix)
                 if extra.exists():
-                    extra_keys.append(out_key[: -len(".npy")] + suffix)
+                    extra_keys.append(out_key[: -len(dest.suffix)] + suffix)
                     s3.upload(client, extra, bucket, extra_keys[-1])
             t3 = time.perf_counter()
             stats.update(
@@ -345,12 +369,22 @@ class StepHandler:
             stats["kafka_s"] = round(time.perf_counter() - t4, 3)
             return Outcome(True, "finished", output_key=out_key, stats=stats)
 
+    @staticmethod
+    def _published_output(client, bucket: str, marker: str, out_key: str) -> str | None:
+        """The output key of an already published message (its marker and output exist)."""
+        if not s3.exists(client, bucket, marker):
+            return None
+        candidates = [out_key]
+        if out_key.endswith(".tif"):  # bands of several images were written as a tar
+            candidates.append(out_key[: -len(".tif")] + ".tar")
+        return next((k for k in candidates if s3.exists(client, bucket, k)), None)
+
     def _remember(self, msg_id: str) -> None:
         self._sent[msg_id] = None
         while len(self._sent) > _SENT_MEMORY:
             self._sent.popitem(last=False)
 
-    def _compress(self, src: Path, dest: Path, label: str) -> dict:
+    def _compress(self, src: Path, dest: Path, label: str, codebooks: int | None) -> dict:
         bands = list(self.settings.bands) if self.settings.bands else None
         with dest.open("wb") as f:
             stats = compress(
@@ -360,16 +394,38 @@ class StepHandler:
                 f,
                 bands=bands,
                 batch_size=self.settings.batch_size,
+                codebooks=codebooks,
             )
-        return {**stats.summary(), "mode": "compress"}
+        rate = {} if codebooks is None else {"codebooks": codebooks}
+        return {**stats.summary(), **rate, "mode": "compress"}
 
     def _decompress(self, src: Path, dest: Path, label: str) -> dict:
+        if self.output == "bands":
+            done = write_bands(
+                src,
+                dest,
+                self.bundle,
+                self.engine,
+                batch_size=self.settings.batch_size,
+                limits=self.settings.limits,
+                label=label,
+            )
+            path = {"path": done["path"]} if done["format"] == "tar" else {}
+            return {
+                "mode": "decompress",
+                "output": "bands",
+                "tiles": done["tiles"],
+                "images": done["images"],
+                "codebooks": done["codebooks"],
+                "decode_s": done["decode_s"],
+                **path,
+            }
         done = write_embeddings(
             src,
             dest,
             self.bundle,
             self.engine,
-            self.settings.output,
+            self.output,
             batch_size=self.settings.batch_size,
             limits=self.settings.limits,
             label=label,
@@ -377,7 +433,7 @@ class StepHandler:
         return {
             "mode": "decompress",
             "tiles": done["tiles"],
-            "output": self.settings.output,
+            "output": self.output,
             "decode_s": done["decode_s"],
         }
 

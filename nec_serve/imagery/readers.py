@@ -30,6 +30,8 @@ from nec_serve.errors import InvalidInput
 from nec_serve.imagery.limits import Budget, InputLimits, band_indexes
 
 __all__ = [
+    "GeoArray",
+    "georef",
     "BIGEARTHNET_RGB",
     "BIGEARTHNET_SIZE",
     "RASTER_SUFFIXES",
@@ -56,6 +58,42 @@ _PILLOW_SUFFIXES = (".jpg", ".jpeg", ".png")
 _PIL_MODES = {"L": np.uint8, "RGB": np.uint8, "RGBA": np.uint8, "I;16": np.uint16}
 
 _BIGEARTHNET_BAND_FILE = re.compile(r"_B(0[1-9]|1[0-2]|8A)\.tif$")
+
+
+class GeoArray(np.ndarray):
+    """The pixels of a georeferenced raster, with where they lie in :attr:`geo`.
+
+    ``geo`` is ``{"crs": "EPSG:<code>" or WKT, "transform": [a, b, c, d, e, f]}`` (the
+    GDAL affine of the whole array as read) or None. It describes the array as read:
+    views keep it unchanged (a slice's own origin is not recomputed), and ``np.asarray``
+    drops it, so read it from the array the reader returned.
+    """
+
+    geo: dict[str, Any] | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.geo = getattr(obj, "geo", None)
+
+
+def georef(array: np.ndarray) -> dict[str, Any] | None:
+    """The georeferencing a reader attached to ``array`` (:class:`GeoArray`), or None."""
+    return getattr(array, "geo", None)
+
+
+def _with_geo(arr: np.ndarray, ds: Any, out_size: tuple[int, int] | None = None) -> np.ndarray:
+    """``arr`` as a :class:`GeoArray` carrying ``ds``'s CRS and transform (if it has any)."""
+    if ds.crs is None:
+        return arr
+    transform = ds.transform
+    if out_size is not None:  # resampled on read: the pixel size scales
+        transform = transform * transform.scale(ds.width / out_size[1], ds.height / out_size[0])
+    epsg = ds.crs.to_epsg()
+    out = arr.view(GeoArray)
+    out.geo = {
+        "crs": f"EPSG:{epsg}" if epsg else ds.crs.to_wkt(),
+        "transform": [float(v) for v in list(transform)[:6]],
+    }
+    return out
 
 
 def _scrub(text: str, path: Path, label: str) -> str:
@@ -100,7 +138,7 @@ def _read_dataset(
         arr = ds.read(indexes)
     else:
         arr = ds.read(indexes, out_shape=(len(indexes), *out_size), resampling=Resampling.bilinear)
-    return np.ascontiguousarray(arr)
+    return _with_geo(np.ascontiguousarray(arr), ds, out_size)
 
 
 def _read_geotiff_bytes(
@@ -422,6 +460,7 @@ def read_bigearthnet_budgeted(
     if isinstance(bands, str) or not isinstance(bands, Sequence) or len(bands) == 0:
         raise InvalidInput(f"{label}: bands must be a non-empty list of names like 'B04'")
     out = np.empty((len(bands), BIGEARTHNET_SIZE, BIGEARTHNET_SIZE), dtype=np.uint16)
+    geo = None
     for i, band in enumerate(bands):
         path = _bigearthnet_band_file(p, str(band), label)
         what = f"{label}/{path.name}"
@@ -436,4 +475,9 @@ def read_bigearthnet_budgeted(
         if arr.dtype != np.uint16:
             raise InvalidInput(f"{what}: expected uint16 reflectance, got {arr.dtype}")
         out[i] = arr[0]
-    return out
+        geo = geo or georef(arr)
+    if geo is None:
+        return out
+    stacked = out.view(GeoArray)
+    stacked.geo = geo
+    return stacked
