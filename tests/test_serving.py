@@ -239,3 +239,31 @@ def test_torch_runtime_options_are_checked():
         ExportOptions(torch_runtime=True, torch_device="tpu")
     with pytest.raises(InvalidInput, match="torch precision 'int8' is not fp32, bf16 or fp16"):
         ExportOptions(torch_precision="int8")
+
+
+def test_rvq_family_through_triton_is_byte_identical_and_decodes_the_same(
+    rvq_export, data_dir, tmp_path
+):
+    """The RVQ encoder and decoder served by tritonserver give what onnxruntime gives."""
+    from nec_serve.imagery import iter_inputs
+    from nec_serve.pipeline import write_bands
+
+    bundle = ModelBundle.load(rvq_export)
+    src = data_dir / "bigearthnet" / "S2A_MSIL2A_20170613T101031_87_48"
+    bands = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+
+    def run(engine, name):
+        buf = io.BytesIO()
+        compress(iter_inputs(src, bigearthnet_bands=bands), bundle, engine, buf, codebooks=5)
+        (tmp_path / f"{name}.necb").write_bytes(buf.getvalue())
+        write_bands(tmp_path / f"{name}.necb", tmp_path / f"{name}.tif", bundle, engine)
+        return buf.getvalue(), (tmp_path / f"{name}.tif").read_bytes()
+
+    local = run(LocalEngine(bundle), "local")
+    with (
+        LocalTritonServer(rvq_export / "model_repository_local") as srv,
+        TritonEngine(f"grpc://{srv.grpc_url}", bundle) as engine,
+    ):
+        remote = run(engine, "remote")
+    assert remote[0] == local[0]  # the same container, bit for bit
+    assert remote[1] == local[1]  # and the same GeoTIFF

@@ -469,3 +469,46 @@ def test_controller_provisions_local_sources_and_http_trigger(
     finally:
         sources.close()
         server.shutdown()
+
+
+def test_rvq_family_rate_per_message_and_georeferenced_output(
+    kafka, s3, producer, rvq_export, data_dir, tmp_path
+):
+    """meta_information.codebooks picks the rate; decompress puts a GeoTIFF in S3."""
+    import rasterio
+
+    scene = data_dir / "ssl4eo_s12" / "ssl4eos12_val_0181476_0.tif"
+    bands = (2, 3, 4, 5, 6, 7, 8, 9, 11, 12)
+    flow = Flow(kafka, s3, tmp_path)
+    flow.put("input/scene.tif", scene.read_bytes())
+    handler = _handler(flow, rvq_export, producer, bands=bands)
+    sizes = {}
+    for n in (2, 6):
+        msg = json.loads(flow.step("scene.tif"))
+        msg["meta_information"]["codebooks"] = n
+        out = handler.handle(flow.name, json.dumps(msg).encode())
+        assert out.done and out.status == "finished", out.reason
+        assert out.stats["codebooks"] == n
+        sizes[n] = len(flow.get(out.output_key))
+    assert sizes[2] < sizes[6]
+    bad = json.loads(flow.step("scene.tif"))
+    bad["meta_information"]["codebooks"] = 9
+    out = handler.handle(flow.name, json.dumps(bad).encode())
+    assert out.status == "failed" and "codebooks must be in 1..8" in out.reason
+    nxt = flow.read(flow.topic_out, 2)
+    assert [m["meta_information"]["codebooks"] for m in nxt] == [2, 6]
+
+    dflow = Flow(kafka, s3, tmp_path, component="nec-decompress")
+    assert [m["S3_bucket_desc"]["filename"] for m in nxt] == ["scene.c2.necb", "scene.c6.necb"]
+    dflow.put("result-nec-compress/scene.c6.necb", flow.get("result-nec-compress/scene.c6.necb"))
+    dec = _handler(dflow, rvq_export, producer, mode="decompress")
+    dout = dec.handle(dflow.name, json.dumps(nxt[-1]).encode())
+    assert dout.done and dout.status == "finished", dout.reason
+    assert dout.output_key == "result-nec-decompress/scene.c6.tif"
+    assert dout.stats["codebooks"] == 6 and dout.stats["output"] == "bands"
+    with (
+        rasterio.open(io.BytesIO(dflow.get(dout.output_key))) as out,
+        rasterio.open(scene) as ref,
+    ):
+        assert (out.crs, out.transform, out.shape) == (ref.crs, ref.transform, ref.shape)
+        assert out.count == 10 and out.dtypes[0] == "uint16" and out.descriptions[0] == "B02"

@@ -133,12 +133,15 @@ class Outcome:
     stats: dict = field(default_factory=dict)
 
 
-def output_name(key: str, mode: str, output: str = "embeddings") -> str:
+def output_name(
+    key: str, mode: str, output: str = "embeddings", codebooks: int | None = None
+) -> str:
     """Deterministic output file name for an input key.
 
-    ``.necb`` for compress; for decompress ``.tif`` when the output is bands (a container
-    of several images gives ``.tar`` instead, see :func:`nec_serve.pipeline.write_bands`),
-    else ``.npy``.
+    ``.necb`` for compress (``.c<N>.necb`` when the message asks for ``N`` codebooks, so
+    that requests at different rates never overwrite each other); for decompress ``.tif``
+    when the output is bands (a container of several images gives ``.tar`` instead, see
+    :func:`nec_serve.pipeline.write_bands`), else ``.npy``.
     """
     name = key.rsplit("/", 1)[-1]
     for suffix in _INPUT_SUFFIXES:
@@ -146,7 +149,7 @@ def output_name(key: str, mode: str, output: str = "embeddings") -> str:
             name = name[: -len(suffix)]
             break
     if mode == "compress":
-        return f"{name}.necb"
+        return f"{name}.necb" if codebooks is None else f"{name}.c{codebooks}.necb"
     return f"{name}.tif" if output == "bands" else f"{name}.npy"
 
 
@@ -298,10 +301,12 @@ class StepHandler:
     def _run(self, workflow: WorkflowConfig, step: StepMessage) -> Outcome:
         client = s3.make_client(workflow.s3, timeout_s=self.settings.s3_timeout_s)
         bucket = workflow.s3.bucket
-        out_name = output_name(step.key, self.settings.mode, self.output)
+        codebooks = _codebooks(step.meta) if self.settings.mode == "compress" else None
+        out_name = output_name(step.key, self.settings.mode, self.output, codebooks)
         out_key = f"result-{workflow.component}/{out_name}"
         _, etag = s3.head(client, bucket, step.key)
-        msg_id = message_id(bucket, step.key, etag, workflow.component, self.settings.mode)
+        what = self.settings.mode + ("" if codebooks is None else f":c{codebooks}")
+        msg_id = message_id(bucket, step.key, etag, workflow.component, what)
         marker = f"{MARKER_PREFIX}/{workflow.component}/{msg_id}.json"
         done_key = self._published_output(client, bucket, marker, out_key)
         if done_key:
@@ -321,7 +326,7 @@ class StepHandler:
             dest = work / out_name
             try:
                 stats = (
-                    self._compress(src, dest, label, _codebooks(step.meta))
+                    self._compress(src, dest, label, codebooks)
                     if self.settings.mode == "compress"
                     else self._decompress(src, dest, label)
                 )
