@@ -157,25 +157,33 @@ class ResidualVQ(nn.Module):
     def forward(
         self, vectors: torch.Tensor, active: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Quantize ``(N, D)`` vectors with the first ``active[i]`` levels each.
+        """Quantize ``(N, D)`` vectors; row ``i`` is passed on with its first ``active[i]`` levels.
+
+        Level ``l``'s choice depends only on the levels before it, so every vector goes
+        through all levels: in training mode every level's codebook is updated from every
+        vector (a deep level is not starved by the samples that draw few codebooks), and
+        the commitment loss pulls the encoder towards the finest code, not towards the
+        coarse one a sample happened to draw (which would push the information into the
+        first level and leave the others nothing to add).
 
         Returns:
-            ``(quantized (N, D), indices (N, L) int64, commitment loss)``; in training mode
-            the codebooks are updated from the active residuals.
+            ``(quantized (N, D) with straight-through gradients, indices (N, L) int64,
+            commitment loss)``.
         """
         residual = vectors.detach().float()
         quant = torch.zeros_like(residual)
+        full = torch.zeros_like(residual)
         indices = []
         for level in range(self.levels):
-            on = active > level
             idx, _ = self.nearest(residual, level)
-            if self.training and on.any():
-                self._ema_update(level, residual[on], idx[on])
-            chosen = self.codebooks[level][idx] * on[:, None].float()
-            quant = quant + chosen
+            if self.training:
+                self._ema_update(level, residual, idx)
+            chosen = self.codebooks[level][idx]
+            full = full + chosen
+            quant = quant + chosen * (active > level)[:, None].float()
             residual = residual - chosen
             indices.append(idx)
-        commit = F.mse_loss(vectors, quant)
+        commit = F.mse_loss(vectors, full)
         out = vectors + (quant - vectors).detach()
         return out, torch.stack(indices, 1), commit
 
