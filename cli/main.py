@@ -159,6 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         torch_runtime=args.torch_runtime,
         torch_device=args.torch_device,
         torch_precision=args.torch_precision,
+        eo4eu_names=args.eo4eu_names,
     )
     manifest = export_model(
         model,
@@ -454,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write model_repository_torch (+ torch/weights.pt): the local server "
         "running the PyTorch graphs, on the GPU when there is one",
+    )
+    s.add_argument(
+        "--eo4eu-names",
+        action="store_true",
+        help="RVQ: name the graphs' tensors as EO4EU's wrappers do "
+        "(input_sentinel2_10_bands_120, int64_latent32_15, output_sentinel2_10_bands_120)",
     )
     s.add_argument("--torch-device", default="auto", choices=["auto", "cuda", "cpu"])
     s.add_argument(

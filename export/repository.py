@@ -91,6 +91,8 @@ class ExportOptions:
     torch_runtime: bool = False  # also model_repository_torch + torch/weights.pt
     torch_device: str = "auto"  # where that runtime runs: auto (GPU if any), cuda, cpu
     torch_precision: str = "fp32"  # fp32, or bf16/fp16 autocast (speed only: symbols move)
+    # RVQ: serve the graphs under the tensor names of EO4EU's wrappers (see export_rvq).
+    eo4eu_names: bool = False
 
     def __post_init__(self) -> None:
         """Refuse settings the torch runtime does not know, before any work is done."""
@@ -247,6 +249,8 @@ def export_model(
     """
     if isinstance(model, RVQAutoencoder):
         return export_rvq(model, out_dir, index_counts, options, checkpoint_sha256)
+    if options.eo4eu_names:
+        raise InvalidInput("--eo4eu-names applies to the RVQ family's graphs")
     nec = _check_exportable(model).eval()
     model.eval()
     roles = graph_roles(model)
@@ -318,6 +322,24 @@ def export_model(
     return manifest
 
 
+def _rvq_tensor_names(bands: int, size: int, eo4eu: bool) -> dict[str, str]:
+    """The RVQ graphs' tensor names: the project's, or those EO4EU's wrappers call.
+
+    EO4EU's wrappers name the encoder input ``input_sentinel2_10_bands_120``, the codes
+    ``int64_latent32_15`` and the decoder output ``output_sentinel2_10_bands_120``; with
+    ``eo4eu`` the graphs use these names (with this export's band count and tile size), so
+    a client that addresses tensors by those names reaches them. The codes stay int32 in
+    this project's ``(levels, positions)`` layout.
+    """
+    if not eo4eu:
+        return {"images": "images", "indices": "indices", "bands": "bands"}
+    return {
+        "images": f"input_sentinel2_{bands}_bands_{size}",
+        "indices": "int64_latent32_15",
+        "bands": f"output_sentinel2_{bands}_bands_{size}",
+    }
+
+
 def export_rvq(
     model: RVQAutoencoder,
     out_dir: str | Path,
@@ -363,13 +385,15 @@ def export_rvq(
     # Each tile of the check batch uses a different number of levels (-1 beyond them).
     used = torch.arange(levels)[None, :, None] < torch.arange(1, len(images) + 1)[:, None, None]
     indices = torch.where(used, indices, torch.full_like(indices, -1))
-    fp32, idx = DataType.TYPE_FP32, TensorSpec("indices", DataType.TYPE_INT32, (levels, t))
+    names = _rvq_tensor_names(bands, s, options.eo4eu_names)
+    fp32 = DataType.TYPE_FP32
+    idx = TensorSpec(names["indices"], DataType.TYPE_INT32, (levels, t))
     tensors = {
         GraphRole.ENCODER: (
-            (TensorSpec("images", fp32, (bands, s, s)),),
+            (TensorSpec(names["images"], fp32, (bands, s, s)),),
             (idx, TensorSpec("latent", fp32, (model.latent, t))),
         ),
-        GraphRole.RECONSTRUCTION: ((idx,), (TensorSpec("bands", fp32, (bands, s, s)),)),
+        GraphRole.RECONSTRUCTION: ((idx,), (TensorSpec(names["bands"], fp32, (bands, s, s)),)),
     }
     graphs: dict[GraphRole, GraphSpec] = {}
     for role, (inputs, outputs) in tensors.items():

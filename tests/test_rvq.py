@@ -395,3 +395,26 @@ def test_rvq_manifest_fields_are_checked(rvq_export, path, value, match):
     data[path[0]][path[1]] = value
     with pytest.raises(ManifestError, match=match):
         Manifest.from_dict(data)
+
+
+def test_eo4eu_tensor_names_serve_the_same_codes(rvq_run, rvq, data_dir, tmp_path, tiny_model):
+    from nec_export import ExportOptions, export_model
+    from nec_models.shipped import load_trained
+
+    ckpt = torch.load(rvq_run / "checkpoint.pth", map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_model(load_trained(ckpt), tmp_path / "eo4eu", ExportOptions(eo4eu_names=True))
+    named = ModelBundle.load(tmp_path / "eo4eu")
+    enc = named.manifest.graph(GraphRole.ENCODER)
+    dec = named.manifest.graph(GraphRole.RECONSTRUCTION)
+    assert enc.inputs[0].name == "input_sentinel2_10_bands_16"
+    assert enc.outputs[0].name == dec.inputs[0].name == "int64_latent32_15"
+    assert dec.outputs[0].name == "output_sentinel2_10_bands_16"
+    bundle, engine = rvq
+    src = data_dir / SSL4EO
+    assert _compress(named, LocalEngine(named), src, codebooks=3) == _compress(
+        bundle, engine, src, codebooks=3
+    )
+    with pytest.raises(InvalidInput, match="applies to the RVQ family"):
+        export_model(tiny_model, tmp_path / "nec", ExportOptions(eo4eu_names=True))
