@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test lint format bench bench-codec bench-encoder bench-serving \
-	bench-pipeline bench-perf bench-rate train-eurosat clean
+	bench-pipeline bench-perf bench-rate bench-rvq train-eurosat train-s2 clean
 
 $(STAMP): requirements/lock.txt requirements/build.txt pyproject.toml dev/pyproject.toml setup.py nec_serve/_rans.c scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -75,6 +75,15 @@ bench-rate: install  ## EuroSAT test split: NEC rate points vs JPEG/WebP/JPEG 20
 		|| exit 1; done
 	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/bench_rate.py --mae mae_vit_tiny_patch8 \
 		--nec $(addprefix artifacts/rate/,$(RATE_MODELS))
+
+# The RVQ Sentinel-2 compressor that ships in weights/sentinel2/ (scripts/train_s2.sh, ~75 min
+# on 2 cores, resumable), and its rate against distortion beside per-band codecs (~5 min).
+train-s2: install  ## RVQ compressor (1-8 codebooks) and the 8-codebook comparison (runs/)
+	scripts/train_s2.sh
+
+bench-rvq: install  ## Sentinel-2 test split: RVQ N=1..8 vs JPEG 2000 16 bit, JPEG 8 bit, zstd
+	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/bench_rvq.py --shipped rvq-s2 \
+		--compare rvq-s2-fixed8
 
 clean:
 	rm -rf build artifacts nec_serve/*.so *.egg-info $(VENV)

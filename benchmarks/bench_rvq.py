@@ -419,6 +419,7 @@ def main(argv=None) -> int:
     p.add_argument("--compare", help="shipped model (or checkpoint) trained for N = 8 only")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--quick", action="store_true", help="fewer baseline settings")
+    p.add_argument("--max-images", type=int, default=0, help="first N test/train images (0: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
@@ -428,7 +429,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         bundle = _export(model, work, "rvq")
-        test_items = split["test"]
+        cap = args.max_images or None
+        test_items, train_items = split["test"][:cap], split["train"][:cap]
         images = [(Path(i.path).name, read_s2_raw(i)) for i in test_items]
         scorer = Scorer(images)
         print(f"test split: {len(images)} images, {scorer.pixels} pixels")
@@ -440,7 +442,7 @@ def main(argv=None) -> int:
             )
             rows += rvq_rows(_export(other, work, "fixed8"), scorer, work, "rvq_fixed8", [8])
         rows += baseline_rows(scorer, args.quick)
-        train_idx = _indices(bundle, load_s2(split["train"]))
+        train_idx = _indices(bundle, load_s2(train_items))
         test_idx = _indices(bundle, load_s2(test_items))
         coder = coder_numbers(bundle, test_idx)
         cond = conditioning(train_idx, test_idx, bundle.codec.entries)

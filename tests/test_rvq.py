@@ -418,3 +418,30 @@ def test_eo4eu_tensor_names_serve_the_same_codes(rvq_run, rvq, data_dir, tmp_pat
     )
     with pytest.raises(InvalidInput, match="applies to the RVQ family"):
         export_model(tiny_model, tmp_path / "nec", ExportOptions(eo4eu_names=True))
+
+
+def test_bench_rvq_scores_every_codec_from_real_files(rvq_run, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rvq.py"
+    spec = importlib.util.spec_from_file_location("bench_rvq", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ckpt, out = str(rvq_run / "checkpoint.pth"), tmp_path / "rvq"
+    args = ["--checkpoint", ckpt, "--compare", ckpt, "--out", str(out), "--quick"]
+    assert bench.main([*args, "--max-images", "6"]) == 0
+    rows = list(csv.DictReader((out / "rvq.csv").open()))
+    rvq = [r for r in rows if r["method"] == "rvq"]
+    assert [int(r["setting"]) for r in rvq] == list(range(1, 9))
+    bpp = [float(r["bpp"]) for r in rvq]
+    assert bpp == sorted(bpp) and all(float(r["payload_bpp"]) < float(r["bpp"]) for r in rvq)
+    assert {r["method"] for r in rows} == {"rvq", "rvq_fixed8", "jpeg2000", "jpeg", "zstd"}
+    j2k = sorted((float(r["bpp"]), float(r["rmse_pct"])) for r in rows if r["method"] == "jpeg2000")
+    assert [e for _, e in j2k] == sorted((e for _, e in j2k), reverse=True)  # more bits, less error
+    zstd = next(r for r in rows if r["method"] == "zstd")
+    assert float(zstd["rmse_pct"]) == 0 and float(zstd["bpp"]) > 40  # lossless 10 x 16 bit
+    assert all(float(r[f"rmse_pct_{b}"]) >= 0 for r in rows for b in S2_BANDS)
+    assert (out / "rvq.png").stat().st_size > 10_000
+    text = (out / "rvq.md").read_text()
+    assert "Below 2 % RMS:" in text and "entropy bound" in text and "conditioned" in text
