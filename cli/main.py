@@ -557,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only the in-process part, no Kafka/S3/Triton workflow",
     )
+    s.add_argument(
+        "--no-rvq",
+        dest="rvq",
+        action="store_false",
+        help="leave out the RVQ Sentinel-2 compressor that runs beside the NEC model",
+    )
     s.set_defaults(func=cmd_demo)
     return p
 

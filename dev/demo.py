@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nec_dev.demo_rvq import RVQ_MODEL, SSL4EO_BANDS, run_rvq_demo, s2_workflow_inputs
 from nec_dev.demo_trained import (
     RecordingEngine,
     eurosat_workflow_inputs,
@@ -175,6 +176,9 @@ def _run_trained(args: argparse.Namespace, entry: dict, data: Path, work: Path) 
         bundle, engine, data, Path(entry["dir"]), work, batch_size=args.batch_size
     )
     _print_table(rows, trained=True)
+    rvq = shipped_models().get(RVQ_MODEL) if args.rvq else None
+    if rvq:
+        run_rvq_demo(rvq, data, work, threads=args.threads)
     inputs = partial(eurosat_workflow_inputs, weights_dir=Path(entry["dir"]))
     workflow = partial(
         run_workflow_demo,
@@ -185,7 +189,23 @@ def _run_trained(args: argparse.Namespace, entry: dict, data: Path, work: Path) 
         bands=None,
         output="classes",
     )
-    return _finish(rows, args, work, workflow)
+
+    def both() -> int:
+        status = workflow()
+        if rvq is None or status:
+            return status
+        print(f"\n[workflow] {RVQ_MODEL}: a step message asks for 4 codebooks; GeoTIFF out")
+        return run_workflow_demo(
+            work / "export" / RVQ_MODEL,
+            data,
+            work / "workflow-rvq",
+            inputs=partial(s2_workflow_inputs, weights_dir=Path(rvq["dir"])),
+            bands=SSL4EO_BANDS,
+            output="bands",
+            meta={"codebooks": 4},
+        )
+
+    return _finish(rows, args, work, both)
 
 
 def _print_table(rows: list[dict], trained: bool = False) -> None:

@@ -277,12 +277,15 @@ def run_workflow_demo(
     inputs: Callable[[Path, Path], list[tuple[str, Path]]] | None = None,
     bands: str | None = "1,2,3",
     output: str = "embeddings",
+    meta: dict | None = None,
 ) -> int:
     """Run the workflow demo; returns the exit status.
 
     ``inputs(data, tmp)`` makes the objects dropped in S3 (default: NAIP scenes in a
     ``.tar.gz`` and a Landsat GeoTIFF), ``bands`` is what the compress step reads of them,
-    ``output`` what the decompress step writes (``classes``: scores and per-tile labels).
+    ``output`` what the decompress step writes (``classes``: scores and per-tile labels;
+    ``bands``: GeoTIFFs), ``meta`` goes into each step message's ``meta_information``
+    (e.g. ``{"codebooks": 4}``, the RVQ family's rate).
     """
     make_inputs = inputs or _inputs
     work.mkdir(parents=True, exist_ok=True)
@@ -358,7 +361,7 @@ def run_workflow_demo(
                     {
                         "previous_component_end": True,
                         "S3_bucket_desc": {"folder": "input", "filename": name},
-                        "meta_information": {"source": "nec-serve workflow demo"},
+                        "meta_information": {"source": "nec-serve workflow demo", **(meta or {})},
                     },
                 ).get(30)
             print(f"[kafka] workflow published and {len(inputs)} step messages sent")

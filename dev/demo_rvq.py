@@ -1,0 +1,125 @@
+"""The demo's second family: the shipped RVQ Sentinel-2 compressor on its test split.
+
+The shipped model (``rvq-s2``, ``weights/sentinel2/``) takes ten Sentinel-2 bands
+(B02-B08, B8A, B11, B12) as reflectance x 10000. The images of its test split (whole
+SSL4EO locations, BigEarthNet patches and EuroSAT MS patches it never trained on; the
+split ships beside the weights) are compressed into one container per rate
+(``--codebooks`` 1, 2, 4 and 8 of the one model), decoded to georeferenced GeoTIFFs and
+compared with the input: bits per pixel from the container, the RMS error in % of each
+band's range (the deliverable's metric), and whether the output lies where the input did.
+Then, in the workflow, a step message asks for a rate in ``meta_information.codebooks``.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from nec_dev.demo_trained import export_shipped
+from nec_models.sentinel2 import S2Item, read_s2_raw, read_s2_split
+from nec_serve.engines import LocalEngine
+from nec_serve.pipeline import compress, write_bands
+
+__all__ = ["RVQ_MODEL", "RVQ_RATES", "run_rvq_demo", "s2_workflow_inputs", "SSL4EO_BANDS"]
+
+#: The shipped RVQ model the demo runs beside NEC.
+RVQ_MODEL = "rvq-s2"
+#: Codebook counts the demo compresses at (one model).
+RVQ_RATES = (1, 2, 4, 8)
+#: 1-based indices of the ten bands in an SSL4EO-S12 GeoTIFF (B01-B12 without B10).
+SSL4EO_BANDS = "2,3,4,5,6,7,8,9,11,12"
+
+
+def _under(item: S2Item, data: Path) -> S2Item:
+    """``item`` with its path under ``data`` (splits record the path training used)."""
+    parts = Path(item.path).parts
+    rel = Path(*parts[parts.index(item.dataset) :]) if item.dataset in parts else Path(item.path)
+    return S2Item(item.dataset, item.group, str(data / rel))
+
+
+def test_images(weights_dir: Path, data: Path) -> list[tuple[str, np.ndarray]]:
+    """The shipped model's test split, read as the service reads it."""
+    split = read_s2_split(weights_dir / "split.csv")
+    return [(Path(i.path).name, read_s2_raw(_under(i, data))) for i in split["test"]]
+
+
+def _decoded(path: Path) -> list[tuple[dict, np.ndarray]]:
+    """(georeferencing, pixels) of each GeoTIFF ``write_bands`` wrote (a .tif or a .tar)."""
+    files = []
+    if path.suffix == ".tar":
+        with tarfile.open(path) as tar:
+            files = [io.BytesIO(tar.extractfile(m).read()) for m in tar.getmembers()]
+    else:
+        files = [path]
+    out = []
+    for f in files:
+        with rasterio.open(f) as ds:
+            out.append(({"crs": ds.crs, "transform": ds.transform}, ds.read()))
+    return out
+
+
+def run_rvq_demo(entry: dict, data: Path, work: Path, threads: int = 0) -> list[dict]:
+    """Compress the test split at each of :data:`RVQ_RATES`, decode, measure; print rows."""
+    bundle = export_shipped(RVQ_MODEL, work / "export" / RVQ_MODEL)
+    engine = LocalEngine(bundle, threads=threads)
+    images = test_images(Path(entry["dir"]), data)
+    pixels = sum(a.shape[1] * a.shape[2] for _, a in images)
+    flat = [a.reshape(a.shape[0], -1).astype(np.float64) for _, a in images]
+    span = np.max([f.max(1) for f in flat], 0) - np.min([f.min(1) for f in flat], 0)
+    geos = [getattr(a, "geo", None) for _, a in images]
+    raw_bytes = sum(a.nbytes for _, a in images)
+    print(
+        f"\n[rvq] {RVQ_MODEL}: {len(images)} test images ({pixels:,} pixels x 10 bands, "
+        f"{raw_bytes:,} bytes as 16-bit) at {', '.join(map(str, RVQ_RATES))} codebooks"
+    )
+    rows = []
+    for n in RVQ_RATES:
+        container = work / f"s2_test.c{n}.necb"
+        t0 = time.perf_counter()
+        with container.open("wb") as f:
+            stats = compress(iter(images), bundle, engine, f, codebooks=n)
+        t1 = time.perf_counter()
+        done = write_bands(container, work / f"s2_test.c{n}.tif", bundle, engine)
+        t2 = time.perf_counter()
+        decoded = _decoded(Path(done["path"]))
+        sq = np.zeros(len(span))
+        placed = 0
+        for (_, ref), (geo, rec), want in zip(images, decoded, geos, strict=True):
+            diff = rec.astype(np.float64) - ref.astype(np.float64)
+            sq += (diff.reshape(diff.shape[0], -1) ** 2).sum(1)
+            placed += want is None or (
+                geo["crs"].to_string() == want["crs"]
+                and tuple(geo["transform"])[:6] == tuple(want["transform"])
+            )
+        rmse = np.sqrt(sq / pixels)
+        row = {
+            "codebooks": n,
+            "container_bytes": stats.container_bytes,
+            "bpp": round(8 * stats.container_bytes / pixels, 3),
+            "ratio_16bit": round(raw_bytes / stats.container_bytes, 1),
+            "rmse_pct_of_range": round(float((100 * rmse / span).mean()), 3),
+            "rmse_reflectance_x1e4": round(float(np.sqrt((rmse**2).mean())), 1),
+            "over_bound_pct": round(100 * stats.overhead_vs_bound, 3),
+            "georeferenced": f"{placed}/{len(images)}",
+            "compress_s": round(t1 - t0, 2),
+            "decompress_s": round(t2 - t1, 2),
+        }
+        rows.append(row)
+    cols = list(rows[0])
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    return rows
+
+
+def s2_workflow_inputs(data: Path, tmp: Path, weights_dir: Path) -> list[tuple[str, Path]]:
+    """What the RVQ workflow drops in S3: one SSL4EO test scene as it is (12 bands)."""
+    split = read_s2_split(weights_dir / "split.csv")
+    scenes = [_under(i, data) for i in split["test"] if i.dataset == "ssl4eo_s12"]
+    path = Path(scenes[0].path)
+    return [(path.name, path)]
