@@ -40,11 +40,15 @@ __all__ = [
 #: ``weights/`` at the repository root (the shipped models travel with the checkout).
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 INDEX = "index.json"
-# Kept in float32: the entropy model's parameters and tables define the code itself (NEC's
-# bottleneck; the RVQ codebooks, which decide every index, and their index histograms).
+# Kept in float32: what decides the transmitted code. NEC: the entropy bottleneck. RVQ: the
+# encoder, the band statistics and the codebooks (every index), and the index histograms
+# (the tables); its decoder and training-only statistics go to half precision.
 _FULL_PRECISION = (
     "bottleneck.",
     "backbone.bottleneck.",
+    "enc_",
+    "band_mean",
+    "band_std",
     "quantizer.codebooks",
     "quantizer.index_counts",
 )
@@ -195,8 +199,9 @@ def pack_standalone(
     """Write ``out`` (a weights set) of models trained from scratch, no shared base.
 
     Each model's tensors are stored in half precision except :data:`_FULL_PRECISION`
-    (for RVQ: the codebooks and index histograms stay float32, so the codes are the
-    trained model's). The first model's run ``split.csv`` is copied beside them.
+    (for RVQ: the encoder, band statistics, codebooks and index histograms stay float32,
+    so the codes are the trained model's). The first model's run ``split.csv`` is copied
+    beside them.
 
     Args:
         models: shipped name -> a trainer's checkpoint.

@@ -51,6 +51,7 @@ __all__ = [
     "evaluate_rvq",
     "rvq_metrics",
     "index_histograms",
+    "square_tiles",
 ]
 
 
@@ -142,7 +143,7 @@ def _band_stats(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
-def _tiles(images: list[np.ndarray], size: int) -> list[np.ndarray]:
+def square_tiles(images: list[np.ndarray], size: int) -> list[np.ndarray]:
     """Non-overlapping ``size`` tiles of each image (edges that do not fill one dropped)."""
     out = []
     for img in images:
@@ -164,7 +165,7 @@ def rvq_metrics(
     "rmse_pct_band": {n: [per band]}, "rmse": {n: raw units}, "perplexity": [per level]}``.
     """
     model.eval()
-    tiles = np.stack(_tiles(images, size))
+    tiles = np.stack(square_tiles(images, size))
     mean, std = model.band_mean.view(1, -1, 1, 1), model.band_std.view(1, -1, 1, 1)
     lo = np.min([img.reshape(img.shape[0], -1).min(1) for img in images], axis=0)
     hi = np.max([img.reshape(img.shape[0], -1).max(1) for img in images], axis=0)
@@ -206,7 +207,7 @@ def index_histograms(
     entropy tables are made from.
     """
     model.eval()
-    tiles = np.stack(_tiles(images, size))
+    tiles = np.stack(square_tiles(images, size))
     mean, std = model.band_mean.view(1, -1, 1, 1), model.band_std.view(1, -1, 1, 1)
     counts = torch.zeros(model.levels, model.codebook_size)
     for i in range(0, len(tiles), batch_size):
