@@ -16,8 +16,12 @@ and NEC trainers (:mod:`nec_models.train`):
 Each sample's number of codebooks is drawn uniformly from 1..levels
 (``train_codebooks=0``) so that one model serves every rate, or fixed (e.g. 8, for the
 comparison model). The loss is the mean squared error of the standardised bands plus
-``beta`` x the commitment loss. The codebooks start from k-means on the latents of the
-first crops, then follow EMA updates with dead-code restart (:class:`ResidualVQ`).
+``beta`` x the commitment loss; with drawn codebook counts, the error is the mean of the
+reconstruction from all levels (which alone trains the encoder) and the reconstruction
+from each sample's drawn levels (which trains the decoder for every rate), see
+:meth:`~nec_models.rvq.RVQAutoencoder.forward_train`. The codebooks start from k-means on
+the latents of the first crops, then follow EMA updates with dead-code restart
+(:class:`ResidualVQ`).
 
 Validation reports, per number of codebooks, the RMS error in % of each band's range
 (the deliverable's metric; the range is the validation set's max - min per band, raw
@@ -304,8 +308,10 @@ def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) ->
                 active = torch.full((len(x),), cfg.train_codebooks)
             else:
                 active = torch.randint(1, model.levels + 1, (len(x),), generator=gen)
-            rec, _, commit = model(x, active)
-            mse = F.mse_loss(rec, x)
+            full, part, commit = model.forward_train(x, active)
+            mse = F.mse_loss(full, x)
+            if part is not None:  # the drawn rates, for the decoder
+                mse = 0.5 * (mse + F.mse_loss(part, x))
             loss = mse + cfg.beta * commit
             if not torch.isfinite(loss):
                 raise TrainingDiverged(

@@ -6,8 +6,9 @@
 with its decoder in half precision and what decides the codes (encoder, band statistics,
 codebooks, index histograms) in float32. Before anything is written, the packed weights
 are checked against the float32 run on the test split: how many indices change (none
-should), and the RMS error at 8 codebooks either way; the numbers go into ``index.json``. With ``--metrics`` (``make bench-rvq`` on
-the packed weights), the measured rate and distortion per codebook count go there too.
+should), and the RMS error at 8 codebooks either way; the numbers go into ``index.json``.
+With ``--metrics`` (``make bench-rvq`` on the packed weights), the measured rate and
+distortion per codebook count go there too.
 """
 
 from __future__ import annotations

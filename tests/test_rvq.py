@@ -55,6 +55,19 @@ def test_each_sample_uses_its_own_number_of_levels():
     torch.testing.assert_close(quant[1], full)
 
 
+def test_only_the_full_code_trains_the_encoder():
+    torch.manual_seed(0)
+    model = create_model("rvq_s2_tiny").train()
+    x = torch.randn(2, 10, 16, 16)
+    full, part, _ = model.forward_train(x, torch.tensor([1, 3]))
+    part.pow(2).mean().backward()
+    assert model.enc_in.weight.grad is None or not model.enc_in.weight.grad.any()
+    assert model.dec_out.weight.grad.abs().sum() > 0  # the decoder learns the coarse rates
+    full.pow(2).mean().backward()
+    assert model.enc_in.weight.grad.abs().sum() > 0
+    assert model.forward_train(x, torch.tensor([8, 8]))[1] is None  # one pass when all used
+
+
 def test_bad_band_count_or_size_is_refused():
     model = create_model("rvq_s2_tiny")
     with pytest.raises(InvalidInput, match="10, H, W"):
