@@ -262,6 +262,16 @@ def _cross_entropy(counts: np.ndarray, symbols: np.ndarray) -> float:
     return float(-np.log2(p[symbols]).sum())
 
 
+def perplexity(indices: np.ndarray, k: int) -> list[float]:
+    """``2 ** entropy`` of each level's index distribution in ``(tiles, L, T)``."""
+    out = []
+    for level in range(indices.shape[1]):
+        p = np.bincount(indices[:, level].ravel(), minlength=k) / indices[:, level].size
+        p = p[p > 0]
+        out.append(float(2 ** -(p * np.log2(p)).sum()))
+    return out
+
+
 def conditioning(train_idx: np.ndarray, test_idx: np.ndarray, k: int, buckets: int = 16) -> dict:
     """Bits of the test indices: one table per level vs per (level, previous-index bucket).
 
@@ -392,6 +402,12 @@ def summary(rows, coder, cond, info: dict) -> str:
             f"({rel:+.1f} %, target within 10 %)."
         )
     lines.append(
+        "- Codebook usage on the test split, perplexity (2^entropy, of "
+        f"{info['entries']} entries) per level: "
+        + ", ".join(f"{p:.0f}" for p in info["perplexity"])
+        + "."
+    )
+    lines.append(
         f"- Tables conditioned on the previous level's index ({cond['buckets']} frequency "
         f"buckets): {cond['bits_per_index_conditioned']:.3f} against "
         f"{cond['bits_per_index_plain']:.3f} bits per index on the test split "
@@ -459,6 +475,8 @@ def main(argv=None) -> int:
         "pixels": scorer.pixels,
         "datasets": ", ".join(sorted({i.dataset for i in test_items})),
         "machine": machine_description(),
+        "entries": bundle.codec.entries,
+        "perplexity": perplexity(test_idx, bundle.codec.entries),
     }
     text = summary(rows, coder, cond, info)
     (out / "rvq.md").write_text(text + f"\nRan in {time.perf_counter() - t0:.0f} s.\n")

@@ -458,3 +458,4 @@ def test_bench_rvq_scores_every_codec_from_real_files(rvq_run, tmp_path):
     assert (out / "rvq.png").stat().st_size > 10_000
     text = (out / "rvq.md").read_text()
     assert "Below 2 % RMS:" in text and "entropy bound" in text and "conditioned" in text
+    assert "perplexity" in text
