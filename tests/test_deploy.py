@@ -269,10 +269,11 @@ def test_cli_upload_only_prints_the_storage_uri_and_never_credentials(
         assert SECRET not in out.stdout + out.stderr
 
 
-def test_cli_without_kubeconfig_fails_before_uploading(s3, s3_endpoint, aws_env, tmp_path):
-    repo = _fake_repo(tmp_path / "exp")
+def test_cli_without_kubeconfig_fails_before_uploading(
+    s3, s3_endpoint, aws_env, tmp_path, tiny_export
+):
     env = dict(os.environ, **aws_env, HOME=str(tmp_path), KUBECONFIG=str(tmp_path / "none"))
-    argv = ["deploy", "--model-dir", str(repo.parent), "--variant", "cpu", "--bucket", BUCKET]
+    argv = ["deploy", "--model-dir", str(tiny_export), "--variant", "cpu", "--bucket", BUCKET]
     argv += ["--prefix", "nokube", "--endpoint-url", s3_endpoint, "--timeout", "5"]
     out = run_py(f"import sys; from nec_serve.deploy import main; sys.exit(main({argv!r}))", env)
     assert out.returncode == 2, out.stdout + out.stderr
@@ -490,3 +491,34 @@ def test_wait_reports_a_service_without_status(monkeypatch):
 
     with pytest.raises(deploy.DeployTimeout, match="nec/nec-decoder: last condition no cond"):
         deploy.wait_ready(NoStatus(), ["nec-decoder"], timeout=0, poll=0)
+
+
+def test_services_follow_the_export_family_and_graphs(rvq_export, tiny_export, validator):
+    from nec_serve.contract import Manifest
+
+    rvq = deploy.services_for(Manifest.load(rvq_export))
+    assert [(s.name, s.models) for s in rvq] == [
+        ("rvq-encoder", ("rvq_encoder",)),
+        ("rvq-decoder", ("rvq_decoder",)),
+    ]
+    nec = deploy.services_for(Manifest.load(tiny_export))
+    assert [s.name for s in nec] == ["nec-encoder", "nec-decoder"]
+    assert set(nec[1].models) == {"nec_decoder", "nec_decoder_block1"}
+    assert deploy.services_for(None) == deploy.SERVICES
+    out = run_py(
+        f"""
+        import json
+        from nec_serve import deploy
+        from nec_serve.contract import Manifest
+        objs = deploy.build_inference_services(
+            "gpu", "s3://b/p/model_repository_gpu", manifest=Manifest.load({str(rvq_export)!r})
+        )
+        print(json.dumps([deploy.to_manifest(o) for o in objs]))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    objs = json.loads(out.stdout)
+    assert [o["metadata"]["name"] for o in objs] == ["rvq-encoder", "rvq-decoder"]
+    assert "--load-model=rvq_decoder" in objs[1]["spec"]["predictor"]["model"]["args"]
+    for obj in objs:
+        assert validator.errors(obj) == []

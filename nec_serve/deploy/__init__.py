@@ -46,6 +46,7 @@ from nec_serve.deploy.services import (
     Service,
     Sizing,
     build_inference_services,
+    services_for,
     to_manifest,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "storage_uri",
     "upload_repository",
     "build_inference_services",
+    "services_for",
     "to_manifest",
     "make_kserve_client",
     "apply_inference_services",

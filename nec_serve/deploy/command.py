@@ -1,4 +1,4 @@
-"""Deploy NEC on KServe + NVIDIA Triton: upload a model repository, apply the InferenceServices.
+"""Deploy an export on KServe + NVIDIA Triton: upload its repository, apply its InferenceServices.
 
 The ``nec-serve deploy`` subcommand: :func:`add_parser` registers it, :func:`cmd_deploy`
 runs it (upload, then unless ``--upload-only`` apply and wait), :func:`main` is
@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from nec_serve.contract import Manifest
 from nec_serve.deploy.apply import (
     apply_inference_services,
     make_kserve_client,
@@ -68,7 +69,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if not args.upload_only:
             # Fail on a missing kubeconfig or ServiceAccount before a long upload, not after.
             isvcs = build_inference_services(
-                args.variant, uri, args.namespace, runtime_version=args.runtime_version
+                args.variant,
+                uri,
+                args.namespace,
+                runtime_version=args.runtime_version,
+                manifest=Manifest.load(args.model_dir),
             )
             kclient = make_kserve_client(args.kubeconfig, args.context)
             require_service_account(kclient, args.namespace, SERVICE_ACCOUNT)

@@ -12,9 +12,9 @@ by field).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from nec_serve.contract import NEC, GraphRole
+from nec_serve.contract import NEC, GraphRole, Manifest
 from nec_serve.errors import InvalidInput
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "PLURAL",
     "check_variant",
     "build_inference_services",
+    "services_for",
     "to_manifest",
 ]
 
@@ -121,6 +122,31 @@ SERVICES = (
 )
 
 
+def services_for(manifest: Manifest | None) -> tuple[Service, ...]:
+    """The InferenceServices an export needs: its family's encoder, and its decoding graphs.
+
+    Without a manifest, NEC's full set (:data:`SERVICES`, what ``k8s/`` applies). With one,
+    the services are named after the family (``rvq-encoder``, ``rvq-decoder``) and the
+    decoder loads exactly the decoding graphs the export has (a NEC classifier export:
+    ``nec_decoder`` and ``nec_classifier``; RVQ: ``rvq_decoder``).
+    """
+    if manifest is None:
+        return SERVICES
+    family = manifest.family_spec
+    encoder, decoder = SERVICES
+    decoding = tuple(
+        family.graph_name(role) for role in manifest.graphs if role != GraphRole.ENCODER
+    )
+    out = [
+        replace(
+            encoder, name=f"{family.name}-encoder", models=(family.graph_name(GraphRole.ENCODER),)
+        )
+    ]
+    if decoding:
+        out.append(replace(decoder, name=f"{family.name}-decoder", models=decoding))
+    return tuple(out)
+
+
 def check_variant(variant: str) -> str:
     """``variant`` if it is one of :data:`VARIANTS`, else :class:`InvalidInput` naming it."""
     if variant not in VARIANTS:
@@ -134,8 +160,12 @@ def build_inference_services(
     namespace: str = NAMESPACE,
     runtime_version: str = RUNTIME_VERSION,
     service_account: str = SERVICE_ACCOUNT,
+    manifest: Manifest | None = None,
 ) -> list:
     """Typed ``V1beta1InferenceService`` objects for the encoder and the decoders.
+
+    ``manifest`` (the export's) picks the services and the models they load
+    (:func:`services_for`); without it, NEC's.
 
     They are the objects of ``k8s/overlays/<variant>`` with ``storageUri`` set to ``uri``:
     Triton runtime, protocol v2, only this service's models loaded (explicit model control),
@@ -154,7 +184,7 @@ def build_inference_services(
         return k8s.V1Probe(http_get=action, **timing)
 
     services = []
-    for svc in SERVICES:
+    for svc in services_for(manifest):
         size = svc.sizing[variant]
         gpu = variant == "gpu"
         model = kserve.V1beta1ModelSpec(
