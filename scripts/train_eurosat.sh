@@ -21,18 +21,7 @@ CLS_EPOCHS=${CLS_EPOCHS:-15}
 THREADS=${THREADS:-0}
 NEC=.venv/bin/nec-serve
 
-stage() {  # stage <run folder> <epochs> <command...>: skip when done, resume when cut short
-    local out=$1 epochs=$2
-    shift 2
-    if [ -f "$out/log.csv" ] && [ "$(($(wc -l < "$out/log.csv") - 1))" -ge "$epochs" ]; then
-        echo "[$(date -u +%FT%TZ)] $out: done"
-        return
-    fi
-    local resume=()
-    [ -f "$out/checkpoint.pth" ] && resume=(--resume)
-    echo "[$(date -u +%FT%TZ)] $out: $*"
-    "$@" "${resume[@]}" -q >> "$out.log" 2>&1
-}
+source scripts/stage.sh
 
 mkdir -p "$RUNS"
 stage "$RUNS/mae" "$MAE_EPOCHS" $NEC train mae --data "$DATA" --out "$RUNS/mae" \

@@ -20,22 +20,12 @@ MODEL=${MODEL:-rvq_s2_small}
 NEC=.venv/bin/nec-serve
 SOURCES=("$DATA/ssl4eo_s12" "$DATA/eurosat_ms" "$DATA/bigearthnet")
 
-run() {  # run <run folder> <epochs> <extra args...>
-    local out=$1 epochs=$2
-    shift 2
-    if [ -f "$out/log.csv" ] && [ "$(($(wc -l < "$out/log.csv") - 1))" -ge "$epochs" ]; then
-        echo "[$(date -u +%FT%TZ)] $out: done"
-        return
-    fi
-    local resume=()
-    [ -f "$out/checkpoint.pth" ] && resume=(--resume)
-    echo "[$(date -u +%FT%TZ)] $out: training"
-    $NEC train rvq --data "${SOURCES[@]}" --out "$out" --model "$MODEL" --epochs "$epochs" \
-        --crops-per-epoch "$CROPS" --threads 1 "$@" "${resume[@]}" -q >> "$out.log" 2>&1
-    echo "[$(date -u +%FT%TZ)] $out: finished"
-}
+source scripts/stage.sh
 
 mkdir -p "$RUNS"
-run "$RUNS/rvq" "$EPOCHS" &
-run "$RUNS/rvq8" "$FIXED8_EPOCHS" --train-codebooks 8 &
+COMMON=(--data "${SOURCES[@]}" --model "$MODEL" --crops-per-epoch "$CROPS" --threads 1)
+stage "$RUNS/rvq" "$EPOCHS" $NEC train rvq --out "$RUNS/rvq" --epochs "$EPOCHS" "${COMMON[@]}" &
+stage "$RUNS/rvq8" "$FIXED8_EPOCHS" $NEC train rvq --out "$RUNS/rvq8" --epochs "$FIXED8_EPOCHS" \
+    --train-codebooks 8 "${COMMON[@]}" &
 wait
+echo "[$(date -u +%FT%TZ)] all runs done"
