@@ -472,7 +472,7 @@ def test_controller_provisions_local_sources_and_http_trigger(
 
 
 def test_rvq_family_rate_per_message_and_georeferenced_output(
-    kafka, s3, producer, rvq_export, data_dir, tmp_path
+    kafka, s3, producer, rvq_export, tiny_export, data_dir, tmp_path
 ):
     """meta_information.codebooks picks the rate; decompress puts a GeoTIFF in S3."""
     import rasterio
@@ -495,6 +495,14 @@ def test_rvq_family_rate_per_message_and_georeferenced_output(
     bad["meta_information"]["codebooks"] = 9
     out = handler.handle(flow.name, json.dumps(bad).encode())
     assert out.status == "failed" and "codebooks must be in 1..8" in out.reason
+    assert "meta_information.codebooks" in out.reason
+    for value in ("4", True, 10**40):
+        bad["meta_information"]["codebooks"] = value
+        out = handler.handle(flow.name, json.dumps(bad).encode())
+        assert out.done and out.status == "failed" and "meta_information.codebooks" in out.reason
+    bad["meta_information"]["codebooks"] = 2  # a NEC step has no codebooks to choose
+    out = _handler(flow, tiny_export, producer).handle(flow.name, json.dumps(bad).encode())
+    assert out.status == "failed" and "applies to the RVQ family" in out.reason
     nxt = flow.read(flow.topic_out, 2)
     assert [m["meta_information"]["codebooks"] for m in nxt] == [2, 6]
 

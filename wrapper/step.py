@@ -153,14 +153,24 @@ def output_name(
     return f"{name}.tif" if output == "bands" else f"{name}.npy"
 
 
-def _codebooks(meta: dict) -> int | None:
-    """``meta_information.codebooks`` of a step message: the RVQ rate it asks for."""
+def _codebooks(meta: dict, bundle: ModelBundle) -> int | None:
+    """``meta_information.codebooks`` of a step message: the RVQ rate it asks for, checked.
+
+    Refused (naming the field) unless it is an integer the export can code, before any
+    S3 or inference work is done; other families refuse the field altogether.
+    """
     value = meta.get("codebooks")
     if value is None:
         return None
+    what = "field 'meta_information.codebooks'"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"field 'meta_information.codebooks' must be an integer, got {value!r}")
-    return value
+        raise InvalidInput(f"{what} must be an integer, got {value!r}")
+    if not hasattr(bundle.codec, "check_levels"):
+        raise InvalidInput(f"{what} applies to the RVQ family; this step serves {bundle.family!r}")
+    try:
+        return bundle.codec.check_levels(value)
+    except InvalidInput as err:
+        raise InvalidInput(f"{what}: {err}") from None
 
 
 def message_id(bucket: str, key: str, etag: str, component: str, step: str) -> str:
@@ -301,7 +311,7 @@ class StepHandler:
     def _run(self, workflow: WorkflowConfig, step: StepMessage) -> Outcome:
         client = s3.make_client(workflow.s3, timeout_s=self.settings.s3_timeout_s)
         bucket = workflow.s3.bucket
-        codebooks = _codebooks(step.meta) if self.settings.mode == "compress" else None
+        codebooks = _codebooks(step.meta, self.bundle) if self.settings.mode == "compress" else None
         out_name = output_name(step.key, self.settings.mode, self.output, codebooks)
         out_key = f"result-{workflow.component}/{out_name}"
         _, etag = s3.head(client, bucket, step.key)
