@@ -19,7 +19,7 @@ comparison model). The loss is the mean squared error of the standardised bands 
 ``beta`` x the commitment loss; with drawn codebook counts, the error is the mean of the
 reconstruction from all levels (which alone trains the encoder) and the reconstruction
 from each sample's drawn levels (which trains the decoder for every rate), see
-:meth:`~nec_models.rvq.RVQAutoencoder.forward_train`. The codebooks start from k-means on
+:meth:`~nec_models.rvq.RVQAutoencoder.forward`. The codebooks start from k-means on
 the latents of the first crops, then follow EMA updates with dead-code restart
 (:class:`ResidualVQ`).
 
@@ -308,7 +308,7 @@ def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) ->
                 active = torch.full((len(x),), cfg.train_codebooks)
             else:
                 active = torch.randint(1, model.levels + 1, (len(x),), generator=gen)
-            full, part, commit = model.forward_train(x, active)
+            full, part, commit = model(x, active)
             mse = F.mse_loss(full, x)
             if part is not None:  # the drawn rates, for the decoder
                 mse = 0.5 * (mse + F.mse_loss(part, x))

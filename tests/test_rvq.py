@@ -48,24 +48,27 @@ def test_each_sample_uses_its_own_number_of_levels():
     torch.manual_seed(0)
     model = create_model("rvq_s2_tiny").eval()
     vectors = torch.randn(2, 16)
-    quant, idx, _ = model.quantizer(vectors, torch.tensor([1, 8]))
+    full, quant, idx, _ = model.quantizer(vectors, torch.tensor([1, 8]))
     books = model.quantizer.codebooks
     torch.testing.assert_close(quant[0], books[0][idx[0, 0]])
-    full = sum(books[level][idx[1, level]] for level in range(8))
-    torch.testing.assert_close(quant[1], full)
+    sum_8 = sum(books[level][idx[1, level]] for level in range(8))
+    torch.testing.assert_close(quant[1], sum_8)
+    torch.testing.assert_close(
+        full, torch.stack([sum(books[lv][idx[i, lv]] for lv in range(8)) for i in range(2)])
+    )
 
 
 def test_only_the_full_code_trains_the_encoder():
     torch.manual_seed(0)
     model = create_model("rvq_s2_tiny").train()
     x = torch.randn(2, 10, 16, 16)
-    full, part, _ = model.forward_train(x, torch.tensor([1, 3]))
+    full, part, _ = model(x, torch.tensor([1, 3]))
     part.pow(2).mean().backward()
     assert model.enc_in.weight.grad is None or not model.enc_in.weight.grad.any()
     assert model.dec_out.weight.grad.abs().sum() > 0  # the decoder learns the coarse rates
     full.pow(2).mean().backward()
     assert model.enc_in.weight.grad.abs().sum() > 0
-    assert model.forward_train(x, torch.tensor([8, 8]))[1] is None  # one pass when all used
+    assert model(x, torch.tensor([8, 8]))[1] is None  # one pass when all used
 
 
 def test_bad_band_count_or_size_is_refused():
