@@ -35,6 +35,7 @@ from nec_serve.imagery.limits import human_bytes
 from nec_serve.imagery.writers import write_geotiff
 
 __all__ = [
+    "coding_levels",
     "default_output",
     "write_bands",
     "class_report",
@@ -188,7 +189,7 @@ def compress(
     """
     if batch_size < 1:
         raise InvalidInput(f"invalid batch size {batch_size}, expected >= 1")
-    levels = _levels_for(bundle, codebooks)
+    levels = coding_levels(bundle, codebooks)
     stats = CompressStats()
     sink = _Counter(out)
     writer: ContainerWriter | None = None
@@ -262,12 +263,16 @@ def compress(
     return stats
 
 
-def _levels_for(bundle: ModelBundle, codebooks: int | None) -> int | None:
-    """The codebook levels to code: None for families without levels, else 1..levels."""
+def coding_levels(bundle: ModelBundle, codebooks: int | None) -> int | None:
+    """The codebook levels to code: None for families without levels, else 1..levels.
+
+    Raises:
+        InvalidInput: ``codebooks`` given to a family without levels, or out of range.
+    """
     if not hasattr(bundle.codec, "check_levels"):
         if codebooks is not None:
             raise InvalidInput(
-                f"--codebooks applies to the RVQ family; {bundle.manifest.model!r} is a "
+                f"a codebook count applies to the RVQ family; {bundle.manifest.model!r} is a "
                 f"{bundle.family!r} model"
             )
         return None

@@ -55,7 +55,13 @@ from nec_serve.messages import (
     public_reason,
     status_event,
 )
-from nec_serve.pipeline import compress, default_output, write_bands, write_embeddings
+from nec_serve.pipeline import (
+    coding_levels,
+    compress,
+    default_output,
+    write_bands,
+    write_embeddings,
+)
 from nec_serve.retry import GaveUp, retrying
 
 __all__ = [
@@ -165,10 +171,8 @@ def _codebooks(meta: dict, bundle: ModelBundle) -> int | None:
     what = "field 'meta_information.codebooks'"
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(f"{what} must be an integer, got {value!r}")
-    if not hasattr(bundle.codec, "check_levels"):
-        raise InvalidInput(f"{what} applies to the RVQ family; this step serves {bundle.family!r}")
     try:
-        return bundle.codec.check_levels(value)
+        return coding_levels(bundle, value)
     except InvalidInput as err:
         raise InvalidInput(f"{what}: {err}") from None
 
