@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,6 +57,7 @@ __all__ = [
     "rvq_metrics",
     "index_histograms",
     "square_tiles",
+    "encoded_tiles",
 ]
 
 
@@ -157,6 +159,29 @@ def square_tiles(images: list[np.ndarray], size: int) -> list[np.ndarray]:
     return out
 
 
+def encoded_tiles(
+    model: RVQAutoencoder, images: list[np.ndarray], size: int, batch_size: int = 16
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(reflectance tiles (B, 10, S, S), every level's indices (B, L, T))``, batch by batch.
+
+    The tiles are the non-overlapping ``size`` tiles of ``images`` (:func:`square_tiles`),
+    standardised with the model's band statistics before encoding.
+    """
+    model.eval()
+    tiles = np.stack(square_tiles(images, size))
+    mean, std = model.band_mean.view(1, -1, 1, 1), model.band_std.view(1, -1, 1, 1)
+    with torch.no_grad():
+        for i in range(0, len(tiles), batch_size):
+            x = torch.from_numpy(tiles[i : i + batch_size])
+            yield x, model.indices((x - mean) / std)[0]
+
+
+def _count(counts: torch.Tensor, idx: torch.Tensor) -> None:
+    """Add each level's index histogram of ``idx`` ``(B, L, T)`` to ``counts`` ``(L, K)``."""
+    for level in range(counts.shape[0]):
+        counts[level] += torch.bincount(idx[:, level].flatten().long(), minlength=counts.shape[1])
+
+
 @torch.no_grad()
 def rvq_metrics(
     model: RVQAutoencoder, images: list[np.ndarray], size: int, batch_size: int = 16
@@ -168,27 +193,24 @@ def rvq_metrics(
     ``images`` (raw units, reflectance x 10000). Returns ``{"rmse_pct": {n: overall},
     "rmse_pct_band": {n: [per band]}, "rmse": {n: raw units}, "perplexity": [per level]}``.
     """
-    model.eval()
-    tiles = np.stack(square_tiles(images, size))
     mean, std = model.band_mean.view(1, -1, 1, 1), model.band_std.view(1, -1, 1, 1)
     lo = np.min([img.reshape(img.shape[0], -1).min(1) for img in images], axis=0)
     hi = np.max([img.reshape(img.shape[0], -1).max(1) for img in images], axis=0)
     span = np.maximum(hi - lo, 1e-6) * 10000.0
     sq = np.zeros((model.levels, model.in_chans))
-    counts = np.zeros((model.levels, model.codebook_size))
-    for i in range(0, len(tiles), batch_size):
-        x = torch.from_numpy(tiles[i : i + batch_size])
-        idx, _ = model.indices((x - mean) / std)
-        for level in range(model.levels):
-            counts[level] += np.bincount(idx[:, level].flatten().numpy(), minlength=counts.shape[1])
+    counts = torch.zeros(model.levels, model.codebook_size)
+    tiles = 0
+    for x, idx in encoded_tiles(model, images, size, batch_size):
+        tiles += len(x)
+        _count(counts, idx)
         for n in range(1, model.levels + 1):
             used = idx.clone()
             used[:, n:] = -1
             rec = model.decode_indices(used) * std + mean
             sq[n - 1] += ((rec - x) * 10000.0).pow(2).mean((2, 3)).sum(0).numpy()
-    rmse_band = np.sqrt(sq / len(tiles))
+    rmse_band = np.sqrt(sq / tiles)
     pct_band = 100 * rmse_band / span
-    p = counts / counts.sum(1, keepdims=True)
+    p = (counts / counts.sum(1, keepdim=True)).numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         ent = -np.nansum(np.where(p > 0, p * np.log2(p), 0.0), axis=1)
     levels = range(1, model.levels + 1)
@@ -197,11 +219,10 @@ def rvq_metrics(
         "rmse_pct_band": {n: [round(float(v), 4) for v in pct_band[n - 1]] for n in levels},
         "rmse": {n: float(np.sqrt((rmse_band[n - 1] ** 2).mean())) for n in levels},
         "perplexity": [float(2**e) for e in ent],
-        "tiles": len(tiles),
+        "tiles": tiles,
     }
 
 
-@torch.no_grad()
 def index_histograms(
     model: RVQAutoencoder, images: list[np.ndarray], size: int, batch_size: int = 16
 ) -> torch.Tensor:
@@ -210,16 +231,9 @@ def index_histograms(
     Returns ``(levels, K)`` counts (float32): the statistics the export's categorical
     entropy tables are made from.
     """
-    model.eval()
-    tiles = np.stack(square_tiles(images, size))
-    mean, std = model.band_mean.view(1, -1, 1, 1), model.band_std.view(1, -1, 1, 1)
     counts = torch.zeros(model.levels, model.codebook_size)
-    for i in range(0, len(tiles), batch_size):
-        idx, _ = model.indices((torch.from_numpy(tiles[i : i + batch_size]) - mean) / std)
-        for level in range(model.levels):
-            counts[level] += torch.bincount(
-                idx[:, level].flatten().long(), minlength=model.codebook_size
-            ).float()
+    for _, idx in encoded_tiles(model, images, size, batch_size):
+        _count(counts, idx)
     return counts
 
 

@@ -18,13 +18,12 @@ import csv
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nec_models.checkpoint import read_checkpoint
 from nec_models.sentinel2 import load_s2, read_s2_split
 from nec_models.shipped import WEIGHTS_DIR, load_trained, materialize, pack_standalone
-from nec_models.train_rvq import rvq_metrics, square_tiles
+from nec_models.train_rvq import encoded_tiles, rvq_metrics
 
 RUNS = {"rvq-s2": "rvq", "rvq-s2-fixed8": "rvq8"}
 
@@ -34,11 +33,9 @@ def half_precision_check(run_ckpt: Path, name: str, root: Path, test: list) -> d
     """Indices changed by the packed weights, and RMS % at N = 8 both ways."""
     full = load_trained(read_checkpoint(run_ckpt))
     half = load_trained(materialize(name, root))
-    tiles = torch.from_numpy(np.stack(square_tiles(test, full.img_size)))
-    mean, std = full.band_mean.view(1, -1, 1, 1), full.band_std.view(1, -1, 1, 1)
-    x = (tiles - mean) / std
-    a, _ = full.indices(x)
-    b, _ = half.indices(x)
+    a, b = (
+        torch.cat([idx for _, idx in encoded_tiles(m, test, full.img_size)]) for m in (full, half)
+    )
     return {
         "indices_changed_pct": round(100 * float((a != b).float().mean()), 4),
         "rmse_pct_n8_fp32": round(rvq_metrics(full, test, full.img_size)["rmse_pct"][8], 4),
