@@ -34,18 +34,17 @@ import argparse
 import csv
 import io
 import math
-import tarfile
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-import rasterio
 import torch
 import zstandard
 from PIL import Image
 
+from nec_dev.demo_rvq import band_error, read_bands
 from nec_dev.perf import machine_description
 from nec_export import export_model
 from nec_models.checkpoint import read_checkpoint
@@ -100,21 +99,10 @@ class Scorer:
     def __init__(self, images: list[tuple[str, np.ndarray]]):
         self.images = images
         self.pixels = sum(a.shape[1] * a.shape[2] for _, a in images)
-        flat = [a.reshape(a.shape[0], -1).astype(np.float64) for _, a in images]
-        self.range = np.max([f.max(1) for f in flat], 0) - np.min([f.min(1) for f in flat], 0)
+        self.bands = images[0][1].shape[0]
 
     def score(self, decoded: list[np.ndarray]) -> dict:
-        sq = np.zeros(len(self.range))
-        for (_, ref), rec in zip(self.images, decoded, strict=True):
-            diff = rec.astype(np.float64) - ref.astype(np.float64)
-            sq += (diff.reshape(diff.shape[0], -1) ** 2).sum(1)
-        rmse = np.sqrt(sq / self.pixels)
-        pct = 100 * rmse / self.range
-        return {
-            "rmse_pct": float(pct.mean()),
-            "rmse": float(np.sqrt((rmse**2).mean())),
-            "bands": pct,
-        }
+        return band_error([a for _, a in self.images], decoded)
 
     def row(self, method: str, setting, bits: float, decoded, **extra) -> dict:
         s = self.score(decoded)
@@ -123,12 +111,12 @@ class Scorer:
             "method": method,
             "setting": setting,
             "bpp": round(bpp, 5),
-            "bpp_per_band": round(bpp / len(self.range), 5),
+            "bpp_per_band": round(bpp / self.bands, 5),
             "rmse_pct": round(s["rmse_pct"], 4),
-            "rmse": round(s["rmse"], 2),
+            "rmse": round(s["rmse_all"], 2),
             **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in extra.items()},
         }
-        row.update({f: round(float(v), 4) for f, v in zip(FIELDS[8:], s["bands"], strict=True)})
+        row.update({f: round(float(v), 4) for f, v in zip(FIELDS[8:], s["pct"], strict=True)})
         return row
 
 
@@ -160,14 +148,7 @@ def rvq_rows(bundle: ModelBundle, scorer: Scorer, work: Path, method: str, level
 
 
 def _read_outputs(path: Path, count: int) -> list[np.ndarray]:
-    if path.suffix == ".tif":
-        with rasterio.open(path) as ds:
-            return [ds.read()]
-    out = []
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():  # written in container order
-            with rasterio.open(io.BytesIO(tar.extractfile(member).read())) as ds:
-                out.append(ds.read())
+    out = [pixels for _, pixels in read_bands(path)]  # in container order
     assert len(out) == count, (len(out), count)
     return out
 

@@ -25,7 +25,15 @@ from nec_models.sentinel2 import S2Item, read_s2_raw, read_s2_split
 from nec_serve.engines import LocalEngine
 from nec_serve.pipeline import compress, write_bands
 
-__all__ = ["RVQ_MODEL", "RVQ_RATES", "run_rvq_demo", "s2_workflow_inputs", "SSL4EO_BANDS"]
+__all__ = [
+    "RVQ_MODEL",
+    "RVQ_RATES",
+    "SSL4EO_BANDS",
+    "band_error",
+    "read_bands",
+    "run_rvq_demo",
+    "s2_workflow_inputs",
+]
 
 #: The shipped RVQ model the demo runs beside NEC.
 RVQ_MODEL = "rvq-s2"
@@ -48,7 +56,7 @@ def test_images(weights_dir: Path, data: Path) -> list[tuple[str, np.ndarray]]:
     return [(Path(i.path).name, read_s2_raw(_under(i, data))) for i in split["test"]]
 
 
-def _decoded(path: Path) -> list[tuple[dict, np.ndarray]]:
+def read_bands(path: Path) -> list[tuple[dict, np.ndarray]]:
     """(georeferencing, pixels) of each GeoTIFF ``write_bands`` wrote (a .tif or a .tar)."""
     files = []
     if path.suffix == ".tar":
@@ -63,14 +71,34 @@ def _decoded(path: Path) -> list[tuple[dict, np.ndarray]]:
     return out
 
 
+def band_error(refs: list[np.ndarray], decoded: list[np.ndarray]) -> dict:
+    """D3.4's distortion: each band's RMS error over all pixels, also in % of its range.
+
+    The range of a band is its max - min over ``refs`` (the inputs, in raw units).
+    Returns ``{"rmse": per band, "pct": per band, "rmse_pct": mean of pct, "rmse_all":
+    RMS over all bands}``.
+    """
+    flat = [r.reshape(r.shape[0], -1).astype(np.float64) for r in refs]
+    span = np.max([f.max(1) for f in flat], 0) - np.min([f.min(1) for f in flat], 0)
+    sq = np.zeros(len(span))
+    for ref, rec in zip(flat, decoded, strict=True):
+        sq += ((rec.reshape(rec.shape[0], -1).astype(np.float64) - ref) ** 2).sum(1)
+    rmse = np.sqrt(sq / sum(f.shape[1] for f in flat))
+    pct = 100 * rmse / span
+    return {
+        "rmse": rmse,
+        "pct": pct,
+        "rmse_pct": float(pct.mean()),
+        "rmse_all": float(np.sqrt((rmse**2).mean())),
+    }
+
+
 def run_rvq_demo(entry: dict, data: Path, work: Path, threads: int = 0) -> list[dict]:
     """Compress the test split at each of :data:`RVQ_RATES`, decode, measure; print rows."""
     bundle = export_shipped(RVQ_MODEL, work / "export" / RVQ_MODEL)
     engine = LocalEngine(bundle, threads=threads)
     images = test_images(Path(entry["dir"]), data)
     pixels = sum(a.shape[1] * a.shape[2] for _, a in images)
-    flat = [a.reshape(a.shape[0], -1).astype(np.float64) for _, a in images]
-    span = np.max([f.max(1) for f in flat], 0) - np.min([f.min(1) for f in flat], 0)
     geos = [getattr(a, "geo", None) for _, a in images]
     raw_bytes = sum(a.nbytes for _, a in images)
     print(
@@ -86,24 +114,23 @@ def run_rvq_demo(entry: dict, data: Path, work: Path, threads: int = 0) -> list[
         t1 = time.perf_counter()
         done = write_bands(container, work / f"s2_test.c{n}.tif", bundle, engine)
         t2 = time.perf_counter()
-        decoded = _decoded(Path(done["path"]))
-        sq = np.zeros(len(span))
-        placed = 0
-        for (_, ref), (geo, rec), want in zip(images, decoded, geos, strict=True):
-            diff = rec.astype(np.float64) - ref.astype(np.float64)
-            sq += (diff.reshape(diff.shape[0], -1) ** 2).sum(1)
-            placed += want is None or (
+        decoded = read_bands(Path(done["path"]))
+        error = band_error([a for _, a in images], [rec for _, rec in decoded])
+        placed = sum(
+            want is None
+            or (
                 geo["crs"].to_string() == want["crs"]
                 and tuple(geo["transform"])[:6] == tuple(want["transform"])
             )
-        rmse = np.sqrt(sq / pixels)
+            for (geo, _), want in zip(decoded, geos, strict=True)
+        )
         row = {
             "codebooks": n,
             "container_bytes": stats.container_bytes,
             "bpp": round(8 * stats.container_bytes / pixels, 3),
             "ratio_16bit": round(raw_bytes / stats.container_bytes, 1),
-            "rmse_pct_of_range": round(float((100 * rmse / span).mean()), 3),
-            "rmse_reflectance_x1e4": round(float(np.sqrt((rmse**2).mean())), 1),
+            "rmse_pct_of_range": round(error["rmse_pct"], 3),
+            "rmse_reflectance_x1e4": round(error["rmse_all"], 1),
             "over_bound_pct": round(100 * stats.overhead_vs_bound, 3),
             "georeferenced": f"{placed}/{len(images)}",
             "compress_s": round(t1 - t0, 2),
