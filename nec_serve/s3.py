@@ -188,6 +188,32 @@ def put_json(client, bucket: str, key: str, value: dict) -> None:
         raise translate(err, f"s3://{bucket}/{key}") from err
 
 
+def get_json(client, bucket: str, key: str, max_bytes: int = 1 << 16) -> dict | None:
+    """A small JSON object (a marker) from ``s3://bucket/key``; None if there is none.
+
+    An object over ``max_bytes``, not JSON, or not a JSON object gives ``{}``: it exists,
+    but says nothing (a marker is only ever read as a hint).
+    """
+    from botocore.exceptions import BotoCoreError, ClientError  # see put_json
+
+    try:
+        body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")["Body"]
+        data = body.read(max_bytes + 1)
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise translate(err, f"s3://{bucket}/{key}") from err
+    except BotoCoreError as err:
+        raise translate(err, f"s3://{bucket}/{key}") from err
+    if len(data) > max_bytes:
+        return {}
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def download(
     client, bucket: str, key: str, dest: Path, max_bytes: int, etag: str | None = None
 ) -> int:

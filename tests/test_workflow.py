@@ -520,3 +520,44 @@ def test_rvq_family_rate_per_message_and_georeferenced_output(
     ):
         assert (out.crs, out.transform, out.shape) == (ref.crs, ref.transform, ref.shape)
         assert out.count == 10 and out.dtypes[0] == "uint16" and out.descriptions[0] == "B02"
+
+
+def test_markers_are_read_as_hints(kafka, s3, tmp_path):
+    from nec_serve import s3 as s3io
+
+    flow = Flow(kafka, s3, tmp_path)
+    client = s3.client()
+    assert s3io.get_json(client, flow.bucket, "absent.json") is None
+    flow.put("m/ok.json", b'{"output_key": "result-x/a.tar"}')
+    assert s3io.get_json(client, flow.bucket, "m/ok.json") == {"output_key": "result-x/a.tar"}
+    for name, body in (("bad", b"not json"), ("list", b"[1]"), ("big", b" " * 70_000 + b"{}")):
+        flow.put(f"m/{name}.json", body)
+        assert s3io.get_json(client, flow.bucket, f"m/{name}.json") == {}
+
+
+def test_rvq_images_decoded_to_a_tar_are_published_once(
+    kafka, s3, producer, rvq_export, data_dir, tmp_path
+):
+    """A container of several images decodes to a .tar; its redelivery is a duplicate."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for path in sorted((data_dir / "eurosat_ms" / "Forest").glob("*.tif"))[:3]:
+            tf.add(path, arcname=f"forest/{path.name}")
+    flow = Flow(kafka, s3, tmp_path)
+    flow.put("input/forest.tar.gz", buf.getvalue())
+    handler = _handler(flow, rvq_export, producer, bands=(2, 3, 4, 5, 6, 7, 8, 9, 12, 13))
+    out = handler.handle(flow.name, flow.step("forest.tar.gz"))
+    assert out.done and out.status == "finished", out.reason
+    nxt = flow.read(flow.topic_out, 1)
+    dflow = Flow(kafka, s3, tmp_path, component="nec-decompress")
+    dflow.put(out.output_key, flow.get(out.output_key))
+    dec = _handler(dflow, rvq_export, producer, mode="decompress")
+    first = dec.handle(dflow.name, json.dumps(nxt[0]).encode())
+    assert first.status == "finished", first.reason
+    assert first.output_key == "result-nec-decompress/forest.tar"
+    with tarfile.open(fileobj=io.BytesIO(dflow.get(first.output_key))) as tar:
+        assert len(tar.getnames()) == 3
+    again = _handler(dflow, rvq_export, producer, mode="decompress")  # a restarted wrapper
+    second = again.handle(dflow.name, json.dumps(nxt[0]).encode())
+    assert second.reason == "duplicate" and second.output_key == first.output_key
+    assert len(dflow.read(dflow.topic_out, 1)) == 1  # published once

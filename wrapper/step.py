@@ -390,13 +390,19 @@ class StepHandler:
 
     @staticmethod
     def _published_output(client, bucket: str, marker: str, out_key: str) -> str | None:
-        """The output key of an already published message (its marker and output exist)."""
-        if not s3.exists(client, bucket, marker):
+        """The output key of an already published message (its marker and output exist).
+
+        The marker names the output it published (bands of several images go to a
+        ``.tar``, not the ``.tif`` the input's name gives); a marker that names none in
+        this component's result folder stands for ``out_key``.
+        """
+        record = s3.get_json(client, bucket, marker)
+        if record is None:
             return None
-        candidates = [out_key]
-        if out_key.endswith(".tif"):  # bands of several images were written as a tar
-            candidates.append(out_key[: -len(".tif")] + ".tar")
-        return next((k for k in candidates if s3.exists(client, bucket, k)), None)
+        key = record.get("output_key")
+        if not isinstance(key, str) or key.rsplit("/", 1)[0] != out_key.rsplit("/", 1)[0]:
+            key = out_key
+        return key if s3.exists(client, bucket, key) else None
 
     def _remember(self, msg_id: str) -> None:
         self._sent[msg_id] = None
