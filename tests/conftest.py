@@ -158,3 +158,13 @@ def rendered(schemas, k8s_tree) -> dict[str, list[dict]]:
     from test_k8s import VARIANTS, kv
 
     return {v: kv.kustomize_build(schemas, k8s_tree / "overlays" / v) for v in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def kube():
+    """A real Kubernetes API server: a local etcd + kube-apiserver + kube-controller-manager
+    (built once by scripts/fetch_k8s.sh), or the cluster of NEC_TEST_KUBECONFIG."""
+    from nec_dev.stack.kube import connect
+
+    with connect() as api:
+        yield api

@@ -7,9 +7,9 @@ RBAC of both; tests/test_k8s.py validates every rendered object strictly. Here:
   KafkaSource, knative.dev/serving's Service, pinned by scripts/fetch_schemas.sh), including
   the KafkaSources that controller/sources.py builds from real workflow messages, with
   negative cases that must fail;
-* RBAC is namespaced and grants exactly the listed resources and verbs, which cover every
-  call the controller and wrapper code makes (recorded against fake API clients whose every
-  request body is validated too); a ClusterRole, a ClusterRole binding or an extra verb fails;
+* RBAC is namespaced and grants exactly the listed resources and verbs; a ClusterRole, a
+  ClusterRole binding or an extra verb fails (tests/test_kube_api.py runs the controller and
+  wrapper code against the Roles on a real API server);
 * the containers' args are what the real ``nec-serve`` parser accepts, and the wrapper and
   controller start from them (up to the network) with only the image's packages;
 * the config store's ConfigMap and Secret validate, and credentials are only in the Secret;
@@ -28,7 +28,6 @@ import threading
 import tomllib
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -441,126 +440,6 @@ def test_rbac_follows_an_overlay_namespace(schemas, tmp_path):
     for binding in by_kind(objs, "RoleBinding").values():
         assert {s["namespace"] for s in binding["subjects"]} == {"eo-prod"}
     assert rbac_problems(objs) == []
-
-
-# -- the code's API calls are covered by the Roles ---------------------------------------
-
-
-class Recorder:
-    """Fake kubernetes API clients: records (apiGroup, resource, verb) of every call,
-    validates every body sent, and keeps objects so that reads see earlier writes."""
-
-    VERBS = {
-        "get": "get",
-        "read": "get",
-        "list": "list",
-        "create": "create",
-        "replace": "update",
-        "patch": "patch",
-        "delete": "delete",
-    }
-
-    def __init__(self, validator):
-        self.validator = validator
-        self.calls: set[tuple[str, str, str]] = set()
-        self.objects: dict[tuple[str, str], dict] = {}
-        self.problems: list[str] = []
-
-    def _record(self, method: str, group: str, resource: str) -> None:
-        self.calls.add((group, resource, self.VERBS[method.split("_", 1)[0]]))
-
-    def _body(self, body: dict) -> None:
-        self.problems += self.validator.errors(body)
-
-    def __getattr__(self, method: str):
-        from kubernetes.client.exceptions import ApiException
-
-        verb = method.split("_", 1)[0]
-        if method.endswith("_namespaced_custom_object"):
-
-            def custom(group, version, namespace, plural, *rest):
-                # (name), (body) for create, (name, body) for replace
-                self._record(method, group, plural)
-                name = rest[0]["metadata"]["name"] if verb == "create" else rest[0]
-                body = rest[-1] if verb in ("create", "replace") else None
-                return self._apply(verb, (plural, f"{namespace}/{name}"), body)
-
-            return custom
-        resource = {"config_map": "configmaps", "secret": "secrets"}[
-            method.split("_namespaced_", 1)[1]
-        ]
-
-        def core(*args, **kwargs):
-            self._record(method, "", resource)
-            if verb == "list":
-                names = [k[1].split("/", 1)[1] for k in self.objects if k[0] == resource]
-                items = [SimpleNamespace(metadata=SimpleNamespace(name=n)) for n in names]
-                return SimpleNamespace(items=items)
-            if verb == "create":
-                namespace, body = args
-                key = (resource, f"{namespace}/{body['metadata']['name']}")
-                if key in self.objects:
-                    raise ApiException(status=409)
-                return self._apply(verb, key, body)
-            name, namespace = args[0], args[1]
-            return self._apply(verb, (resource, f"{namespace}/{name}"), (args[2:] or [None])[0])
-
-        return core
-
-    def _apply(self, verb, key, body):
-        from kubernetes.client.exceptions import ApiException
-
-        if verb in ("create", "replace"):
-            self._body(body)
-            self.objects[key] = copy.deepcopy(body)
-            return body
-        if key not in self.objects:
-            raise ApiException(status=404)
-        if verb == "delete":
-            return self.objects.pop(key)
-        obj = self.objects[key]
-        if key[0] == "secrets":  # the API server stores stringData as base64 data
-            data = {k: base64.b64encode(v.encode()).decode() for k, v in obj["stringData"].items()}
-            return SimpleNamespace(data=data)
-        if key[0] == "configmaps":
-            return SimpleNamespace(data=obj["data"])
-        return copy.deepcopy(dict(obj, metadata=dict(obj["metadata"], resourceVersion="1")))
-
-
-def test_every_api_call_of_the_controller_and_wrapper_is_granted(rendered, validator):
-    from nec_controller.app import Controller
-    from nec_controller.sources import KubernetesSources
-
-    roles = by_kind(rendered["cpu"], "Role")
-    api = Recorder(validator)
-    bootstrap = kafka_data(rendered["cpu"])["bootstrap.servers"].split(",")
-    controller = Controller(
-        KubernetesConfigStore(NS, core_api=api), KubernetesSources(bootstrap, custom_api=api)
-    )
-    published = json.dumps(workflow_message()).encode()
-    # Same input topic, another sink and output topic: the source and the config are replaced.
-    changed = dict(
-        workflow_message(service="nec-decompress"), Topics={"in": "wf-42.in", "out": "other.out"}
-    )
-    stopping = json.dumps(dict(workflow_message(), workflow_status="stopping")).encode()
-    assert controller.handle(published) == "published"
-    assert controller.handle(published) == "published"  # the store always replaces
-    assert controller.handle(json.dumps(changed).encode()) == "published"
-    # The wrapper's side: read the config back, list the names.
-    wrapper_api = Recorder(validator)
-    wrapper_api.objects = api.objects
-    store = KubernetesConfigStore(NS, core_api=wrapper_api)
-    config = store.get(config_name("wf-42.in"))
-    assert config.s3.secret_access_key == SECRET_KEY and config.topic_out == "other.out"
-    assert store.names() == [config_name("wf-42.in")]
-    assert controller.handle(stopping) == "stopped"
-    assert controller.handle(stopping) == "unchanged"
-    assert api.problems == [] and wrapper_api.problems == []
-    assert api.calls <= grants(roles["nec-controller"]), api.calls - grants(roles["nec-controller"])
-    assert wrapper_api.calls <= grants(roles["nec-wrapper"])
-    # Everything the controller does is in use: create, get, update, delete of its three kinds.
-    assert {v for _, _, v in api.calls} == {"get", "create", "update", "delete"}
-    assert {r for _, r, _ in api.calls} == {"kafkasources", "configmaps", "secrets"}
 
 
 # ------------------------------------------------------------------------------ config store
