@@ -7,6 +7,8 @@
 #   .cache/schemas/kserve-<v>/*.yaml              github.com/kserve/kserve CRDs + Triton runtime
 #   .cache/schemas/eventing-kafka-broker-<v>/     knative.dev/eventing-kafka-broker KafkaSource CRD
 #   .cache/schemas/knative-serving-<v>/           knative.dev/serving Service CRD
+#   .cache/schemas/keda-<v>/                      github.com/kedacore/keda/v2 ScaledObject CRD
+#   .cache/schemas/prometheus-operator-<v>/       PodMonitor CRD (prometheus-operator)
 #   .cache/schemas/manifest.json                  what is where (read by scripts/k8s_validate.py)
 #
 # Everything comes from the Go module proxy (GOPROXY, default https://proxy.golang.org) through
@@ -46,6 +48,16 @@ KNATIVE_KAFKA_SUM=h1:85T7j4dQbhBErsL1NHMqioxlPWlO7xpEw3h5vUcoidI=
 KNATIVE_SERVING_MODULE=knative.dev/serving
 KNATIVE_SERVING_VERSION=v0.49.1
 KNATIVE_SERVING_SUM=h1:he1NlNTnrLyamM4a2XL5mNeiTL8jTAuEqqf7y7WOoI8=
+# KEDA: the ScaledObject of the Kafka-lag overlay (k8s/components/kafka-lag-scaling). v2.18.3
+# builds against k8s.io/api v0.34, as the rest.
+KEDA_MODULE=github.com/kedacore/keda/v2
+KEDA_VERSION=v2.18.3
+KEDA_SUM=h1:PY3o80tzBAzCffS8J6eBZctT4B+g/r26zErNSMleC50=
+# prometheus-operator: the PodMonitor of k8s/monitoring (podMetricsEndpoints[].portNumber,
+# which the Knative wrappers need, is in v0.85).
+PROMOP_MODULE=github.com/prometheus-operator/prometheus-operator
+PROMOP_VERSION=v0.85.0
+PROMOP_SUM=h1:M5xLCLEoaW2IJfnuCwFzzpL+jSVQu3KGT84Pye+fW8s=
 # Files taken from the KServe module (relative to its root).
 KSERVE_FILES=(
     config/crd/full/serving.kserve.io_inferenceservices.yaml
@@ -60,6 +72,13 @@ KNATIVE_KAFKA_FILES=(
 KNATIVE_SERVING_FILES=(
     config/core/300-resources/service.yaml
 )
+KEDA_FILES=(
+    config/crd/bases/keda.sh_scaledobjects.yaml
+    config/crd/bases/keda.sh_triggerauthentications.yaml
+)
+PROMOP_FILES=(
+    example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml
+)
 # ----------------------------------------------------------------------------------------
 
 CACHE=${NEC_CACHE_DIR:-$PWD/.cache}
@@ -68,8 +87,11 @@ SCHEMAS=$CACHE/schemas
 MANIFEST=$SCHEMAS/manifest.json
 PIN="kustomize=$KUSTOMIZE_VERSION kserve=$KSERVE_VERSION kubernetes=$KUBERNETES_VERSION"
 PIN+=" knative_kafka=$KNATIVE_KAFKA_VERSION knative_serving=$KNATIVE_SERVING_VERSION"
+PIN+=" keda=$KEDA_VERSION prometheus_operator=$PROMOP_VERSION"
 KNATIVE_KAFKA_DIR=eventing-kafka-broker-$KNATIVE_KAFKA_VERSION
 KNATIVE_SERVING_DIR=knative-serving-$KNATIVE_SERVING_VERSION
+KEDA_DIR=keda-$KEDA_VERSION
+PROMOP_DIR=prometheus-operator-$PROMOP_VERSION
 
 say() { echo "fetch_schemas: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -86,6 +108,12 @@ up_to_date() {
     done
     for f in "${KNATIVE_SERVING_FILES[@]}"; do
         [ -f "$SCHEMAS/$KNATIVE_SERVING_DIR/$(basename "$f")" ] || return 1
+    done
+    for f in "${KEDA_FILES[@]}"; do
+        [ -f "$SCHEMAS/$KEDA_DIR/$(basename "$f")" ] || return 1
+    done
+    for f in "${PROMOP_FILES[@]}"; do
+        [ -f "$SCHEMAS/$PROMOP_DIR/$(basename "$f")" ] || return 1
     done
     [ -f "$SCHEMAS/kubernetes-$KUBERNETES_VERSION/swagger.json" ]
 }
@@ -133,11 +161,14 @@ k8s_dir=$(download "$KUBERNETES_MODULE" "$KUBERNETES_VERSION" "$KUBERNETES_SUM")
 say "downloading $KNATIVE_KAFKA_MODULE@$KNATIVE_KAFKA_VERSION and $KNATIVE_SERVING_MODULE@$KNATIVE_SERVING_VERSION"
 kafka_dir=$(download "$KNATIVE_KAFKA_MODULE" "$KNATIVE_KAFKA_VERSION" "$KNATIVE_KAFKA_SUM")
 serving_dir=$(download "$KNATIVE_SERVING_MODULE" "$KNATIVE_SERVING_VERSION" "$KNATIVE_SERVING_SUM")
+say "downloading $KEDA_MODULE@$KEDA_VERSION and $PROMOP_MODULE@$PROMOP_VERSION"
+keda_dir=$(download "$KEDA_MODULE" "$KEDA_VERSION" "$KEDA_SUM")
+promop_dir=$(download "$PROMOP_MODULE" "$PROMOP_VERSION" "$PROMOP_SUM")
 
 stage=$WORK/out
 mkdir -p "$stage/bin" "$stage/schemas/kserve-$KSERVE_VERSION" \
     "$stage/schemas/kubernetes-$KUBERNETES_VERSION" "$stage/schemas/$KNATIVE_KAFKA_DIR" \
-    "$stage/schemas/$KNATIVE_SERVING_DIR"
+    "$stage/schemas/$KNATIVE_SERVING_DIR" "$stage/schemas/$KEDA_DIR" "$stage/schemas/$PROMOP_DIR"
 for f in "${KSERVE_FILES[@]}"; do
     [ -f "$kserve_dir/$f" ] || die "$KSERVE_MODULE@$KSERVE_VERSION has no $f"
     cp "$kserve_dir/$f" "$stage/schemas/kserve-$KSERVE_VERSION/"
@@ -149,6 +180,14 @@ done
 for f in "${KNATIVE_SERVING_FILES[@]}"; do
     [ -f "$serving_dir/$f" ] || die "$KNATIVE_SERVING_MODULE@$KNATIVE_SERVING_VERSION has no $f"
     cp "$serving_dir/$f" "$stage/schemas/$KNATIVE_SERVING_DIR/"
+done
+for f in "${KEDA_FILES[@]}"; do
+    [ -f "$keda_dir/$f" ] || die "$KEDA_MODULE@$KEDA_VERSION has no $f"
+    cp "$keda_dir/$f" "$stage/schemas/$KEDA_DIR/"
+done
+for f in "${PROMOP_FILES[@]}"; do
+    [ -f "$promop_dir/$f" ] || die "$PROMOP_MODULE@$PROMOP_VERSION has no $f"
+    cp "$promop_dir/$f" "$stage/schemas/$PROMOP_DIR/"
 done
 cp "$k8s_dir/api/openapi-spec/swagger.json" "$stage/schemas/kubernetes-$KUBERNETES_VERSION/"
 chmod -R u+w "$stage"
@@ -195,7 +234,12 @@ cat >"$stage/schemas/manifest.json" <<EOF
                     "crds": $(json_names "${KNATIVE_KAFKA_FILES[@]}")},
   "knative_serving": {"module": "$KNATIVE_SERVING_MODULE", "version": "$KNATIVE_SERVING_VERSION",
                       "sum": "$KNATIVE_SERVING_SUM", "dir": "schemas/$KNATIVE_SERVING_DIR",
-                      "crds": $(json_names "${KNATIVE_SERVING_FILES[@]}")}
+                      "crds": $(json_names "${KNATIVE_SERVING_FILES[@]}")},
+  "keda": {"module": "$KEDA_MODULE", "version": "$KEDA_VERSION", "sum": "$KEDA_SUM",
+           "dir": "schemas/$KEDA_DIR", "crds": $(json_names "${KEDA_FILES[@]}")},
+  "prometheus_operator": {"module": "$PROMOP_MODULE", "version": "$PROMOP_VERSION",
+                          "sum": "$PROMOP_SUM", "dir": "schemas/$PROMOP_DIR",
+                          "crds": $(json_names "${PROMOP_FILES[@]}")}
 }
 EOF
 

@@ -444,7 +444,7 @@ def _swagger_scopes(swagger: dict) -> dict[tuple[str, str], bool]:
     return scopes
 
 
-CRD_SOURCES = ("kserve", "knative_kafka", "knative_serving")
+CRD_SOURCES = ("kserve", "knative_kafka", "knative_serving", "keda", "prometheus_operator")
 
 
 def load_validator(manifest: dict, extra_crds: Iterable[Path] = ()) -> Validator:
