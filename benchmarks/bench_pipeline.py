@@ -13,9 +13,10 @@ Real imagery from ``../shared/data`` is uploaded to S3 as four kinds of input ob
 ``.tar.gz`` of the five BigEarthNet patches (B04, B03, B02 stacked into ``.npy``, uint16). One
 warm-up message (a BigEarthNet patch; not reported) loads the graphs, then ``--messages``
 step messages, cycling through the kinds, are sent at once. The wrapper measures each message
-itself and reports it in its ``finished`` status event on ``monitoring.notify`` (the same
-dict it puts under ``meta_information.nec`` of the next-step message, plus ``kafka_s``, the
-time to write that message, which is only known after it is sent). Stages, in seconds:
+itself and reports it in its ``SUCCESS`` status event on ``monitoring.notify``, under
+``nec.stats`` (the same dict it puts under ``meta_information.nec`` of the next-step
+message, plus ``kafka_s``, the time to write that message, which is only known after it is
+sent). Stages, in seconds:
 
 - ``s3_get_s``: download the input object; ``read_s``: decode it (GeoTIFF, gunzip + tar, npy);
 - ``preprocess_s``: normalise the tiles; ``inference_s``: the encoder graph (Triton gRPC or
@@ -46,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import tempfile
 import time
@@ -354,7 +354,7 @@ def prepare_inputs(
 
 
 class _Collector:
-    """Collects the ``finished`` stats of a workflow's messages from ``monitoring.notify``."""
+    """Collects the stats of a workflow's ``SUCCESS`` status events on ``monitoring.notify``."""
 
     def __init__(self, workflow: str, keys: Sequence[str]):
         self.workflow = workflow
@@ -366,13 +366,14 @@ class _Collector:
     def __call__(self, topic: str, value: dict) -> bool:
         if value.get("workflow_name") != self.workflow:
             return False
-        if topic == "nec.deadletter" or value.get("status") == "failed":
+        nec = value.get("nec") or {}
+        if topic == "nec.deadletter" or value.get("status") == "CRITICAL":
             raise RuntimeError(
                 f"{self.workflow}: a message failed: "
-                f"{value.get('error') or value.get('description')}"
+                f"{value.get('error') or nec.get('reason') or value.get('description')}"
             )
-        if value.get("status") == "finished":
-            stats = json.loads(value["description"])
+        if value.get("status") == "SUCCESS" and "stats" in nec:
+            stats = nec["stats"]
             key = stats["input_key"]
             if key in self.pending:
                 self.pending.discard(key)

@@ -30,6 +30,7 @@ from nec_serve.engines import make_engine
 from nec_serve.errors import InvalidInput, NecError
 from nec_serve.hashing import sha256_file
 from nec_serve.imagery import iter_inputs, parse_bands
+from nec_serve.logs import configure_logging
 from nec_serve.pipeline import compress, default_output, write_bands, write_embeddings
 from nec_wrapper.main import add_parser as add_wrapper
 
@@ -37,7 +38,7 @@ from nec_wrapper.main import add_parser as add_wrapper
 # and nec_dev (local servers, the demo) is dev tooling; neither is in the runtime images,
 # where this CLI starts the wrapper and the controller.
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "setup_logging", "SERVICES"]
 
 log = logging.getLogger("nec_serve")
 
@@ -567,16 +568,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+#: The long-running services: JSON log lines and INFO level unless told otherwise.
+SERVICES = ("wrapper", "controller")
+
+
+def setup_logging(args: argparse.Namespace, environ=None) -> None:
+    """Set up logging for a command; credentials are redacted in either format.
+
+    The format is ``--log-format``, else ``$NEC_LOG_FORMAT``, else JSON for the services
+    (:data:`SERVICES`) and text for the other commands. The services log at INFO (a few
+    lines per message), the other commands at WARNING unless ``-v``.
+    """
+    environ = os.environ if environ is None else environ
+    service = args.command in SERVICES
+    default = "json" if service else "text"
+    fmt = getattr(args, "log_format", None) or environ.get("NEC_LOG_FORMAT") or default
+    configure_logging(fmt, logging.INFO if args.verbose or service else logging.WARNING)
     if not args.verbose:
         # GDAL reports harmless TIFF oddities (e.g. Landsat ExtraSamples) as warnings.
         logging.getLogger("rasterio").setLevel(logging.ERROR)
+        # kafka-python narrates every connection and rebalance at INFO.
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        setup_logging(args)
+    except NecError as err:
+        print(f"nec-serve {args.command}: error: {err}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except NecError as err:

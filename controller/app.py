@@ -11,6 +11,12 @@ offset is committed. Only failures that retrying can fix (the Kubernetes API or 
 store unreachable, a conflict) are retried, a bounded number of times with backoff; a
 message whose failure could not even be reported (the broker down) is not committed and
 comes back.
+
+Every message is logged under its id (:func:`nec_serve.logs.trace_id`) with its workflow,
+its credentials scrubbed from every line, and counted in the controller's
+:class:`~nec_serve.metrics.ControllerMetrics` (workflows published / stopped / unchanged,
+rejected messages by failure class, retries, workflows in the store). A rejected message
+gets a ``CRITICAL`` status in EO4EU's vocabulary (:func:`nec_serve.messages.status_event`).
 """
 
 from __future__ import annotations
@@ -18,17 +24,22 @@ from __future__ import annotations
 import logging
 import threading
 
-from nec_serve.errors import InvalidInput
+from nec_serve.errors import InvalidInput, NecError, is_transient
 from nec_serve.kafka_io import commit_after, manual_commit_consumer
+from nec_serve.logs import bind, current_message_id, log_context, trace_id
 from nec_serve.messages import (
+    STATUS_KEY,
     MessageError,
+    PodIdentity,
     WorkflowConfig,
     dead_letter_body,
     legacy_config_name,
     parse_workflow,
     public_reason,
+    scrub_values,
     status_event,
 )
+from nec_serve.metrics import ControllerMetrics
 from nec_serve.retry import GaveUp, retrying
 
 __all__ = ["Controller", "run_controller", "COMPONENT"]
@@ -39,8 +50,24 @@ COMPONENT = "nec-controller"
 RETRY = "retry"  # handle()'s answer for a message to deliver again
 
 
+def _failure(err: BaseException) -> str:
+    """The failure class (:data:`nec_serve.metrics.FAILURE_REASONS`) of a refused message."""
+    cause = err.__cause__ if isinstance(err, GaveUp) and err.__cause__ is not None else err
+    if isinstance(cause, MessageError):
+        return "invalid_message"
+    if is_transient(cause):
+        return "transient_exhausted"
+    if isinstance(cause, NecError):
+        return "input_error"
+    return "internal"
+
+
 class Controller:
-    """Applies ``system.ML`` messages to a config store and a source manager."""
+    """Applies ``system.ML`` messages to a config store and a source manager.
+
+    ``metrics`` (a :class:`~nec_serve.metrics.ControllerMetrics`) counts what it does; by
+    default it gets one on a registry of its own.
+    """
 
     def __init__(
         self,
@@ -51,6 +78,8 @@ class Controller:
         status_topic: str = "monitoring.notify",
         attempts: int = 3,
         backoff_s: float = 1.0,
+        metrics: ControllerMetrics | None = None,
+        origin: PodIdentity | None = None,
     ):
         if attempts < 1:
             raise InvalidInput(f"invalid controller attempts {attempts}, expected >= 1")
@@ -61,6 +90,8 @@ class Controller:
         self.status_topic = status_topic
         self.attempts = attempts
         self.backoff_s = backoff_s
+        self.metrics = metrics or ControllerMetrics()
+        self.origin = origin or PodIdentity.from_environment()
 
     def handle(self, raw: bytes | None) -> str:
         """Apply one message; never raises.
@@ -69,16 +100,36 @@ class Controller:
         when the message failed and was dead-lettered; :data:`RETRY` when not even the
         failure could be written (the caller must not commit).
         """
+        with log_context(message_id=trace_id(raw), component=COMPONENT):
+            log.info("workflow message received (%d bytes)", len(raw or b""))
+            try:
+                config = parse_workflow(raw)
+            except Exception as err:  # the consumer boundary: any message, any error
+                failure = "invalid_message" if isinstance(err, NecError) else "internal"
+                return self._give_up(raw, None, public_reason(err), failure)
+            creds = config.s3
+            secrets = (creds.access_key_id, creds.secret_access_key) if creds else ()
+            bind(workflow=config.name, secrets=secrets)
+            try:
+                action = retrying(
+                    lambda: self._apply(config),
+                    self.attempts,
+                    self.backoff_s,
+                    "apply",
+                    on_retry=lambda _err: self.metrics.retries.inc(),
+                )
+            except GaveUp as err:
+                return self._give_up(raw, config, err.reason, _failure(err))
+            log.info("workflow %r: %s (%s)", config.name, action, config.source_name)
+            self.metrics.workflows.labels(action).inc()
+            self._count_active()
+            return action
+
+    def _count_active(self) -> None:
         try:
-            config = parse_workflow(raw)
-        except Exception as err:  # the consumer boundary: any message, any error
-            return self._give_up(raw, None, public_reason(err))
-        try:
-            action = retrying(lambda: self._apply(config), self.attempts, self.backoff_s, "apply")
-        except GaveUp as err:
-            return self._give_up(raw, config, err.reason)
-        log.info("workflow %r: %s (%s)", config.name, action, config.source_name)
-        return action
+            self.metrics.active.set(len(self.store.names()))
+        except Exception as err:  # a gauge is not worth failing a message for
+            log.warning("could not count the stored workflows: %s", err)
 
     def _apply(self, config: WorkflowConfig) -> str:
         name = config.source_name
@@ -121,13 +172,15 @@ class Controller:
                     names.append(legacy)
         return names
 
-    def _give_up(self, raw, config: WorkflowConfig | None, reason: str) -> str:
+    def _give_up(self, raw, config: WorkflowConfig | None, reason: str, failure: str) -> str:
         """Dead-letter ``raw`` and emit ``failed``; the message is then done with."""
         s3 = config.s3 if config else None
         secrets = (s3.access_key_id, s3.secret_access_key) if s3 else ()
         workflow = config.name if config else "unknown"
-        log.error("rejected workflow message (%s): %s", workflow, reason)
+        reason = scrub_values(reason, secrets)  # an error's text may quote a key it was given
+        log.error("rejected workflow message (%s, %s): %s", workflow, failure, reason)
         if self.producer is None:
+            self.metrics.rejected.labels(failure).inc()
             return "rejected"
         record = {
             "component_name": COMPONENT,
@@ -137,11 +190,19 @@ class Controller:
         }
         try:
             self.producer.send(self.dead_letter_topic, value=record).get(timeout=30)
-            event = status_event(COMPONENT, workflow, "failed", reason)
-            self.producer.send(self.status_topic, value=event).get(timeout=30)
+            event = status_event(
+                COMPONENT,
+                workflow,
+                "failed",
+                reason,
+                origin=self.origin,
+                nec={"message_id": current_message_id(), "reason": reason, "failure": failure},
+            )
+            self.producer.send(self.status_topic, value=event, key=STATUS_KEY).get(timeout=30)
         except Exception as err:  # the broker: nothing durable was written
             log.error("could not dead-letter the message (%s); it will come back", err)
             return RETRY
+        self.metrics.rejected.labels(failure).inc()
         return "rejected"
 
 

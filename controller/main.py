@@ -12,6 +12,8 @@ from nec_controller.sources import KubernetesSources, LocalSources
 from nec_serve.config_store import KubernetesConfigStore, LocalConfigStore
 from nec_serve.errors import InvalidInput
 from nec_serve.kafka_io import json_producer
+from nec_serve.logs import LOG_FORMATS
+from nec_serve.metrics import ControllerMetrics, serve_metrics
 
 __all__ = ["add_parser", "ControllerSettings"]
 
@@ -30,6 +32,8 @@ class ControllerSettings:
     namespace: str = "nec"
     config_dir: str | None = None
     sinks: tuple[tuple[str, str], ...] = ()  # local mode: (service, wrapper URL)
+    host: str = "127.0.0.1"  # the metrics endpoint's address
+    metrics_port: int = 9091  # GET /metrics (Prometheus); 0: none
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, naming the setting."""
@@ -39,6 +43,10 @@ class ControllerSettings:
             raise InvalidInput(f"controller: --attempts {self.attempts}, expected >= 1")
         if self.backoff_s < 0:
             raise InvalidInput(f"controller: --backoff {self.backoff_s}, expected >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise InvalidInput(
+                f"controller: --metrics-port {self.metrics_port}, expected 1..65535 or 0 (none)"
+            )
         if not self.kubernetes and not self.config_dir:
             raise InvalidInput("controller: local mode needs --config-dir (or give --kubernetes)")
 
@@ -62,6 +70,8 @@ class ControllerSettings:
             namespace=args.namespace,
             config_dir=args.config_dir,
             sinks=tuple(sinks),
+            host=args.host,
+            metrics_port=args.metrics_port,
         )
 
 
@@ -89,6 +99,19 @@ def add_parser(sub) -> None:
         help="Kubernetes mode: ConfigMaps, Secrets and KafkaSources",
     )
     s.add_argument("--namespace", default="nec", help="Kubernetes mode: namespace")
+    s.add_argument("--host", default="127.0.0.1", help="address of the metrics endpoint")
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9091,
+        help="Prometheus metrics on http://HOST:PORT/metrics; 0 serves none",
+    )
+    s.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="log lines as JSON objects or text (default: $NEC_LOG_FORMAT, else json)",
+    )
     s.set_defaults(func=run)
 
 
@@ -111,6 +134,18 @@ def run(args: argparse.Namespace) -> int:
         )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    metrics = ControllerMetrics()
+    try:
+        server = serve_metrics(metrics.registry, settings.host, settings.metrics_port)
+    except InvalidInput:
+        sources.close()
+        producer.close(timeout=10)
+        raise
+    if server is not None:
+        print(
+            f"controller metrics on http://{settings.host}:{settings.metrics_port}/metrics",
+            flush=True,
+        )
     print(f"controller listening on {settings.topic} at {settings.bootstrap_servers}", flush=True)
     try:
         run_controller(
@@ -122,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
                 status_topic=settings.status_topic,
                 attempts=settings.attempts,
                 backoff_s=settings.backoff_s,
+                metrics=metrics,
             ),
             settings.bootstrap_servers,
             settings.topic,
@@ -130,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if server is not None:
+            server.shutdown()
         sources.close()
         producer.close(timeout=10)
     return 0

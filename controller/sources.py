@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 
 from nec_serve.kafka_io import commit_after, manual_commit_consumer
+from nec_serve.logs import log_context, trace_id
 from nec_serve.messages import MessageError, WorkflowConfig, dead_letter_body
 
 __all__ = ["kafka_source", "KubernetesSources", "LocalSources", "LocalKafkaSource"]
@@ -151,7 +152,8 @@ class LocalKafkaSource(threading.Thread):
     it writes a dead-letter record (no credential in it) and moves on, so one message never
     holds its partition for good; if even that write fails, the message stays and is tried
     again. Nothing one record holds (no value, any bytes) and nothing the sink answers stops
-    the thread.
+    the thread. What it logs about a record carries the record's id
+    (:func:`nec_serve.logs.trace_id`), the id the wrapper logs the same message under.
     """
 
     def __init__(
@@ -231,6 +233,7 @@ class LocalKafkaSource(threading.Thread):
             reason = self._post(rec)
             if not reason:
                 self.delivered += 1
+                log.info("source %s: delivered %s@%d", self.source_name, rec.topic, rec.offset)
                 return True
             log.warning("source %s: %s (attempt %d)", self.source_name, reason, attempt + 1)
             if self.stopping.wait(delay):
@@ -255,7 +258,12 @@ class LocalKafkaSource(threading.Thread):
             while not self.stopping.is_set():
                 for tp, records in consumer.poll(timeout_ms=300).items():
                     for rec in records:
-                        if self._deliver(rec):
+                        with log_context(
+                            message_id=trace_id(rec.value),
+                            component=f"kafkasource/{self.source_name}",
+                        ):
+                            delivered = self._deliver(rec)
+                        if delivered:
                             commit_after(consumer, tp, rec)
                         else:
                             consumer.seek(tp, rec.offset)

@@ -139,12 +139,18 @@ def wrapper_args(
     batch_size: int | None = None,
     group: str | None = None,
     output: str | None = None,
+    metrics_port: int = 0,
 ) -> list[str]:
-    """``nec-serve wrapper`` arguments; ``server`` None runs the graphs in-process."""
+    """``nec-serve wrapper`` arguments; ``server`` None runs the graphs in-process.
+
+    ``metrics_port`` 0 (the default here) serves no metrics, so that several wrappers can
+    share a host; the wrapper's own default is 9090.
+    """
     args = ["wrapper", "--mode", mode, "--model-dir", str(export_dir), "--bootstrap", bootstrap]
     args += ["--trigger", trigger]
     if port is not None:
         args += ["--port", str(port)]
+    args += ["--metrics-port", str(metrics_port)]
     args += ["--config-dir", str(config_dir)]
     if server:
         args += ["--server", server]
@@ -299,6 +305,8 @@ def run_workflow_demo(
         print(f"[stack] {stack.describe()} ({time.perf_counter() - t_start:.1f} s)")
         store = Path(tmp) / "configs"
         ports = {"nec-compress": free_port(), "nec-decompress": free_port()}
+        metrics = {"nec-compress": free_port(), "nec-decompress": free_port()}
+        metrics["nec-controller"] = free_port()
         try:
             for mode, service in (("compress", "nec-compress"), ("decompress", "nec-decompress")):
                 compress = mode == "compress"
@@ -314,17 +322,32 @@ def run_workflow_demo(
                     bands=bands if compress else None,
                     batch_size=8 if compress else None,
                     output=None if compress else output,
+                    metrics_port=metrics[service],
                 )
                 procs.append(spawn_cli(args, work / f"{service}.log"))
                 wait_http(f"http://127.0.0.1:{ports[service]}", procs[-1], work / f"{service}.log")
             sinks = [f"--sink={s}=http://127.0.0.1:{p}" for s, p in ports.items()]
             procs.append(
                 spawn_cli(
-                    ["controller", "--bootstrap", boot, "--config-dir", str(store), *sinks],
+                    [
+                        "controller",
+                        "--bootstrap",
+                        boot,
+                        "--config-dir",
+                        str(store),
+                        "--metrics-port",
+                        str(metrics["nec-controller"]),
+                        *sinks,
+                    ],
                     work / "controller.log",
                 )
             )
             print(f"[stack] controller and wrappers up ({time.perf_counter() - t_start:.1f} s)")
+            print(
+                "[stack] metrics: "
+                + ", ".join(f"{s} http://127.0.0.1:{p}/metrics" for s, p in metrics.items())
+                + f"; JSON logs in {work}/*.log"
+            )
 
             client = s3.client()
             client.create_bucket(Bucket=BUCKET)
@@ -367,6 +390,8 @@ def run_workflow_demo(
             print(f"[kafka] workflow published and {len(inputs)} step messages sent")
 
             results = _watch(watch, len(inputs), timeout_s)
+            time.sleep(1.0)  # a wrapper counts a message once its status is out, just after
+            _print_metrics(metrics)
             if output == "classes":
                 _print_labels(client, results)
             for service in ("nec-compress", "nec-decompress"):
@@ -404,19 +429,50 @@ def _print_labels(client, results: list[dict]) -> None:
         )
 
 
+def _print_metrics(ports: dict[str, int]) -> None:
+    """One line per service from its ``/metrics``: messages by outcome, rejected, bytes."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for service, port in ports.items():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError as err:
+            print(f"[metrics] {service}: not reachable ({err})")
+            continue
+        counts: Counter = Counter()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "nec_wrapper_messages_total" and s.value:
+                    counts[s.labels["outcome"]] += s.value
+                elif s.name == "nec_controller_workflows_total" and s.value:
+                    counts[s.labels["action"]] += s.value
+                elif s.name in ("nec_wrapper_input_bytes_total", "nec_wrapper_output_bytes_total"):
+                    counts[s.name.split("_")[2] + " bytes"] += s.value
+                elif s.name == "nec_controller_messages_rejected_total" and s.value:
+                    counts["rejected"] += s.value
+        print(f"[metrics] {service}: " + ", ".join(f"{k} {v:.0f}" for k, v in counts.items()))
+
+
 def _watch(consumer, expected: int, timeout_s: float) -> list[dict]:
     finished: dict[str, list[dict]] = {}
     results: list[dict] = []
 
     def on_record(topic: str, value: dict) -> bool:
         if topic == "monitoring.notify":
+            # EO4EU's status shape: START / INFO (progress, overwrite) / SUCCESS / CRITICAL,
+            # a description of at most 300 characters; the step's stats and the whole reason
+            # are under "nec".
             desc = value["description"]
+            nec = value.get("nec") or {}
             short = desc if len(desc) < 100 else desc[:97] + "..."
             print(f"[monitoring.notify] {value['component_name']}: {value['status']} {short}")
-            if value["status"] == "finished":
-                finished.setdefault(value["component_name"], []).append(json.loads(desc))
-            if value["status"] == "failed":
-                results.append({"status": "failed", "reason": desc})
+            if value["status"] == "SUCCESS" and "stats" in nec:
+                finished.setdefault(value["component_name"], []).append(nec["stats"])
+            if value["status"] == "CRITICAL":
+                results.append({"status": "failed", "reason": nec.get("reason", desc)})
         elif topic == "nec.deadletter":
             print(f"[nec.deadletter] {value.get('error')}")
         else:
@@ -436,6 +492,16 @@ def _watch(consumer, expected: int, timeout_s: float) -> list[dict]:
     if expected > 0:
         follow(consumer, on_record, timeout_s)
     return results
+
+
+def _rmse(compress: dict, decompress: dict):
+    """The embedding RMSE of a NEC step; "n/a" for RVQ.
+
+    RVQ codes codebook indexes: no continuous latent is rounded (its error is measured on
+    the bands instead).
+    """
+    rvq = "codebooks" in compress or decompress.get("output") == "bands"
+    return "n/a" if rvq else compress.get("embedding_rmse")
 
 
 def _summary(results: list[dict], seconds: float, work: Path) -> None:
@@ -474,7 +540,7 @@ def _summary(results: list[dict], seconds: float, work: Path) -> None:
                     c.get("bits_per_pixel"),
                     c.get("compression_ratio"),
                     c.get("payload_over_entropy_bound_pct"),
-                    c.get("embedding_rmse"),
+                    _rmse(c, d),
                     c.get("s3_get_s"),
                     c.get("inference_s"),
                     c.get("coding_s"),

@@ -4,7 +4,8 @@ Three shapes cross Kafka (DESIGN section 5):
 
 - the platform's workflow message on ``system.ML``, read by the controller;
 - the step message on a workflow's topics, read and written by the wrapper;
-- the status event on ``monitoring.notify``.
+- the status event on ``monitoring.notify``, in EO4EU's vocabulary (``START``, ``INFO``,
+  ``SUCCESS``, ``CRITICAL``; :func:`status_event`).
 
 Parsing never trusts a field: each check names the field and what was wrong, and the
 error carries it into the ``failed`` status and the dead-letter record. Credentials live
@@ -17,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from nec_serve.errors import InvalidInput, NecError
@@ -33,8 +36,13 @@ __all__ = [
     "parse_workflow",
     "parse_step",
     "status_event",
+    "STATUS_OF_EVENT",
+    "STATUS_KEY",
+    "MAX_DESCRIPTION_CHARS",
+    "PodIdentity",
     "redacted",
     "redact_text",
+    "scrub_values",
     "dead_letter_body",
     "public_reason",
     "config_name",
@@ -47,6 +55,8 @@ _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _DNS = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key")
+#: The Kafka key of every status event, as EO4EU's wrappers send it.
+STATUS_KEY = "key"
 #: Largest message any consumer parses (Kafka's default record limit is 1 MiB too).
 MAX_MESSAGE_BYTES = 1 << 20
 #: Deepest nesting of objects and arrays accepted; the platform's messages nest 3 levels.
@@ -307,15 +317,79 @@ def parse_step(
     return StepMessage(end, folder, filename, meta)
 
 
-def status_event(component: str, workflow: str, status: str, description: str) -> dict:
-    """A ``monitoring.notify`` event (started / finished / failed)."""
-    return {
+#: The EO4EU status of each event of a step (``status`` on ``monitoring.notify``).
+STATUS_OF_EVENT = {
+    "started": "START",
+    "progress": "INFO",
+    "debug": "DEBUG",
+    "finished": "SUCCESS",
+    "failed": "CRITICAL",
+}
+#: EO4EU's wrappers cut a status description to this many characters.
+MAX_DESCRIPTION_CHARS = 300
+#: Where Kubernetes mounts the pod's namespace (the ServiceAccount volume).
+NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    """Where a status event comes from: ``optional.namespace`` and ``optional.pod``."""
+
+    namespace: str = ""
+    pod: str = "Unknown"
+
+    @classmethod
+    def from_environment(
+        cls, environ: dict | None = None, namespace_file: Path = NAMESPACE_FILE
+    ) -> PodIdentity:
+        """Namespace and pod as EO4EU's wrappers find them; read once, when a service starts.
+
+        The namespace from the ServiceAccount mount ('' outside a pod), the pod from
+        ``$HOSTNAME`` ('Unknown' when unset).
+        """
+        environ = os.environ if environ is None else environ
+        try:
+            namespace = namespace_file.read_text().strip()
+        except OSError:
+            namespace = ""
+        return cls(namespace, environ.get("HOSTNAME") or "Unknown")
+
+
+def status_event(
+    component: str,
+    workflow: str,
+    event: str,
+    description: str,
+    *,
+    origin: PodIdentity | None = None,
+    nec: dict | None = None,
+    now: datetime | None = None,
+) -> dict:
+    """A ``monitoring.notify`` event in EO4EU's vocabulary (sent with the Kafka key ``key``).
+
+    ``event`` is one of :data:`STATUS_OF_EVENT` (``started`` -> ``START``, ``progress`` ->
+    ``INFO`` with ``"overwrite": true``, as the line replaces the previous progress line,
+    ``finished`` -> ``SUCCESS``, ``failed`` -> ``CRITICAL``). ``description`` is cut to
+    :data:`MAX_DESCRIPTION_CHARS`; the timestamp is ISO-8601 UTC (``+00:00``) as Python's
+    ``isoformat`` writes it, as EO4EU's ``KafkaHandler`` does. What EO4EU has no field for
+    (the event, the message id, the step's stats, the whole reason) goes in ``nec``.
+    """
+    if event not in STATUS_OF_EVENT:
+        raise ValueError(f"unknown status event {event!r}, expected one of {list(STATUS_OF_EVENT)}")
+    origin = origin or PodIdentity()
+    when = now or datetime.now(UTC)
+    value = {
         "component_name": component,
         "workflow_name": workflow,
-        "status": status,
-        "description": description,
-        "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "status": STATUS_OF_EVENT[event],
+        "description": description[:MAX_DESCRIPTION_CHARS],
+        "timestamp": when.astimezone(UTC).isoformat(),
+        "optional": {"namespace": origin.namespace, "pod": origin.pod},
     }
+    if event == "progress":
+        value["overwrite"] = True
+    value["nec"] = {"event": event, **(nec or {})}
+    return value
 
 
 def _is_secret_key(key: Any) -> bool:
@@ -343,6 +417,18 @@ def redact_text(text: str) -> str:
     value cut off by the end of the text is hidden up to the end.
     """
     return _RAW_SECRET.sub(lambda m: m.group("key") + '"***"', text)
+
+
+def scrub_values(text: str, values: tuple[str, ...] | list[str]) -> str:
+    """``text`` with every occurrence of the credential ``values`` replaced by ``***``.
+
+    ``values`` are known credentials (a workflow's keys), wherever they appear; values
+    shorter than 4 characters are left alone (they would scrub ordinary words).
+    """
+    for value in values:
+        if isinstance(value, str) and len(value) >= 4 and value in text:
+            text = text.replace(value, "***")
+    return text
 
 
 def dead_letter_body(raw: bytes | str | dict | None, secrets: tuple[str, ...] = ()) -> dict:

@@ -395,7 +395,12 @@ def _iter_decoded(
     engine: Engine | None,
     output: str,
     batch_size: int,
+    seconds: dict[str, float] | None = None,
 ) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
+    """As :func:`iter_decoded`; adds the seconds of each part to ``seconds`` when given.
+
+    ``seconds["coding"]`` is entropy decoding, ``seconds["inference"]`` the graph.
+    """
     outputs = decode_outputs()
     if output not in outputs:
         raise InvalidInput(f"unknown output {output!r}, expected one of {sorted(outputs)}")
@@ -411,8 +416,14 @@ def _iter_decoded(
     levels = header.meta.get("codebooks")
 
     def run() -> np.ndarray:
+        t0 = time.perf_counter()
         symbols = bundle.codec.decode_batch([r.payload for r in records], bundle.tokens, levels)
-        return symbols if role is None else engine.decode(role, symbols)
+        t1 = time.perf_counter()
+        out = symbols if role is None else engine.decode(role, symbols)
+        if seconds is not None:
+            seconds["coding"] = seconds.get("coding", 0.0) + t1 - t0
+            seconds["inference"] = seconds.get("inference", 0.0) + time.perf_counter() - t1
+        return out
 
     for record in records_in:
         records.append(record)
@@ -538,7 +549,8 @@ def write_embeddings(
     ``dest.with_suffix(".classes.json")`` (:func:`class_report`) is written the same way.
 
     Returns:
-        ``{"tiles", "shape", "dtype", "decode_s"}``.
+        ``{"tiles", "shape", "dtype", "decode_s", "coding_s", "inference_s"}``: seconds of
+        the whole decode, and of its entropy decoding and its graph.
     """
     limits = InputLimits() if limits is None else limits
     label = label or str(container)
@@ -556,6 +568,7 @@ def write_embeddings(
                     f"{label}: container holds more than max_tiles={limits.max_tiles} tiles"
                 )
     t0 = time.perf_counter()
+    seconds: dict[str, float] = {"coding": 0.0, "inference": 0.0}
     bar = _progress(progress, "decompress", "tile")
     index: list[dict] = []
     try:
@@ -563,7 +576,10 @@ def write_embeddings(
             reader = ContainerReader(f)
             out = None
             row = 0
-            for records, arr in iter_decoded(reader, bundle, engine, output, batch_size):
+            decoded = _iter_decoded(
+                reader.header, reader, bundle, engine, output, batch_size, seconds
+            )
+            for records, arr in decoded:
                 if out is None:
                     check_decoded_size(count, arr.shape[1:], arr.dtype, limits, label)
                     out = np.lib.format.open_memmap(
@@ -595,6 +611,7 @@ def write_embeddings(
         "shape": shape,
         "dtype": np.dtype(dtype).name,
         "decode_s": round(time.perf_counter() - t0, 3),
+        **{f"{k}_s": round(v, 3) for k, v in seconds.items()},
     }
 
 
@@ -628,7 +645,8 @@ def write_bands(
     are written under temporary names and renamed into place only when complete.
 
     Returns:
-        ``{"tiles", "images", "path", "format", "codebooks", "decode_s"}``.
+        ``{"tiles", "images", "path", "format", "codebooks", "decode_s", "coding_s",
+        "inference_s"}``.
     """
     limits = InputLimits() if limits is None else limits
     label = label or str(container)
@@ -640,6 +658,7 @@ def write_bands(
         )
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     t0 = time.perf_counter()
+    seconds: dict[str, float] = {"coding": 0.0, "inference": 0.0}
     written: list[tuple[str, Path]] = []
     tiles = 0
     try:
@@ -661,7 +680,8 @@ def write_bands(
                 canvas.clear()
 
             bar = _progress(progress, "decompress", "tile")
-            for records, arr in _iter_decoded(header, reader, bundle, engine, "bands", batch_size):
+            decoded = _iter_decoded(header, reader, bundle, engine, "bands", batch_size, seconds)
+            for records, arr in decoded:
                 for record, tile in zip(records, arr, strict=True):
                     tiles += 1
                     if tiles > limits.max_tiles:
@@ -704,6 +724,7 @@ def write_bands(
         "format": fmt,
         "codebooks": header.meta.get("codebooks"),
         "decode_s": round(time.perf_counter() - t0, 3),
+        **{f"{k}_s": round(v, 3) for k, v in seconds.items()},
     }
 
 

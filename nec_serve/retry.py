@@ -31,12 +31,19 @@ class GaveUp(Exception):
         self.attempts = attempts
 
 
-def retrying(fn: Callable[[], T], attempts: int, backoff_s: float, what: str) -> T:
+def retrying(
+    fn: Callable[[], T],
+    attempts: int,
+    backoff_s: float,
+    what: str,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
     """``fn()``, tried up to ``attempts`` times while it fails transiently.
 
     The first retry waits ``backoff_s``, each next one twice as long. A failure that is
     not transient ends at once; a transient one after the last attempt, its reason then
-    starting ``gave up after N attempts``.
+    starting ``gave up after N attempts``. ``on_retry(err)`` is called before each retry
+    (to count them).
 
     Raises:
         GaveUp: naming the failure, with the attempts made.
@@ -52,6 +59,8 @@ def retrying(fn: Callable[[], T], attempts: int, backoff_s: float, what: str) ->
                 reason = f"gave up after {attempt} attempts: {public_reason(err)}"
                 raise GaveUp(reason, attempt) from err
             log.warning("%s: attempt %d failed (%s); retry in %.1f s", what, attempt, err, delay)
+            if on_retry is not None:
+                on_retry(err)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")  # pragma: no cover

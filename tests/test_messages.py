@@ -4,6 +4,7 @@ import json
 import os
 import re
 import stat
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -12,6 +13,7 @@ from nec_serve.errors import InvalidInput, ServerUnavailable, TransientError, is
 from nec_serve.messages import (
     MAX_JSON_DEPTH,
     MessageError,
+    PodIdentity,
     config_name,
     dead_letter_body,
     legacy_config_name,
@@ -150,10 +152,59 @@ def test_step_messages():
             parse_step(msg)
 
 
-def test_status_event_shape():
-    ev = status_event("nec-compress", "wf-1", "failed", "object missing")
-    assert set(ev) == {"component_name", "workflow_name", "status", "description", "timestamp"}
-    assert ev["timestamp"].endswith("+00:00")
+# EO4EU's status events (ml-uc5 build/KafkaHandler.py): component_name, workflow_name, status
+# (START, INFO, DEBUG, CRITICAL, SUCCESS), description cut at 300 characters, an ISO-8601 UTC
+# timestamp as datetime.isoformat() writes it, optional.namespace / optional.pod, and
+# "overwrite": true only on a progress line that replaces the previous one.
+EO4EU_KEYS = ["component_name", "workflow_name", "status", "description", "timestamp", "optional"]
+WHEN = datetime(2025, 3, 4, 5, 6, 7, 89_000, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("event", "status"),
+    [("started", "START"), ("progress", "INFO"), ("finished", "SUCCESS"), ("failed", "CRITICAL")],
+)
+def test_status_event_has_eo4eus_exact_shape(event, status):
+    origin = PodIdentity(namespace="eo4eu-ml", pod="nec-compress-00001-abc")
+    ev = status_event(
+        "nec-compress", "wf-1", event, "object missing", origin=origin, now=WHEN,
+        nec={"message_id": "ab" * 16},
+    )  # fmt: skip
+    overwrite = ["overwrite"] if event == "progress" else []
+    assert list(ev) == [*EO4EU_KEYS, *overwrite, "nec"]
+    assert ev["component_name"] == "nec-compress" and ev["workflow_name"] == "wf-1"
+    assert ev["status"] == status and ev["description"] == "object missing"
+    assert ev["timestamp"] == "2025-03-04T05:06:07.089000+00:00"
+    assert ev["optional"] == {"namespace": "eo4eu-ml", "pod": "nec-compress-00001-abc"}
+    if overwrite:
+        assert ev["overwrite"] is True
+    assert ev["nec"] == {"event": event, "message_id": "ab" * 16}
+    json.dumps(ev)  # what the producer serialises
+
+
+def test_status_event_cuts_the_description_and_writes_utc():
+    ev = status_event("c", "w", "failed", "x" * 299 + "yz" + "tail" * 100)
+    assert ev["description"] == "x" * 299 + "y" and len(ev["description"]) == 300
+    stamp = datetime.fromisoformat(ev["timestamp"])
+    assert stamp.utcoffset() == timedelta(0) and ev["timestamp"].endswith("+00:00")
+    assert abs((datetime.now(UTC) - stamp).total_seconds()) < 60
+    local = datetime(2025, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert status_event("c", "w", "started", "d", now=local)["timestamp"] == (
+        "2025-01-01T10:00:00+00:00"
+    )
+    assert ev["optional"] == {"namespace": "", "pod": "Unknown"}  # outside a pod
+    assert "overwrite" not in ev
+    with pytest.raises(ValueError, match="unknown status event 'done'"):
+        status_event("c", "w", "done", "d")
+
+
+def test_pod_identity_reads_the_service_account_mount_and_hostname(tmp_path):
+    ns = tmp_path / "namespace"
+    ns.write_text("eo4eu-ml\n")
+    got = PodIdentity.from_environment({"HOSTNAME": "pod-1"}, namespace_file=ns)
+    assert got == PodIdentity("eo4eu-ml", "pod-1")
+    missing = PodIdentity.from_environment({}, namespace_file=tmp_path / "absent")
+    assert missing == PodIdentity("", "Unknown")
 
 
 LONG = "eo4eu.workflow." + "x" * 60

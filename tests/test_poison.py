@@ -132,7 +132,7 @@ def test_controller_survives_poison_and_applies_the_next_message(
     for record, (_, match) in zip(dead, poison, strict=True):
         assert match in record["error"], record
         assert record["component_name"] == "nec-controller"
-    failed = [s for s in flow.read(flow.status, len(poison)) if s["status"] == "failed"]
+    failed = [s for s in flow.read(flow.status, len(poison)) if s["status"] == "CRITICAL"]
     assert len(failed) == len(poison)
     assert flow.s3.secret_key not in json.dumps(dead)
 
@@ -148,7 +148,7 @@ def test_controller_rejecting_a_workflow_stores_nothing(kafka, s3, producer, tmp
     assert ctl.handle(json.dumps(flow.msg).encode()) == "rejected"
     assert list(flow.store.root.iterdir()) == []  # no config, no credentials
     assert "no local sink for service 'nec-compress'" in flow.read(flow.dlq, 1)[0]["error"]
-    assert flow.read(flow.status, 1)[0]["status"] == "failed"
+    assert flow.read(flow.status, 1)[0]["status"] == "CRITICAL"
 
     # A source that fails after the config was written takes the config with it.
     sources.sinks["nec-compress"] = "http://127.0.0.1:9"
@@ -281,8 +281,10 @@ def test_kafka_trigger_survives_poison_and_unexpected_errors(
     assert len(dead) == 5
     for record, match in zip(dead, [m for _, m in POISON] + ["KeyError"], strict=True):
         assert match in record["error"], record
-    failed = [s for s in flow.read(flow.status, 8) if s["status"] == "failed"]
+    failed = [s for s in flow.read(flow.status, 9) if s["status"] == "CRITICAL"]
     assert len(failed) == 5 and "internal error (KeyError)" in failed[-1]["description"]
+    assert "internal error (KeyError)" in failed[-1]["nec"]["reason"]
+    assert failed[-1]["nec"]["failure"] == "internal"
 
 
 class _Sink(BaseHTTPRequestHandler):
@@ -602,9 +604,9 @@ def test_a_duplicate_step_message_gives_one_downstream_message(
     nxt = flow.read(flow.topic_out, 2, timeout=5)
     assert len(nxt) == 1
     msg_id = nxt[0]["meta_information"]["nec"]["message_id"]
-    finished = [s for s in flow.read(flow.status, 6) if s["status"] == "finished"]
+    finished = [s for s in flow.read(flow.status, 8) if s["status"] == "SUCCESS"]
     assert len(finished) == 3
-    assert [json.loads(s["description"]).get("duplicate_of") for s in finished] == [
+    assert [s["nec"]["stats"].get("duplicate_of") for s in finished] == [
         None,
         msg_id,
         msg_id,

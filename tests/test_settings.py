@@ -27,6 +27,9 @@ def test_wrapper_settings_carry_every_flag():
     assert s.bands == (3, 2, 1) and s.limits == InputLimits(max_tiles=7)
     assert (s.trigger, s.port, s.group) == ("http", 0, "nec-wrapper-compress")
     assert str(s.config_dir) == "cfg" and s.namespace is None
+    assert (s.host, s.metrics_port) == ("127.0.0.1", 9090)  # metrics on by default
+    off = _wrapper("--config-dir", "cfg", "--metrics-port", "0", "--host", "0.0.0.0")
+    assert (off.host, off.metrics_port) == ("0.0.0.0", 0)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +40,7 @@ def test_wrapper_settings_carry_every_flag():
         (["--config-dir", "c", "--max-pixels", "0"], "max_pixels"),
         (["--config-dir", "c", "--attempts", "0"], "attempts"),
         (["--config-dir", "c", "--port", "70000"], "invalid wrapper port 70000"),
+        (["--config-dir", "c", "--metrics-port", "70000"], "invalid wrapper metrics port 70000"),
         ([], "give --config-dir"),
     ],
 )
@@ -49,6 +53,9 @@ def test_controller_settings():
     s = _controller("--config-dir", "cfg", "--sink", "nec-compress=http://127.0.0.1:8080")
     assert s.sinks == (("nec-compress", "http://127.0.0.1:8080"),)
     assert _controller("--kubernetes").kubernetes
+    assert (s.host, s.metrics_port) == ("127.0.0.1", 9091)
+    s = _controller("--kubernetes", "--host", "0.0.0.0", "--metrics-port", "0")
+    assert (s.host, s.metrics_port) == ("0.0.0.0", 0)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +64,7 @@ def test_controller_settings():
         (["--config-dir", "c", "--sink", "nec-compress"], "expected SERVICE=http"),
         (["--config-dir", "c", "--sink", "x=ftp://h"], "expected SERVICE=http"),
         (["--config-dir", "c", "--attempts", "0"], "--attempts 0"),
+        (["--config-dir", "c", "--metrics-port", "-1"], "--metrics-port -1"),
         ([], "local mode needs --config-dir"),
     ],
 )

@@ -110,6 +110,13 @@ def _handler(flow, tiny_export, producer, mode="compress", **kw):
     return StepHandler(settings, flow.store, producer, engine=engine)
 
 
+def _metric(handler, name: str, **labels) -> float | None:
+    """A sample of the handler's own metrics registry (labelled with its step)."""
+    return handler.metrics.registry.get_sample_value(
+        name, {"step": handler.settings.mode, **labels}
+    )
+
+
 def _naip_tar(data_dir, n=2) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
@@ -149,9 +156,14 @@ def test_compress_then_decompress_through_s3_and_kafka(
     assert nxt[0]["previous_component_end"] is True
     assert nxt[0]["meta_information"]["run"] == "test"
     assert nxt[0]["meta_information"]["nec"]["tiles"] == 2 * 2 * 3
-    statuses = flow.read(flow.status, 2)
-    assert [s["status"] for s in statuses] == ["started", "finished"]
+    statuses = flow.read(flow.status, 4)
+    assert [s["status"] for s in statuses] == ["START", "INFO", "INFO", "SUCCESS"]
+    assert [s["nec"]["event"] for s in statuses] == ["started", "progress", "progress", "finished"]
+    assert [s.get("overwrite") for s in statuses] == [None, True, True, None]
     assert all(s["workflow_name"] == flow.config.name for s in statuses)
+    assert len({s["nec"]["message_id"] for s in statuses}) == 1  # one message, one id
+    assert statuses[-1]["nec"]["stats"] == out.stats
+    assert statuses[-1]["nec"]["output_key"] == out.output_key
 
     # The decompress step consumes the compress step's output message as it is.
     dflow = Flow(kafka, s3, tmp_path, component="nec-decompress")
@@ -261,8 +273,12 @@ def test_bad_input_fails_clearly_and_is_dead_lettered(
         assert f"s3://{flow.bucket}/input/{name_or_raw}" in out.reason, out.reason
     dead = flow.read(flow.dlq, 1)
     assert len(dead) == 1 and match in dead[0]["error"]
-    failed = [s for s in flow.read(flow.status, 1) if s["status"] == "failed"]
-    assert failed and match in failed[0]["description"]
+    failed = [s for s in flow.read(flow.status, 1) if s["status"] == "CRITICAL"]
+    assert failed and match in failed[0]["nec"]["reason"]
+    assert failed[0]["description"] == out.reason[:300]
+    expected = "invalid_message" if content is None and case != "missing object" else "input_error"
+    assert failed[0]["nec"]["failure"] == expected == out.failure
+    assert _metric(handler, "nec_wrapper_messages_failed_total", reason=expected) == 1
     assert "s3cr3t" not in json.dumps(dead) and flow.s3.secret_key not in json.dumps(dead)
     assert not [
         o
@@ -273,9 +289,12 @@ def test_bad_input_fails_clearly_and_is_dead_lettered(
 
 def test_unknown_workflow_is_dead_lettered(kafka, s3, producer, tiny_export, tmp_path):
     flow = Flow(kafka, s3, tmp_path)
-    out = _handler(flow, tiny_export, producer).handle("nec-never-published", flow.step("x.tif"))
+    handler = _handler(flow, tiny_export, producer)
+    out = handler.handle("nec-never-published", flow.step("x.tif"))
     assert out.done and "no workflow config 'nec-never-published'" in out.reason
     assert flow.read(flow.dlq, 1)[0]["config"] == "nec-never-published"
+    assert out.failure == "unknown_workflow"
+    assert _metric(handler, "nec_wrapper_messages_failed_total", reason="unknown_workflow") == 1
 
 
 def test_s3_unavailable_is_retried_then_failed(kafka, producer, tiny_export, data_dir, tmp_path):
@@ -290,6 +309,10 @@ def test_s3_unavailable_is_retried_then_failed(kafka, producer, tiny_export, dat
     assert out.done and out.status == "failed"
     assert "gave up after 2 attempts" in out.reason and "S3 unreachable" in out.reason
     assert "gave up after 2 attempts" in flow.read(flow.dlq, 1)[0]["error"]
+    assert _metric(handler, "nec_wrapper_retries_total", what="step") == 1
+    assert _metric(handler, "nec_wrapper_messages_failed_total", reason="transient_exhausted") == 1
+    assert _metric(handler, "nec_wrapper_messages_total", outcome="failed") == 1
+    assert _metric(handler, "nec_wrapper_dead_lettered_total") == 1
 
 
 def test_inference_server_unavailable_is_retried_then_failed(
@@ -373,6 +396,8 @@ def test_wrapper_killed_mid_step_completes_once_after_restart(
         "4",
         "--work-dir",
         str(work_dir),
+        "--metrics-port",
+        "0",
     ]
     producer.send(flow.topic_in, value=json.loads(flow.step("scene.tar.gz"))).get(10)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -386,12 +411,12 @@ def test_wrapper_killed_mid_step_completes_once_after_restart(
         first.wait(10)
         left = list(work_dir.glob("nec-step-*"))
         assert len(left) == 1  # what a killed step leaves behind
-        assert not [s for s in flow.read(flow.status, 2, timeout=2) if s["status"] == "finished"]
+        assert not [s for s in flow.read(flow.status, 2, timeout=2) if s["status"] == "SUCCESS"]
         second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                if any(s["status"] == "finished" for s in flow.read(flow.status, 3, timeout=2)):
+                if any(s["status"] == "SUCCESS" for s in flow.read(flow.status, 3, timeout=2)):
                     break
             nxt = flow.read(flow.topic_out, 1, timeout=10)
         finally:

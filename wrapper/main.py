@@ -15,9 +15,17 @@ from nec_serve.contract import decode_outputs
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, parse_bands
 from nec_serve.kafka_io import json_producer
+from nec_serve.logs import LOG_FORMATS
 from nec_serve.messages import MAX_MESSAGE_BYTES
+from nec_serve.metrics import serve_metrics
 from nec_wrapper.step import StepHandler, WrapperSettings
-from nec_wrapper.triggers import make_http_server, run_consumer
+from nec_wrapper.triggers import (
+    SESSION_TIMEOUT_BOUNDS_S,
+    SESSION_TIMEOUT_S,
+    make_http_server,
+    run_consumer,
+    session_timeout,
+)
 
 __all__ = ["add_parser", "settings_from_args"]
 
@@ -31,8 +39,22 @@ def add_parser(sub) -> None:
     s.add_argument("--model-dir", required=True, help="directory written by export")
     s.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
     s.add_argument("--trigger", choices=("http", "kafka"), default="http")
-    s.add_argument("--host", default="127.0.0.1", help="HTTP trigger address")
+    s.add_argument(
+        "--host", default="127.0.0.1", help="address of the HTTP trigger and the metrics endpoint"
+    )
     s.add_argument("--port", type=int, default=8080, help="HTTP trigger port")
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="Prometheus metrics on http://HOST:PORT/metrics; 0 serves none",
+    )
+    s.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="log lines as JSON objects or text (default: $NEC_LOG_FORMAT, else json)",
+    )
     s.add_argument("--config-dir", help="local config store (local mode)")
     s.add_argument("--namespace", help="read configs from ConfigMaps/Secrets (Kubernetes mode)")
     s.add_argument("--server", help="Triton URL (grpc://host:port); default: in-process")
@@ -46,6 +68,13 @@ def add_parser(sub) -> None:
     s.add_argument("--status-topic", default="monitoring.notify")
     s.add_argument("--dead-letter-topic", default="nec.deadletter")
     s.add_argument("--group", default=None, help="consumer group (kafka trigger)")
+    s.add_argument(
+        "--session-timeout",
+        type=session_timeout,
+        default=SESSION_TIMEOUT_S,
+        help="seconds without a heartbeat before the group gives a dead wrapper's partitions "
+        "to the others (kafka trigger; %g..%g)" % SESSION_TIMEOUT_BOUNDS_S,
+    )
     s.add_argument("--attempts", type=int, default=3)
     s.add_argument("--backoff", type=float, default=1.0)
     s.add_argument("--batch-size", type=int, default=8)
@@ -98,6 +127,7 @@ def settings_from_args(args: argparse.Namespace) -> WrapperSettings:
         trigger=args.trigger,
         host=args.host,
         port=args.port,
+        metrics_port=args.metrics_port,
         group=args.group or f"nec-wrapper-{args.mode}",
         config_dir=Path(args.config_dir) if args.config_dir else None,
         namespace=args.namespace,
@@ -116,9 +146,11 @@ def run(args: argparse.Namespace) -> int:
     handler = StepHandler(settings, store, producer)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    metrics = None
     try:
         if settings.trigger == "http":
             server = make_http_server(handler, settings.host, settings.port)
+            metrics = _serve_metrics(handler, settings)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             print(
                 f"wrapper ({settings.mode}) listening on "
@@ -139,12 +171,34 @@ def run(args: argparse.Namespace) -> int:
                         log.warning("skipping workflow config %s: %s", name, err)
                 return found
 
+            metrics = _serve_metrics(handler, settings)
             print(
                 f"wrapper ({settings.mode}) consuming from {settings.bootstrap_servers}", flush=True
             )
-            run_consumer(handler, settings.bootstrap_servers, settings.group, topics, stop)
+            run_consumer(
+                handler,
+                settings.bootstrap_servers,
+                settings.group,
+                topics,
+                stop,
+                session_timeout_s=args.session_timeout,
+            )
     except KeyboardInterrupt:
         pass
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         producer.close(timeout=10)
     return 0
+
+
+def _serve_metrics(handler: StepHandler, settings: WrapperSettings):
+    """The handler's metrics on ``--host``:``--metrics-port`` (None when the port is 0)."""
+    server = serve_metrics(handler.metrics.registry, settings.host, settings.metrics_port)
+    if server is not None:
+        print(
+            f"wrapper ({settings.mode}) metrics on "
+            f"http://{settings.host}:{settings.metrics_port}/metrics",
+            flush=True,
+        )
+    return server

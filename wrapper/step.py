@@ -22,13 +22,20 @@ the next message, so the one window left for a duplicate is a crash between the 
 Each step works in its own directory under the work dir, locked while in use; directories
 of steps whose process died (killed mid-step) are removed when the next handler starts and
 before each step.
+
+Status events use EO4EU's vocabulary (:func:`nec_serve.messages.status_event`): ``START``
+when a message is taken on, ``INFO`` progress lines (``"overwrite": true``) after the
+download and after the coding, ``SUCCESS`` or ``CRITICAL``. Every message is counted in the
+handler's :class:`~nec_serve.metrics.WrapperMetrics` (by outcome, failures by class, stage
+seconds from the step's stats, bytes, tiles in flight, retries, dead letters), and logged
+under its id (:func:`nec_serve.logs.trace_id`) with its workflow and input key, the
+workflow's credentials scrubbed from every line.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import resource
@@ -41,20 +48,26 @@ from pathlib import Path
 
 from nec_serve import s3
 from nec_serve.bundle import ModelBundle
-from nec_serve.config_store import ConfigStore
+from nec_serve.config_store import ConfigStore, UnknownWorkflow
 from nec_serve.contract import decode_outputs
 from nec_serve.engines import make_engine
-from nec_serve.errors import InvalidInput, NecError, TransientError
+from nec_serve.errors import InvalidInput, NecError, TransientError, is_transient
 from nec_serve.imagery import InputLimits, iter_inputs
+from nec_serve.logs import bind, current, current_message_id, log_context, trace_id
 from nec_serve.messages import (
     MAX_MESSAGE_BYTES,
+    STATUS_KEY,
+    MessageError,
+    PodIdentity,
     StepMessage,
     WorkflowConfig,
     dead_letter_body,
     parse_step,
     public_reason,
+    scrub_values,
     status_event,
 )
+from nec_serve.metrics import WrapperMetrics
 from nec_serve.pipeline import (
     coding_levels,
     compress,
@@ -71,6 +84,7 @@ __all__ = [
     "output_name",
     "message_id",
     "clean_work_dirs",
+    "failure_class",
     "MARKER_PREFIX",
 ]
 
@@ -108,8 +122,9 @@ class WrapperSettings:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     # How the process is reached and where it finds configs (used by main, not the handler).
     trigger: str = "http"  # "http" (a KafkaSource's POSTs) or "kafka" (consume directly)
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the HTTP trigger's and the metrics endpoint's address
     port: int = 8080
+    metrics_port: int = 9090  # GET /metrics (Prometheus); 0: none
     group: str = "nec-wrapper"
     config_dir: Path | None = None  # local config store
     namespace: str | None = None  # Kubernetes config store (ConfigMaps and Secrets)
@@ -126,6 +141,8 @@ class WrapperSettings:
             raise InvalidInput(f"invalid wrapper trigger {self.trigger!r}: http or kafka")
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"invalid wrapper port {self.port}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise InvalidInput(f"invalid wrapper metrics port {self.metrics_port}: 0 turns it off")
 
 
 @dataclass
@@ -137,6 +154,13 @@ class Outcome:
     reason: str = ""
     output_key: str | None = None
     stats: dict = field(default_factory=dict)
+    failure: str = ""  # failed: its class (nec_serve.metrics.FAILURE_REASONS)
+
+    @property
+    def outcome(self) -> str:
+        """The ``outcome`` label it is counted under: finished, duplicate, failed or retry."""
+        duplicate = self.status == "finished" and self.reason == "duplicate"
+        return "duplicate" if duplicate else self.status
 
 
 def output_name(
@@ -175,6 +199,23 @@ def _codebooks(meta: dict, bundle: ModelBundle) -> int | None:
         return coding_levels(bundle, value)
     except InvalidInput as err:
         raise InvalidInput(f"{what}: {err}") from None
+
+
+def failure_class(err: BaseException) -> str:
+    """The failure class (:data:`nec_serve.metrics.FAILURE_REASONS`) of what failed a step.
+
+    A :class:`~nec_serve.retry.GaveUp` is judged by the error it ended with.
+    """
+    cause = err.__cause__ if isinstance(err, GaveUp) and err.__cause__ is not None else err
+    if isinstance(cause, UnknownWorkflow):
+        return "unknown_workflow"
+    if isinstance(cause, MessageError):
+        return "invalid_message"
+    if is_transient(cause):
+        return "transient_exhausted"
+    if isinstance(cause, NecError):
+        return "input_error"
+    return "internal"
 
 
 def message_id(bucket: str, key: str, etag: str, component: str, step: str) -> str:
@@ -240,13 +281,42 @@ class _WorkDir:
             os.close(self._fd)
 
 
-class StepHandler:
-    """Processes workflow-step messages; shared by the HTTP and Kafka triggers."""
+class _Metered:
+    """An engine whose calls count their tiles as in flight (``nec_wrapper_tiles_in_flight``)."""
 
-    def __init__(self, settings: WrapperSettings, store: ConfigStore, producer, engine=None):
+    def __init__(self, engine, metrics: WrapperMetrics):
+        self.engine = engine
+        self.metrics = metrics
+
+    def encode(self, images):
+        with self.metrics.in_flight(len(images)):
+            return self.engine.encode(images)
+
+    def decode(self, role, symbols):
+        with self.metrics.in_flight(len(symbols)):
+            return self.engine.decode(role, symbols)
+
+
+class StepHandler:
+    """Processes workflow-step messages; shared by the HTTP and Kafka triggers.
+
+    ``metrics`` (a :class:`~nec_serve.metrics.WrapperMetrics`) counts what it does; by
+    default it gets one on a registry of its own.
+    """
+
+    def __init__(
+        self,
+        settings: WrapperSettings,
+        store: ConfigStore,
+        producer,
+        engine=None,
+        metrics: WrapperMetrics | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.producer = producer
+        self.metrics = metrics or WrapperMetrics(settings.mode)
+        self.origin = PodIdentity.from_environment()
         self.bundle = ModelBundle.load(settings.model_dir)
         self.output = settings.output or default_output(self.bundle)
         role = decode_outputs().get(self.output)
@@ -256,6 +326,7 @@ class StepHandler:
                 f"{settings.model_dir} has none"
             )
         self.engine = engine or make_engine(self.bundle, settings.server)
+        self._metered = _Metered(self.engine, self.metrics)
         self._sent: OrderedDict[str, None] = OrderedDict()  # ids published by this process
         if Path(settings.work_dir).is_dir():
             clean_work_dirs(settings.work_dir)
@@ -264,50 +335,109 @@ class StepHandler:
 
     def handle(self, config_name: str, raw: bytes | None) -> Outcome:
         """Process one message end to end; never raises, whatever the message holds."""
-        try:
-            return self._handle(config_name, raw)
-        except Exception as err:  # the consumer boundary: a bug must not stall the topic
-            log.exception("unexpected error handling a message for %s", config_name)
-            return self.reject(config_name, raw, public_reason(err))
+        with self._message(config_name, raw):
+            log.info("message received for %s (%d bytes)", config_name, len(raw or b""))
+            try:
+                out = self._handle(config_name, raw)
+            except Exception as err:  # the consumer boundary: a bug must not stall the topic
+                log.exception("unexpected error handling a message for %s", config_name)
+                out = self._reject(config_name, raw, public_reason(err), "internal")
+            self._count(out)
+            return out
 
-    def reject(self, config_name: str, raw: bytes | None, reason: str) -> Outcome:
+    def reject(
+        self, config_name: str, raw: bytes | None, reason: str, failure: str = "invalid_message"
+    ) -> Outcome:
         """Fail a message that cannot even be handled (the trigger's own checks)."""
+        with self._message(config_name, raw):
+            out = self._reject(config_name, raw, reason, failure)
+            self._count(out)
+            return out
+
+    def _message(self, config_name: str, raw: bytes | None):
+        """The log context of one message: its id and this step (the workflow once known)."""
+        return log_context(
+            message_id=trace_id(raw), step=self.settings.mode, component="nec-" + self.settings.mode
+        )
+
+    def _count(self, out: Outcome) -> None:
+        self.metrics.outcome(out.outcome, out.failure or "internal")
+
+    def _reject(self, config_name: str, raw, reason: str, failure: str) -> Outcome:
         try:
             workflow = self.store.get(config_name)
         except Exception:  # unknown or unreadable: fail it under its config name
             workflow = None
         component = workflow.component if workflow else "nec-" + self.settings.mode
-        return self._give_up(config_name, raw, workflow, component, reason, attempts=1)
+        return self._give_up(config_name, raw, workflow, component, reason, 1, failure)
 
-    def _retrying(self, what: str, fn):
-        """``fn()`` with the settings' bounded retries (:func:`nec_serve.retry.retrying`)."""
-        return retrying(fn, self.settings.attempts, self.settings.backoff_s, what)
+    def _retrying(self, what: str, fn, kind: str):
+        """``fn()`` with the settings' bounded retries (:func:`nec_serve.retry.retrying`).
+
+        Each retry is counted under ``kind`` (:data:`nec_serve.metrics.RETRIED`).
+        """
+        return retrying(
+            fn,
+            self.settings.attempts,
+            self.settings.backoff_s,
+            what,
+            on_retry=lambda _err: self.metrics.retried(kind),
+        )
 
     def _handle(self, config_name: str, raw: bytes | None) -> Outcome:
         workflow: WorkflowConfig | None = None
         component = "nec-" + self.settings.mode
         try:
-            workflow = self._retrying("config", lambda: self.store.get(config_name))
+            workflow = self._retrying("config", lambda: self.store.get(config_name), "config")
             component = workflow.component
+            creds = workflow.s3
+            secrets = (creds.access_key_id, creds.secret_access_key) if creds else ()
+            bind(workflow=workflow.name, component=component, secrets=secrets)
             step = parse_step(raw, max_bytes=self.settings.max_message_bytes)
+            bind(input_key=step.key or None)
             if not step.filename:
                 raise InvalidInput("field 'S3_bucket_desc.filename' is required by this step")
             if not step.previous_component_end:
                 raise InvalidInput("previous component did not end (previous_component_end false)")
         except GaveUp as err:
-            return self._give_up(config_name, raw, workflow, component, err.reason, err.attempts)
+            return self._give_up(
+                config_name, raw, workflow, component, err.reason, err.attempts, failure_class(err)
+            )
         except Exception as err:
             reason = public_reason(err)
-            return self._give_up(config_name, raw, workflow, component, reason, attempts=1)
+            failure = "invalid_message" if isinstance(err, NecError) else "internal"
+            return self._give_up(config_name, raw, workflow, component, reason, 1, failure)
 
-        self._status(component, workflow.name, "started", f"{self.settings.mode} {step.key}")
+        t0 = time.perf_counter()
+        mode = self.settings.mode
+        self._status(component, workflow.name, "started", f"{mode} {step.key}", input_key=step.key)
         if Path(self.settings.work_dir).is_dir():
             clean_work_dirs(self.settings.work_dir)
         try:
-            out = self._retrying(step.key, lambda: self._run(workflow, step))
+            out = self._retrying(step.key, lambda: self._run(workflow, step), "step")
         except GaveUp as err:
-            return self._give_up(config_name, raw, workflow, component, err.reason, err.attempts)
-        self._status(component, workflow.name, "finished", json.dumps(out.stats))
+            return self._give_up(
+                config_name, raw, workflow, component, err.reason, err.attempts, failure_class(err)
+            )
+        if out.reason != "duplicate":
+            self.metrics.observe_step(out.stats)
+        log.info(
+            "%s %s -> %s (%s) in %.2f s",
+            mode,
+            step.key,
+            out.output_key,
+            out.reason or "done",
+            time.perf_counter() - t0,
+        )
+        self._status(
+            component,
+            workflow.name,
+            "finished",
+            _finished_text(mode, step.key, out),
+            input_key=step.key,
+            output_key=out.output_key,
+            stats=out.stats,
+        )
         return out
 
     # -- the work ------------------------------------------------------------------
@@ -337,6 +467,7 @@ class StepHandler:
                 client, bucket, step.key, src, self.settings.max_input_bytes, etag=etag
             )
             t1 = time.perf_counter()
+            self._progress(workflow, f"{self.settings.mode} {step.key}: read {n_in} bytes")
             dest = work / out_name
             try:
                 stats = (
@@ -353,6 +484,11 @@ class StepHandler:
                     raise
                 raise type(err)(f"{label}: {err.message}") from err
             t2 = time.perf_counter()
+            self._progress(
+                workflow,
+                f"{self.settings.mode} {step.key}: {stats.get('tiles', 0)} tiles done in "
+                f"{t2 - t1:.1f} s; writing {out_key}",
+            )
             s3.upload(client, dest, bucket, out_key)
             extra_keys = []
             for suffix in (".tiles.json", ".classes.json"):  # what decompress writes beside
@@ -379,6 +515,7 @@ class StepHandler:
             if msg_id not in self._sent:  # sent in an earlier attempt whose marker failed
                 self._send(workflow.topic_out, nxt.to_dict(), key=out_key)
                 self._remember(msg_id)
+                log.info("published %s on %s as message %s", out_key, workflow.topic_out, msg_id)
             s3.put_json(
                 client,
                 bucket,
@@ -415,7 +552,7 @@ class StepHandler:
             stats = compress(
                 iter_inputs(src, bands, limits=self.settings.limits, label=label),
                 self.bundle,
-                self.engine,
+                self._metered,
                 f,
                 bands=bands,
                 batch_size=self.settings.batch_size,
@@ -430,7 +567,7 @@ class StepHandler:
                 src,
                 dest,
                 self.bundle,
-                self.engine,
+                self._metered,
                 batch_size=self.settings.batch_size,
                 limits=self.settings.limits,
                 label=label,
@@ -443,13 +580,15 @@ class StepHandler:
                 "images": done["images"],
                 "codebooks": done["codebooks"],
                 "decode_s": done["decode_s"],
+                "coding_s": done["coding_s"],
+                "inference_s": done["inference_s"],
                 **path,
             }
         done = write_embeddings(
             src,
             dest,
             self.bundle,
-            self.engine,
+            self._metered,
             self.output,
             batch_size=self.settings.batch_size,
             limits=self.settings.limits,
@@ -460,6 +599,8 @@ class StepHandler:
             "tiles": done["tiles"],
             "output": self.output,
             "decode_s": done["decode_s"],
+            "coding_s": done["coding_s"],
+            "inference_s": done["inference_s"],
         }
 
     # -- Kafka side effects ----------------------------------------------------------
@@ -470,16 +611,41 @@ class StepHandler:
         except Exception as err:  # kafka-python raises KafkaError subclasses and timeouts
             raise TransientError(f"could not write to Kafka topic {topic!r}: {err}") from err
 
-    def _status(self, component: str, workflow: str, status: str, description: str) -> None:
-        self._send(
-            self.settings.status_topic, status_event(component, workflow, status, description)
-        )
+    def _status(self, component: str, workflow: str, event: str, description: str, **nec) -> None:
+        """Send a status event (:func:`~nec_serve.messages.status_event`) about this message.
 
-    def _give_up(self, config_name, raw, workflow, component, reason, attempts) -> Outcome:
+        ``nec`` gets the message id, the step and the input key (as far as known) besides
+        the fields given.
+        """
+        known = {
+            "message_id": current_message_id(),
+            "step": self.settings.mode,
+            "input_key": current().get("input_key"),
+            **nec,
+        }
+        value = status_event(
+            component,
+            workflow,
+            event,
+            description,
+            origin=self.origin,
+            nec={k: v for k, v in known.items() if v is not None},
+        )
+        self._send(self.settings.status_topic, value, key=STATUS_KEY)
+
+    def _progress(self, workflow: WorkflowConfig, description: str) -> None:
+        """A progress line (``INFO``, replacing the previous one); never fails the step."""
+        try:
+            self._status(workflow.component, workflow.name, "progress", description)
+        except TransientError as err:
+            log.warning("progress status not sent: %s", err)
+
+    def _give_up(self, config_name, raw, workflow, component, reason, attempts, failure) -> Outcome:
         """Dead-letter ``raw`` and emit ``failed``; the message is then done with."""
         name = workflow.name if workflow else config_name
         secrets = (workflow.s3.access_key_id, workflow.s3.secret_access_key) if workflow else ()
-        log.error("step failed for %s: %s", name, reason)
+        reason = scrub_values(reason, secrets)  # an error's text may quote a key it was given
+        log.error("step failed (%s) for %s: %s", failure, name, reason)
         record = {
             "component_name": component,
             "workflow_name": name,
@@ -490,8 +656,21 @@ class StepHandler:
         }
         try:
             self._send(self.settings.dead_letter_topic, record, key=config_name)
-            self._status(component, name, "failed", reason)
+            self.metrics.dead_lettered.labels(self.settings.mode).inc()
+            self._status(component, name, "failed", reason, reason=reason, failure=failure)
         except TransientError as err:
             # Nothing durable was written: leave the message unacknowledged for redelivery.
             return Outcome(False, "retry", f"{reason}; and {err}")
-        return Outcome(True, "failed", reason)
+        return Outcome(True, "failed", reason, failure=failure)
+
+
+def _finished_text(mode: str, key: str, out: Outcome) -> str:
+    """The ``SUCCESS`` description: what was done, in a line (the numbers are in ``nec``)."""
+    stats = out.stats
+    if out.reason == "duplicate":
+        return f"{mode} {key}: already published as {out.output_key}"
+    bpp = f", {stats['bits_per_pixel']} bits/pixel" if "bits_per_pixel" in stats else ""
+    return (
+        f"{mode} {key} -> {out.output_key}: {stats.get('tiles', 0)} tiles, "
+        f"{stats.get('bytes_in', 0)} -> {stats.get('bytes_out', 0)} bytes{bpp}"
+    )

@@ -14,25 +14,53 @@ redelivering.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from nec_serve.kafka_io import commit_after, manual_commit_consumer
+from nec_serve.logs import log_context, trace_id
 from nec_serve.messages import MAX_MESSAGE_BYTES, MessageError, config_name
 
-__all__ = ["make_http_server", "run_consumer", "cloudevent_data", "read_event"]
+__all__ = [
+    "make_http_server",
+    "run_consumer",
+    "cloudevent_data",
+    "read_event",
+    "session_timeout",
+    "SESSION_TIMEOUT_S",
+    "SESSION_TIMEOUT_BOUNDS_S",
+]
 
 log = logging.getLogger(__name__)
 
 # A structured CloudEvent wraps the record (base64 adds a third) in a small envelope.
 MAX_BODY_BYTES = 2 * MAX_MESSAGE_BYTES
 _DRAIN_CHUNK = 1 << 16
+#: The Kafka trigger's consumer session timeout (seconds), and the bounds it may be set within
+#: (a broker with default settings refuses a session under 6 s).
+SESSION_TIMEOUT_S = 30.0
+SESSION_TIMEOUT_BOUNDS_S = (6.0, 300.0)
+
+
+def session_timeout(text: str) -> float:
+    """``--session-timeout``: seconds, within :data:`SESSION_TIMEOUT_BOUNDS_S`."""
+    low, high = SESSION_TIMEOUT_BOUNDS_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value:g} s is not within {low:g}..{high:g} s")
+    return value
 
 
 def cloudevent_data(body: bytes, content_type: str) -> bytes:
@@ -127,20 +155,21 @@ def make_http_server(handler, host: str = "127.0.0.1", port: int = 8080) -> Thre
             body, problem = read_event(self.headers, self.rfile)
             if problem.startswith("request Content-Length"):
                 self.close_connection = True  # the rest of the stream cannot be framed
-            with lock:
-                if problem:
-                    outcome = handler.reject(name, body, problem)
-                else:
-                    outcome = handler.handle(name, body)
-            status = HTTPStatus.OK if outcome.done else HTTPStatus.SERVICE_UNAVAILABLE
-            self._reply(
-                status,
-                {
-                    "status": outcome.status,
-                    "reason": outcome.reason,
-                    "output_key": outcome.output_key,
-                },
-            )
+            with log_context(message_id=trace_id(body)):  # the access log line too
+                with lock:
+                    if problem:
+                        outcome = handler.reject(name, body, problem)
+                    else:
+                        outcome = handler.handle(name, body)
+                status = HTTPStatus.OK if outcome.done else HTTPStatus.SERVICE_UNAVAILABLE
+                self._reply(
+                    status,
+                    {
+                        "status": outcome.status,
+                        "reason": outcome.reason,
+                        "output_key": outcome.output_key,
+                    },
+                )
 
         def log_message(self, fmt: str, *args) -> None:
             log.info("%s %s", self.address_string(), fmt % args)
@@ -157,19 +186,34 @@ def run_consumer(
     *,
     refresh_s: float = 2.0,
     retry_pause_s: float = 2.0,
+    session_timeout_s: float = SESSION_TIMEOUT_S,
 ) -> None:
     """Consume workflow topics directly until ``stop`` is set; at-least-once.
 
     ``topics`` is a callable returning the topics to follow (the workflows in the config
     store), re-read every ``refresh_s`` so newly published workflows are picked up.
     Offsets are committed one message at a time, only after the handler is done with it.
+
+    Wrappers sharing ``group_id`` share the topics' partitions. One that dies without
+    leaving the group (killed) keeps its partitions until ``session_timeout_s`` passes
+    without a heartbeat; then the others take them over from the last committed offsets.
+    The consumer's client id names the process (``$HOSTNAME``: the pod), so the group's
+    description tells which wrapper holds which partitions.
     """
+    low, high = SESSION_TIMEOUT_BOUNDS_S
+    if not low <= session_timeout_s <= high:
+        raise ValueError(
+            f"session timeout {session_timeout_s:g} s is not within {low:g}..{high:g} s"
+        )
+    session_ms = int(session_timeout_s * 1000)
     consumer = manual_commit_consumer(
         bootstrap_servers,
         group_id,
+        client_id=f"nec-wrapper-{os.environ.get('HOSTNAME') or socket.gethostname()}",
         max_poll_records=1,
         max_poll_interval_ms=60 * 60 * 1000,  # a step may take long; it is not a failure
-        session_timeout_ms=30_000,
+        session_timeout_ms=session_ms,
+        heartbeat_interval_ms=min(3000, max(500, session_ms // 10)),
     )
     current: set[str] = set()
     next_refresh = 0.0

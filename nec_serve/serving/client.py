@@ -8,7 +8,10 @@ and outputs (names, datatypes, shapes) are those of the export; it then sends ba
 at most the model's ``max_batch_size``. Transient failures (server unavailable, deadline
 exceeded, connection refused or reset) are retried with exponential backoff a bounded
 number of times; invalid requests are not retried. Where client and server share a host,
-tensors can travel through system shared memory instead of the socket.
+tensors can travel through system shared memory instead of the socket. Each inference
+request carries the id of the workflow message being handled
+(:func:`nec_serve.logs.current_message_id`) as its request id, so Triton's logs and traces
+name the message too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 
 from nec_serve.contract import GraphRole, TensorSpec
 from nec_serve.errors import InvalidInput, ModelMismatch, ServerUnavailable
+from nec_serve.logs import current_message_id
 
 __all__ = ["TritonEngine", "parse_server_url", "TRANSIENT_STATUSES"]
 
@@ -227,6 +231,7 @@ class TritonEngine:
             [inp],
             model_version=self.model_version,
             outputs=requested,
+            request_id=current_message_id() or "",
             **kwargs,
         )
         return {o: result.as_numpy(o) for o in outputs}
