@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass
 
 from nec_controller.app import Controller, run_controller
-from nec_controller.sources import KubernetesSources, LocalSources
+from nec_controller.sources import FEEDS, ConsumerFeed, KubernetesSources, LocalSources
 from nec_serve.config_store import KubernetesConfigStore, LocalConfigStore
 from nec_serve.errors import InvalidInput
 from nec_serve.kafka_io import json_producer
@@ -32,6 +32,7 @@ class ControllerSettings:
     namespace: str = "nec"
     config_dir: str | None = None
     sinks: tuple[tuple[str, str], ...] = ()  # local mode: (service, wrapper URL)
+    feed: str = "kafkasource"  # how workflows reach the wrappers (sources.FEEDS)
     host: str = "127.0.0.1"  # the metrics endpoint's address
     metrics_port: int = 9091  # GET /metrics (Prometheus); 0: none
 
@@ -47,6 +48,8 @@ class ControllerSettings:
             raise InvalidInput(
                 f"controller: --metrics-port {self.metrics_port}, expected 1..65535 or 0 (none)"
             )
+        if self.feed not in FEEDS:
+            raise InvalidInput(f"controller: --feed {self.feed!r}, expected one of {FEEDS}")
         if not self.kubernetes and not self.config_dir:
             raise InvalidInput("controller: local mode needs --config-dir (or give --kubernetes)")
 
@@ -70,6 +73,7 @@ class ControllerSettings:
             namespace=args.namespace,
             config_dir=args.config_dir,
             sinks=tuple(sinks),
+            feed=args.feed,
             host=args.host,
             metrics_port=args.metrics_port,
         )
@@ -99,6 +103,13 @@ def add_parser(sub) -> None:
         help="Kubernetes mode: ConfigMaps, Secrets and KafkaSources",
     )
     s.add_argument("--namespace", default="nec", help="Kubernetes mode: namespace")
+    s.add_argument(
+        "--feed",
+        choices=FEEDS,
+        default="kafkasource",
+        help="how workflows reach the wrappers: a KafkaSource each (default), or 'consumers' "
+        "when the wrappers consume the topics themselves (--trigger kafka; nothing is created)",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address of the metrics endpoint")
     s.add_argument(
         "--metrics-port",
@@ -121,11 +132,15 @@ def run(args: argparse.Namespace) -> int:
     producer = json_producer(settings.bootstrap_servers)
     if settings.kubernetes:
         store = KubernetesConfigStore(settings.namespace)
+    else:
+        store = LocalConfigStore(settings.config_dir)
+    if settings.feed == "consumers":
+        sources = ConsumerFeed()
+    elif settings.kubernetes:
         sources = KubernetesSources(
             settings.bootstrap_servers.split(","), namespace=settings.namespace
         )
     else:
-        store = LocalConfigStore(settings.config_dir)
         sources = LocalSources(
             settings.bootstrap_servers,
             dict(settings.sinks),

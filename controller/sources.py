@@ -19,7 +19,18 @@ from nec_serve.kafka_io import commit_after, manual_commit_consumer
 from nec_serve.logs import log_context, trace_id
 from nec_serve.messages import MessageError, WorkflowConfig, dead_letter_body
 
-__all__ = ["kafka_source", "KubernetesSources", "LocalSources", "LocalKafkaSource"]
+__all__ = [
+    "kafka_source",
+    "KubernetesSources",
+    "LocalSources",
+    "LocalKafkaSource",
+    "ConsumerFeed",
+    "FEEDS",
+]
+
+#: How workflows reach the wrappers: a KafkaSource per workflow (Knative, or the local
+#: stand-in), or the wrappers consume the input topics themselves (``--trigger kafka``).
+FEEDS = ("kafkasource", "consumers")
 
 log = logging.getLogger(__name__)
 
@@ -336,3 +347,30 @@ class LocalSources:
         """Stop every source."""
         for name in list(self.running):
             self.remove(name)
+
+
+class ConsumerFeed:
+    """The feed when the wrappers consume the workflow topics themselves (``--feed consumers``).
+
+    The wrappers (``--trigger kafka``, one consumer group per step, scaled on its lag) find
+    the workflows in the config store; there is nothing to create per workflow, and creating
+    a KafkaSource as well would deliver every message twice.
+    """
+
+    def validate(self, config: WorkflowConfig) -> None:
+        """Any workflow is fine: the wrappers pick it up from the store."""
+
+    def owns(self, name: str, namespace: str | None, topic: str) -> bool:
+        """No source is ever created."""
+        return False
+
+    def ensure(self, config: WorkflowConfig) -> bool:
+        """Nothing to start: False (unchanged)."""
+        return False
+
+    def remove(self, name: str, namespace: str | None = None, topic: str | None = None) -> bool:
+        """Nothing to stop: False."""
+        return False
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -775,3 +775,71 @@ def test_controller_starts_from_its_manifest_with_the_image_packages(rendered):
         "namespace": NS,
         "sources_namespace": NS,
     }
+
+
+# ------------------------------------------------------------------------------ the KEDA overlay
+
+
+@pytest.fixture(scope="module")
+def keda_objects(schemas, k8s_tree) -> list[dict]:
+    return kv.kustomize_build(schemas, k8s_tree / "overlays" / "keda")
+
+
+@pytest.mark.parametrize("service", sorted(STEPS))
+def test_keda_consumers_parse_to_kafka_wrappers_of_their_step(keda_objects, service):
+    from nec_wrapper.main import settings_from_args
+
+    dep = one(keda_objects, "Deployment", service)
+    (ctr,) = dep["spec"]["template"]["spec"]["containers"]
+    settings = settings_from_args(parse_cli(expand_args(ctr, dep, keda_objects)))
+    mode, isvc = STEPS[service]
+    scaled = one(keda_objects, "ScaledObject", service)
+    (trigger,) = scaled["spec"]["triggers"]
+    assert (settings.mode, settings.trigger, settings.service) == (mode, "kafka", service)
+    assert settings.group == trigger["metadata"]["consumerGroup"]  # what KEDA measures
+    assert scaled["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert trigger["type"] == "kafka" and trigger["metadata"]["bootstrapServersFromEnv"] in {
+        e["name"] for e in ctr["env"]
+    }
+    assert settings.namespace == NS and settings.server.startswith(f"http://{isvc}-predictor.{NS}.")
+    assert (settings.host, settings.metrics_port) == ("0.0.0.0", 9090)
+    assert {"name": "metrics", "containerPort": 9090} in ctr["ports"]
+    assert by_kind(keda_objects, "Service") == {}  # no Knative wrapper feeds the same topics
+
+
+def test_keda_controller_creates_no_kafka_sources(keda_objects):
+    from nec_controller.main import ControllerSettings
+
+    dep = one(keda_objects, "Deployment", "nec-controller")
+    (ctr,) = dep["spec"]["template"]["spec"]["containers"]
+    settings = ControllerSettings.from_args(parse_cli(expand_args(ctr, dep, keda_objects)))
+    assert settings.feed == "consumers" and settings.kubernetes
+
+
+def test_kafka_wrappers_consume_only_their_steps_workflows(tmp_path):
+    from nec_serve.config_store import LocalConfigStore
+    from nec_wrapper.main import workflow_topics
+
+    store = LocalConfigStore(tmp_path)
+    for topic, service in (
+        ("a.in", "nec-compress"),
+        ("b.in", "nec-decompress"),
+        ("c.in", "nec-compress"),
+    ):
+        store.put(parse_workflow(workflow_message(topic=topic, service=service)))
+    (tmp_path / f"{config_name('broken.in')}.json").write_text("{")  # skipped, not fatal
+    (tmp_path / f"{config_name('broken.in')}.secret.json").write_text("{}")
+    assert sorted(workflow_topics(store, "nec-compress")) == ["a.in", "c.in"]
+    assert workflow_topics(store, "nec-decompress") == ["b.in"]
+    assert sorted(workflow_topics(store)) == ["a.in", "b.in", "c.in"]
+
+
+def test_keda_overlay_objects_are_in_the_namespace_and_validate(keda_objects, validator):
+    """Objects a component adds get no namespace from base/: the overlay must set it."""
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in keda_objects}
+    assert {("ScaledObject", "nec-compress"), ("ScaledObject", "nec-decompress")} <= kinds
+    for obj in keda_objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == NS, (obj["kind"], obj["metadata"]["name"])
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "nec-serve"
+    assert [p for o in keda_objects for p in validator.errors(o)] == []

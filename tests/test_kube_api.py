@@ -597,3 +597,26 @@ def test_deploy_refuses_a_namespace_without_its_service_account(kube, applied, t
     assert "kubectl apply -k k8s/overlays/<variant>" in str(err.value)
     listed = json.loads(kube.kubectl("get", "inferenceservices", "-n", ns, "-o", "json").stdout)
     assert listed["items"] == []  # nothing applied
+
+
+def test_controller_feeding_consumers_stores_configs_and_creates_no_source(kube, applied, tmp_path):
+    """The KEDA overlay's controller (--feed=consumers), as its ServiceAccount there."""
+    from kubernetes import client
+
+    from nec_controller.app import Controller
+    from nec_controller.sources import ConsumerFeed
+
+    ns = namespace("keda")
+    api = api_client(kube.kubeconfig_for(ns, "nec-controller", tmp_path / "kubeconfig"))
+    controller = Controller(
+        KubernetesConfigStore(ns, core_api=client.CoreV1Api(api)), ConsumerFeed()
+    )
+    msg = workflow_message(topic="keda.in", namespace=ns)
+    assert controller.handle(json.dumps(msg).encode()) == "published"
+    name = config_name("keda.in")
+    assert names_in(kube, ns, "configmaps") == names_in(kube, ns, "secrets") == {name}
+    assert names_in(kube, ns, "kafkasources.v1beta1.sources.knative.dev") == set()
+    assert (
+        controller.handle(json.dumps(dict(msg, workflow_status="stopping")).encode()) == "stopped"
+    )
+    assert names_in(kube, ns, "configmaps") == set()

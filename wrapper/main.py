@@ -69,6 +69,12 @@ def add_parser(sub) -> None:
     s.add_argument("--dead-letter-topic", default="nec.deadletter")
     s.add_argument("--group", default=None, help="consumer group (kafka trigger)")
     s.add_argument(
+        "--service",
+        default=None,
+        help="kafka trigger: consume only the workflows whose ML.ServiceName is this "
+        "(default: every stored workflow)",
+    )
+    s.add_argument(
         "--session-timeout",
         type=session_timeout,
         default=SESSION_TIMEOUT_S,
@@ -129,6 +135,7 @@ def settings_from_args(args: argparse.Namespace) -> WrapperSettings:
         port=args.port,
         metrics_port=args.metrics_port,
         group=args.group or f"nec-wrapper-{args.mode}",
+        service=args.service,
         config_dir=Path(args.config_dir) if args.config_dir else None,
         namespace=args.namespace,
     )
@@ -163,13 +170,7 @@ def run(args: argparse.Namespace) -> int:
         else:
 
             def topics():
-                found = []
-                for name in store.names():
-                    try:
-                        found.append(store.get(name).topic_in)
-                    except Exception as err:  # one damaged config must not hide the others
-                        log.warning("skipping workflow config %s: %s", name, err)
-                return found
+                return workflow_topics(store, settings.service)
 
             metrics = _serve_metrics(handler, settings)
             print(
@@ -190,6 +191,20 @@ def run(args: argparse.Namespace) -> int:
             metrics.shutdown()
         producer.close(timeout=10)
     return 0
+
+
+def workflow_topics(store, service: str | None = None) -> list[str]:
+    """Input topics of the stored workflows (of ``service`` only, when given)."""
+    found = []
+    for name in store.names():
+        try:
+            config = store.get(name)
+        except Exception as err:  # one damaged config must not hide the others
+            log.warning("skipping workflow config %s: %s", name, err)
+            continue
+        if service is None or config.service_name == service:
+            found.append(config.topic_in)
+    return found
 
 
 def _serve_metrics(handler: StepHandler, settings: WrapperSettings):

@@ -126,6 +126,7 @@ class WrapperSettings:
     port: int = 8080
     metrics_port: int = 9090  # GET /metrics (Prometheus); 0: none
     group: str = "nec-wrapper"
+    service: str | None = None  # kafka trigger: only workflows whose ML.ServiceName is this
     config_dir: Path | None = None  # local config store
     namespace: str | None = None  # Kubernetes config store (ConfigMaps and Secrets)
 
