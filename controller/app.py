@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from nec_serve.errors import InvalidInput, NecError, is_transient
+from nec_serve.errors import InvalidInput, NecError
 from nec_serve.kafka_io import commit_after, manual_commit_consumer
 from nec_serve.logs import bind, current_message_id, log_context, trace_id
 from nec_serve.messages import (
@@ -39,7 +39,7 @@ from nec_serve.messages import (
     scrub_values,
     status_event,
 )
-from nec_serve.metrics import ControllerMetrics
+from nec_serve.metrics import ControllerMetrics, failure_class
 from nec_serve.retry import GaveUp, retrying
 
 __all__ = ["Controller", "run_controller", "COMPONENT"]
@@ -48,18 +48,6 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "nec-controller"
 RETRY = "retry"  # handle()'s answer for a message to deliver again
-
-
-def _failure(err: BaseException) -> str:
-    """The failure class (:data:`nec_serve.metrics.FAILURE_REASONS`) of a refused message."""
-    cause = err.__cause__ if isinstance(err, GaveUp) and err.__cause__ is not None else err
-    if isinstance(cause, MessageError):
-        return "invalid_message"
-    if is_transient(cause):
-        return "transient_exhausted"
-    if isinstance(cause, NecError):
-        return "input_error"
-    return "internal"
 
 
 class Controller:
@@ -119,7 +107,7 @@ class Controller:
                     on_retry=lambda _err: self.metrics.retries.inc(),
                 )
             except GaveUp as err:
-                return self._give_up(raw, config, err.reason, _failure(err))
+                return self._give_up(raw, config, err.reason, failure_class(err))
             log.info("workflow %r: %s (%s)", config.name, action, config.source_name)
             self.metrics.workflows.labels(action).inc()
             self._count_active()

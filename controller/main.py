@@ -12,8 +12,7 @@ from nec_controller.sources import FEEDS, ConsumerFeed, KubernetesSources, Local
 from nec_serve.config_store import KubernetesConfigStore, LocalConfigStore
 from nec_serve.errors import InvalidInput
 from nec_serve.kafka_io import json_producer
-from nec_serve.logs import LOG_FORMATS
-from nec_serve.metrics import ControllerMetrics, serve_metrics
+from nec_serve.metrics import ControllerMetrics, add_service_flags, serve_metrics
 
 __all__ = ["add_parser", "ControllerSettings"]
 
@@ -111,18 +110,7 @@ def add_parser(sub) -> None:
         "when the wrappers consume the topics themselves (--trigger kafka; nothing is created)",
     )
     s.add_argument("--host", default="127.0.0.1", help="address of the metrics endpoint")
-    s.add_argument(
-        "--metrics-port",
-        type=int,
-        default=9091,
-        help="Prometheus metrics on http://HOST:PORT/metrics; 0 serves none",
-    )
-    s.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=None,
-        help="log lines as JSON objects or text (default: $NEC_LOG_FORMAT, else json)",
-    )
+    add_service_flags(s, metrics_port=9091)
     s.set_defaults(func=run)
 
 

@@ -24,7 +24,10 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from nec_serve.errors import InvalidInput
+from nec_serve.config_store import UnknownWorkflow
+from nec_serve.errors import InvalidInput, NecError, is_transient
+from nec_serve.messages import MessageError
+from nec_serve.retry import GaveUp
 
 __all__ = [
     "OUTCOMES",
@@ -36,6 +39,8 @@ __all__ = [
     "WrapperMetrics",
     "ControllerMetrics",
     "serve_metrics",
+    "failure_class",
+    "add_service_flags",
     "sample_names",
 ]
 
@@ -248,3 +253,38 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int):
 def sample_names(registry: CollectorRegistry) -> set[str]:
     """Every sample name ``registry`` exposes (``*_total``, ``*_bucket``, ...)."""
     return {s.name for family in registry.collect() for s in family.samples}
+
+
+def failure_class(err: BaseException) -> str:
+    """The failure class (:data:`FAILURE_REASONS`) of what failed a message.
+
+    A :class:`~nec_serve.retry.GaveUp` is judged by the error it ended with.
+    """
+    cause = err.__cause__ if isinstance(err, GaveUp) and err.__cause__ is not None else err
+    if isinstance(cause, UnknownWorkflow):
+        return "unknown_workflow"
+    if isinstance(cause, MessageError):
+        return "invalid_message"
+    if is_transient(cause):
+        return "transient_exhausted"
+    if isinstance(cause, NecError):
+        return "input_error"
+    return "internal"
+
+
+def add_service_flags(parser, metrics_port: int) -> None:
+    """``--metrics-port`` (default ``metrics_port``) and ``--log-format`` of a service command."""
+    from nec_serve.logs import LOG_FORMATS
+
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=metrics_port,
+        help="Prometheus metrics on http://HOST:PORT/metrics; 0 serves none",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="log lines as JSON objects or text (default: $NEC_LOG_FORMAT, else json)",
+    )

@@ -473,33 +473,6 @@ def test_trace_id_follows_a_message_through_the_steps():
     assert trace_id(None) == hashlib.sha256(b"").hexdigest()[:32]
 
 
-def test_triton_requests_carry_the_message_id(tiny_export):
-    """The message id goes to Triton as the inference request id (its logs and traces)."""
-    from nec_serve.bundle import ModelBundle
-    from nec_serve.contract import GraphRole
-    from nec_serve.serving.client import TritonEngine, _Served
-
-    engine = TritonEngine(f"grpc://127.0.0.1:{free_port()}", ModelBundle.load(tiny_export))
-    seen = []
-
-    class Result:
-        def as_numpy(self, name):
-            return np.zeros((1, 4), np.float32)
-
-    def infer(model, inputs, **kw):
-        seen.append(kw["request_id"])
-        return Result()
-
-    engine._client.infer = infer
-    engine._check = lambda role: _Served("nec_decoder", 8, "symbols", "INT32")
-    symbols = np.zeros((1, 2, 3), np.int32)
-    with log_context(message_id="12" * 16):
-        engine._run(GraphRole.DECODER, symbols, ["out"])
-    engine._run(GraphRole.DECODER, symbols, ["out"])
-    engine.close()
-    assert seen == ["12" * 16, ""]
-
-
 def test_cli_log_format_defaults(monkeypatch):
     from nec_cli.main import build_parser, setup_logging
 

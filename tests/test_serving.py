@@ -267,3 +267,27 @@ def test_rvq_family_through_triton_is_byte_identical_and_decodes_the_same(
         remote = run(engine, "remote")
     assert remote[0] == local[0]  # the same container, bit for bit
     assert remote[1] == local[1]  # and the same GeoTIFF
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_requests_carry_the_message_id_to_triton(server, bundle, protocol):
+    """The message being handled names Triton's request (KServe v2 echoes it in the answer)."""
+    from nec_serve.logs import log_context
+
+    url = dict(zip(("grpc", "http"), _urls(server), strict=True))[protocol]
+    answered = []
+    with TritonEngine(url, bundle) as remote:
+        real = remote._client.infer
+
+        def infer(*args, **kwargs):  # a spy: the real call, its answer's id noted
+            result = real(*args, **kwargs)
+            response = result.get_response()
+            answered.append(response.get("id", "") if isinstance(response, dict) else response.id)
+            return result
+
+        remote._client.infer = infer
+        images = np.zeros((2, 3, 32, 32), np.float32)
+        with log_context(message_id="ab" * 16):
+            remote.encode(images)
+        remote.encode(images)
+    assert answered == ["ab" * 16, ""]

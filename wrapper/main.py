@@ -15,9 +15,8 @@ from nec_serve.contract import decode_outputs
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, parse_bands
 from nec_serve.kafka_io import json_producer
-from nec_serve.logs import LOG_FORMATS
 from nec_serve.messages import MAX_MESSAGE_BYTES
-from nec_serve.metrics import serve_metrics
+from nec_serve.metrics import add_service_flags, serve_metrics
 from nec_wrapper.step import StepHandler, WrapperSettings
 from nec_wrapper.triggers import (
     SESSION_TIMEOUT_BOUNDS_S,
@@ -43,18 +42,7 @@ def add_parser(sub) -> None:
         "--host", default="127.0.0.1", help="address of the HTTP trigger and the metrics endpoint"
     )
     s.add_argument("--port", type=int, default=8080, help="HTTP trigger port")
-    s.add_argument(
-        "--metrics-port",
-        type=int,
-        default=9090,
-        help="Prometheus metrics on http://HOST:PORT/metrics; 0 serves none",
-    )
-    s.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=None,
-        help="log lines as JSON objects or text (default: $NEC_LOG_FORMAT, else json)",
-    )
+    add_service_flags(s, metrics_port=9090)
     s.add_argument("--config-dir", help="local config store (local mode)")
     s.add_argument("--namespace", help="read configs from ConfigMaps/Secrets (Kubernetes mode)")
     s.add_argument("--server", help="Triton URL (grpc://host:port); default: in-process")

@@ -48,16 +48,15 @@ from pathlib import Path
 
 from nec_serve import s3
 from nec_serve.bundle import ModelBundle
-from nec_serve.config_store import ConfigStore, UnknownWorkflow
+from nec_serve.config_store import ConfigStore
 from nec_serve.contract import decode_outputs
 from nec_serve.engines import make_engine
-from nec_serve.errors import InvalidInput, NecError, TransientError, is_transient
+from nec_serve.errors import InvalidInput, NecError, TransientError
 from nec_serve.imagery import InputLimits, iter_inputs
 from nec_serve.logs import bind, current, current_message_id, log_context, trace_id
 from nec_serve.messages import (
     MAX_MESSAGE_BYTES,
     STATUS_KEY,
-    MessageError,
     PodIdentity,
     StepMessage,
     WorkflowConfig,
@@ -67,7 +66,7 @@ from nec_serve.messages import (
     scrub_values,
     status_event,
 )
-from nec_serve.metrics import WrapperMetrics
+from nec_serve.metrics import WrapperMetrics, failure_class
 from nec_serve.pipeline import (
     coding_levels,
     compress,
@@ -84,7 +83,6 @@ __all__ = [
     "output_name",
     "message_id",
     "clean_work_dirs",
-    "failure_class",
     "MARKER_PREFIX",
 ]
 
@@ -200,23 +198,6 @@ def _codebooks(meta: dict, bundle: ModelBundle) -> int | None:
         return coding_levels(bundle, value)
     except InvalidInput as err:
         raise InvalidInput(f"{what}: {err}") from None
-
-
-def failure_class(err: BaseException) -> str:
-    """The failure class (:data:`nec_serve.metrics.FAILURE_REASONS`) of what failed a step.
-
-    A :class:`~nec_serve.retry.GaveUp` is judged by the error it ended with.
-    """
-    cause = err.__cause__ if isinstance(err, GaveUp) and err.__cause__ is not None else err
-    if isinstance(cause, UnknownWorkflow):
-        return "unknown_workflow"
-    if isinstance(cause, MessageError):
-        return "invalid_message"
-    if is_transient(cause):
-        return "transient_exhausted"
-    if isinstance(cause, NecError):
-        return "input_error"
-    return "internal"
 
 
 def message_id(bucket: str, key: str, etag: str, component: str, step: str) -> str:
