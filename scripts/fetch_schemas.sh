@@ -96,25 +96,23 @@ PROMOP_DIR=prometheus-operator-$PROMOP_VERSION
 say() { echo "fetch_schemas: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 
+# have DIR FILE... : every FILE's basename is in $SCHEMAS/DIR
+have() {
+    local dir=$1 f
+    shift
+    for f in "$@"; do
+        [ -f "$SCHEMAS/$dir/$(basename "$f")" ] || return 1
+    done
+}
+
 up_to_date() {
     [ -f "$MANIFEST" ] && [ -x "$BIN/kustomize" ] || return 1
     grep -qF "\"pins\": \"$PIN\"" "$MANIFEST" || return 1
-    local f
-    for f in "${KSERVE_FILES[@]}"; do
-        [ -f "$SCHEMAS/kserve-$KSERVE_VERSION/$(basename "$f")" ] || return 1
-    done
-    for f in "${KNATIVE_KAFKA_FILES[@]}"; do
-        [ -f "$SCHEMAS/$KNATIVE_KAFKA_DIR/$(basename "$f")" ] || return 1
-    done
-    for f in "${KNATIVE_SERVING_FILES[@]}"; do
-        [ -f "$SCHEMAS/$KNATIVE_SERVING_DIR/$(basename "$f")" ] || return 1
-    done
-    for f in "${KEDA_FILES[@]}"; do
-        [ -f "$SCHEMAS/$KEDA_DIR/$(basename "$f")" ] || return 1
-    done
-    for f in "${PROMOP_FILES[@]}"; do
-        [ -f "$SCHEMAS/$PROMOP_DIR/$(basename "$f")" ] || return 1
-    done
+    have "kserve-$KSERVE_VERSION" "${KSERVE_FILES[@]}" || return 1
+    have "$KNATIVE_KAFKA_DIR" "${KNATIVE_KAFKA_FILES[@]}" || return 1
+    have "$KNATIVE_SERVING_DIR" "${KNATIVE_SERVING_FILES[@]}" || return 1
+    have "$KEDA_DIR" "${KEDA_FILES[@]}" || return 1
+    have "$PROMOP_DIR" "${PROMOP_FILES[@]}" || return 1
     [ -f "$SCHEMAS/kubernetes-$KUBERNETES_VERSION/swagger.json" ]
 }
 
@@ -169,26 +167,23 @@ stage=$WORK/out
 mkdir -p "$stage/bin" "$stage/schemas/kserve-$KSERVE_VERSION" \
     "$stage/schemas/kubernetes-$KUBERNETES_VERSION" "$stage/schemas/$KNATIVE_KAFKA_DIR" \
     "$stage/schemas/$KNATIVE_SERVING_DIR" "$stage/schemas/$KEDA_DIR" "$stage/schemas/$PROMOP_DIR"
-for f in "${KSERVE_FILES[@]}"; do
-    [ -f "$kserve_dir/$f" ] || die "$KSERVE_MODULE@$KSERVE_VERSION has no $f"
-    cp "$kserve_dir/$f" "$stage/schemas/kserve-$KSERVE_VERSION/"
-done
-for f in "${KNATIVE_KAFKA_FILES[@]}"; do
-    [ -f "$kafka_dir/$f" ] || die "$KNATIVE_KAFKA_MODULE@$KNATIVE_KAFKA_VERSION has no $f"
-    cp "$kafka_dir/$f" "$stage/schemas/$KNATIVE_KAFKA_DIR/"
-done
-for f in "${KNATIVE_SERVING_FILES[@]}"; do
-    [ -f "$serving_dir/$f" ] || die "$KNATIVE_SERVING_MODULE@$KNATIVE_SERVING_VERSION has no $f"
-    cp "$serving_dir/$f" "$stage/schemas/$KNATIVE_SERVING_DIR/"
-done
-for f in "${KEDA_FILES[@]}"; do
-    [ -f "$keda_dir/$f" ] || die "$KEDA_MODULE@$KEDA_VERSION has no $f"
-    cp "$keda_dir/$f" "$stage/schemas/$KEDA_DIR/"
-done
-for f in "${PROMOP_FILES[@]}"; do
-    [ -f "$promop_dir/$f" ] || die "$PROMOP_MODULE@$PROMOP_VERSION has no $f"
-    cp "$promop_dir/$f" "$stage/schemas/$PROMOP_DIR/"
-done
+# take MODULE_DIR MODULE@VERSION DEST FILE... : copy the files of a downloaded module into DEST
+take() {
+    local src=$1 label=$2 dest=$3 f
+    shift 3
+    for f in "$@"; do
+        [ -f "$src/$f" ] || die "$label has no $f"
+        cp "$src/$f" "$dest/"
+    done
+}
+take "$kserve_dir" "$KSERVE_MODULE@$KSERVE_VERSION" "$stage/schemas/kserve-$KSERVE_VERSION" \
+    "${KSERVE_FILES[@]}"
+take "$kafka_dir" "$KNATIVE_KAFKA_MODULE@$KNATIVE_KAFKA_VERSION" "$stage/schemas/$KNATIVE_KAFKA_DIR" \
+    "${KNATIVE_KAFKA_FILES[@]}"
+take "$serving_dir" "$KNATIVE_SERVING_MODULE@$KNATIVE_SERVING_VERSION" \
+    "$stage/schemas/$KNATIVE_SERVING_DIR" "${KNATIVE_SERVING_FILES[@]}"
+take "$keda_dir" "$KEDA_MODULE@$KEDA_VERSION" "$stage/schemas/$KEDA_DIR" "${KEDA_FILES[@]}"
+take "$promop_dir" "$PROMOP_MODULE@$PROMOP_VERSION" "$stage/schemas/$PROMOP_DIR" "${PROMOP_FILES[@]}"
 cp "$k8s_dir/api/openapi-spec/swagger.json" "$stage/schemas/kubernetes-$KUBERNETES_VERSION/"
 chmod -R u+w "$stage"
 

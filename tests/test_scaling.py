@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nec_dev.workflow_demo import workflow_message
 from nec_serve.config_store import LocalConfigStore
 from nec_serve.messages import parse_workflow
 
@@ -148,23 +149,15 @@ def test_two_wrappers_share_partitions_and_survivor_takes_over_after_kill(
     store = LocalConfigStore(tmp_path / "store")
     store.put(
         parse_workflow(
-            {
-                "workflow_status": "published",
-                "workflow_name": f"scale-{u}",
-                "Topics": {"in": topic_in, "out": topic_out},
-                "ML": {
-                    "ServiceName": "nec-compress",
-                    "Namespace": "nec",
-                    "component_name": "nec-compress",
-                },
-                "S3_bucket": {
-                    "aws_access_key_id": s3.access_key,
-                    "aws_secret_access_key": s3.secret_key,
-                    "s3-bucket-name": bucket,
-                    "region_name": s3.region,
-                    "endpoint_url": s3.endpoint_url,
-                },
-            }
+            workflow_message(
+                "published",
+                "nec-compress",
+                topic_in,
+                topic_out,
+                s3,
+                bucket=bucket,
+                workflow=f"scale-{u}",
+            )
         )
     )
 
