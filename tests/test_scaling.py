@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nec_dev.workflow_demo import workflow_message
+from nec_dev.workflow_demo import workflow_message, wrapper_args
 from nec_serve.config_store import LocalConfigStore
 from nec_serve.messages import parse_workflow
 
@@ -177,36 +177,20 @@ def test_two_wrappers_share_partitions_and_survivor_takes_over_after_kill(
         for pod in PODS:
             work, log = tmp_path / f"work-{pod}", tmp_path / f"{pod}.log"
             work.mkdir()
-            cmd = [
-                sys.executable,
-                "-m",
-                "nec_cli",
-                "wrapper",
-                "--mode",
+            args = wrapper_args(
                 "compress",
-                "--model-dir",
-                str(tiny_export),
-                "--bootstrap",
+                tiny_export,
                 kafka.bootstrap_servers,
-                "--trigger",
-                "kafka",
-                "--config-dir",
-                str(store.root),
-                "--bands",
-                "1,2,3",
-                "--status-topic",
-                f"status{u}",
-                "--dead-letter-topic",
-                f"dlq{u}",
-                "--group",
-                group_id,
-                "--session-timeout",
-                str(SESSION_S),
-                "--work-dir",
-                str(work),
-                "--metrics-port",
-                "0",  # two wrappers on one host: no metrics endpoint to share a port
-            ]
+                store.root,
+                work,
+                trigger="kafka",
+                bands="1,2,3",
+                group=group_id,
+                metrics_port=0,  # two wrappers on one host: no metrics endpoint to share a port
+            )
+            args += ["--status-topic", f"status{u}", "--dead-letter-topic", f"dlq{u}"]
+            args += ["--session-timeout", str(SESSION_S)]
+            cmd = [sys.executable, "-m", "nec_cli", *args]
             with log.open("wb") as out:
                 proc = subprocess.Popen(
                     cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HOSTNAME": pod}

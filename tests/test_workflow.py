@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from nec_dev.stack.s3 import LocalS3
+from nec_dev.workflow_demo import wrapper_args
 from nec_serve.bundle import ModelBundle
 from nec_serve.config_store import LocalConfigStore
 from nec_serve.engines import LocalEngine
@@ -369,36 +370,19 @@ def test_wrapper_killed_mid_step_completes_once_after_restart(
     flow.put("input/scene.tar.gz", scene)
     work_dir = tmp_path / "work"
     work_dir.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        "nec_cli",
-        "wrapper",
-        "--mode",
+    args = wrapper_args(
         "compress",
-        "--model-dir",
-        str(tiny_export),
-        "--bootstrap",
+        tiny_export,
         kafka.bootstrap_servers,
-        "--trigger",
-        "kafka",
-        "--config-dir",
-        str(flow.store.root),
-        "--bands",
-        "1,2,3",
-        "--status-topic",
-        flow.status,
-        "--dead-letter-topic",
-        flow.dlq,
-        "--group",
-        f"g-{_uid()}",
-        "--batch-size",
-        "4",
-        "--work-dir",
-        str(work_dir),
-        "--metrics-port",
-        "0",
-    ]
+        flow.store.root,
+        work_dir,
+        trigger="kafka",
+        bands="1,2,3",
+        group=f"g-{_uid()}",
+        batch_size=4,
+    )
+    args += ["--status-topic", flow.status, "--dead-letter-topic", flow.dlq]
+    cmd = [sys.executable, "-m", "nec_cli", *args]
     producer.send(flow.topic_in, value=json.loads(flow.step("scene.tar.gz"))).get(10)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
