@@ -133,12 +133,11 @@ class Controller:
                     f"workflow name {name!r} of topic {config.topic_in!r} is taken by topic "
                     f"{existing.topic_in!r}; rename one of the topics"
                 )
-            stored = self.store.put(config)
             try:
+                stored = self.store.put(config)
                 started = self.sources.ensure(config)
             except Exception:
-                if existing is None:  # nothing of a refused workflow stays behind
-                    self.store.delete(name)
+                self._restore(name, existing)  # a refused message changes nothing stored
                 raise
             return "published" if (stored or started) else "unchanged"
         changed = False
@@ -146,6 +145,48 @@ class Controller:
             changed |= self.sources.remove(old, config.namespace, topic=config.topic_in)
             changed |= self.store.delete(old)
         return "stopped" if changed else "unchanged"
+
+    def _restore(self, name: str, existing: WorkflowConfig | None) -> None:
+        """Put back what was stored under ``name`` before a message that failed to apply.
+
+        The workflow's previous config and credentials (Secret) for a re-publish, nothing
+        for a new workflow. A failure here is logged: the message's own error is the one
+        that is reported, and its retry restores again.
+        """
+        try:
+            if existing is None:
+                self.store.delete(name)
+            else:
+                self.store.put(existing)
+        except Exception as err:
+            log.error("could not restore the stored config of %s: %s", name, public_reason(err))
+
+    def resume(self) -> dict[str, str]:
+        """Ensure the feed of every stored workflow; call once when the controller starts.
+
+        A restarted controller finds its workflows in the store, but a local feed died
+        with the process that ran it, and a KafkaSource may have been removed meanwhile:
+        without this, their messages would queue until each workflow is published again.
+        Returns ``{config name: "started" | "running" | "failed: <reason>"}``; a workflow
+        that cannot be resumed is logged and left stored, and the others still resume.
+        """
+        done: dict[str, str] = {}
+        try:
+            names = self.store.names()
+        except Exception as err:
+            log.error("could not list the stored workflows: %s", public_reason(err))
+            return done
+        for name in names:
+            try:
+                config = self.store.get(name)
+                self.sources.validate(config)
+                done[name] = "started" if self.sources.ensure(config) else "running"
+            except Exception as err:
+                done[name] = f"failed: {public_reason(err)}"
+                log.error("could not resume the feed of workflow %s: %s", name, done[name])
+        self._count_active()
+        log.info("resumed %d stored workflow(s): %s", len(done), done)
+        return done
 
     def _names(self, config: WorkflowConfig) -> list[str]:
         """The current name, and the earlier release's if it holds this workflow's topic."""

@@ -149,19 +149,22 @@ def run(args: argparse.Namespace) -> int:
             f"controller metrics on http://{settings.host}:{settings.metrics_port}/metrics",
             flush=True,
         )
+    controller = Controller(
+        store,
+        sources,
+        producer,
+        dead_letter_topic=settings.dead_letter_topic,
+        status_topic=settings.status_topic,
+        attempts=settings.attempts,
+        backoff_s=settings.backoff_s,
+        metrics=metrics,
+    )
+    resumed = controller.resume()
+    print(f"controller resumed {len(resumed)} stored workflow(s)", flush=True)
     print(f"controller listening on {settings.topic} at {settings.bootstrap_servers}", flush=True)
     try:
         run_controller(
-            Controller(
-                store,
-                sources,
-                producer,
-                dead_letter_topic=settings.dead_letter_topic,
-                status_topic=settings.status_topic,
-                attempts=settings.attempts,
-                backoff_s=settings.backoff_s,
-                metrics=metrics,
-            ),
+            controller,
             settings.bootstrap_servers,
             settings.topic,
             stop,

@@ -77,7 +77,6 @@ _RAW_SECRET = re.compile(
 )
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_PREVIEW_CHARS = 512
 # An absolute local path (not the path part of a URL such as s3://bucket/key).
 _LOCAL_PATH = re.compile(r"(?<![\w:/.~-])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
@@ -148,6 +147,14 @@ def parse_json(
         raise MessageError(f"message is not valid JSON: {err}") from None
     if not isinstance(value, dict):
         raise MessageError(f"message must be a JSON object, got {type(value).__name__}")
+    # Only a \u escape can spell an unpaired surrogate in text that came as UTF-8 bytes.
+    if "\\u" in text or isinstance(raw, str):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise MessageError(
+                "message holds a \\u escape of an unpaired surrogate: not valid Unicode text"
+            ) from None
     return value
 
 
@@ -432,29 +439,29 @@ def scrub_values(text: str, values: tuple[str, ...] | list[str]) -> str:
 
 
 def dead_letter_body(raw: bytes | str | dict | None, secrets: tuple[str, ...] = ()) -> dict:
-    r"""The fields a dead-letter record may hold about a rejected message: no credential.
+    """The fields a dead-letter record may hold about a rejected message: no credential.
 
     A JSON object is kept as ``message``, with credential fields redacted. Anything else
-    is identified by ``message_sha256`` and ``message_bytes``, with a short
-    ``message_preview`` from which credential-like values are cut; when the text holds JSON
-    ``\u`` escapes (which could spell a key the patterns miss) the preview is withheld.
+    (cut short, not UTF-8, not JSON) is identified by ``message_sha256`` and
+    ``message_bytes`` and described by ``message_error`` (why it does not parse, which
+    quotes none of its text); none of its content is kept: a message cut inside a
+    credential under an innocent key would otherwise leave a prefix of that credential.
     ``secrets`` are known credential values (the workflow's), scrubbed from whatever is
     kept in case they appear under an innocent key.
     """
     try:
         fields: dict = {"message": redacted(parse_json(raw))}
-    except MessageError:
+    except MessageError as err:
         if raw is None:
             return {"message": None}
         if not isinstance(raw, str | bytes | bytearray | memoryview):
             return {"message_type": type(raw).__name__}
         data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-        fields = {"message_sha256": hashlib.sha256(data).hexdigest(), "message_bytes": len(data)}
-        text = data[: _PREVIEW_CHARS * 4].decode("utf-8", errors="replace")
-        if "\\u" in text:
-            fields["message_preview"] = "(withheld: the text holds \\u escapes)"
-        else:
-            fields["message_preview"] = redact_text(text)[:_PREVIEW_CHARS]
+        return {
+            "message_sha256": hashlib.sha256(data).hexdigest(),
+            "message_bytes": len(data),
+            "message_error": err.message,
+        }
     kept = json.dumps(fields)
     for value in secrets:
         escaped = json.dumps(value)[1:-1] if value else ""

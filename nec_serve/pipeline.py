@@ -31,8 +31,8 @@ from nec_serve.contract import GraphRole, decode_outputs
 from nec_serve.engines import Engine
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, Normalisation, tile_image
-from nec_serve.imagery.limits import human_bytes
-from nec_serve.imagery.writers import write_geotiff
+from nec_serve.imagery.limits import Budget, human_bytes
+from nec_serve.imagery.writers import GeoTiffWriter
 
 __all__ = [
     "coding_levels",
@@ -44,6 +44,8 @@ __all__ = [
     "compress",
     "decompress",
     "check_decoded_size",
+    "admit_record",
+    "iter_decoded",
     "write_embeddings",
 ]
 
@@ -383,9 +385,36 @@ def iter_decoded(
     engine: Engine | None,
     output: str = "embeddings",
     batch_size: int = 8,
+    *,
+    limits: InputLimits | None = None,
 ) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
-    """Yield ``(tile records, decoded batch)`` from a container, batch by batch."""
-    return _iter_decoded(reader.header, reader, bundle, engine, output, batch_size)
+    """Yield ``(tile records, decoded batch)`` from a container, batch by batch.
+
+    Every tile record's declared geometry is admitted (:func:`admit_record`) before it
+    joins a batch.
+    """
+    return _iter_decoded(reader.header, reader, bundle, engine, output, batch_size, limits=limits)
+
+
+def admit_record(record: TileRecord, limits: InputLimits, label: str) -> None:
+    """Check the geometry a tile record declares, as an input's is checked, before any use.
+
+    Its source image must be a size an input may be (``limits.max_pixels``) and the tile's
+    origin must lie inside it; a container that declares more is refused, naming the
+    tile, before anything is allocated for it.
+
+    Raises:
+        InvalidInput: naming ``label``, the tile and what it declares.
+    """
+    h, w, r, c = record.source_height, record.source_width, record.row, record.col
+    what = f"{label}: tile {record.index} (source {record.source!r})"
+    if h < 1 or w < 1 or h * w > limits.max_pixels:
+        raise InvalidInput(
+            f"{what} declares a {h}x{w} source image ({h * w} pixels); a source must hold "
+            f"1..max_pixels={limits.max_pixels} pixels"
+        )
+    if not (0 <= r < h and 0 <= c < w):
+        raise InvalidInput(f"{what} lies at row {r}, column {c}, outside its {h}x{w} source")
 
 
 def _iter_decoded(
@@ -396,11 +425,15 @@ def _iter_decoded(
     output: str,
     batch_size: int,
     seconds: dict[str, float] | None = None,
+    *,
+    limits: InputLimits | None = None,
+    label: str = "container",
 ) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
     """As :func:`iter_decoded`; adds the seconds of each part to ``seconds`` when given.
 
     ``seconds["coding"]`` is entropy decoding, ``seconds["inference"]`` the graph.
     """
+    limits = InputLimits() if limits is None else limits
     outputs = decode_outputs()
     if output not in outputs:
         raise InvalidInput(f"unknown output {output!r}, expected one of {sorted(outputs)}")
@@ -426,6 +459,7 @@ def _iter_decoded(
         return out
 
     for record in records_in:
+        admit_record(record, limits, label)
         records.append(record)
         if len(records) == batch_size:
             yield list(records), run()
@@ -511,7 +545,7 @@ def decompress(
             yield record
 
     for batch_records, arr in _iter_decoded(
-        reader.header, admitted(), bundle, engine, output, batch_size
+        reader.header, admitted(), bundle, engine, output, batch_size, limits=limits, label=label
     ):
         if not tile:
             tile.append((tuple(arr.shape[1:]), arr.dtype))
@@ -577,7 +611,15 @@ def write_embeddings(
             out = None
             row = 0
             decoded = _iter_decoded(
-                reader.header, reader, bundle, engine, output, batch_size, seconds
+                reader.header,
+                reader,
+                bundle,
+                engine,
+                output,
+                batch_size,
+                seconds,
+                limits=limits,
+                label=label,
             )
             for records, arr in decoded:
                 if out is None:
@@ -623,6 +665,63 @@ def _member_name(source: str) -> str:
     return stem + ".tif"
 
 
+class _SourceImages:
+    """Decoded RVQ tiles into one GeoTIFF per source image, written tile by tile.
+
+    A source's file is created when its first tile arrives, after its declared size was
+    admitted (:class:`~nec_serve.imagery.limits.Budget`: one image's limits and, over all
+    sources, ``max_decoded_bytes``); each tile is cropped to the source, its
+    normalisation undone, rounded and clipped to uint16, and written in place.
+    """
+
+    def __init__(
+        self,
+        work: Path,
+        names: Sequence[str],
+        header: ContainerHeader,
+        sources: dict[str, dict],
+        limits: InputLimits,
+        label: str,
+    ):
+        self.work, self.names, self.sources = work, list(names), sources
+        self.limits, self.label = limits, label
+        self.norm = Normalisation.from_dict(header.meta.get("normalisation") or {})
+        self.tags = {"model": header.meta["model"], "codebooks": header.meta.get("codebooks")}
+        self.budget = Budget(limits)
+        self.written: list[tuple[str, Path]] = []
+        self.tiles = 0
+        self._out: GeoTiffWriter | None = None
+        self._source: str | None = None
+
+    def add(self, record: TileRecord, tile: np.ndarray) -> None:
+        self.tiles += 1
+        if self.tiles > self.limits.max_tiles:
+            raise InvalidInput(f"{self.label}: holds more than max_tiles={self.limits.max_tiles}")
+        if self._out is None or self._source != record.source:
+            self._start(record)
+        out = self._out
+        r, c = record.row, record.col
+        h = min(tile.shape[1], out.shape[1] - r)
+        w = min(tile.shape[2], out.shape[2] - c)
+        px = np.rint(self.norm.invert(tile[:, :h, :w]))
+        out.write(np.clip(px, 0, np.iinfo(np.uint16).max), r, c)
+
+    def _start(self, record: TileRecord) -> None:
+        self.close()
+        shape = (len(self.names), record.source_height, record.source_width)
+        self.budget.image(f"{self.label}: source {record.source!r}", *shape, np.uint16)
+        path = self.work / f"{len(self.written)}.tif"
+        geo = self.sources.get(record.source)
+        self._out = GeoTiffWriter(path, shape, np.uint16, geo, self.names, self.tags)
+        self._source = record.source
+        self.written.append((record.source, path))
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
 def write_bands(
     container: Path,
     dest: Path,
@@ -640,9 +739,12 @@ def write_bands(
     normalisation undone, rounded and clipped to the export's ``output_dtype`` (uint16
     reflectance x 10000), and written with the CRS and transform its source record holds
     and the export's band names. One source gives ``dest`` (a GeoTIFF); several give
-    ``dest.with_suffix(".tar")``, a tar of ``<source>.tif``. Memory is bounded by one
-    source image (checked against ``limits.max_decoded_bytes``) plus one batch; outputs
-    are written under temporary names and renamed into place only when complete.
+    ``dest.with_suffix(".tar")``, a tar of ``<source>.tif``. Each source's declared size
+    is admitted as an input's would be (``max_pixels``, ``max_image_bytes`` and, over all
+    sources, ``max_decoded_bytes``) before its file is created, and tiles are written to
+    it as they are decoded, so memory stays bounded by one batch and GDAL's write cache
+    (:data:`~nec_serve.imagery.writers.WRITE_CACHE_MB`), whatever the source size.
+    Outputs are written under temporary names and renamed into place only when complete.
 
     Returns:
         ``{"tiles", "images", "path", "format", "codebooks", "decode_s", "coding_s",
@@ -659,50 +761,32 @@ def write_bands(
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     t0 = time.perf_counter()
     seconds: dict[str, float] = {"coding": 0.0, "inference": 0.0}
-    written: list[tuple[str, Path]] = []
-    tiles = 0
     try:
         with container.open("rb") as f:
             reader = ContainerReader(f)
             header = reader.header
-            norm = Normalisation.from_dict(header.meta.get("normalisation") or {})
-            tags = {"model": header.meta["model"], "codebooks": header.meta.get("codebooks")}
-            canvas: dict[str, Any] = {}
-
-            def finish() -> None:
-                if not canvas:
-                    return
-                out = np.rint(norm.invert(canvas["pixels"]))
-                out = np.clip(out, 0, np.iinfo(np.uint16).max).astype(np.uint16)
-                path = work / f"{len(written)}.tif"
-                write_geotiff(path, out, reader.sources.get(canvas["source"]), names, tags)
-                written.append((canvas["source"], path))
-                canvas.clear()
-
+            images = _SourceImages(work, names, header, reader.sources, limits, label)
             bar = _progress(progress, "decompress", "tile")
-            decoded = _iter_decoded(header, reader, bundle, engine, "bands", batch_size, seconds)
-            for records, arr in decoded:
-                for record, tile in zip(records, arr, strict=True):
-                    tiles += 1
-                    if tiles > limits.max_tiles:
-                        raise InvalidInput(f"{label}: holds more than max_tiles={limits.max_tiles}")
-                    if canvas.get("source") != record.source:
-                        finish()
-                        h, w = record.source_height, record.source_width
-                        check_decoded_size(1, (len(names), h, w), np.float32, limits, label)
-                        canvas.update(
-                            source=record.source, pixels=np.zeros((len(names), h, w), np.float32)
-                        )
-                    px = canvas["pixels"]
-                    r, c = record.row, record.col
-                    hh = min(tile.shape[1], px.shape[1] - r)
-                    ww = min(tile.shape[2], px.shape[2] - c)
-                    if r < 0 or c < 0 or hh < 1 or ww < 1:
-                        raise InvalidInput(f"{label}: tile {record.index} lies outside its image")
-                    px[:, r : r + hh, c : c + ww] = tile[:, :hh, :ww]
-                bar.update(len(records))
-            finish()
-            bar.close()
+            decoded = _iter_decoded(
+                header,
+                reader,
+                bundle,
+                engine,
+                "bands",
+                batch_size,
+                seconds,
+                limits=limits,
+                label=label,
+            )
+            try:
+                for records, arr in decoded:
+                    for record, tile in zip(records, arr, strict=True):
+                        images.add(record, tile)
+                    bar.update(len(records))
+            finally:
+                images.close()
+                bar.close()
+        written, tiles = images.written, images.tiles
         if not written:
             raise InvalidInput(f"{label}: container holds no tiles")
         if len(written) == 1:
@@ -712,8 +796,8 @@ def write_bands(
             final, fmt = dest.with_suffix(".tar"), "tar"
             part = work / "out.tar"
             with tarfile.open(part, "w") as tar:
-                for source, path in written:
-                    tar.add(path, arcname=_member_name(source))
+                for name, path in written:
+                    tar.add(path, arcname=_member_name(name))
             os.replace(part, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -27,6 +27,7 @@ __all__ = [
     "translate",
     "redact_url",
     "head",
+    "describe",
     "download",
     "upload",
     "exists",
@@ -151,6 +152,12 @@ def translate(err: BaseException, what: str) -> NecError:
 
 def head(client, bucket: str, key: str) -> tuple[int, str]:
     """Size and ETag of ``s3://bucket/key``."""
+    size, etag, _ = describe(client, bucket, key)
+    return size, etag
+
+
+def describe(client, bucket: str, key: str) -> tuple[int, str, str | None]:
+    """Size, ETag and version id (None where the bucket keeps no versions) of an object."""
     # botocore on use: an optional (extra) and heavy dependency
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -158,7 +165,9 @@ def head(client, bucket: str, key: str) -> tuple[int, str]:
         meta = client.head_object(Bucket=bucket, Key=key)
     except (ClientError, BotoCoreError) as err:
         raise translate(err, f"s3://{bucket}/{key}") from err
-    return int(meta["ContentLength"]), str(meta.get("ETag", "")).strip('"')
+    version = meta.get("VersionId")
+    version = None if version in (None, "", "null") else str(version)
+    return int(meta["ContentLength"]), str(meta.get("ETag", "")).strip('"'), version
 
 
 def exists(client, bucket: str, key: str) -> bool:

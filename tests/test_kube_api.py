@@ -358,6 +358,65 @@ def test_controller_refuses_a_workflow_in_another_namespace_and_leaves_nothing(
     assert names_in(kube, namespace("gpu"), "kafkasources.v1beta1.sources.knative.dev") == set()
 
 
+def _secret_data(kube, ns: str, name: str) -> dict:
+    return json.loads(kube.kubectl("get", "secret", name, "-n", ns, "-o", "json").stdout)["data"]
+
+
+def test_a_rejected_republish_leaves_the_running_workflow_and_its_secret_as_they_were(
+    kube, controller_api
+):
+    ns = namespace("cpu")
+    controller = kubernetes_controller(controller_api, ns)
+    topic = f"republish-{RUN}.in"
+    name = config_name(topic)
+    msg = workflow_message(topic=topic, namespace=ns)
+    assert controller.handle(json.dumps(msg).encode()) == "published"
+    before = _secret_data(kube, ns, name)
+    cm_before = kube.kubectl("get", "configmap", name, "-n", ns, "-o", "json").stdout
+    # The same workflow again with other credentials, naming a namespace the controller
+    # may not write its KafkaSource to: refused (403), and nothing stored may change.
+    rejected = copy.deepcopy(msg)
+    rejected["ML"]["Namespace"] = namespace("gpu")
+    rejected["S3_bucket"]["aws_access_key_id"] = "AKIAREJECTEDREJECTED0"
+    rejected["S3_bucket"]["aws_secret_access_key"] = "rejected-secret-never-stored-0001"
+    assert controller.handle(json.dumps(rejected).encode()) == "rejected"
+    assert _secret_data(kube, ns, name) == before
+    cm_after = json.loads(kube.kubectl("get", "configmap", name, "-n", ns, "-o", "json").stdout)
+    assert cm_after["data"] == json.loads(cm_before)["data"]
+    assert "rejected-secret" not in json.dumps(cm_after)
+    # A valid change of credentials is then applied.
+    valid = copy.deepcopy(msg)
+    valid["S3_bucket"]["aws_secret_access_key"] = "rotated-secret-0002"
+    assert controller.handle(json.dumps(valid).encode()) == "published"
+    assert _secret_data(kube, ns, name) != before
+    stored = KubernetesConfigStore(ns, core_api=controller_api[0]).get(name)
+    assert stored.s3.secret_access_key == "rotated-secret-0002"
+    stop = dict(valid, workflow_status="stopping")
+    assert controller.handle(json.dumps(stop).encode()) == "stopped"
+
+
+def test_a_restarted_controller_recreates_the_sources_of_stored_workflows(kube, controller_api):
+    ns = namespace("cpu")
+    topics = [f"resume-{RUN}-{i}.in" for i in range(2)]
+    first = kubernetes_controller(controller_api, ns)
+    for topic in topics:
+        assert first.handle(json.dumps(workflow_message(topic, namespace=ns)).encode()) == (
+            "published"
+        )
+    names = {config_name(t) for t in topics}
+    kind = "kafkasources.v1beta1.sources.knative.dev"
+    gone = config_name(topics[0])
+    kube.kubectl("delete", f"{kind}/{gone}", "-n", ns)
+    assert names - names_in(kube, ns, kind) == {gone}
+    # A new controller (a restarted pod) resumes every stored workflow before consuming.
+    resumed = kubernetes_controller(controller_api, ns).resume()
+    assert {n: resumed[n] for n in names} == {gone: "started", config_name(topics[1]): "running"}
+    assert names <= names_in(kube, ns, kind)
+    for topic in topics:
+        stop = dict(workflow_message(topic, namespace=ns), workflow_status="stopping")
+        assert first.handle(json.dumps(stop).encode()) == "stopped"
+
+
 def _status(call) -> int:
     from kubernetes.client.exceptions import ApiException
 

@@ -13,9 +13,10 @@ never blocks its partition. A message is only "done" once its output object, its
 message (or its dead-letter record) and its status are durably written: the trigger
 acknowledges it (Kafka commit, HTTP 2xx) only then.
 
-Each next-step message carries a deterministic id (input object and its ETag, component,
-step); once it is published, a marker object ``.nec-published/<component>/<id>.json`` in
-the workflow's bucket records it, and a redelivered message whose marker exists is not
+Each next-step message carries a deterministic id (the workflow and its topics, the input
+object with its version and ETag, component, step: :func:`message_id`); once it is
+published, a marker object ``.nec-published/<component>/<id>.json`` in the workflow's
+bucket records it, and a redelivered message whose marker exists is not
 processed or published again. The marker is written right after the broker acknowledged
 the next message, so the one window left for a duplicate is a crash between the two.
 
@@ -200,10 +201,29 @@ def _codebooks(meta: dict, bundle: ModelBundle) -> int | None:
         raise InvalidInput(f"{what}: {err}") from None
 
 
-def message_id(bucket: str, key: str, etag: str, component: str, step: str) -> str:
-    """Deterministic id of the next-step message made from one input object version."""
-    parts = ("nec-step-v1", bucket, key, etag, component, step)
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+def message_id(
+    workflow: WorkflowConfig, key: str, etag: str, step: str, version_id: str | None = None
+) -> str:
+    """Deterministic id of the next-step message made from one input object version.
+
+    It names one delivery: the workflow (its name and its input and output topics), the
+    step and its rate, the component, and the input object (bucket, key, version id and
+    ETag). Two workflows that share a bucket, a component and an input object get
+    different ids, so the duplicate marker of one never stops the other's message.
+    """
+    parts = (
+        "nec-step-v2",
+        workflow.name,
+        workflow.topic_in,
+        workflow.topic_out or "",
+        workflow.s3.bucket,
+        key,
+        version_id or "",
+        etag,
+        workflow.component,
+        step,
+    )
+    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def clean_work_dirs(root: Path) -> list[Path]:
@@ -430,9 +450,9 @@ class StepHandler:
         codebooks = _codebooks(step.meta, self.bundle) if self.settings.mode == "compress" else None
         out_name = output_name(step.key, self.settings.mode, self.output, codebooks)
         out_key = f"result-{workflow.component}/{out_name}"
-        _, etag = s3.head(client, bucket, step.key)
+        _, etag, version = s3.describe(client, bucket, step.key)
         what = self.settings.mode + ("" if codebooks is None else f":c{codebooks}")
-        msg_id = message_id(bucket, step.key, etag, workflow.component, what)
+        msg_id = message_id(workflow, step.key, etag, what, version)
         marker = f"{MARKER_PREFIX}/{workflow.component}/{msg_id}.json"
         done_key = self._published_output(client, bucket, marker, out_key)
         if done_key:

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from nec_serve.errors import InvalidInput
+from nec_serve.imagery.formats import HEAD_BYTES, check_name, identify
 from nec_serve.imagery.limits import Budget, InputLimits, positive_int
 from nec_serve.imagery.readers import RASTER_SUFFIXES, file_suffix, read_raster_bytes_budgeted
 
@@ -132,8 +133,34 @@ def _decompressed(raw: Any) -> Any:
     return stream
 
 
+# Archive suffix -> what its content must be (identify()'s names).
+_ARCHIVE_CONTENT = {
+    ".tar": "tar",
+    ".tar.gz": "gzip",
+    ".tgz": "gzip",
+    ".tar.bz2": "bzip2",
+    ".tbz2": "bzip2",
+    ".tar.xz": "xz",
+    ".txz": "xz",
+}
+
+
+def _admit_archive(head: bytes, name: str, label: str) -> None:
+    """Refuse an archive file whose content is not what its suffix names."""
+    suffix = next((s for s in ARCHIVE_SUFFIXES[::-1] if name.lower().endswith(s)), None)
+    want = _ARCHIVE_CONTENT.get(suffix or "")
+    if want is None:
+        return
+    found = identify(head)
+    if found != want:
+        raise InvalidInput(
+            f"{label}: content is {found} but the name ends in {suffix!r}, which needs "
+            f"{want} data; the suffix must agree with the content"
+        )
+
+
 def _check_member(member: tarfile.TarInfo, label: str) -> None:
-    name = member.name
+    name = check_name(member.name, f"{label}: member")
     what = f"{label}: member {name!r}"
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
@@ -229,6 +256,8 @@ def iter_tar_budgeted(
         if path.stat().st_size == 0:
             raise InvalidInput(f"{label}: archive file is empty (0 bytes)")
         with open(path, "rb") as f:
+            _admit_archive(f.read(HEAD_BYTES), path.name, label)
+            f.seek(0)
             yield from _iter_tar_stream(
                 f, label, max_members, max_member_bytes, max_total_bytes, bands, budget
             )

@@ -16,6 +16,7 @@ import numpy as np
 
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery.archives import ARCHIVE_SUFFIXES, iter_tar_budgeted
+from nec_serve.imagery.formats import check_name
 from nec_serve.imagery.limits import Budget, InputLimits
 from nec_serve.imagery.readers import (
     BIGEARTHNET_RGB,
@@ -44,6 +45,7 @@ def _iter_folder(
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
+        check_name(entry.name, label if folder == root else f"{label}/{folder.relative_to(root)}")
         rel = entry.relative_to(root).as_posix()
         what = f"{label}/{rel}"
         if entry.is_dir():
@@ -99,7 +101,7 @@ def iter_inputs(
             the readers.
     """
     p = Path(path)
-    label = str(p) if label is None else label
+    label = check_name(str(p) if label is None else label)
     budget = Budget(limits)
     if not p.exists():
         raise InvalidInput(f"{label}: no such file or directory")

@@ -27,6 +27,12 @@ from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
 
 from nec_serve.errors import InvalidInput
+from nec_serve.imagery.formats import (
+    HEAD_BYTES,
+    admit_format,
+    jpeg_geometry,
+    png_geometry,
+)
 from nec_serve.imagery.limits import Budget, InputLimits, band_indexes
 
 __all__ = [
@@ -43,6 +49,7 @@ __all__ = [
     "read_raster_budgeted",
     "read_raster_bytes_budgeted",
     "read_bigearthnet_budgeted",
+    "gdal_input_env",
 ]
 
 #: Sentinel-2 bands that make the RGB image of a BigEarthNet patch (red, green, blue).
@@ -52,12 +59,36 @@ BIGEARTHNET_SIZE = 120
 
 #: Suffixes :func:`read_raster` accepts (compared case-insensitively).
 RASTER_SUFFIXES = (".tif", ".tiff", ".npy", ".jpg", ".jpeg", ".png")
-#: Read with Pillow (as the EuroSAT training data was), not GDAL, whose JPEG decoder
-#: differs from Pillow's by a few levels on a quarter of the pixels.
-_PILLOW_SUFFIXES = (".jpg", ".jpeg", ".png")
+# JPEG and PNG are read with Pillow (as the EuroSAT training data was), not GDAL, whose
+# JPEG decoder differs from Pillow's by a few levels on a quarter of the pixels.
 _PIL_MODES = {"L": np.uint8, "RGB": np.uint8, "RGBA": np.uint8, "I;16": np.uint16}
 
 _BIGEARTHNET_BAND_FILE = re.compile(r"_B(0[1-9]|1[0-2]|8A)\.tif$")
+
+#: The GDAL driver an input is opened with: GeoTIFF alone (never VRT, HDF, NetCDF, ...).
+INPUT_DRIVERS = "GTiff"
+# GDAL settings for opening inputs: nothing beside the file is looked at (no directory
+# listing, so no sidecar, external overview, mask or .aux.xml is read), no .aux.xml is
+# written, and no network file system can be reached even if something asked for it.
+_GDAL_INPUT_ENV = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_PAM_ENABLED": "NO",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".nec-no-network",
+    "GDAL_HTTP_TIMEOUT": "1",
+    "GDAL_HTTP_MAX_RETRY": "0",
+}
+
+
+def gdal_input_env() -> rasterio.Env:
+    """The GDAL environment every input is opened in (see :data:`INPUT_DRIVERS`)."""
+    return rasterio.Env(**_GDAL_INPUT_ENV)
+
+
+def _open_geotiff(fp: Any) -> Any:
+    """Open a local path or a :class:`MemoryFile` with the GeoTIFF driver alone."""
+    if isinstance(fp, MemoryFile):
+        return fp.open(driver=INPUT_DRIVERS)
+    return rasterio.open(fp, driver=INPUT_DRIVERS)
 
 
 class GeoArray(np.ndarray):
@@ -145,7 +176,7 @@ def _read_geotiff_bytes(
     data: bytes, label: str, bands: Sequence[int] | None, budget: Budget
 ) -> np.ndarray:
     try:
-        with MemoryFile(data) as mem, mem.open() as ds:
+        with gdal_input_env(), MemoryFile(data) as mem, _open_geotiff(mem) as ds:
             return _read_dataset(ds, label, bands, budget)
     except (RasterioError, OSError) as err:
         raise InvalidInput(
@@ -153,14 +184,35 @@ def _read_geotiff_bytes(
         ) from err
 
 
+def _pillow_geometry(f: BinaryIO, fmt: str, label: str) -> Any:
+    """What a JPEG or PNG header declares (:mod:`~nec_serve.imagery.formats`); ``f`` rewound."""
+    try:
+        if fmt == "PNG":
+            return png_geometry(f.read(33), label)
+        return jpeg_geometry(f, label)
+    finally:
+        f.seek(0)
+
+
 def _read_pillow(
-    f: BinaryIO, label: str, bands: Sequence[int] | None, budget: Budget
+    f: BinaryIO, fmt: str, label: str, bands: Sequence[int] | None, budget: Budget
 ) -> np.ndarray:
-    """A JPEG or PNG as ``(bands, H, W)``; its declared size is checked before decoding."""
+    """A JPEG or PNG as ``(bands, H, W)``; its declared size is admitted before decoding.
+
+    The header's geometry is charged to ``budget`` before Pillow parses the file; Pillow's
+    own decompression-bomb limit stays as a second line and is an input error too.
+    """
     from PIL import Image, UnidentifiedImageError  # only for these files
 
+    geom = _pillow_geometry(f, fmt, label)
+    budget.image(label, geom.bands, geom.height, geom.width, geom.dtype)
     try:
         with Image.open(f, formats=("JPEG", "PNG")) as im:
+            if im.format != fmt.upper() or (im.width, im.height) != (geom.width, geom.height):
+                raise InvalidInput(
+                    f"{label}: not a readable image: the header declares {geom.width}x"
+                    f"{geom.height}, the decoder reads {im.format} {im.width}x{im.height}"
+                )
             if im.mode not in _PIL_MODES:
                 raise InvalidInput(
                     f"{label}: unsupported image mode {im.mode}; expected one of "
@@ -169,10 +221,15 @@ def _read_pillow(
             n_bands = len(im.getbands())
             indexes = band_indexes(bands, n_bands, label)
             dtype = np.dtype(_PIL_MODES[im.mode])
-            budget.image(label, n_bands, im.height, im.width, dtype)
             arr = np.asarray(im, dtype=dtype)
     except InvalidInput:
         raise
+    except Image.DecompressionBombError as err:
+        raise InvalidInput(
+            f"{label}: declares {geom.bands}x{geom.height}x{geom.width} {geom.dtype} "
+            f"({geom.height * geom.width} pixels), over the image decoder's limit "
+            f"of {Image.MAX_IMAGE_PIXELS * 2} pixels"
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InvalidInput(f"{label}: not a readable image (truncated or corrupt?): {err}") from err
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -341,17 +398,19 @@ def read_raster_budgeted(
         raise InvalidInput(f"{label}: is a directory, not a raster file")
     if size == 0:
         raise InvalidInput(f"{label}: file is empty (0 bytes)")
-    if suffix == ".npy" or suffix in _PILLOW_SUFFIXES:
-        try:
-            with open(p, "rb") as f:
-                if suffix != ".npy":
-                    return _read_pillow(f, label, bands, budget)
+    try:
+        with open(p, "rb") as f:
+            fmt = admit_format(f.read(HEAD_BYTES), suffix, label)
+            f.seek(0)
+            if fmt == "NumPy .npy":
                 # The size of the file as opened, not as it was when stat() ran.
                 return _load_npy(f, os.fstat(f.fileno()).st_size, label, bands, budget)
-        except PermissionError as err:
-            raise InvalidInput(f"{label}: cannot open: {_scrub(str(err), p, label)}") from err
+            if fmt != "GeoTIFF":
+                return _read_pillow(f, fmt, label, bands, budget)
+    except PermissionError as err:
+        raise InvalidInput(f"{label}: cannot open: {_scrub(str(err), p, label)}") from err
     try:
-        with rasterio.open(p) as ds:
+        with gdal_input_env(), _open_geotiff(p) as ds:
             return _read_dataset(ds, label, bands, budget)
     except (RasterioError, OSError) as err:
         raise InvalidInput(
@@ -391,10 +450,11 @@ def read_raster_bytes_budgeted(
         raise _unsupported_suffix(label, suffix)
     if not data:
         raise InvalidInput(f"{label}: file is empty (0 bytes)")
-    if suffix == ".npy":
+    fmt = admit_format(data[:HEAD_BYTES], suffix, label)
+    if fmt == "NumPy .npy":
         return _load_npy(io.BytesIO(data), len(data), label, bands, budget)
-    if suffix in _PILLOW_SUFFIXES:
-        return _read_pillow(io.BytesIO(data), label, bands, budget)
+    if fmt != "GeoTIFF":
+        return _read_pillow(io.BytesIO(data), fmt, label, bands, budget)
     return _read_geotiff_bytes(data, label, bands, budget)
 
 
@@ -465,7 +525,9 @@ def read_bigearthnet_budgeted(
         path = _bigearthnet_band_file(p, str(band), label)
         what = f"{label}/{path.name}"
         try:
-            with rasterio.open(path) as ds:
+            with open(path, "rb") as f:
+                admit_format(f.read(HEAD_BYTES), file_suffix(path.name), what)
+            with gdal_input_env(), _open_geotiff(path) as ds:
                 arr = _read_dataset(ds, what, [1], budget, (BIGEARTHNET_SIZE, BIGEARTHNET_SIZE))
         except (RasterioError, OSError) as err:
             raise InvalidInput(
