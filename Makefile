@@ -30,7 +30,10 @@ format: install
 # Benchmarks (docs/measurements.md, benchmarks/README.md); results land in benchmarks/results/. They use the demo's
 # ViT-B export (made here if missing, as `make demo` makes it) and take ~30 min on 2 cores.
 BENCH_EXPORT := artifacts/demo/export/mae_vit_compress_adapter
-CALIBRATION  := ../shared/data/naip/m_4709963_se_14_1_20090818.tif
+# The data as the demo finds it (nec_dev.data): $NEC_DATA, ../shared/data, the sample data; the
+# calibration scene is in all three.
+DATA         := $(or $(NEC_DATA),$(wildcard ../shared/data),data/samples)
+CALIBRATION  := $(DATA)/naip/m_4709963_se_14_1_20090818.tif
 
 $(BENCH_EXPORT)/manifest.json: | install
 	PYTHONWARNINGS=ignore $(BIN)/nec-serve export --model mae_vit_compress_adapter \

@@ -8,9 +8,10 @@ the wrapper consumes the workflow's input topic itself. There is no controller a
 KafkaSource stand-in (HTTP hop) in the path, so nothing but the wrapper (and, with
 ``--server triton``, the Triton server it calls) competes for the cores.
 
-Real imagery from ``../shared/data`` is uploaded to S3 as four kinds of input object: a
+Real imagery from ``--data`` (default: as the demo finds it, ``nec_dev.data``: ``$NEC_DATA``,
+``../shared/data``, else the sample data) is uploaded to S3 as four kinds of input object: a
 ``.tar.gz`` of three NAIP scenes, a single NAIP GeoTIFF, a Landsat GeoTIFF (bands 1,2,3) and a
-``.tar.gz`` of the five BigEarthNet patches (B04, B03, B02 stacked into ``.npy``, uint16). One
+``.tar.gz`` of the BigEarthNet patches (B04, B03, B02 stacked into ``.npy``, uint16). One
 warm-up message (a BigEarthNet patch; not reported) loads the graphs, then ``--messages``
 step messages, cycling through the kinds, are sent at once. The wrapper measures each message
 itself and reports it in its ``SUCCESS`` status event on ``monitoring.notify``, under
@@ -57,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nec_dev.data import resolve_data
 from nec_dev.perf import machine_description
 from nec_dev.workflow_demo import (
     create_topics,
@@ -75,7 +77,6 @@ from nec_serve.imagery import read_bigearthnet_patch
 from nec_serve.kafka_io import json_producer
 from nec_serve.messages import parse_workflow
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUCKET = "nec-bench"
 SERVERS = ("triton", "inprocess")
 KINDS = ("naip_tar_gz", "naip_tif", "landsat_tif", "bigearthnet_tar_gz")
@@ -319,8 +320,9 @@ def prepare_inputs(
 ) -> tuple[Input, list[Input]]:
     """The warm-up input and ``messages`` inputs cycling through :data:`KINDS`.
 
-    Repeats of a kind take other scenes where the data has them (NAIP, Landsat). Files
-    named in ``exclude`` (the export's calibration scene) are left out.
+    Repeats of a kind take other scenes where the data has them (NAIP, Landsat); a NAIP
+    archive holds three scenes, or all there are. Files named in ``exclude`` (the export's
+    calibration scene) are left out.
     """
     naip = sorted(p for p in (data / "naip").glob("*.tif") if p.name not in exclude)
     landsat = sorted((data / "landsat").glob("*.tif"))
@@ -335,7 +337,7 @@ def prepare_inputs(
     for i in range(messages):
         kind, rep = KINDS[i % len(KINDS)], i // len(KINDS)
         if kind == "naip_tar_gz":
-            scenes = [naip[(3 * rep + j) % len(naip)] for j in range(3)]
+            scenes = [naip[(3 * rep + j) % len(naip)] for j in range(min(3, len(naip)))]
             path = write_tar_gz(tmp / f"naip-{rep}.tar.gz", ((f"naip/{s.name}", s) for s in scenes))
         elif kind == "naip_tif":
             path = naip[-1 - rep % len(naip)]
@@ -466,7 +468,7 @@ def main() -> int:
     p.add_argument("--server", nargs="+", choices=SERVERS, default=["triton"])
     p.add_argument("--messages", type=int, default=8, help="step messages per server mode")
     p.add_argument("--batch-size", type=int, default=8, help="the wrapper's --batch-size")
-    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--data", help="data folder (default: as the demo's, nec_dev.data)")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait per phase")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline.csv"))
     p.add_argument("--work", type=Path, help="logs of the stack and wrappers (default: temp)")
@@ -477,6 +479,8 @@ def main() -> int:
     )
     if args.messages < 1:
         p.error("--messages must be >= 1")
+    data = resolve_data(args.data)
+    print(f"data: {data.describe()}")
 
     export_dir = Path(args.model_dir).resolve()
     bundle = ModelBundle.load(export_dir)
@@ -495,7 +499,7 @@ def main() -> int:
         inputs_dir = Path(tmp) / "inputs"
         inputs_dir.mkdir()
         calibration = Path((bundle.manifest.calibration or {}).get("source") or "")
-        warmup, inputs = prepare_inputs(args.data, inputs_dir, args.messages, [calibration.name])
+        warmup, inputs = prepare_inputs(data.root, inputs_dir, args.messages, [calibration.name])
         repository = export_dir / "model_repository_local" if "triton" in servers else None
         with local_stack(repository, work) as stack:
             print(f"[stack] {stack.describe()} (up in {stack.start_s:.1f} s)")

@@ -48,6 +48,7 @@ import zstandard
 from PIL import Image
 from torch import nn
 
+from nec_dev.data import resolve_data
 from nec_dev.perf import machine_description
 from nec_models import create_model
 from nec_models.eurosat import CLASSES, decode, read_split
@@ -294,6 +295,18 @@ def _row(kind, codec, setting, bits, t0, **kw) -> dict:
     }
 
 
+def _present(data: Path, items: list) -> list:
+    """``items``, all of which must be under ``data`` (the sample data holds no training image)."""
+    missing = [i.path for i in items if not (data / i.path).is_file()]
+    if missing:
+        raise SystemExit(
+            f"bench_rate: {len(missing)} of the {len(items)} training images are not in {data} "
+            f"(first: {missing[0]}); the consumers train on the EuroSAT training split, which "
+            f"the sample data does not hold: pass --data with the full EuroSAT RGB"
+        )
+    return items
+
+
 def run(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,9 +321,11 @@ def run(args) -> Path:
     else:  # a shipped model's name
         mae_ckpt, split_csv = materialize(args.mae), split_of(args.mae)
     split = read_split(Path(args.split) if args.split else split_csv)
+    data = Path(args.data) if args.data else resolve_data().root / "eurosat_rgb"
+    train_items = _present(data, _subset(split["train"], args.train_per_class))
     work = Path(args.work)
-    train = decode(args.data, _subset(split["train"], args.train_per_class), work / "train")
-    test = decode(args.data, split["test"][: args.max_test or None], work / "test")
+    train = decode(data, train_items, work / "train")
+    test = decode(data, split["test"][: args.max_test or None], work / "test")
     print(
         f"{len(train.labels)} training and {len(test.labels)} test images; {machine_description()}"
     )
@@ -499,7 +514,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--split", help="split.csv (default: beside --mae)")
     p.add_argument("--nec", nargs="*", default=[], help="NEC exports (classifier checkpoints)")
-    p.add_argument("--data", default="../shared/data/eurosat_rgb")
+    p.add_argument(
+        "--data", help="EuroSAT RGB root (default: eurosat_rgb/ of the demo's data, nec_dev.data)"
+    )
     p.add_argument("--out", default=str(ROOT / "results" / "rate"))
     p.add_argument("--work", default=str(ROOT / "results" / "tmp" / "rate"))
     p.add_argument("--train-per-class", type=int, default=200)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nec_dev.data import resolve_data
 from nec_dev.perf import latency_stats, machine_description, write_rows
 from nec_dev.triton import LocalTritonServer
 from nec_serve.bundle import ModelBundle
@@ -27,11 +28,9 @@ from nec_serve.engines import LocalEngine
 from nec_serve.imagery import read_raster, tile_image
 from nec_serve.serving.client import TritonEngine
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-
-def real_tiles(bundle: ModelBundle, n: int) -> np.ndarray:
-    scene = read_raster(DATA / "naip" / "m_4709963_se_14_1_20180716.tif", [1, 2, 3])
+def real_tiles(bundle: ModelBundle, n: int, data: Path) -> np.ndarray:
+    scene = read_raster(data / "naip" / "m_4709963_se_14_1_20180716.tif", [1, 2, 3])
     tiles, _ = tile_image(scene, bundle.img_size)
     tiles = np.concatenate([tiles] * (1 + n // len(tiles)))[:n]
     return bundle.normalisation(scene.dtype).apply(tiles).astype(np.float32)
@@ -94,7 +93,10 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/serving.csv")
+    p.add_argument("--data", help="data folder (default: as the demo's, nec_dev.data)")
     args = p.parse_args()
+    data = resolve_data(args.data)
+    print(f"data: {data.describe()}")
 
     bundle = ModelBundle.load(args.model_dir)
     local = LocalEngine(bundle)
@@ -117,7 +119,7 @@ def main() -> int:
             for name, e in engines.items()
         }
         for b in args.batch:
-            batch = real_tiles(bundle, b)
+            batch = real_tiles(bundle, b, data.root)
             secs = interleaved(fns, batch, args.iters, args.warmup)
             base = latency_stats(secs["in-process onnxruntime"], b)
             for name, s in secs.items():

@@ -8,8 +8,9 @@ protocol (gRPC, HTTP) and batch size over the concurrency values. With ``--grpc-
 ``--http-url`` it measures a server that is already running instead (a GPU Triton, say) and
 leaves its configuration alone.
 
-Inputs are real: NAIP tiles from ``../shared/data`` normalised as the wrapper does, and for
-the decoders the symbols the encoder makes of them (``--input zero`` sends zeros instead).
+Inputs are real: NAIP tiles from ``--data`` (default: as the demo finds it, ``nec_dev.data``)
+normalised as the wrapper does, and for the decoders the symbols the encoder makes of them
+(``--input zero`` sends zeros instead).
 
 Writes to ``--out`` (default ``benchmarks/results``):
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nec_dev.data import resolve_data
 from nec_dev.perf import (
     PERF_ANALYZER_VERSION,
     SERIES_KEYS,
@@ -58,7 +60,6 @@ from nec_serve.contract import GraphRole
 from nec_serve.engines import LocalEngine
 from nec_serve.imagery import read_raster, tile_image
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCENE = "naip/m_4709963_se_14_1_20180716.tif"
 _NOT_MEASURED = "- not measured: "
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--input", choices=["real", "zero"], default="real")
     p.add_argument("--tiles", type=int, default=8, help="real tiles in the input data")
-    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--data", help="data folder (default: as the demo's, nec_dev.data)")
     p.add_argument("--measurement-ms", type=int, default=5000)
     p.add_argument("--stability-pct", type=int, default=20)
     p.add_argument("--max-trials", type=int, default=6)
@@ -276,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         if not merged:
             p.error(f"--report-only: no measurements in {table}")
     else:
+        if args.input == "real":
+            data = resolve_data(args.data)
+            print(f"data: {data.describe()}")
+            args.data = data.root
         binary = ensure_perf_analyzer()
         with tempfile.TemporaryDirectory(prefix="nec-perf-") as tmp:
             run = sweep(args, bundle, binary, Path(tmp))

@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list registered models")
     s.set_defaults(func=cmd_models)
 
-    train = sub.add_parser("train", help="train models on ../shared/data").add_subparsers(
+    train = sub.add_parser("train", help="train models on the full data sets").add_subparsers(
         dest="stage", required=True
     )
     s = train.add_parser("mae", help="MAE pretraining from scratch on EuroSAT RGB, resumable")
@@ -540,9 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_parser(sub)
 
     s = sub.add_parser(
-        "demo", help="the main job: export, codec report on ../shared/data, local workflow"
+        "demo", help="the main job: export, codec report on real imagery, local workflow"
     )
-    s.add_argument("--data", default=None, help="data folder (default: ../shared/data)")
+    s.add_argument(
+        "--data",
+        default=None,
+        help="data folder (default: $NEC_DATA, else ../shared/data beside the checkout where "
+        "it exists, else the sample data in data/samples/)",
+    )
     s.add_argument(
         "--model",
         default="nec-eurosat-l3000000",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nec_dev.data import ENV_VAR, DataDir, resolve_data
 from nec_dev.demo_rvq import RVQ_MODEL, SSL4EO_BANDS, run_rvq_demo, s2_workflow_inputs
 from nec_dev.demo_trained import (
     RecordingEngine,
@@ -36,7 +37,7 @@ from nec_models.shipped import shipped_models
 from nec_serve.bundle import ModelBundle
 from nec_serve.contract import MANIFEST_FILENAME, GraphRole, Manifest
 from nec_serve.engines import LocalEngine
-from nec_serve.errors import SchemaVersionError
+from nec_serve.errors import InvalidInput, SchemaVersionError
 from nec_serve.imagery import iter_inputs
 from nec_serve.pipeline import compress, decompress
 
@@ -50,11 +51,6 @@ DATASETS = {
     "landsat": ("landsat", [1, 2, 3]),
     "bigearthnet": ("bigearthnet", None),  # patch folders: B04, B03, B02
 }
-
-
-def default_data_dir() -> Path:
-    """``../shared/data`` beside the repository checkout."""
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _reusable(model: str, out: Path) -> bool:
@@ -76,6 +72,8 @@ def _export(model: str, out: Path, calibration: Path) -> ModelBundle:
     if _reusable(model, out):
         print(f"[export] reusing {out}")
         return ModelBundle.load(out)
+    if not calibration.is_file():
+        raise InvalidInput(f"{calibration}: missing; {model} is calibrated on this scene")
     t0 = time.perf_counter()
     nec = create_model(model)
     report = calibrate_from_inputs(nec, iter_inputs(calibration, [1, 2, 3]), max_tiles=20)
@@ -97,9 +95,21 @@ def _export(model: str, out: Path, calibration: Path) -> ModelBundle:
     return ModelBundle.load(out)
 
 
+def _announce_data(source: DataDir) -> None:
+    """The report's first lines: which data the demo runs on."""
+    print(f"[data] {source.describe()}")
+    if source.samples:
+        print(
+            "[data] a small subset of the test splits: figures are indicative; the full "
+            f"figures need the full data (--data DIR or ${ENV_VAR}, or ../shared/data)"
+        )
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo described in the module docstring; returns the exit status."""
-    data = Path(args.data) if args.data else default_data_dir()
+    source = resolve_data(args.data)
+    _announce_data(source)
+    data = source.root
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     shipped = shipped_models()

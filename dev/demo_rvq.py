@@ -23,6 +23,7 @@ import rasterio
 from nec_dev.demo_trained import export_shipped
 from nec_models.sentinel2 import S2Item, read_s2_raw, read_s2_split
 from nec_serve.engines import LocalEngine
+from nec_serve.errors import InvalidInput
 from nec_serve.pipeline import compress, write_bands
 
 __all__ = [
@@ -50,10 +51,23 @@ def _under(item: S2Item, data: Path) -> S2Item:
     return S2Item(item.dataset, item.group, str(data / rel))
 
 
+def _test_items(weights_dir: Path, data: Path) -> tuple[list[S2Item], int]:
+    """The shipped model's test items found under ``data``, and how many the split has."""
+    test = read_s2_split(weights_dir / "split.csv")["test"]
+    return [i for i in (_under(i, data) for i in test) if Path(i.path).exists()], len(test)
+
+
 def test_images(weights_dir: Path, data: Path) -> list[tuple[str, np.ndarray]]:
-    """The shipped model's test split, read as the service reads it."""
-    split = read_s2_split(weights_dir / "split.csv")
-    return [(Path(i.path).name, read_s2_raw(_under(i, data))) for i in split["test"]]
+    """The shipped model's test split, read as the service reads it.
+
+    All of it in the full data; the sample data holds a subset (the count is printed).
+    """
+    items, total = _test_items(weights_dir, data)
+    if len(items) < total:
+        print(f"[rvq] {len(items)} of the {total} test images present")
+    if not items:
+        raise InvalidInput(f"{data}: none of the {RVQ_MODEL} test images is there")
+    return [(Path(i.path).name, read_s2_raw(i)) for i in items]
 
 
 def read_bands(path: Path) -> list[tuple[dict, np.ndarray]]:
@@ -146,7 +160,9 @@ def run_rvq_demo(entry: dict, data: Path, work: Path, threads: int = 0) -> list[
 
 def s2_workflow_inputs(data: Path, tmp: Path, weights_dir: Path) -> list[tuple[str, Path]]:
     """What the RVQ workflow drops in S3: one SSL4EO test scene as it is (12 bands)."""
-    split = read_s2_split(weights_dir / "split.csv")
-    scenes = [_under(i, data) for i in split["test"] if i.dataset == "ssl4eo_s12"]
+    items, _ = _test_items(weights_dir, data)
+    scenes = [i for i in items if i.dataset == "ssl4eo_s12"]
+    if not scenes:
+        raise InvalidInput(f"{data}: no SSL4EO-S12 scene of the {RVQ_MODEL} test split")
     path = Path(scenes[0].path)
     return [(path.name, path)]

@@ -96,26 +96,42 @@ def _to_8bit(dn: np.ndarray) -> np.ndarray:
     return np.clip(np.round(dn.astype(np.float32) / EUROSAT_DN_PER_LEVEL), 0, 255).astype(np.uint8)
 
 
-def _test_split(weights_dir: Path) -> list[tuple[str, int]]:
-    return [(i.path, i.label) for i in read_split(weights_dir / "split.csv")["test"]]
+def _split(weights_dir: Path) -> dict[str, list[tuple[str, int]]]:
+    return {
+        part: [(i.path, i.label) for i in items]
+        for part, items in read_split(weights_dir / "split.csv").items()
+    }
+
+
+def _present(items: list[tuple[str, int]], root: Path) -> list[tuple[str, int]]:
+    """The split's items found under ``root`` (sample data holds a subset)."""
+    return [(p, label) for p, label in items if (root / p).is_file()]
 
 
 def trained_sources(data: Path, weights_dir: Path) -> dict[str, tuple[Iterator, dict]]:
-    """Source name -> (``(name, uint8 (3, H, W))`` inputs, ``{name: label}`` to score)."""
+    """Source name -> (``(name, uint8 (3, H, W))`` inputs, ``{name: label}`` to score).
+
+    The EuroSAT test split is read where its files are (all of them in the full data, a
+    subset in the sample data); a EuroSAT MS patch is scored only when its RGB twin is in
+    the test split or in no split at all, so no score comes from a training image.
+    """
     sources: dict[str, tuple[Iterator, dict]] = {}
-    test = _test_split(weights_dir)
+    split = _split(weights_dir)
     if (data / "eurosat_rgb").exists():
+        test = _present(split["test"], data / "eurosat_rgb")
+        if len(test) < len(split["test"]):
+            print(f"[eurosat_test] {len(test)} of the {len(split['test']):,} test images present")
         sources["eurosat_test"] = (
             ((p, read_raster(data / "eurosat_rgb" / p)) for p, _ in test),
             dict(test),
         )
     if (data / "eurosat_ms").exists():
-        twins_in_test = {p for p, _ in test}
-        rgb = data / "eurosat_rgb"
+        twins_in_test = {p for p, _ in split["test"]}
+        in_split = {p for items in split.values() for p, _ in items}
         labels = {}
         for tif in sorted((data / "eurosat_ms").glob("*/*.tif")):
             twin = f"{tif.parent.name}/{tif.stem}.jpg"
-            if twin in twins_in_test or not (rgb / twin).exists():
+            if twin in twins_in_test or twin not in in_split:
                 labels[f"{tif.parent.name}/{tif.name}"] = CLASSES.index(tif.parent.name)
         sources["eurosat_ms"] = (
             (
@@ -191,7 +207,7 @@ def eurosat_workflow_inputs(data: Path, tmp: Path, weights_dir: Path) -> list[tu
     """
     per_class: dict[int, int] = {}
     members = []
-    for path, label in _test_split(weights_dir):
+    for path, label in _present(_split(weights_dir)["test"], data / "eurosat_rgb"):
         if per_class.get(label, 0) < 5:
             per_class[label] = per_class.get(label, 0) + 1
             members.append((f"eurosat/{path}", data / "eurosat_rgb" / path))
