@@ -24,7 +24,7 @@ from nec_serve.errors import InvalidInput
 
 @pytest.fixture()
 def small(eurosat, tmp_path):
-    """Four real patches of each of three classes, copied (the shared data is read-only)."""
+    """Four real patches of each of three classes, copied (the sample data is read-only)."""
     root = tmp_path / "eurosat"
     for name in CLASSES[:3]:
         (root / name).mkdir(parents=True)
@@ -34,8 +34,8 @@ def small(eurosat, tmp_path):
 
 
 def test_the_split_is_deterministic_stratified_and_disjoint(eurosat):
-    items = scan(eurosat)
-    assert len(items) > 20_000 and {i.label for i in items} == set(range(len(CLASSES)))
+    items = scan(eurosat)  # the sample data: 30 real patches of each class
+    assert len(items) == 300 and {i.label for i in items} == set(range(len(CLASSES)))
     split = make_split(items, seed=0)
     assert make_split(items, seed=0) == split
     assert make_split(items, seed=1) != split

@@ -249,7 +249,7 @@ def test_rvq_family_through_triton_is_byte_identical_and_decodes_the_same(
     from nec_serve.pipeline import write_bands
 
     bundle = ModelBundle.load(rvq_export)
-    src = data_dir / "bigearthnet" / "S2A_MSIL2A_20170613T101031_87_48"
+    src = data_dir / "bigearthnet" / "S2A_MSIL2A_20170617T113321_4_55"
     bands = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
 
     def run(engine, name):

@@ -362,10 +362,11 @@ def test_wrapper_killed_mid_step_completes_once_after_restart(
     kafka, s3, producer, tiny_export, data_dir, tmp_path
 ):
     flow = Flow(kafka, s3, tmp_path)
-    buf = io.BytesIO()  # all NAIP scenes: 5520 tiles at 32 px, several seconds of work
+    buf = io.BytesIO()  # 8 NAIP scenes: 5520 tiles at 32 px, several seconds of work
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for path in sorted((data_dir / "naip").glob("*.tif")):
-            tf.add(path, arcname=path.name)
+        for i in range(4):  # the sample data has two scenes: each four times
+            for path in sorted((data_dir / "naip").glob("*.tif")):
+                tf.add(path, arcname=f"{i}_{path.name}")
     scene = buf.getvalue()
     flow.put("input/scene.tar.gz", scene)
     work_dir = tmp_path / "work"
@@ -486,7 +487,7 @@ def test_rvq_family_rate_per_message_and_georeferenced_output(
     """meta_information.codebooks picks the rate; decompress puts a GeoTIFF in S3."""
     import rasterio
 
-    scene = data_dir / "ssl4eo_s12" / "ssl4eos12_val_0181476_0.tif"
+    scene = data_dir / "ssl4eo_s12" / "ssl4eos12_val_0080717_0.tif"
     bands = (2, 3, 4, 5, 6, 7, 8, 9, 11, 12)
     flow = Flow(kafka, s3, tmp_path)
     flow.put("input/scene.tif", scene.read_bytes())
@@ -550,12 +551,12 @@ def test_rvq_images_decoded_to_a_tar_are_published_once(
     """A container of several images decodes to a .tar; its redelivery is a duplicate."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for path in sorted((data_dir / "eurosat_ms" / "Forest").glob("*.tif"))[:3]:
-            tf.add(path, arcname=f"forest/{path.name}")
+        for path in sorted((data_dir / "eurosat_ms").glob("*/*.tif"))[:3]:
+            tf.add(path, arcname=f"ms/{path.name}")
     flow = Flow(kafka, s3, tmp_path)
-    flow.put("input/forest.tar.gz", buf.getvalue())
+    flow.put("input/patches.tar.gz", buf.getvalue())
     handler = _handler(flow, rvq_export, producer, bands=(2, 3, 4, 5, 6, 7, 8, 9, 12, 13))
-    out = handler.handle(flow.name, flow.step("forest.tar.gz"))
+    out = handler.handle(flow.name, flow.step("patches.tar.gz"))
     assert out.done and out.status == "finished", out.reason
     nxt = flow.read(flow.topic_out, 1)
     dflow = Flow(kafka, s3, tmp_path, component="nec-decompress")
@@ -563,7 +564,7 @@ def test_rvq_images_decoded_to_a_tar_are_published_once(
     dec = _handler(dflow, rvq_export, producer, mode="decompress")
     first = dec.handle(dflow.name, json.dumps(nxt[0]).encode())
     assert first.status == "finished", first.reason
-    assert first.output_key == "result-nec-decompress/forest.tar"
+    assert first.output_key == "result-nec-decompress/patches.tar"
     with tarfile.open(fileobj=io.BytesIO(dflow.get(first.output_key))) as tar:
         assert len(tar.getnames()) == 3
     again = _handler(dflow, rvq_export, producer, mode="decompress")  # a restarted wrapper
