@@ -53,8 +53,11 @@ LATENT_ATOL = 1e-3
 EMBEDDING_ATOL = 1e-4
 # A symbol may flip only where y - median lies within this distance of a rounding edge.
 HALF_BAND = 1e-3
-# ...and such flips must be rare.
+# ...and such flips must be rare: at most this fraction of all symbols (plus one), or of
+# the positions PyTorch itself had on an edge, whichever allows more. On a batch with a few
+# near ties, two backends' rounding may legitimately flip two of them.
 MAX_FLIP_FRACTION = 1e-4
+MAX_TIE_FLIP_FRACTION = 0.5
 
 
 class EncoderGraph(nn.Module):
@@ -306,7 +309,9 @@ def _judge_codes(
     if report.max_abs_err > LATENT_ATOL:
         raise ExportCheckFailed(f"{name}: latent differs from PyTorch: {report}")
     far = report.symbol_mismatches - report.mismatches_near_half
-    if far or report.symbol_mismatches > MAX_FLIP_FRACTION * report.symbols_total + 1:
+    ties = int(tolerated.sum())
+    allowed = max(MAX_FLIP_FRACTION * report.symbols_total + 1, MAX_TIE_FLIP_FRACTION * ties)
+    if far or report.symbol_mismatches > allowed:
         raise ExportCheckFailed(f"{name}: {what} differ from PyTorch: {report}")
     log.info("%s parity: %s", name, report)
     return report
