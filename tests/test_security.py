@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,6 +35,7 @@ from unittest.mock import patch
 
 import numpy as np
 import pytest
+from test_poison import _wait
 from test_rvq import SSL4EO, SSL4EO_BANDS
 from test_workflow import NAIP, Flow, _handler, _naip_tar, _uid
 
@@ -47,17 +47,23 @@ from nec_serve.messages import parse_workflow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class _Listener:
-    """An HTTP server on loopback that records every request it gets (and answers 404)."""
+class _Recorder:
+    """An HTTP server on loopback that records every request (method, path, body).
 
-    def __init__(self):
+    It answers ``status``: 404 as a listener that nothing should reach, 200 as a wrapper's
+    HTTP trigger that the local KafkaSource posts to.
+    """
+
+    def __init__(self, status: int = 404):
         self.requests: list[str] = []
+        self.bodies: list[bytes] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def _record(self):
                 outer.requests.append(f"{self.command} {self.path}")
-                self.send_response(404)
+                outer.bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -144,7 +150,7 @@ def test_inputs_that_reach_beyond_themselves_are_refused_and_reach_nothing(
     assert flow.s3.secret_key in stored.read_text()
     work = tmp_path / "work"
     work.mkdir()
-    with _Listener() as web:
+    with _Recorder(404) as web:
         metadata = f"/vsicurl/{web.url}/latest/meta-data/iam/security-credentials/role"
         cases = {
             "meta.tif": (_vrt(metadata), "content is XML"),
@@ -467,34 +473,7 @@ def test_two_workflows_sharing_a_bucket_component_and_input_each_get_their_messa
     assert len(second.read(second.topic_out, 2, timeout=5)) == 1
 
 
-class _Sink:
-    """A wrapper's HTTP trigger stand-in for the local KafkaSource: records POSTed events."""
-
-    def __init__(self):
-        self.bodies: list[bytes] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.bodies.append(body)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _controller_process(kafka, topic: str, store: Path, sink: str, flow) -> subprocess.Popen:
+def _controller_process(kafka, topic: str, store: Path, sink: str, flow, log) -> subprocess.Popen:
     return subprocess.Popen(
         [
             sys.executable, "-m", "nec_cli", "controller",
@@ -506,20 +485,10 @@ def _controller_process(kafka, topic: str, store: Path, sink: str, flow) -> subp
             "--status-topic", flow.status,
             "--metrics-port", "0",
         ],
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
-        text=True,
         cwd=ROOT,
     )  # fmt: skip
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_restarted_local_controller_resumes_the_feeds_of_stored_workflows(
@@ -529,9 +498,9 @@ def test_a_restarted_local_controller_resumes_the_feeds_of_stored_workflows(
     flow.store.delete(flow.name)
     store = tmp_path / f"ctl-store-{_uid()}"
     system = f"system.ML.{_uid()}"
-    sink = _Sink()
-    try:
-        first = _controller_process(kafka, system, store, sink.url, flow)
+    with _Recorder(200) as sink:
+        logs = [open(tmp_path / f"controller-{i}.log", "wb") for i in range(2)]
+        first = _controller_process(kafka, system, store, sink.url, flow, logs[0])
         raw_producer.send(system, value=json.dumps(flow.msg).encode()).get(10)
         _wait(lambda: (store / f"{flow.name}.json").exists(), 90, "the workflow to be stored")
         raw_producer.send(flow.topic_in, value=flow.step("a.tif")).get(10)
@@ -541,14 +510,15 @@ def test_a_restarted_local_controller_resumes_the_feeds_of_stored_workflows(
         # Messages queued while no controller runs; nobody publishes the workflow again.
         for name in ("b.tif", "c.tif"):
             raw_producer.send(flow.topic_in, value=flow.step(name)).get(10)
-        second = _controller_process(kafka, system, store, sink.url, flow)
+        second = _controller_process(kafka, system, store, sink.url, flow, logs[1])
         try:
             _wait(lambda: len(sink.bodies) == 3, 90, "the resumed feed to deliver")
         finally:
             second.terminate()
-            log = second.communicate(timeout=30)[0]
+            second.wait(30)
+            for f in logs:
+                f.close()
+        log = (tmp_path / "controller-1.log").read_text()
         assert "resumed 1 stored workflow(s)" in log, log
         names = [json.loads(b)["S3_bucket_desc"]["filename"] for b in sink.bodies]
         assert names == ["a.tif", "b.tif", "c.tif"]
-    finally:
-        sink.close()
