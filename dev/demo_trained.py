@@ -1,7 +1,7 @@
 """The demo on a shipped, trained NEC model: Sentinel-2 RGB it fits, bits and accuracy.
 
 The shipped EuroSAT models take 64 px Sentinel-2 RGB as EuroSAT's RGB product renders it:
-8-bit B04, B03, B02. Four sources of ``../shared/data`` fit that:
+8-bit B04, B03, B02. Four sources of the data folder (:mod:`nec_dev.data`) fit that:
 
 * ``eurosat_test``: the EuroSAT RGB test split the model never saw (its ``split.csv``
   ships beside the weights), labelled: top-1 of the model's own classifier graph;
