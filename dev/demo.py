@@ -100,8 +100,9 @@ def _announce_data(source: DataDir) -> None:
     print(f"[data] {source.describe()}")
     if source.samples:
         print(
-            "[data] a small subset of the test splits: figures are indicative; the full "
-            f"figures need the full data (--data DIR or ${ENV_VAR}, or ../shared/data)"
+            "[data] a small subset of the data sets (data/samples/README.md): figures are "
+            f"indicative; the full figures need the full data (--data DIR, ${ENV_VAR} or "
+            "../shared/data)"
         )
 
 
