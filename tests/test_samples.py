@@ -177,9 +177,7 @@ def test_a_bare_clone_runs_the_demo_on_its_own_samples(tmp_path):
     path.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "NEC_DATA"}
     env.update(PYTHONPATH=str(_import_tree(clone, path)), PYTHONWARNINGS="ignore")
-    # Without the RVQ part: the export check of the shipped RVQ model depends on the CPU
-    # (two near-tie index flips fail MAX_FLIP_FRACTION on some); its samples are checked above.
-    argv = ["demo", "--skip-workflow", "--no-rvq", "-q", "--work", str(tmp_path / "work")]
+    argv = ["demo", "--skip-workflow", "-q", "--work", str(tmp_path / "work")]
     out = subprocess.run(
         [sys.executable, "-m", "nec_cli", *argv],
         cwd=clone,
@@ -195,3 +193,8 @@ def test_a_bare_clone_runs_the_demo_on_its_own_samples(tmp_path):
     for name in ("eurosat_test", "eurosat_ms", "bigearthnet", "ssl4eo"):
         assert f"\n{name} | " in out.stdout, name
     assert (tmp_path / "work" / "eurosat_test.classes.json").is_file()
+    # The RVQ family on the test images the samples hold, each rate decoded where it lay.
+    assert "[rvq] 27 of the 29 test images present" in out.stdout
+    for n in (1, 2, 4, 8):
+        assert f"\n{n} | " in out.stdout and (tmp_path / "work" / f"s2_test.c{n}.tar").is_file()
+    assert out.stdout.count(" | 27/27 | ") == 4
