@@ -28,7 +28,9 @@ from nec_serve.errors import InvalidInput, NecError
 from nec_serve.kafka_io import commit_after, manual_commit_consumer
 from nec_serve.logs import bind, current_message_id, log_context, trace_id
 from nec_serve.messages import (
+    DEAD_LETTER_TOPIC,
     STATUS_KEY,
+    STATUS_TOPIC,
     MessageError,
     PodIdentity,
     WorkflowConfig,
@@ -62,8 +64,8 @@ class Controller:
         store,
         sources,
         producer=None,
-        dead_letter_topic: str = "nec.deadletter",
-        status_topic: str = "monitoring.notify",
+        dead_letter_topic: str = DEAD_LETTER_TOPIC,
+        status_topic: str = STATUS_TOPIC,
         attempts: int = 3,
         backoff_s: float = 1.0,
         metrics: ControllerMetrics | None = None,

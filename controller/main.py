@@ -12,7 +12,9 @@ from nec_controller.sources import FEEDS, ConsumerFeed, KubernetesSources, Local
 from nec_serve.config_store import KubernetesConfigStore, LocalConfigStore
 from nec_serve.errors import InvalidInput
 from nec_serve.kafka_io import json_producer
+from nec_serve.messages import DEAD_LETTER_TOPIC, STATUS_TOPIC
 from nec_serve.metrics import ControllerMetrics, add_service_flags, serve_metrics
+from nec_serve.settings_flags import add_field_flag
 
 __all__ = ["add_parser", "ControllerSettings"]
 
@@ -23,8 +25,8 @@ class ControllerSettings:
 
     bootstrap_servers: str
     topic: str = "system.ML"
-    dead_letter_topic: str = "nec.deadletter"
-    status_topic: str = "monitoring.notify"
+    dead_letter_topic: str = DEAD_LETTER_TOPIC
+    status_topic: str = STATUS_TOPIC
     attempts: int = 3
     backoff_s: float = 1.0
     kubernetes: bool = False
@@ -82,9 +84,9 @@ def add_parser(sub) -> None:
     """Register the ``controller`` subcommand."""
     s = sub.add_parser("controller", help="listen on system.ML and provision workflows")
     s.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
-    s.add_argument("--topic", default="system.ML")
-    s.add_argument("--dead-letter-topic", default="nec.deadletter")
-    s.add_argument("--status-topic", default="monitoring.notify")
+    add_field_flag(s, "--topic", ControllerSettings, "topic")
+    add_field_flag(s, "--dead-letter-topic", ControllerSettings, "dead_letter_topic")
+    add_field_flag(s, "--status-topic", ControllerSettings, "status_topic")
     s.add_argument(
         "--attempts", type=int, default=3, help="tries of a Kubernetes/store call before failing"
     )

@@ -15,12 +15,11 @@ from nec_serve.contract import decode_outputs
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, parse_bands
 from nec_serve.kafka_io import json_producer
-from nec_serve.messages import MAX_MESSAGE_BYTES
 from nec_serve.metrics import add_service_flags, serve_metrics
+from nec_serve.settings_flags import add_field_flag, field_default
 from nec_wrapper.step import StepHandler, WrapperSettings
 from nec_wrapper.triggers import (
     SESSION_TIMEOUT_BOUNDS_S,
-    SESSION_TIMEOUT_S,
     make_http_server,
     run_consumer,
     session_timeout,
@@ -53,9 +52,11 @@ def add_parser(sub) -> None:
         default=None,
         help="what decompress writes (default: bands for an RVQ export, else embeddings)",
     )
-    s.add_argument("--status-topic", default="monitoring.notify")
-    s.add_argument("--dead-letter-topic", default="nec.deadletter")
-    s.add_argument("--group", default=None, help="consumer group (kafka trigger)")
+    add_field_flag(s, "--status-topic", WrapperSettings, "status_topic")
+    add_field_flag(s, "--dead-letter-topic", WrapperSettings, "dead_letter_topic")
+    s.add_argument(
+        "--group", default=None, help="consumer group (kafka trigger; default nec-wrapper-MODE)"
+    )
     s.add_argument(
         "--service",
         default=None,
@@ -65,15 +66,20 @@ def add_parser(sub) -> None:
     s.add_argument(
         "--session-timeout",
         type=session_timeout,
-        default=SESSION_TIMEOUT_S,
+        default=field_default(WrapperSettings, "session_timeout_s"),
         help="seconds without a heartbeat before the group gives a dead wrapper's partitions "
         "to the others (kafka trigger; %g..%g)" % SESSION_TIMEOUT_BOUNDS_S,
     )
-    s.add_argument("--attempts", type=int, default=3)
-    s.add_argument("--backoff", type=float, default=1.0)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument(
-        "--max-input-bytes", type=int, default=4 << 30, help="largest input object to download"
+    add_field_flag(s, "--attempts", WrapperSettings, "attempts", type=int)
+    add_field_flag(s, "--backoff", WrapperSettings, "backoff_s", type=float)
+    add_field_flag(s, "--batch-size", WrapperSettings, "batch_size", type=int)
+    add_field_flag(
+        s,
+        "--max-input-bytes",
+        WrapperSettings,
+        "max_input_bytes",
+        type=int,
+        help="largest input object to download",
     )
     limits = InputLimits()
     for name, help_text in (
@@ -88,7 +94,7 @@ def add_parser(sub) -> None:
     s.add_argument(
         "--max-message-bytes",
         type=int,
-        default=MAX_MESSAGE_BYTES,
+        default=field_default(WrapperSettings, "max_message_bytes"),
         help="largest workflow message accepted",
     )
     s.add_argument(
@@ -122,7 +128,8 @@ def settings_from_args(args: argparse.Namespace) -> WrapperSettings:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
-        group=args.group or f"nec-wrapper-{args.mode}",
+        group=args.group or "",
+        session_timeout_s=args.session_timeout,
         service=args.service,
         config_dir=Path(args.config_dir) if args.config_dir else None,
         namespace=args.namespace,
@@ -170,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 settings.group,
                 topics,
                 stop,
-                session_timeout_s=args.session_timeout,
+                session_timeout_s=settings.session_timeout_s,
             )
     except KeyboardInterrupt:
         pass
