@@ -338,16 +338,10 @@ def parse_step(
 
 
 @dataclass(frozen=True)
-class StepRequest:
+class StepRequest(StepMessage):
     """A step message validated for the step that runs it, before any work is done."""
 
-    message: StepMessage
     codebooks: int | None = None  # the rate asked for (compress of a family with a rate knob)
-
-    @property
-    def key(self) -> str:
-        """S3 key of the input object."""
-        return self.message.key
 
 
 def parse_step_request(
@@ -369,14 +363,15 @@ def parse_step_request(
         raise MessageError("field 'S3_bucket_desc.filename' is required by this step")
     if not step.previous_component_end:
         raise MessageError("previous component did not end (previous_component_end false)")
+    fields = (step.previous_component_end, step.folder, step.filename, step.meta)
     value = step.meta.get("codebooks") if rate is not None else None
     if value is None:
-        return StepRequest(step)
+        return StepRequest(*fields)
     what = "field 'meta_information.codebooks'"
     if isinstance(value, bool) or not isinstance(value, int):
         raise MessageError(f"{what} must be an integer, got {value!r}")
     try:
-        return StepRequest(step, rate(value))
+        return StepRequest(*fields, codebooks=rate(value))
     except InvalidInput as err:
         raise MessageError(f"{what}: {err}") from None
 

@@ -84,6 +84,8 @@ from nec_wrapper.triggers import SESSION_TIMEOUT_S
 
 __all__ = [
     "WrapperSettings",
+    "MODES",
+    "TRIGGERS",
     "Outcome",
     "StepHandler",
     "output_name",
@@ -102,6 +104,11 @@ _OWNER_LOCK = ".owner.lock"
 # A work directory younger than this without its lock file may be one being created.
 _UNLOCKED_GRACE_S = 60.0
 _SENT_MEMORY = 1024
+
+
+#: A wrapper's steps, and how it is reached.
+MODES = ("compress", "decompress")
+TRIGGERS = ("http", "kafka")
 
 
 @dataclass(frozen=True)
@@ -137,13 +144,17 @@ class WrapperSettings:
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, naming the setting."""
-        if self.mode not in ("compress", "decompress"):
+        for name in ("model_dir", "work_dir", "config_dir"):  # flags give them as text
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        if self.mode not in MODES:
             raise InvalidInput(f"invalid wrapper mode {self.mode!r}: compress or decompress")
         if self.attempts < 1 or self.batch_size < 1:
             raise InvalidInput("attempts and batch size must be >= 1")
         if self.max_message_bytes < 1 or self.max_input_bytes < 1:
             raise InvalidInput("max message bytes and max input bytes must be >= 1")
-        if self.trigger not in ("http", "kafka"):
+        if self.trigger not in TRIGGERS:
             raise InvalidInput(f"invalid wrapper trigger {self.trigger!r}: http or kafka")
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"invalid wrapper port {self.port}")
@@ -386,7 +397,7 @@ class StepHandler:
             step = parse_step(raw, max_bytes=self.settings.max_message_bytes)
             bind(input_key=step.key or None)
             rate = self._rate if self.settings.mode == "compress" else None
-            request = parse_step_request(step, rate=rate)
+            step = parse_step_request(step, rate=rate)
         except GaveUp as err:
             return self._give_up(
                 config_name, raw, workflow, component, err.reason, err.attempts, failure_class(err)
@@ -403,7 +414,7 @@ class StepHandler:
         if Path(self.settings.work_dir).is_dir():
             clean_work_dirs(self.settings.work_dir)
         try:
-            out = self._retrying(step.key, lambda: self._run(workflow, request), "step")
+            out = self._retrying(step.key, lambda: self._run(workflow, step), "step")
         except GaveUp as err:
             return self._give_up(
                 config_name, raw, workflow, component, err.reason, err.attempts, failure_class(err)
@@ -435,10 +446,10 @@ class StepHandler:
         """The rate a compress message asks for, checked against the export."""
         return coding_levels(self.bundle, codebooks)
 
-    def _run(self, workflow: WorkflowConfig, request: StepRequest) -> Outcome:
+    def _run(self, workflow: WorkflowConfig, step: StepRequest) -> Outcome:
         client = s3.make_client(workflow.s3, timeout_s=self.settings.s3_timeout_s)
         bucket = workflow.s3.bucket
-        step, codebooks = request.message, request.codebooks
+        codebooks = step.codebooks
         out_name = output_name(step.key, self.settings.mode, self.output, codebooks)
         out_key = f"result-{workflow.component}/{out_name}"
         _, etag, version = s3.describe(client, bucket, step.key)
