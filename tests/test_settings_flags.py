@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nec_controller.main import ControllerSettings
-from nec_controller.main import add_parser as add_controller
+from nec_cli.main import build_parser
 from nec_serve.config_store import UnknownWorkflow
 from nec_serve.errors import InvalidInput, ServerUnavailable
 from nec_serve.messages import (
@@ -21,48 +20,100 @@ from nec_serve.messages import (
 )
 from nec_serve.metrics import failure_class
 from nec_serve.retry import GaveUp
-from nec_wrapper.main import add_parser as add_wrapper
+from nec_serve.settings_flags import (
+    DeferredParser,
+    add_settings_flags,
+    field_default,
+    settings_values,
+)
 from nec_wrapper.main import settings_from_args
 from nec_wrapper.step import WrapperSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A flag whose destination is not its setting's field name.
-_ALIASES = {
-    "backoff": "backoff_s",
-    "bootstrap": "bootstrap_servers",
-    "session_timeout": "session_timeout_s",
-}
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every (sub)command's parser, its deferred flags added."""
+    if isinstance(parser, DeferredParser):
+        parser.populate()
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _commands(child, (*path, name))
 
 
-def _parser(add) -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser()
-    add(top.add_subparsers())
-    return next(iter(top._subparsers._group_actions[0].choices.values()))
+def _names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
-@pytest.mark.parametrize(
-    ("add", "cls"), [(add_wrapper, WrapperSettings), (add_controller, ControllerSettings)]
-)
-def test_every_flag_default_is_its_settings_default(add, cls):
-    defaults = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-    checked = 0
-    for action in _parser(add)._actions:
-        name = _ALIASES.get(action.dest, action.dest)
-        if name in defaults and action.default is not None:
-            assert action.default == defaults[name], action.option_strings
-            checked += 1
-    assert checked >= 5
+def test_every_flag_default_is_its_settings_default():
+    """Generic over every command: a flag that fills a setting defaults to the setting's default."""
+    covered = set()
+    for path, parser in _commands(build_parser()):
+        tagged = [a for a in parser._actions if hasattr(a, "settings_field")]
+        classes = {a.settings_field[0] for a in tagged}
+        covered |= classes
+        for action in tagged:
+            cls, name = action.settings_field
+            default = action.default
+            expected = field_default(cls, name)
+            if default is None:  # left to the settings (e.g. a default computed at run time)
+                continue
+            got = tuple(default) if isinstance(default, list) else default
+            assert got == expected, (path, action.option_strings)
+        # A flag named like a setting but not built from it must still agree with it.
+        fields = {name for cls in classes for name in _names(cls)}
+        for action in parser._actions:
+            if action.dest in fields and not hasattr(action, "settings_field"):
+                cls = next(
+                    c for c in classes if action.dest in {f.name for f in dataclasses.fields(c)}
+                )
+                if action.default is not None:
+                    assert action.default == field_default(cls, action.dest), (path, action.dest)
+    names = {cls.__name__ for cls in covered}
+    assert names >= {
+        "WrapperSettings",
+        "InputLimits",
+        "ControllerSettings",
+        "MAEConfig",
+        "NECConfig",
+        "ClassifierConfig",
+        "RVQConfig",
+        "ExportOptions",
+    }
+
+
+def test_flags_are_built_from_a_settings_dataclass():
+    @dataclasses.dataclass(frozen=True)
+    class Toy:
+        path: str
+        count: int = 3
+        rate: float | None = None
+        names: tuple[str, ...] = ("a",)
+        pair: tuple[float, float] = (0.5, 1.0)
+        on: bool = False
+        timeout_s: float = 2.0
+
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser, Toy, rename={"timeout_s": "--timeout"})
+    args = parser.parse_args(["--path", "p", "--names", "x", "y", "--pair", "1", "2", "--on"])
+    assert Toy(**settings_values(args, Toy, {"timeout_s": "--timeout"})) == Toy(
+        "p", 3, None, ("x", "y"), (1.0, 2.0), True, 2.0
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args([])  # --path has no default: required
 
 
 def test_wrapper_group_and_session_timeout_go_through_the_settings(tmp_path):
-    parser = _parser(add_wrapper)
-    base = ["--mode=compress", "--model-dir=m", "--bootstrap=b", f"--config-dir={tmp_path}"]
+    parser = build_parser()
+    base = [
+        "wrapper",
+        "--mode=compress",
+        "--model-dir=m",
+        "--bootstrap=b",
+        f"--config-dir={tmp_path}",
+    ]
     settings = settings_from_args(parser.parse_args(base))
     assert settings.group == "nec-wrapper-compress"
     assert WrapperSettings("decompress", Path("m"), "b").group == "nec-wrapper-decompress"
