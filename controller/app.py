@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from nec_serve.errors import InvalidInput, NecError
+from nec_serve.errors import InvalidInput
 from nec_serve.kafka_io import commit_after, manual_commit_consumer
 from nec_serve.logs import bind, current_message_id, log_context, trace_id
 from nec_serve.messages import (
@@ -95,8 +95,7 @@ class Controller:
             try:
                 config = parse_workflow(raw)
             except Exception as err:  # the consumer boundary: any message, any error
-                failure = "invalid_message" if isinstance(err, NecError) else "internal"
-                return self._give_up(raw, None, public_reason(err), failure)
+                return self._give_up(raw, None, public_reason(err), failure_class(err))
             creds = config.s3
             secrets = (creds.access_key_id, creds.secret_access_key) if creds else ()
             bind(workflow=config.name, secrets=secrets)
