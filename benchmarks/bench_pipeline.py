@@ -75,7 +75,7 @@ from nec_serve.bundle import ModelBundle
 from nec_serve.config_store import LocalConfigStore
 from nec_serve.imagery import read_bigearthnet_patch
 from nec_serve.kafka_io import json_producer
-from nec_serve.messages import parse_workflow
+from nec_serve.messages import DEAD_LETTER_TOPIC, STATUS_TOPIC, parse_workflow
 
 BUCKET = "nec-bench"
 SERVERS = ("triton", "inprocess")
@@ -369,7 +369,7 @@ class _Collector:
         if value.get("workflow_name") != self.workflow:
             return False
         nec = value.get("nec") or {}
-        if topic == "nec.deadletter" or value.get("status") == "CRITICAL":
+        if topic == DEAD_LETTER_TOPIC or value.get("status") == "CRITICAL":
             raise RuntimeError(
                 f"{self.workflow}: a message failed: "
                 f"{value.get('error') or nec.get('reason') or value.get('description')}"
@@ -416,7 +416,7 @@ def run_wrapper(
             )
         )
     )
-    create_topics(stack.bootstrap, [t_in, t_out, "monitoring.notify", "nec.deadletter"])
+    create_topics(stack.bootstrap, [t_in, t_out, STATUS_TOPIC, DEAD_LETTER_TOPIC])
     log = work / f"wrapper-{server}.log"
     steps = work / f"steps-{server}"
     steps.mkdir(exist_ok=True)
@@ -433,7 +433,7 @@ def run_wrapper(
         group=tag,
     )
     proc = spawn_cli(cli, log)
-    consumer = json_consumer(stack.bootstrap, "monitoring.notify", "nec.deadletter")
+    consumer = json_consumer(stack.bootstrap, STATUS_TOPIC, DEAD_LETTER_TOPIC)
     producer = json_producer(stack.bootstrap)
     try:
         t0 = time.perf_counter()

@@ -8,7 +8,6 @@ when complete, so a failed run never leaves a half-written container or array.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from nec_serve.hashing import sha256_file
 from nec_serve.imagery import iter_inputs, parse_bands
 from nec_serve.logs import configure_logging
 from nec_serve.pipeline import compress, default_output, write_bands, write_embeddings
+from nec_serve.settings_flags import DeferredParser, add_settings_flags, settings_values
 from nec_wrapper.main import add_parser as add_wrapper
 
 # Imported by the commands that need them, not here: nec_models and nec_export need PyTorch,
@@ -73,9 +73,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _from_args(config_class, args: argparse.Namespace):
-    """A training config from the flags of the same names (the rest keep their defaults)."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(**{k: v for k, v in vars(args).items() if k in names})
+    """A training config from the flags of its fields (the rest keep their defaults)."""
+    return config_class(**settings_values(args, config_class))
 
 
 def cmd_train_mae(args: argparse.Namespace) -> int:
@@ -153,15 +152,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{report.bits_per_symbol_before:.3f} -> {report.bits_per_symbol_after:.3f} "
             f"bits/symbol in {report.seconds:.1f} s"
         )
-    options = ExportOptions(
-        version=args.version,
-        gpu_max_batch=args.gpu_max_batch,
-        cpu_max_batch=args.cpu_max_batch,
-        torch_runtime=args.torch_runtime,
-        torch_device=args.torch_device,
-        torch_precision=args.torch_precision,
-        eo4eu_names=args.eo4eu_names,
-    )
+    options = ExportOptions(**settings_values(args, ExportOptions))
     manifest = export_model(
         model,
         args.out,
@@ -336,99 +327,137 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+#: The trainers by stage: their config dataclass (module, class), help and command.
+TRAINERS = {
+    "mae": (
+        ("nec_models.train", "MAEConfig"),
+        "MAE pretraining from scratch on EuroSAT RGB, resumable",
+        cmd_train_mae,
+    ),
+    "nec": (
+        ("nec_models.train", "NECConfig"),
+        "NEC compression fine-tuning from an MAE checkpoint",
+        cmd_train_nec,
+    ),
+    "classifier": (
+        ("nec_models.train", "ClassifierConfig"),
+        "classifier head on a NEC run's decoded embeddings",
+        cmd_train_classifier,
+    ),
+    "rvq": (
+        ("nec_models.train_rvq", "RVQConfig"),
+        "the RVQ Sentinel-2 compressor (1-8 codebooks), resumable",
+        cmd_train_rvq,
+    ),
+}
+#: Help of the trainers' flags (their names, types and defaults are the config fields').
+_TRAIN_HELP = {
+    "mae": {
+        "data": "EuroSAT RGB root (<Class>/<Class>_<n>.jpg)",
+        "out": "run folder: split, cache, log.csv, checkpoint",
+        "model": "registered MAE ViT",
+        "blr": "base lr; lr = blr * batch / 256",
+        "norm_pix_loss": "per-patch normalised target",
+        "seed": "model init, data order, masks",
+        "split_seed": "the train/val/test split",
+        "max_items": "first N images per class (0: all)",
+        "threads": "torch threads (0: default)",
+    },
+    "nec": {
+        "init": "runs/mae/checkpoint.pth (its split is reused)",
+        "out": "run folder",
+        "lmbda": "reconstruction weight vs bits",
+        "rate_on": "rate term on the visible tokens (official) or on all tokens (what is coded)",
+        "bottleneck_lr": "the entropy model's density",
+    },
+    "classifier": {
+        "init": "runs/nec-L/checkpoint.pth",
+        "out": "run folder",
+        "with_decoder": "through the first decoder block",
+        "evaluate_test": "also top-1 on the test split (final numbers)",
+    },
+    "rvq": {
+        "data": "ssl4eo_s12, eurosat_ms and/or bigearthnet folders (10 bands are taken from each)",
+        "out": "run folder: split.csv, log.csv, checkpoint",
+        "model": "registered RVQ model",
+        "crop": "training crop size in pixels",
+        "beta": "commitment loss weight",
+        "train_codebooks": "codebooks per sample: 0 draws 1..levels per sample (one model, "
+        "every rate)",
+        "split_seed": "the train/val/test split by group",
+    },
+}
+_TRAIN_OPTIONS = {"nec": {"rate_on": {"choices": ("visible", "all")}}}
+
+
+def _trainer_flags(config: tuple[str, str], stage: str):
+    """Adds a trainer's flags: one per field of its config dataclass (imported on use)."""
+
+    def populate(s: argparse.ArgumentParser) -> None:
+        from importlib import import_module  # the trainers need PyTorch: see the imports above
+
+        cls = getattr(import_module(config[0]), config[1])
+        add_settings_flags(s, cls, help=_TRAIN_HELP.get(stage), options=_TRAIN_OPTIONS.get(stage))
+        if stage != "classifier":  # the classifier's run is short: it starts over
+            s.add_argument("--resume", action="store_true", help="continue after the last epoch")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    return populate
+
+
+#: The export's own flags (the other ExportOptions fields keep their defaults).
+_EXPORT_FLAGS = (
+    "version",
+    "gpu_max_batch",
+    "cpu_max_batch",
+    "torch_runtime",
+    "eo4eu_names",
+    "torch_device",
+    "torch_precision",
+)
+_EXPORT_HELP = {
+    "version": "model version in the Triton repository",
+    "torch_runtime": "also write model_repository_torch (+ torch/weights.pt): the local server "
+    "running the PyTorch graphs, on the GPU when there is one",
+    "eo4eu_names": "RVQ: name the graphs' tensors as EO4EU's wrappers do "
+    "(input_sentinel2_10_bands_120, int64_latent32_15, output_sentinel2_10_bands_120)",
+    "torch_precision": "bf16/fp16 autocast: faster on a GPU, symbols move at rounding boundaries",
+}
+_EXPORT_OPTIONS = {
+    "torch_device": {"choices": ["auto", "cuda", "cpu"]},
+    "torch_precision": {"choices": ["fp32", "bf16", "fp16"]},
+}
+
+
+def _export_flags(s: argparse.ArgumentParser) -> None:
+    """The export's flags built from :class:`nec_export.ExportOptions` (imported on use)."""
+    from nec_export import ExportOptions  # PyTorch: see the imports above
+
+    add_settings_flags(s, ExportOptions, _EXPORT_FLAGS, help=_EXPORT_HELP, options=_EXPORT_OPTIONS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nec-serve`` argument parser."""
     p = argparse.ArgumentParser(prog="nec-serve", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nec-serve {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=DeferredParser)
 
     s = sub.add_parser("models", help="list registered models")
     s.set_defaults(func=cmd_models)
 
     train = sub.add_parser("train", help="train models on the full data sets").add_subparsers(
-        dest="stage", required=True
+        dest="stage", required=True, parser_class=DeferredParser
     )
-    s = train.add_parser("mae", help="MAE pretraining from scratch on EuroSAT RGB, resumable")
-    s.add_argument("--data", required=True, help="EuroSAT RGB root (<Class>/<Class>_<n>.jpg)")
-    s.add_argument("--out", required=True, help="run folder: split, cache, log.csv, checkpoint")
-    s.add_argument("--model", default="mae_vit_tiny_patch8", help="registered MAE ViT")
-    s.add_argument("--epochs", type=int, default=100)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * batch / 256")
-    s.add_argument("--warmup-epochs", type=int, default=5)
-    s.add_argument("--mask-ratio", type=float, default=0.75)
-    s.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised target")
-    s.add_argument("--seed", type=int, default=0, help="model init, data order, masks")
-    s.add_argument("--split-seed", type=int, default=0, help="the train/val/test split")
-    s.add_argument("--max-items", type=int, default=0, help="first N images per class (0: all)")
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    s.add_argument("--resume", action="store_true", help="continue after the last epoch")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_train_mae)
-    s = train.add_parser("nec", help="NEC compression fine-tuning from an MAE checkpoint")
-    s.add_argument("--init", required=True, help="runs/mae/checkpoint.pth (its split is reused)")
-    s.add_argument("--out", required=True, help="run folder")
-    s.add_argument("--lmbda", type=float, default=1000.0, help="reconstruction weight vs bits")
-    s.add_argument(
-        "--rate-on",
-        choices=("visible", "all"),
-        default="visible",
-        help="rate term on the visible tokens (official) or on all tokens (what is coded)",
-    )
-    s.add_argument("--epochs", type=int, default=20)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--bottleneck-lr", type=float, default=1e-2, help="the entropy model's density")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--resume", action="store_true", help="continue after the last epoch")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_train_nec)
-    s = train.add_parser("classifier", help="classifier head on a NEC run's decoded embeddings")
-    s.add_argument("--init", required=True, help="runs/nec-L/checkpoint.pth")
-    s.add_argument("--out", required=True, help="run folder")
-    s.add_argument("--with-decoder", action="store_true", help="through the first decoder block")
-    s.add_argument("--epochs", type=int, default=30)
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument(
-        "--evaluate-test", action="store_true", help="also top-1 on the test split (final numbers)"
-    )
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_train_classifier)
+    for stage, (config, what, run) in TRAINERS.items():
+        s = train.add_parser(stage, help=what, populate=_trainer_flags(config, stage))
+        s.set_defaults(func=run)
 
-    s = train.add_parser("rvq", help="the RVQ Sentinel-2 compressor (1-8 codebooks), resumable")
-    s.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        help="ssl4eo_s12, eurosat_ms and/or bigearthnet folders (10 bands are taken from each)",
+    s = sub.add_parser(
+        "export",
+        help="export ONNX graphs, entropy tables, Triton repositories",
+        populate=_export_flags,  # ExportOptions needs PyTorch: imported by `export` only
     )
-    s.add_argument("--out", required=True, help="run folder: split.csv, log.csv, checkpoint")
-    s.add_argument("--model", default="rvq_s2_small", help="registered RVQ model")
-    s.add_argument("--epochs", type=int, default=40)
-    s.add_argument("--crops-per-epoch", type=int, default=2048)
-    s.add_argument("--crop", type=int, default=64, help="training crop size in pixels")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
-    s.add_argument(
-        "--train-codebooks",
-        type=int,
-        default=0,
-        help="codebooks per sample: 0 draws 1..levels per sample (one model, every rate)",
-    )
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--split-seed", type=int, default=0, help="the train/val/test split by group")
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--resume", action="store_true", help="continue after the last epoch")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_train_rvq)
-
-    s = sub.add_parser("export", help="export ONNX graphs, entropy tables, Triton repositories")
     s.add_argument(
         "--model",
         help="registry name (see `nec-serve models`); default: the one a trainer's checkpoint "
@@ -441,7 +470,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shipped", help="a trained model shipped in weights/ (`nec-serve models`)")
     s.add_argument("--img-size", type=int, help="input size in pixels (224, 256, 512)")
     s.add_argument("--out", required=True, help="export directory")
-    s.add_argument("--version", default="1", help="model version in the Triton repository")
     s.add_argument(
         "--calibrate",
         help="imagery to fit the entropy bottleneck to (encoder frozen), e.g. when no "
@@ -449,27 +477,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--calibrate-bands", help="1-based bands of the calibration imagery")
     s.add_argument("--calibrate-tiles", type=int, default=32, help="tiles used to calibrate")
-    s.add_argument("--gpu-max-batch", type=int, default=32)
-    s.add_argument("--cpu-max-batch", type=int, default=8)
-    s.add_argument(
-        "--torch-runtime",
-        action="store_true",
-        help="also write model_repository_torch (+ torch/weights.pt): the local server "
-        "running the PyTorch graphs, on the GPU when there is one",
-    )
-    s.add_argument(
-        "--eo4eu-names",
-        action="store_true",
-        help="RVQ: name the graphs' tensors as EO4EU's wrappers do "
-        "(input_sentinel2_10_bands_120, int64_latent32_15, output_sentinel2_10_bands_120)",
-    )
-    s.add_argument("--torch-device", default="auto", choices=["auto", "cuda", "cpu"])
-    s.add_argument(
-        "--torch-precision",
-        default="fp32",
-        choices=["fp32", "bf16", "fp16"],
-        help="bf16/fp16 autocast: faster on a GPU, symbols move at rounding boundaries",
-    )
     s.set_defaults(func=cmd_export)
 
     def coding_args(s: argparse.ArgumentParser) -> None:

@@ -24,11 +24,13 @@ from __future__ import annotations
 import logging
 import threading
 
-from nec_serve.errors import InvalidInput, NecError
+from nec_serve.errors import InvalidInput
 from nec_serve.kafka_io import commit_after, manual_commit_consumer
 from nec_serve.logs import bind, current_message_id, log_context, trace_id
 from nec_serve.messages import (
+    DEAD_LETTER_TOPIC,
     STATUS_KEY,
+    STATUS_TOPIC,
     MessageError,
     PodIdentity,
     WorkflowConfig,
@@ -62,8 +64,8 @@ class Controller:
         store,
         sources,
         producer=None,
-        dead_letter_topic: str = "nec.deadletter",
-        status_topic: str = "monitoring.notify",
+        dead_letter_topic: str = DEAD_LETTER_TOPIC,
+        status_topic: str = STATUS_TOPIC,
         attempts: int = 3,
         backoff_s: float = 1.0,
         metrics: ControllerMetrics | None = None,
@@ -93,8 +95,7 @@ class Controller:
             try:
                 config = parse_workflow(raw)
             except Exception as err:  # the consumer boundary: any message, any error
-                failure = "invalid_message" if isinstance(err, NecError) else "internal"
-                return self._give_up(raw, None, public_reason(err), failure)
+                return self._give_up(raw, None, public_reason(err), failure_class(err))
             creds = config.s3
             secrets = (creds.access_key_id, creds.secret_access_key) if creds else ()
             bind(workflow=config.name, secrets=secrets)

@@ -12,7 +12,9 @@ from nec_controller.sources import FEEDS, ConsumerFeed, KubernetesSources, Local
 from nec_serve.config_store import KubernetesConfigStore, LocalConfigStore
 from nec_serve.errors import InvalidInput
 from nec_serve.kafka_io import json_producer
+from nec_serve.messages import DEAD_LETTER_TOPIC, STATUS_TOPIC
 from nec_serve.metrics import ControllerMetrics, add_service_flags, serve_metrics
+from nec_serve.settings_flags import add_settings_flags, field_default, settings_values
 
 __all__ = ["add_parser", "ControllerSettings"]
 
@@ -23,8 +25,8 @@ class ControllerSettings:
 
     bootstrap_servers: str
     topic: str = "system.ML"
-    dead_letter_topic: str = "nec.deadletter"
-    status_topic: str = "monitoring.notify"
+    dead_letter_topic: str = DEAD_LETTER_TOPIC
+    status_topic: str = STATUS_TOPIC
     attempts: int = 3
     backoff_s: float = 1.0
     kubernetes: bool = False
@@ -61,56 +63,56 @@ class ControllerSettings:
             if not sep or not service or not url.startswith(("http://", "https://")):
                 raise InvalidInput(f"controller: --sink {value!r}, expected SERVICE=http(s)://...")
             sinks.append((service, url))
-        return cls(
-            bootstrap_servers=args.bootstrap,
-            topic=args.topic,
-            dead_letter_topic=args.dead_letter_topic,
-            status_topic=args.status_topic,
-            attempts=args.attempts,
-            backoff_s=args.backoff,
-            kubernetes=args.kubernetes,
-            namespace=args.namespace,
-            config_dir=args.config_dir,
-            sinks=tuple(sinks),
-            feed=args.feed,
-            host=args.host,
-            metrics_port=args.metrics_port,
-        )
+        return cls(**settings_values(args, cls, _FLAGS), sinks=tuple(sinks))
+
+
+#: The controller's flags not named after their setting.
+_FLAGS = {"bootstrap_servers": "--bootstrap", "backoff_s": "--backoff"}
+_HELP = {
+    "bootstrap_servers": "Kafka bootstrap servers",
+    "attempts": "tries of a Kubernetes/store call before failing",
+    "backoff_s": "seconds before the first retry",
+    "config_dir": "local mode: config store directory",
+    "kubernetes": "Kubernetes mode: ConfigMaps, Secrets and KafkaSources",
+    "namespace": "Kubernetes mode: namespace",
+    "feed": "how workflows reach the wrappers: a KafkaSource each (default), or 'consumers' "
+    "when the wrappers consume the topics themselves (--trigger kafka; nothing is created)",
+    "host": "address of the metrics endpoint",
+}
 
 
 def add_parser(sub) -> None:
     """Register the ``controller`` subcommand."""
     s = sub.add_parser("controller", help="listen on system.ML and provision workflows")
-    s.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
-    s.add_argument("--topic", default="system.ML")
-    s.add_argument("--dead-letter-topic", default="nec.deadletter")
-    s.add_argument("--status-topic", default="monitoring.notify")
-    s.add_argument(
-        "--attempts", type=int, default=3, help="tries of a Kubernetes/store call before failing"
+    add_settings_flags(
+        s,
+        ControllerSettings,
+        (
+            "bootstrap_servers",
+            "topic",
+            "dead_letter_topic",
+            "status_topic",
+            "attempts",
+            "backoff_s",
+            "config_dir",
+        ),
+        rename=_FLAGS,
+        help=_HELP,
     )
-    s.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry")
-    s.add_argument("--config-dir", help="local mode: config store directory")
     s.add_argument(
         "--sink",
         action="append",
         default=[],
         help="local mode: SERVICE=URL of a wrapper's HTTP trigger (repeatable)",
     )
-    s.add_argument(
-        "--kubernetes",
-        action="store_true",
-        help="Kubernetes mode: ConfigMaps, Secrets and KafkaSources",
+    add_settings_flags(
+        s,
+        ControllerSettings,
+        ("kubernetes", "namespace", "feed", "host"),
+        help=_HELP,
+        options={"feed": {"choices": FEEDS}},
     )
-    s.add_argument("--namespace", default="nec", help="Kubernetes mode: namespace")
-    s.add_argument(
-        "--feed",
-        choices=FEEDS,
-        default="kafkasource",
-        help="how workflows reach the wrappers: a KafkaSource each (default), or 'consumers' "
-        "when the wrappers consume the topics themselves (--trigger kafka; nothing is created)",
-    )
-    s.add_argument("--host", default="127.0.0.1", help="address of the metrics endpoint")
-    add_service_flags(s, metrics_port=9091)
+    add_service_flags(s, metrics_port=field_default(ControllerSettings, "metrics_port"))
     s.set_defaults(func=run)
 
 

@@ -17,7 +17,7 @@ import urllib.request
 
 from nec_serve.kafka_io import commit_after, manual_commit_consumer
 from nec_serve.logs import log_context, trace_id
-from nec_serve.messages import MessageError, WorkflowConfig, dead_letter_body
+from nec_serve.messages import DEAD_LETTER_TOPIC, MessageError, WorkflowConfig, dead_letter_body
 
 __all__ = [
     "kafka_source",
@@ -177,7 +177,7 @@ class LocalKafkaSource(threading.Thread):
         backoff_s: float = 1.0,
         retries: int = 5,
         producer=None,
-        dead_letter_topic: str = "nec.deadletter",
+        dead_letter_topic: str = DEAD_LETTER_TOPIC,
     ):
         super().__init__(name=f"kafkasource-{name}", daemon=True)
         self.source_name = name

@@ -31,6 +31,7 @@ from nec_dev.stack.kafka import LocalKafka
 from nec_dev.stack.s3 import LocalS3
 from nec_dev.triton import LocalTritonServer, free_port
 from nec_serve.kafka_io import json_producer
+from nec_serve.messages import DEAD_LETTER_TOPIC, STATUS_TOPIC
 
 __all__ = [
     "run_workflow_demo",
@@ -360,14 +361,14 @@ def run_workflow_demo(
                 boot,
                 [
                     "system.ML",
-                    "monitoring.notify",
-                    "nec.deadletter",
+                    STATUS_TOPIC,
+                    DEAD_LETTER_TOPIC,
                     COMPRESS_IN,
                     DECOMPRESS_IN,
                     DONE,
                 ],
             )
-            watch = json_consumer(boot, "monitoring.notify", DONE, "nec.deadletter")
+            watch = json_consumer(boot, STATUS_TOPIC, DONE, DEAD_LETTER_TOPIC)
             producer = json_producer(boot)
             producer.send(
                 "system.ML",
@@ -461,20 +462,20 @@ def _watch(consumer, expected: int, timeout_s: float) -> list[dict]:
     results: list[dict] = []
 
     def on_record(topic: str, value: dict) -> bool:
-        if topic == "monitoring.notify":
+        if topic == STATUS_TOPIC:
             # EO4EU's status shape: START / INFO (progress, overwrite) / SUCCESS / CRITICAL,
             # a description of at most 300 characters; the step's stats and the whole reason
             # are under "nec".
             desc = value["description"]
             nec = value.get("nec") or {}
             short = desc if len(desc) < 100 else desc[:97] + "..."
-            print(f"[monitoring.notify] {value['component_name']}: {value['status']} {short}")
+            print(f"[{STATUS_TOPIC}] {value['component_name']}: {value['status']} {short}")
             if value["status"] == "SUCCESS" and "stats" in nec:
                 finished.setdefault(value["component_name"], []).append(nec["stats"])
             if value["status"] == "CRITICAL":
                 results.append({"status": "failed", "reason": nec.get("reason", desc)})
-        elif topic == "nec.deadletter":
-            print(f"[nec.deadletter] {value.get('error')}")
+        elif topic == DEAD_LETTER_TOPIC:
+            print(f"[{DEAD_LETTER_TOPIC}] {value.get('error')}")
         else:
             nec = value["meta_information"]["nec"]
             compress = next(

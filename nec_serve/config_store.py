@@ -24,6 +24,8 @@ __all__ = ["ConfigStore", "LocalConfigStore", "KubernetesConfigStore", "UnknownW
 class UnknownWorkflow(InvalidInput):
     """No config is stored under the requested name."""
 
+    failure = "unknown_workflow"
+
 
 def _split(config: WorkflowConfig) -> tuple[dict, dict]:
     secret = {k: config.raw["S3_bucket"][k] for k in SECRET_FIELDS}

@@ -23,7 +23,14 @@ __all__ = [
 
 
 class NecError(Exception):
-    """Base class of all errors raised on purpose by this project."""
+    """Base class of all errors raised on purpose by this project.
+
+    ``failure`` is the class a failed message is counted and reported under (one of
+    :data:`nec_serve.metrics.FAILURE_REASONS`): decided here, by the error's class, so the
+    same fault gets the same label whichever path raised it.
+    """
+
+    failure = "input_error"
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -67,6 +74,8 @@ class ExportCheckFailed(NecError):
 
 class TransientError(NecError):
     """A failure that may pass: an unreachable service, a timeout. Worth retrying later."""
+
+    failure = "transient_exhausted"
 
 
 class ServerUnavailable(TransientError):

@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,10 @@ __all__ = [
     "parse_json",
     "parse_workflow",
     "parse_step",
+    "parse_step_request",
+    "StepRequest",
+    "STATUS_TOPIC",
+    "DEAD_LETTER_TOPIC",
     "status_event",
     "STATUS_OF_EVENT",
     "STATUS_KEY",
@@ -81,8 +86,16 @@ _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _LOCAL_PATH = re.compile(r"(?<![\w:/.~-])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
 
+#: The topic of the steps' and the controller's status events.
+STATUS_TOPIC = "monitoring.notify"
+#: The topic that messages which cannot be processed are dead-lettered to.
+DEAD_LETTER_TOPIC = "nec.deadletter"
+
+
 class MessageError(InvalidInput):
     """A message that cannot be acted on; the text names the field and the problem."""
+
+    failure = "invalid_message"
 
 
 def _text(raw: bytes | str | None, max_bytes: int) -> str:
@@ -322,6 +335,45 @@ def parse_step(
         raise MessageError(f"field 'S3_bucket_desc.filename' is not a file name: {filename!r}")
     meta = _get(msg, "meta_information", dict, required=False) or {}
     return StepMessage(end, folder, filename, meta)
+
+
+@dataclass(frozen=True)
+class StepRequest(StepMessage):
+    """A step message validated for the step that runs it, before any work is done."""
+
+    codebooks: int | None = None  # the rate asked for (compress of a family with a rate knob)
+
+
+def parse_step_request(
+    raw: StepMessage | bytes | str | dict | None,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    rate: Callable[[int], int] | None = None,
+) -> StepRequest:
+    """The one validation of a step's input message: every fault is a :class:`MessageError`.
+
+    Beyond :func:`parse_step`, a step needs a file name and an ended previous component;
+    ``rate`` (given by a step that codes at a rate) checks ``meta_information.codebooks``
+    against the export and raises :class:`~nec_serve.errors.InvalidInput` for one it
+    cannot code. Without ``rate`` the field is not read. ``raw`` may be a message that
+    :func:`parse_step` already read.
+    """
+    step = raw if isinstance(raw, StepMessage) else parse_step(raw, max_bytes=max_bytes)
+    if not step.filename:
+        raise MessageError("field 'S3_bucket_desc.filename' is required by this step")
+    if not step.previous_component_end:
+        raise MessageError("previous component did not end (previous_component_end false)")
+    fields = (step.previous_component_end, step.folder, step.filename, step.meta)
+    value = step.meta.get("codebooks") if rate is not None else None
+    if value is None:
+        return StepRequest(*fields)
+    what = "field 'meta_information.codebooks'"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageError(f"{what} must be an integer, got {value!r}")
+    try:
+        return StepRequest(*fields, codebooks=rate(value))
+    except InvalidInput as err:
+        raise MessageError(f"{what}: {err}") from None
 
 
 #: The EO4EU status of each event of a step (``status`` on ``monitoring.notify``).

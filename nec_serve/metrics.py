@@ -24,9 +24,7 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from nec_serve.config_store import UnknownWorkflow
 from nec_serve.errors import InvalidInput, NecError, is_transient
-from nec_serve.messages import MessageError
 from nec_serve.retry import GaveUp
 
 __all__ = [
@@ -258,17 +256,16 @@ def sample_names(registry: CollectorRegistry) -> set[str]:
 def failure_class(err: BaseException) -> str:
     """The failure class (:data:`FAILURE_REASONS`) of what failed a message.
 
-    A :class:`~nec_serve.retry.GaveUp` is judged by the error it ended with.
+    A :class:`~nec_serve.retry.GaveUp` is judged by the error it ended with. A project
+    error carries its class (``NecError.failure``); of the others, those that retrying may
+    fix (:func:`nec_serve.errors.is_transient`) are ``transient_exhausted``, the rest
+    ``internal``.
     """
     cause = err.__cause__ if isinstance(err, GaveUp) and err.__cause__ is not None else err
-    if isinstance(cause, UnknownWorkflow):
-        return "unknown_workflow"
-    if isinstance(cause, MessageError):
-        return "invalid_message"
+    if isinstance(cause, NecError):
+        return cause.failure
     if is_transient(cause):
         return "transient_exhausted"
-    if isinstance(cause, NecError):
-        return "input_error"
     return "internal"
 
 

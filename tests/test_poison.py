@@ -700,3 +700,89 @@ def test_a_damaged_stored_config_is_replaced_on_published(kafka, s3, producer, t
         assert flow.store.get(flow.name) == flow.config
     finally:
         sources.close()
+
+
+# ------------------------------------------------------------------ one label per fault
+
+
+def _edited(flow, edit) -> bytes:
+    msg = json.loads(flow.step("tiles.tar.gz"))
+    edit(msg)
+    return json.dumps(msg).encode()
+
+
+# (what is wrong, the message, the label); each is refused before any S3 or inference work.
+STEP_FAULTS = [
+    ("not JSON", lambda flow: b"{not json", "invalid_message"),
+    ("no file name", lambda f: _edited(f, lambda m: m["S3_bucket_desc"].pop("filename")), None),
+    (
+        "unsafe folder",
+        lambda f: _edited(f, lambda m: m["S3_bucket_desc"].update(folder="..")),
+        None,
+    ),
+    ("not ended", lambda f: _edited(f, lambda m: m.update(previous_component_end=False)), None),
+    (
+        "codebooks text",
+        lambda f: _edited(f, lambda m: m["meta_information"].update(codebooks="4")),
+        None,
+    ),
+    (
+        "codebooks on NEC",
+        lambda f: _edited(f, lambda m: m["meta_information"].update(codebooks=2)),
+        None,
+    ),
+]
+
+
+def test_a_step_message_fault_has_one_label_whichever_trigger(
+    kafka, s3, producer, tiny_export, tmp_path
+):
+    """The Kafka trigger's message and the KafkaSource's CloudEvent of it fail alike."""
+    import base64
+
+    from nec_wrapper.triggers import make_http_server
+
+    flow = Flow(kafka, s3, tmp_path)
+    handler = _handler(flow, tiny_export, producer)
+    seen = []
+
+    def spy(real):
+        def call(*args):
+            seen.append(real(*args))
+            return seen[-1]
+
+        return call
+
+    handler.handle, handler.reject = spy(handler.handle), spy(handler.reject)  # HTTP's view
+    server = make_http_server(handler, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def post(name: str, raw: bytes, data: str | None = None):
+        event = {"specversion": "1.0", "type": "dev.knative.kafka.event", "source": "t", "id": "1"}
+        event["data_base64"] = data if data is not None else base64.b64encode(raw).decode()
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=60)
+        body = json.dumps(event).encode()
+        conn.request("POST", f"/{name}", body, {"Content-Type": "application/cloudevents+json"})
+        assert conn.getresponse().status == 200
+        conn.close()
+        return seen[-1]
+
+    try:
+        for what, make, label in STEP_FAULTS:
+            raw = make(flow)
+            by_kafka = handler.handle(flow.name, raw)
+            by_http = post(flow.name, raw)
+            assert by_kafka.status == by_http.status == "failed", what
+            assert by_kafka.failure == by_http.failure == (label or "invalid_message"), what
+            assert by_kafka.reason == by_http.reason, what
+        # A fault only the HTTP trigger can see is a message fault too.
+        assert post(flow.name, b"", data="%%%").failure == "invalid_message"
+        # A config that is not stored: the same label on both paths.
+        step = flow.step("tiles.tar.gz")
+        assert handler.handle("nec-none", step).failure == "unknown_workflow"
+        assert post("nec-none", step).failure == "unknown_workflow"
+    finally:
+        server.shutdown()
+    events = flow.read(flow.status, 2 * len(STEP_FAULTS) + 3)
+    # Each was refused before its step started: one CRITICAL event each, no START.
+    assert [e["status"] for e in events] == ["CRITICAL"] * (2 * len(STEP_FAULTS) + 3)

@@ -5,22 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import tempfile
 import threading
-from dataclasses import fields
-from pathlib import Path
 
 from nec_serve.config_store import KubernetesConfigStore, LocalConfigStore
 from nec_serve.contract import decode_outputs
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, parse_bands
 from nec_serve.kafka_io import json_producer
-from nec_serve.messages import MAX_MESSAGE_BYTES
 from nec_serve.metrics import add_service_flags, serve_metrics
-from nec_wrapper.step import StepHandler, WrapperSettings
+from nec_serve.settings_flags import add_settings_flags, field_default, settings_values
+from nec_wrapper.step import MODES, TRIGGERS, StepHandler, WrapperSettings
 from nec_wrapper.triggers import (
     SESSION_TIMEOUT_BOUNDS_S,
-    SESSION_TIMEOUT_S,
     make_http_server,
     run_consumer,
     session_timeout,
@@ -31,69 +27,67 @@ __all__ = ["add_parser", "settings_from_args"]
 log = logging.getLogger(__name__)
 
 
+#: The wrapper's flags not named after their setting.
+_FLAGS = {
+    "bootstrap_servers": "--bootstrap",
+    "backoff_s": "--backoff",
+    "session_timeout_s": "--session-timeout",
+}
+_HELP = {
+    "model_dir": "directory written by export",
+    "bootstrap_servers": "Kafka bootstrap servers",
+    "host": "address of the HTTP trigger and the metrics endpoint",
+    "port": "HTTP trigger port",
+    "config_dir": "local config store (local mode)",
+    "namespace": "read configs from ConfigMaps/Secrets (Kubernetes mode)",
+    "server": "Triton URL (grpc://host:port); default: in-process",
+    "output": "what decompress writes (default: bands for an RVQ export, else embeddings)",
+    "group": "consumer group (kafka trigger; default nec-wrapper-MODE)",
+    "service": "kafka trigger: consume only the workflows whose ML.ServiceName is this "
+    "(default: every stored workflow)",
+    "session_timeout_s": "seconds without a heartbeat before the group gives a dead wrapper's "
+    "partitions to the others (kafka trigger; %g..%g)" % SESSION_TIMEOUT_BOUNDS_S,
+    "max_input_bytes": "largest input object to download",
+    "max_message_bytes": "largest workflow message accepted",
+    "work_dir": "where steps unpack their inputs (default: the tmp dir)",
+}
+_CHOICES = {"mode": {"choices": MODES}, "trigger": {"choices": TRIGGERS}}
+_LIMITS_HELP = {
+    "max_pixels": "pixels (height x width) one image may declare",
+    "max_bands": "bands one image may declare",
+    "max_image_bytes": "decoded bytes one image may declare",
+    "max_decoded_bytes": "decoded bytes all images of one input may declare",
+    "max_tiles": "tiles one container may hold",
+}
+
+
 def add_parser(sub) -> None:
-    """Register the ``wrapper`` subcommand."""
+    """Register the ``wrapper`` subcommand (its flags are :class:`WrapperSettings` fields)."""
     s = sub.add_parser("wrapper", help="run the workflow step (compress or decompress)")
-    s.add_argument("--mode", choices=("compress", "decompress"), required=True)
-    s.add_argument("--model-dir", required=True, help="directory written by export")
-    s.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
-    s.add_argument("--trigger", choices=("http", "kafka"), default="http")
-    s.add_argument(
-        "--host", default="127.0.0.1", help="address of the HTTP trigger and the metrics endpoint"
-    )
-    s.add_argument("--port", type=int, default=8080, help="HTTP trigger port")
-    add_service_flags(s, metrics_port=9090)
-    s.add_argument("--config-dir", help="local config store (local mode)")
-    s.add_argument("--namespace", help="read configs from ConfigMaps/Secrets (Kubernetes mode)")
-    s.add_argument("--server", help="Triton URL (grpc://host:port); default: in-process")
+
+    def flags(*names: str, **options) -> None:
+        add_settings_flags(s, WrapperSettings, names, rename=_FLAGS, help=_HELP, options=options)
+
+    flags("mode", "model_dir", "bootstrap_servers", "trigger", "host", "port", **_CHOICES)
+    add_service_flags(s, metrics_port=field_default(WrapperSettings, "metrics_port"))
+    flags("config_dir", "namespace", "server")
     s.add_argument("--bands", help="1-based bands to read, e.g. 1,2,3")
-    s.add_argument(
-        "--output",
-        choices=tuple(decode_outputs()),
-        default=None,
-        help="what decompress writes (default: bands for an RVQ export, else embeddings)",
+    flags(
+        "output",
+        "status_topic",
+        "dead_letter_topic",
+        "group",
+        "service",
+        "session_timeout_s",
+        "attempts",
+        "backoff_s",
+        "batch_size",
+        "max_input_bytes",
+        output={"choices": tuple(decode_outputs())},
+        session_timeout_s={"type": session_timeout},
     )
-    s.add_argument("--status-topic", default="monitoring.notify")
-    s.add_argument("--dead-letter-topic", default="nec.deadletter")
-    s.add_argument("--group", default=None, help="consumer group (kafka trigger)")
-    s.add_argument(
-        "--service",
-        default=None,
-        help="kafka trigger: consume only the workflows whose ML.ServiceName is this "
-        "(default: every stored workflow)",
-    )
-    s.add_argument(
-        "--session-timeout",
-        type=session_timeout,
-        default=SESSION_TIMEOUT_S,
-        help="seconds without a heartbeat before the group gives a dead wrapper's partitions "
-        "to the others (kafka trigger; %g..%g)" % SESSION_TIMEOUT_BOUNDS_S,
-    )
-    s.add_argument("--attempts", type=int, default=3)
-    s.add_argument("--backoff", type=float, default=1.0)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument(
-        "--max-input-bytes", type=int, default=4 << 30, help="largest input object to download"
-    )
-    limits = InputLimits()
-    for name, help_text in (
-        ("max_pixels", "pixels (height x width) one image may declare"),
-        ("max_bands", "bands one image may declare"),
-        ("max_image_bytes", "decoded bytes one image may declare"),
-        ("max_decoded_bytes", "decoded bytes all images of one input may declare"),
-        ("max_tiles", "tiles one container may hold"),
-    ):
-        flag = "--" + name.replace("_", "-")
-        s.add_argument(flag, type=int, default=getattr(limits, name), help=help_text)
-    s.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=MAX_MESSAGE_BYTES,
-        help="largest workflow message accepted",
-    )
-    s.add_argument(
-        "--work-dir", default=None, help="where steps unpack their inputs (default: the tmp dir)"
-    )
+    add_settings_flags(s, InputLimits, help=_LIMITS_HELP)
+    flags("max_message_bytes", "work_dir", work_dir={"default": None})
     s.set_defaults(func=run)
 
 
@@ -102,31 +96,9 @@ def settings_from_args(args: argparse.Namespace) -> WrapperSettings:
     if not args.namespace and not args.config_dir:
         raise InvalidInput("wrapper: give --config-dir (local) or --namespace (Kubernetes)")
     bands = parse_bands(args.bands)
-    return WrapperSettings(
-        mode=args.mode,
-        model_dir=Path(args.model_dir),
-        bootstrap_servers=args.bootstrap,
-        server=args.server,
-        status_topic=args.status_topic,
-        dead_letter_topic=args.dead_letter_topic,
-        work_dir=Path(args.work_dir or tempfile.gettempdir()),
-        max_input_bytes=args.max_input_bytes,
-        batch_size=args.batch_size,
-        attempts=args.attempts,
-        backoff_s=args.backoff,
-        bands=tuple(bands) if bands else None,
-        output=args.output,
-        limits=InputLimits(**{f.name: getattr(args, f.name) for f in fields(InputLimits)}),
-        max_message_bytes=args.max_message_bytes,
-        trigger=args.trigger,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        group=args.group or f"nec-wrapper-{args.mode}",
-        service=args.service,
-        config_dir=Path(args.config_dir) if args.config_dir else None,
-        namespace=args.namespace,
-    )
+    values = settings_values(args, WrapperSettings, _FLAGS)
+    values["bands"] = tuple(bands) if bands else None  # the flag is text: "1,2,3"
+    return WrapperSettings(**values, limits=InputLimits(**settings_values(args, InputLimits)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 settings.group,
                 topics,
                 stop,
-                session_timeout_s=args.session_timeout,
+                session_timeout_s=settings.session_timeout_s,
             )
     except KeyboardInterrupt:
         pass

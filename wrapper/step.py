@@ -56,13 +56,17 @@ from nec_serve.errors import InvalidInput, NecError, TransientError
 from nec_serve.imagery import InputLimits, iter_inputs
 from nec_serve.logs import bind, current, current_message_id, log_context, trace_id
 from nec_serve.messages import (
+    DEAD_LETTER_TOPIC,
     MAX_MESSAGE_BYTES,
     STATUS_KEY,
+    STATUS_TOPIC,
     PodIdentity,
     StepMessage,
+    StepRequest,
     WorkflowConfig,
     dead_letter_body,
     parse_step,
+    parse_step_request,
     public_reason,
     scrub_values,
     status_event,
@@ -76,9 +80,12 @@ from nec_serve.pipeline import (
     write_embeddings,
 )
 from nec_serve.retry import GaveUp, retrying
+from nec_wrapper.triggers import SESSION_TIMEOUT_S
 
 __all__ = [
     "WrapperSettings",
+    "MODES",
+    "TRIGGERS",
     "Outcome",
     "StepHandler",
     "output_name",
@@ -99,6 +106,11 @@ _UNLOCKED_GRACE_S = 60.0
 _SENT_MEMORY = 1024
 
 
+#: A wrapper's steps, and how it is reached.
+MODES = ("compress", "decompress")
+TRIGGERS = ("http", "kafka")
+
+
 @dataclass(frozen=True)
 class WrapperSettings:
     """Everything a wrapper process is configured with (built once in ``main``)."""
@@ -107,8 +119,8 @@ class WrapperSettings:
     model_dir: Path
     bootstrap_servers: str
     server: str | None = None  # grpc://host:port; None runs the graphs in-process
-    status_topic: str = "monitoring.notify"
-    dead_letter_topic: str = "nec.deadletter"
+    status_topic: str = STATUS_TOPIC
+    dead_letter_topic: str = DEAD_LETTER_TOPIC
     work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
     max_input_bytes: int = 4 << 30
     batch_size: int = 8
@@ -124,25 +136,32 @@ class WrapperSettings:
     host: str = "127.0.0.1"  # the HTTP trigger's and the metrics endpoint's address
     port: int = 8080
     metrics_port: int = 9090  # GET /metrics (Prometheus); 0: none
-    group: str = "nec-wrapper"
+    group: str = ""  # the consumer group; "" gives nec-wrapper-<mode>
+    session_timeout_s: float = SESSION_TIMEOUT_S  # kafka trigger: the group's session timeout
     service: str | None = None  # kafka trigger: only workflows whose ML.ServiceName is this
     config_dir: Path | None = None  # local config store
     namespace: str | None = None  # Kubernetes config store (ConfigMaps and Secrets)
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, naming the setting."""
-        if self.mode not in ("compress", "decompress"):
+        for name in ("model_dir", "work_dir", "config_dir"):  # flags give them as text
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        if self.mode not in MODES:
             raise InvalidInput(f"invalid wrapper mode {self.mode!r}: compress or decompress")
         if self.attempts < 1 or self.batch_size < 1:
             raise InvalidInput("attempts and batch size must be >= 1")
         if self.max_message_bytes < 1 or self.max_input_bytes < 1:
             raise InvalidInput("max message bytes and max input bytes must be >= 1")
-        if self.trigger not in ("http", "kafka"):
+        if self.trigger not in TRIGGERS:
             raise InvalidInput(f"invalid wrapper trigger {self.trigger!r}: http or kafka")
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"invalid wrapper port {self.port}")
         if not 0 <= self.metrics_port <= 65535:
             raise InvalidInput(f"invalid wrapper metrics port {self.metrics_port}: 0 turns it off")
+        if not self.group:
+            object.__setattr__(self, "group", f"nec-wrapper-{self.mode}")
 
 
 @dataclass
@@ -181,24 +200,6 @@ def output_name(
     if mode == "compress":
         return f"{name}.necb" if codebooks is None else f"{name}.c{codebooks}.necb"
     return f"{name}.tif" if output == "bands" else f"{name}.npy"
-
-
-def _codebooks(meta: dict, bundle: ModelBundle) -> int | None:
-    """``meta_information.codebooks`` of a step message: the RVQ rate it asks for, checked.
-
-    Refused (naming the field) unless it is an integer the export can code, before any
-    S3 or inference work is done; other families refuse the field altogether.
-    """
-    value = meta.get("codebooks")
-    if value is None:
-        return None
-    what = "field 'meta_information.codebooks'"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"{what} must be an integer, got {value!r}")
-    try:
-        return coding_levels(bundle, value)
-    except InvalidInput as err:
-        raise InvalidInput(f"{what}: {err}") from None
 
 
 def message_id(
@@ -347,12 +348,10 @@ class StepHandler:
             self._count(out)
             return out
 
-    def reject(
-        self, config_name: str, raw: bytes | None, reason: str, failure: str = "invalid_message"
-    ) -> Outcome:
+    def reject(self, config_name: str, raw: bytes | None, err: NecError) -> Outcome:
         """Fail a message that cannot even be handled (the trigger's own checks)."""
         with self._message(config_name, raw):
-            out = self._reject(config_name, raw, reason, failure)
+            out = self._reject(config_name, raw, public_reason(err), failure_class(err))
             self._count(out)
             return out
 
@@ -397,18 +396,17 @@ class StepHandler:
             bind(workflow=workflow.name, component=component, secrets=secrets)
             step = parse_step(raw, max_bytes=self.settings.max_message_bytes)
             bind(input_key=step.key or None)
-            if not step.filename:
-                raise InvalidInput("field 'S3_bucket_desc.filename' is required by this step")
-            if not step.previous_component_end:
-                raise InvalidInput("previous component did not end (previous_component_end false)")
+            rate = self._rate if self.settings.mode == "compress" else None
+            step = parse_step_request(step, rate=rate)
         except GaveUp as err:
             return self._give_up(
                 config_name, raw, workflow, component, err.reason, err.attempts, failure_class(err)
             )
         except Exception as err:
             reason = public_reason(err)
-            failure = "invalid_message" if isinstance(err, NecError) else "internal"
-            return self._give_up(config_name, raw, workflow, component, reason, 1, failure)
+            return self._give_up(
+                config_name, raw, workflow, component, reason, 1, failure_class(err)
+            )
 
         t0 = time.perf_counter()
         mode = self.settings.mode
@@ -444,10 +442,14 @@ class StepHandler:
 
     # -- the work ------------------------------------------------------------------
 
-    def _run(self, workflow: WorkflowConfig, step: StepMessage) -> Outcome:
+    def _rate(self, codebooks: int) -> int:
+        """The rate a compress message asks for, checked against the export."""
+        return coding_levels(self.bundle, codebooks)
+
+    def _run(self, workflow: WorkflowConfig, step: StepRequest) -> Outcome:
         client = s3.make_client(workflow.s3, timeout_s=self.settings.s3_timeout_s)
         bucket = workflow.s3.bucket
-        codebooks = _codebooks(step.meta, self.bundle) if self.settings.mode == "compress" else None
+        codebooks = step.codebooks
         out_name = output_name(step.key, self.settings.mode, self.output, codebooks)
         out_key = f"result-{workflow.component}/{out_name}"
         _, etag, version = s3.describe(client, bucket, step.key)

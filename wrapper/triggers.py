@@ -35,6 +35,7 @@ __all__ = [
     "run_consumer",
     "cloudevent_data",
     "read_event",
+    "UnframedRequest",
     "session_timeout",
     "SESSION_TIMEOUT_S",
     "SESSION_TIMEOUT_BOUNDS_S",
@@ -98,29 +99,36 @@ def _drain(rfile, length: int) -> None:
         length -= len(chunk)
 
 
-def read_event(headers, rfile) -> tuple[bytes, str]:
-    """The event data of a POST, and what is wrong with the request ("" when nothing).
+class UnframedRequest(MessageError):
+    """A POST whose Content-Length is unusable: the rest of the stream cannot be framed."""
+
+
+def read_event(headers, rfile) -> tuple[bytes, MessageError | None]:
+    """The event data of a POST, and what is wrong with the request (None when nothing).
 
     Never reads more than :data:`MAX_BODY_BYTES` into memory: a larger body is read and
-    dropped so the connection stays usable, and reported.
+    dropped so the connection stays usable, and reported. What is wrong is a message
+    fault (:class:`~nec_serve.messages.MessageError`), labelled as every other one.
     """
     declared = headers.get("Content-Length")
     if declared is None:
-        return b"", "request has no Content-Length"
+        return b"", MessageError("request has no Content-Length")
     try:
         length = int(declared)
     except ValueError:
-        return b"", f"request Content-Length {declared[:40]!r} is not a number"
+        return b"", UnframedRequest(f"request Content-Length {declared[:40]!r} is not a number")
     if length < 0:
-        return b"", f"request Content-Length {length} is negative"
+        return b"", UnframedRequest(f"request Content-Length {length} is negative")
     if length > MAX_BODY_BYTES:
         _drain(rfile, length)
-        return b"", f"message is {length} bytes, over the limit of {MAX_BODY_BYTES} bytes"
+        return b"", MessageError(
+            f"message is {length} bytes, over the limit of {MAX_BODY_BYTES} bytes"
+        )
     body = rfile.read(length)
     try:
-        return cloudevent_data(body, headers.get("Content-Type", "")), ""
+        return cloudevent_data(body, headers.get("Content-Type", "")), None
     except MessageError as err:
-        return body, err.message
+        return body, err
 
 
 def make_http_server(handler, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
@@ -153,11 +161,11 @@ def make_http_server(handler, host: str = "127.0.0.1", port: int = 8080) -> Thre
                 self._reply(HTTPStatus.NOT_FOUND, {"error": "POST /<workflow-config-name>"})
                 return
             body, problem = read_event(self.headers, self.rfile)
-            if problem.startswith("request Content-Length"):
+            if isinstance(problem, UnframedRequest):
                 self.close_connection = True  # the rest of the stream cannot be framed
             with log_context(message_id=trace_id(body)):  # the access log line too
                 with lock:
-                    if problem:
+                    if problem is not None:
                         outcome = handler.reject(name, body, problem)
                     else:
                         outcome = handler.handle(name, body)
