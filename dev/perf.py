@@ -11,7 +11,8 @@ that are worth testing on their own:
   image; the sweep sends real tiles (or zeros, and says which).
 - :class:`Variant` and :func:`write_variant_repository`: one server configuration
   (instances, max batch size, dynamic-batching delay) as a model repository beside the
-  exported one, its ``config.pbtxt`` edited through Triton's ``ModelConfig`` protobuf.
+  exported one, its ``config.pbtxt`` rebuilt by export's config builder
+  (``nec_export.triton.triton_config``), so the sweep measures what export writes.
 - :func:`perf_analyzer_command`, :func:`run_perf_analyzer`: the command line and its run.
 - :func:`parse_perf_csv`: perf_analyzer's CSV to rows whose field names carry their units.
 - :func:`merge_runs`, :func:`plot_curves`, :func:`summary_markdown`: results of several
@@ -224,14 +225,26 @@ def write_variant_repository(
 ) -> Path:
     """A model repository at ``dest`` serving ``models`` of ``source`` under ``variant``.
 
-    Version directories are linked, not copied; each ``config.pbtxt`` is parsed with
-    Triton's ``ModelConfig`` protobuf and written back with the instance count, max batch
-    size and dynamic batching of the variant. With several instances on the CPU the
-    onnxruntime threads are split between them.
+    Version directories are linked, not copied. Each ``config.pbtxt`` is parsed with
+    Triton's ``ModelConfig`` protobuf for what the variant keeps (tensors, backend,
+    parameters) and rebuilt by export's builder (``nec_export.triton.triton_config``) with
+    the variant's instance count, max batch size and batching delay, and export's preferred
+    batch sizes: the sweep measures configurations export writes. With several instances on
+    the CPU the onnxruntime threads are split between them.
     """
-    # tritonclient on use: its gRPC protobufs cannot share a process with kserve (#3099).
+    # On use: tritonclient's gRPC protobufs cannot share a process with kserve (#3099), and
+    # nec_export's package imports PyTorch.
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
+
+    from nec_export.triton import Kind, to_pbtxt, triton_config
+    from nec_serve.contract import DataType, TensorSpec
+
+    def specs(tensors) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(t.name, DataType(model_config_pb2.DataType.Name(t.data_type)), t.dims)
+            for t in tensors
+        )
 
     source, dest = Path(source), Path(dest)
     if dest.exists():
@@ -246,24 +259,23 @@ def write_variant_repository(
         )
         if config.max_batch_size == 0:
             raise PerfError(f"model {model!r} in {source} does not batch (max_batch_size 0)")
-        config.max_batch_size = variant.max_batch
-        del config.instance_group[:]
-        group = config.instance_group.add()
-        group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
-        group.count = variant.instances
-        if variant.delay_us < 0:
-            config.ClearField("dynamic_batching")
-        else:
-            config.dynamic_batching.max_queue_delay_microseconds = variant.delay_us
-            del config.dynamic_batching.preferred_batch_size[:]
-            config.dynamic_batching.preferred_batch_size.extend(
-                b for b in (4, 8, 16, 32) if b <= variant.max_batch
-            )
-        if "intra_op_thread_count" in config.parameters and variant.instances > 1:
+        parameters = {k: v.string_value for k, v in config.parameters.items()}
+        if "intra_op_thread_count" in parameters and variant.instances > 1:
             threads = max(1, (os.cpu_count() or 1) // variant.instances)
-            config.parameters["intra_op_thread_count"].string_value = str(threads)
+            parameters["intra_op_thread_count"] = str(threads)
+        built = triton_config(
+            config.name or model,
+            specs(config.input),
+            specs(config.output),
+            kind=Kind.KIND_CPU,
+            backend=config.backend,
+            max_batch_size=variant.max_batch,
+            instances=variant.instances,
+            max_queue_delay_us=None if variant.delay_us < 0 else variant.delay_us,
+            parameters=parameters,
+        )
         (dest / model).mkdir()
-        (dest / model / "config.pbtxt").write_text(text_format.MessageToString(config))
+        (dest / model / "config.pbtxt").write_text(to_pbtxt(built))
         for version in src.iterdir():
             if version.is_dir() and version.name.isdigit():
                 (dest / model / version.name).symlink_to(version.resolve())

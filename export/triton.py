@@ -25,6 +25,8 @@ __all__ = [
     "Accelerator",
     "ModelConfig",
     "to_pbtxt",
+    "PREFERRED_BATCH_SIZES",
+    "triton_config",
     "gpu_config",
     "cpu_config",
     "local_config",
@@ -155,6 +157,72 @@ def to_pbtxt(config: ModelConfig) -> str:
     return "\n".join(out) + "\n"
 
 
+# The dynamic batcher's preferred sizes that export ships, by device kind; sizes above the
+# config's max batch are dropped. The perf sweep (nec_dev.perf) builds its variants with the
+# same defaults, so what it measures is what export writes.
+PREFERRED_BATCH_SIZES: dict[Kind, tuple[int, ...]] = {
+    Kind.KIND_GPU: (8, 16, 32),
+    Kind.KIND_CPU: (4, 8),
+}
+
+
+def triton_config(
+    name: str,
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    *,
+    kind: Kind,
+    backend: str = "onnxruntime",
+    max_batch_size: int,
+    instances: int = 1,
+    max_queue_delay_us: int | None,
+    preferred_batch_sizes: tuple[int, ...] | None = None,
+    parameters: dict[str, str] | None = None,
+    gpu_accelerators: tuple[Accelerator, ...] = (),
+) -> ModelConfig:
+    """The one Triton config builder: export's configs and the perf sweep's variants.
+
+    Args:
+        name: the model's name in the repository.
+        inputs: its inputs (dims without the batch axis).
+        outputs: its outputs.
+        kind: where its instances run.
+        backend: ``onnxruntime``, or ``python`` for the local repository.
+        max_batch_size: largest batch Triton forms.
+        instances: instances of ``kind``.
+        max_queue_delay_us: the dynamic batcher's delay; ``None``: no dynamic batcher.
+        preferred_batch_sizes: the batcher's preferred sizes; ``None``:
+            :data:`PREFERRED_BATCH_SIZES` of ``kind``. Sizes above ``max_batch_size`` are
+            dropped.
+        parameters: string parameters (onnxruntime thread counts, ...).
+        gpu_accelerators: GPU execution accelerators (TensorRT).
+    """
+    if preferred_batch_sizes is None:
+        preferred_batch_sizes = PREFERRED_BATCH_SIZES[kind]
+    batching = None
+    if max_queue_delay_us is not None:
+        batching = DynamicBatching(
+            preferred_batch_size=tuple(b for b in preferred_batch_sizes if b <= max_batch_size),
+            max_queue_delay_microseconds=max_queue_delay_us,
+        )
+    optimization = None
+    if gpu_accelerators:
+        optimization = Optimization(
+            ExecutionAccelerators(gpu_execution_accelerator=gpu_accelerators)
+        )
+    return ModelConfig(
+        name=name,
+        backend=backend,
+        max_batch_size=max_batch_size,
+        input=inputs,
+        output=outputs,
+        instance_group=(InstanceGroup(kind, instances),),
+        dynamic_batching=batching,
+        optimization=optimization,
+        parameters={k: StringParameter(v) for k, v in (parameters or {}).items()},
+    )
+
+
 def gpu_config(
     name: str,
     inputs: tuple[TensorSpec, ...],
@@ -180,20 +248,15 @@ def gpu_config(
                 },
             ),
         )
-    return ModelConfig(
-        name=name,
-        backend="onnxruntime",
+    return triton_config(
+        name,
+        inputs,
+        outputs,
+        kind=Kind.KIND_GPU,
         max_batch_size=max_batch_size,
-        input=inputs,
-        output=outputs,
-        instance_group=(InstanceGroup(Kind.KIND_GPU, instances),),
-        dynamic_batching=DynamicBatching(
-            preferred_batch_size=tuple(b for b in (8, 16, 32) if b <= max_batch_size),
-            max_queue_delay_microseconds=max_queue_delay_us,
-        ),
-        optimization=Optimization(ExecutionAccelerators(gpu_execution_accelerator=accel))
-        if accel
-        else None,
+        instances=instances,
+        max_queue_delay_us=max_queue_delay_us,
+        gpu_accelerators=accel,
     )
 
 
@@ -206,24 +269,25 @@ def cpu_config(
     instances: int = 1,
     intra_op_threads: int = 0,
     inter_op_threads: int = 1,
-    max_queue_delay_us: int = 5000,
+    max_queue_delay_us: int | None = 5000,
     backend: str = "onnxruntime",
 ) -> ModelConfig:
-    """CPU variant: KIND_CPU with onnxruntime thread settings (0 = all cores)."""
-    return ModelConfig(
-        name=name,
+    """CPU variant: KIND_CPU with onnxruntime thread settings (0 = all cores).
+
+    ``max_queue_delay_us=None`` leaves the dynamic batcher out.
+    """
+    return triton_config(
+        name,
+        inputs,
+        outputs,
+        kind=Kind.KIND_CPU,
         backend=backend,
         max_batch_size=max_batch_size,
-        input=inputs,
-        output=outputs,
-        instance_group=(InstanceGroup(Kind.KIND_CPU, instances),),
-        dynamic_batching=DynamicBatching(
-            preferred_batch_size=tuple(b for b in (4, 8) if b <= max_batch_size),
-            max_queue_delay_microseconds=max_queue_delay_us,
-        ),
+        instances=instances,
+        max_queue_delay_us=max_queue_delay_us,
         parameters={
-            "intra_op_thread_count": StringParameter(str(intra_op_threads)),
-            "inter_op_thread_count": StringParameter(str(inter_op_threads)),
+            "intra_op_thread_count": str(intra_op_threads),
+            "inter_op_thread_count": str(inter_op_threads),
         },
     )
 

@@ -63,6 +63,7 @@ __all__ = [
     "ModelFamily",
     "register_family",
     "model_family",
+    "model_families",
     "NecParams",
     "RvqParams",
     "Manifest",
@@ -568,6 +569,8 @@ class ModelFamily:
         entropy_kinds: the entropy model kinds it may ship.
         params: its ``family_params`` dataclass (see :class:`FamilyParams`).
         required_roles: roles every export of it must have.
+        default_roles: roles an export with default options has, which ``k8s/`` serves
+            (``nec_serve.deploy``); empty: every role of ``graph_names``.
     """
 
     name: str
@@ -575,6 +578,7 @@ class ModelFamily:
     entropy_kinds: tuple[str, ...]
     params: type
     required_roles: tuple[GraphRole, ...] = (GraphRole.ENCODER,)
+    default_roles: tuple[GraphRole, ...] = ()
 
     def __post_init__(self) -> None:
         """Freeze the name table."""
@@ -603,6 +607,8 @@ def register_family(family: ModelFamily) -> ModelFamily:
     for role in (*family.graph_names, *family.required_roles):
         if _ROLES.get(role.value) != role:
             raise ValueError(f"family {family.name!r}: graph role {role} is not registered")
+    if not set(family.default_roles) <= set(family.graph_names):
+        raise ValueError(f"family {family.name!r}: default roles must be among its graph roles")
     for kind in family.entropy_kinds:
         entropy_model(kind)
     taken = {n for f in _FAMILIES.values() for n in f.graph_names.values()}
@@ -613,6 +619,11 @@ def register_family(family: ModelFamily) -> ModelFamily:
         raise ValueError(f"family {family.name!r}: params must be a dataclass")
     _FAMILIES[family.name] = family
     return family
+
+
+def model_families() -> tuple[ModelFamily, ...]:
+    """Every registered family, in registration order."""
+    return tuple(_FAMILIES.values())
 
 
 def model_family(name: str) -> ModelFamily:
@@ -695,6 +706,8 @@ NEC = register_family(
         },
         entropy_kinds=(FACTORIZED.kind,),
         params=NecParams,
+        # The classifier needs a trained head: only classifier exports have it.
+        default_roles=(GraphRole.ENCODER, GraphRole.DECODER, GraphRole.FEATURES),
     )
 )
 

@@ -213,7 +213,7 @@ def test_bad_repositories_are_refused_before_any_upload(tmp_path, damage, messag
     damage(repo)
     client = object()  # never used: the check comes first
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
-        deploy.upload_repository(repo, BUCKET, "p", "cpu", client=client)
+        deploy.upload_repository(repo, BUCKET, "p", "cpu", client=client, required_models=GRAPHS)
 
 
 def test_bad_arguments_name_what_is_wrong(tmp_path):
@@ -329,7 +329,7 @@ def overlay_isvcs(schemas, tmp_path_factory) -> dict[str, dict[str, dict]]:
 def typed_isvcs(overlay_isvcs) -> dict[str, list[dict]]:
     """The SDK objects, serialised by the kubernetes ApiClient, built in a kserve process."""
     uris = {
-        v: next(iter(i.values()))["spec"]["predictor"]["model"]["storageUri"]
+        v: {name: o["spec"]["predictor"]["model"]["storageUri"] for name, o in i.items()}
         for v, i in overlay_isvcs.items()
     }
     out = run_py(
@@ -338,12 +338,15 @@ def typed_isvcs(overlay_isvcs) -> dict[str, list[dict]]:
         import kserve
         from nec_serve import deploy
         result = {{}}
-        for variant, uri in {uris!r}.items():
-            objs = deploy.build_inference_services(variant, uri)
-            assert all(isinstance(o, kserve.V1beta1InferenceService) for o in objs)
-            assert all(isinstance(o.spec.predictor, kserve.V1beta1PredictorSpec) for o in objs)
-            assert all(isinstance(o.spec.predictor.model, kserve.V1beta1ModelSpec) for o in objs)
-            result[variant] = [deploy.to_manifest(o) for o in objs]
+        for variant, by_name in {uris!r}.items():
+            result[variant] = []
+            for name, uri in by_name.items():
+                objs = deploy.build_inference_services(variant, uri)
+                assert all(isinstance(o, kserve.V1beta1InferenceService) for o in objs)
+                assert all(isinstance(o.spec.predictor, kserve.V1beta1PredictorSpec) for o in objs)
+                models = [o.spec.predictor.model for o in objs]
+                assert all(isinstance(m, kserve.V1beta1ModelSpec) for m in models)
+                result[variant] += [deploy.to_manifest(o) for o in objs if o.metadata.name == name]
         print(json.dumps(result))
         """
     )
@@ -354,7 +357,7 @@ def typed_isvcs(overlay_isvcs) -> dict[str, list[dict]]:
 @pytest.mark.parametrize("variant", deploy.VARIANTS)
 def test_typed_objects_validate_against_the_kserve_crd(typed_isvcs, validator, variant):
     objs = typed_isvcs[variant]
-    assert [o["metadata"]["name"] for o in objs] == ["nec-encoder", "nec-decoder"]
+    assert {o["metadata"]["name"] for o in objs} == {s.name for s in deploy.services_for(None)}
     for obj in objs:
         assert obj["apiVersion"] == "serving.kserve.io/v1beta1"  # camelCase wire form
         assert validator.errors(obj) == []
@@ -383,7 +386,11 @@ def test_services_follow_the_export_family_and_graphs(rvq_export, tiny_export, v
     nec = deploy.services_for(Manifest.load(tiny_export))
     assert [s.name for s in nec] == ["nec-encoder", "nec-decoder"]
     assert set(nec[1].models) == {"nec_decoder", "nec_decoder_block1"}
-    assert deploy.services_for(None) == deploy.SERVICES
+    from nec_serve.contract import model_families
+
+    assert deploy.services_for(None) == tuple(
+        s for f in model_families() for s in deploy.family_services(f)
+    )
     out = run_py(
         f"""
         import json
@@ -401,3 +408,32 @@ def test_services_follow_the_export_family_and_graphs(rvq_export, tiny_export, v
     assert "--load-model=rvq_decoder" in objs[1]["spec"]["predictor"]["model"]["args"]
     for obj in objs:
         assert validator.errors(obj) == []
+
+
+def test_k8s_overlays_are_generated_from_the_sizing_table():
+    """k8s/overlays/{gpu,cpu} are what scripts/render_k8s.py writes: the two cannot drift."""
+    out = run_py(
+        """
+        import json
+        from nec_serve.deploy import VARIANTS
+        from nec_serve.deploy.render import render_overlay
+        print(json.dumps({v: render_overlay(v) for v in VARIANTS}))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    for variant, files in json.loads(out.stdout).items():
+        for name, text in files.items():
+            path = ROOT / "k8s" / "overlays" / variant / name
+            assert path.read_text() == text, f"{path} is stale: run scripts/render_k8s.py"
+
+
+def test_every_registered_family_is_in_the_overlays():
+    from nec_serve.contract import GraphRole, model_families
+
+    services = deploy.services_for(None)
+    for family in model_families():
+        mine = [s for s in services if s.name.startswith(f"{family.name}-")]
+        assert mine[0].models == (family.graph_name(GraphRole.ENCODER),)
+        assert {m for s in mine for m in s.models} <= set(family.graph_names.values())
+    rvq = [s for s in services if s.name == "rvq-decoder"]
+    assert rvq and rvq[0].models == ("rvq_decoder",)

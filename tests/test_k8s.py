@@ -64,6 +64,8 @@ RENDERED_NAMES = [
     ("Deployment", "nec-controller"),
     ("InferenceService", "nec-decoder"),
     ("InferenceService", "nec-encoder"),
+    ("InferenceService", "rvq-decoder"),
+    ("InferenceService", "rvq-encoder"),
     ("Namespace", "nec"),
     ("Role", "nec-controller"),
     ("Role", "nec-wrapper"),
@@ -86,7 +88,7 @@ def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_overlay_renders_the_nec_objects(rendered, variant):
+def test_overlay_renders_every_familys_objects(rendered, variant):
     objs = rendered[variant]
     names = sorted((o["kind"], o["metadata"]["name"]) for o in objs)
     assert names == RENDERED_NAMES
@@ -104,7 +106,8 @@ def test_every_rendered_object_validates(rendered, validator, variant):
 
 def test_base_renders_and_validates(schemas, validator, k8s_tree):
     objs = kv.kustomize_build(schemas, k8s_tree / "base")
-    assert len(objs) == len(RENDERED_NAMES)
+    # The InferenceServices are the overlays' (generated per variant).
+    assert len(objs) == len([n for n in RENDERED_NAMES if n[0] != "InferenceService"])
     assert [p for o in objs for p in validator.errors(o)] == []
 
 
@@ -167,7 +170,12 @@ def test_services_follow_the_kserve_triton_runtime(rendered, triton_runtime, var
         assert model["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": http_port}
         # The runtime's own container user (Triton's documented non-root user).
         assert model["securityContext"]["runAsUser"] == container["securityContext"]["runAsUser"]
-    assert loaded == {"nec-encoder": {"nec_encoder"}, "nec-decoder": GRAPHS - {"nec_encoder"}}
+    assert loaded == {
+        "nec-encoder": {"nec_encoder"},
+        "nec-decoder": GRAPHS - {"nec_encoder"},
+        "rvq-encoder": {"rvq_encoder"},
+        "rvq-decoder": {"rvq_decoder"},
+    }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

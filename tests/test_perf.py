@@ -146,6 +146,16 @@ def test_variant_repository_edits_config_through_protobuf(tiny_export, tmp_path)
         write_variant_repository(src, tmp_path / "r2", Variant(), ["nope"])
 
 
+def test_variant_repository_measures_what_export_ships(tiny_export, tmp_path):
+    """The sweep's default variant is export's CPU configuration, byte for byte."""
+    src = tiny_export / "model_repository_local"
+    graphs = ["nec_decoder", "nec_encoder"]
+    dest = write_variant_repository(src, tmp_path / "repo", Variant(), graphs)
+    for graph in graphs:
+        shipped = (src / graph / "config.pbtxt").read_text()
+        assert (dest / graph / "config.pbtxt").read_text() == shipped
+
+
 def _command(binary, **kwargs):
     args = dict(model="m", url="u", protocol="grpc", batch=1, concurrency=[1], input_data="zero")
     args.setdefault("csv_path", "x")

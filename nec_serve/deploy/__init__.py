@@ -8,8 +8,9 @@ One module per stage, each usable on its own:
    :mod:`nec_serve.s3`), in the layout KServe's storage initializer downloads to
    ``/mnt/models`` and Triton reads; the prefix mirrors the directory.
 2. :mod:`~nec_serve.deploy.services`: :func:`build_inference_services` builds typed
-   ``kserve`` SDK objects for ``nec-encoder`` and ``nec-decoder``, the same objects
-   ``kubectl apply -k k8s/overlays/<variant>`` creates, sized per variant.
+   ``kserve`` SDK objects for a family's ``<family>-encoder`` and ``<family>-decoder``, sized
+   per variant by one table; :mod:`~nec_serve.deploy.render` writes every registered
+   family's objects as ``k8s/overlays/<variant>`` YAML (what ``kubectl apply -k`` creates).
 3. :mod:`~nec_serve.deploy.apply`: :func:`apply_inference_services` creates or replaces them
    with ``KServeClient`` and :func:`wait_ready` waits until KServe reports them Ready, or
    fails naming the service and its last condition.
@@ -40,12 +41,13 @@ from nec_serve.deploy.services import (
     RUNTIME,
     RUNTIME_VERSION,
     SERVICE_ACCOUNT,
-    SERVICES,
+    SIZING,
     TRITON_HTTP_PORT,
     VARIANTS,
     Service,
     Sizing,
     build_inference_services,
+    family_services,
     services_for,
     to_manifest,
 )
@@ -55,7 +57,7 @@ __all__ = [
     "DeployTimeout",
     "Sizing",
     "Service",
-    "SERVICES",
+    "SIZING",
     "VARIANTS",
     "NAMESPACE",
     "SERVICE_ACCOUNT",
@@ -67,6 +69,7 @@ __all__ = [
     "storage_uri",
     "upload_repository",
     "build_inference_services",
+    "family_services",
     "services_for",
     "to_manifest",
     "make_kserve_client",

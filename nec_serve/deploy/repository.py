@@ -17,8 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from nec_serve import s3
+from nec_serve.contract import Manifest
 from nec_serve.deploy.errors import DeployError
-from nec_serve.deploy.services import SERVICES, check_variant
+from nec_serve.deploy.services import check_variant, services_for
 from nec_serve.errors import InvalidInput
 
 __all__ = ["repository_dir", "check_repository", "storage_uri", "upload_repository"]
@@ -43,6 +44,13 @@ def repository_dir(model_dir: str | Path, variant: str) -> Path:
             f"model_repository_cpu/)"
         )
     return path
+
+
+def _export_models(repo: Path) -> list[str]:
+    """The Triton models the export around ``repo`` serves (its manifest's services)."""
+    if not (repo.parent / "manifest.json").is_file():
+        return []
+    return [m for s in services_for(Manifest.load(repo.parent)) for m in s.models]
 
 
 def check_repository(repo: str | Path, required: Iterable[str] = ()) -> list[Path]:
@@ -154,7 +162,9 @@ def upload_repository(
     With ``delete_stale``, objects under that prefix which the directory does not have are
     deleted after the upload, so a model removed from the export does not linger on the
     server. Only keys under ``.../model_repository_<variant>/`` are touched, never a sibling
-    prefix. Finally the keys are listed and compared with the directory (names and sizes).
+    prefix. The models the deployment loads must be there: ``required_models``, by default
+    those of the export's manifest beside the repository (its family's services). Finally the
+    keys are listed and compared with the directory (names and sizes).
     Without ``client`` one is made from boto3's credential chain, ``endpoint_url`` and
     ``region``. An S3 failure is a :class:`DeployError` naming the bucket and the endpoint.
     """
@@ -164,9 +174,7 @@ def upload_repository(
     from botocore.exceptions import BotoCoreError, ClientError
 
     repo = Path(repo)
-    required = (
-        [m for s in SERVICES for m in s.models] if required_models is None else required_models
-    )
+    required = _export_models(repo) if required_models is None else required_models
     files = check_repository(repo, required)
     uri = storage_uri(bucket, prefix, variant)
     key_prefix = _repo_key_prefix(prefix, variant) + "/"

@@ -1,9 +1,10 @@
-"""The two InferenceServices, their sizing per variant, and their typed ``kserve`` objects.
+"""Each family's InferenceServices, their sizing per variant, and their typed ``kserve`` objects.
 
-``nec-encoder`` loads ``nec_encoder``; ``nec-decoder`` loads ``nec_decoder`` and
-``nec_decoder_block1``. :func:`build_inference_services` builds the objects that
-``kubectl apply -k k8s/overlays/<variant>`` creates (tests/test_deploy.py compares them field
-by field).
+Every registered family gets ``<family>-encoder``, loading its encoder graph, and
+``<family>-decoder``, loading its decoding graphs (:func:`family_services`), sized by
+:data:`SIZING`. :func:`build_inference_services` builds the objects; ``k8s/overlays/<variant>``
+holds them as generated YAML (``nec_serve.deploy.render``, ``scripts/render_k8s.py``; a test
+fails when the committed files differ from what the table generates).
 
 ``kserve`` and ``kubernetes`` are imported inside the functions: ``kserve`` and
 ``tritonclient.grpc`` register the same protobuf symbols and cannot live in one process
@@ -12,15 +13,16 @@ by field).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from nec_serve.contract import NEC, GraphRole, Manifest
+from nec_serve.contract import GraphRole, Manifest, ModelFamily, model_families
 from nec_serve.errors import InvalidInput
 
 __all__ = [
     "Sizing",
     "Service",
-    "SERVICES",
+    "SIZING",
     "VARIANTS",
     "NAMESPACE",
     "SERVICE_ACCOUNT",
@@ -32,6 +34,7 @@ __all__ = [
     "PLURAL",
     "check_variant",
     "build_inference_services",
+    "family_services",
     "services_for",
     "to_manifest",
 ]
@@ -88,64 +91,67 @@ _GPU = Sizing(
     max_replicas=4,
     scale_target=4,
 )
-SERVICES = (
-    Service(
-        "nec-encoder",
-        "encoder",
-        (NEC.graph_name(GraphRole.ENCODER),),
-        {
-            "gpu": _GPU,
-            "cpu": Sizing(
-                requests={"cpu": "4", "memory": "4Gi"},
-                limits={"cpu": "4", "memory": "8Gi"},
-                min_replicas=1,
-                max_replicas=8,
-                scale_target=2,
-            ),
-        },
-    ),
-    Service(
-        "nec-decoder",
-        "decoder",
-        (NEC.graph_name(GraphRole.DECODER), NEC.graph_name(GraphRole.FEATURES)),
-        {
-            "gpu": _GPU,
-            "cpu": Sizing(
-                requests={"cpu": "2", "memory": "2Gi"},
-                limits={"cpu": "2", "memory": "4Gi"},
-                min_replicas=1,
-                max_replicas=8,
-                # perf_analyzer on 2 cores: the decoder's throughput still grew up to 4 in flight.
-                scale_target=4,
-            ),
-        },
-    ),
-)
+# The sizing table, by component and variant: every family's encoder and decoder get these.
+# k8s/overlays/<variant>/inferenceservices.yaml is generated from it (scripts/render_k8s.py).
+SIZING: dict[str, dict[str, Sizing]] = {
+    "encoder": {
+        "gpu": _GPU,
+        "cpu": Sizing(
+            requests={"cpu": "4", "memory": "4Gi"},
+            limits={"cpu": "4", "memory": "8Gi"},
+            min_replicas=1,
+            max_replicas=8,
+            scale_target=2,
+        ),
+    },
+    "decoder": {
+        "gpu": _GPU,
+        "cpu": Sizing(
+            requests={"cpu": "2", "memory": "2Gi"},
+            limits={"cpu": "2", "memory": "4Gi"},
+            min_replicas=1,
+            max_replicas=8,
+            # perf_analyzer on 2 cores: the decoder's throughput still grew up to 4 in flight.
+            scale_target=4,
+        ),
+    },
+}
 
 
-def services_for(manifest: Manifest | None) -> tuple[Service, ...]:
-    """The InferenceServices an export needs: its family's encoder, and its decoding graphs.
+def family_services(
+    family: ModelFamily, roles: Iterable[GraphRole] | None = None
+) -> tuple[Service, ...]:
+    """A family's InferenceServices: ``<family>-encoder`` and ``<family>-decoder``.
 
-    Without a manifest, NEC's full set (:data:`SERVICES`, what ``k8s/`` applies). With one,
-    the services are named after the family (``rvq-encoder``, ``rvq-decoder``) and the
-    decoder loads exactly the decoding graphs the export has (a NEC classifier export:
-    ``nec_decoder`` and ``nec_classifier``; RVQ: ``rvq_decoder``).
+    The decoder loads the Triton models of the decoding ``roles`` (default: the family's
+    ``default_roles``, else all its roles); without any, there is no decoder service.
     """
-    if manifest is None:
-        return SERVICES
-    family = manifest.family_spec
-    encoder, decoder = SERVICES
-    decoding = tuple(
-        family.graph_name(role) for role in manifest.graphs if role != GraphRole.ENCODER
-    )
+    roles = tuple(roles if roles is not None else family.default_roles or family.graph_names)
+    decoding = tuple(family.graph_name(r) for r in roles if r != GraphRole.ENCODER)
     out = [
-        replace(
-            encoder, name=f"{family.name}-encoder", models=(family.graph_name(GraphRole.ENCODER),)
+        Service(
+            f"{family.name}-encoder",
+            "encoder",
+            (family.graph_name(GraphRole.ENCODER),),
+            SIZING["encoder"],
         )
     ]
     if decoding:
-        out.append(replace(decoder, name=f"{family.name}-decoder", models=decoding))
+        out.append(Service(f"{family.name}-decoder", "decoder", decoding, SIZING["decoder"]))
     return tuple(out)
+
+
+def services_for(manifest: Manifest | None) -> tuple[Service, ...]:
+    """The InferenceServices an export needs, or without one those ``k8s/`` applies.
+
+    With a manifest, its family's (:func:`family_services`), the decoder loading exactly the
+    decoding graphs the export has (a NEC classifier export: ``nec_decoder`` and
+    ``nec_classifier``). Without one, every registered family's default services, in
+    registration order.
+    """
+    if manifest is None:
+        return tuple(s for f in model_families() for s in family_services(f))
+    return family_services(manifest.family_spec, manifest.graphs)
 
 
 def check_variant(variant: str) -> str:
