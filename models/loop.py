@@ -15,7 +15,14 @@ import torch
 
 from nec_serve.errors import NecError
 
-__all__ = ["SEED", "TrainingDiverged", "append_log", "epoch_seed", "save_checkpoint"]
+__all__ = [
+    "SEED",
+    "TrainingDiverged",
+    "append_log",
+    "epoch_seed",
+    "save_checkpoint",
+    "stop_if_diverged",
+]
 
 SEED = 0
 """The default seed of every trainer."""
@@ -45,3 +52,33 @@ def append_log(path: Path, row: dict, names: tuple[str, ...]) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def stop_if_diverged(
+    loss: torch.Tensor,
+    *,
+    task: str,
+    epoch: int,
+    step: int,
+    checkpoint: Path,
+    kept: int | None,
+    knob: str,
+) -> None:
+    """Raise :class:`TrainingDiverged` if ``loss`` is NaN or infinite, in the one message form.
+
+    Args:
+        loss: the batch's loss.
+        task: the trainer's name in the message (``mae``, ``nec``, ...).
+        epoch: the current epoch, counted from 0.
+        step: the step within the epoch.
+        checkpoint: where the trainer writes its checkpoint.
+        kept: the epoch whose checkpoint is on disk, or None if none was written.
+        knob: the flag to lower (``--lr``, ``--blr``).
+    """
+    if torch.isfinite(loss):
+        return
+    where = f"epoch {kept} is kept at {checkpoint}" if kept is not None else "none was written"
+    raise TrainingDiverged(
+        f"train {task}: the loss is {float(loss)} at epoch {epoch}, step {step}: "
+        f"stopped; the checkpoint of the last good {where}; lower {knob}"
+    )

@@ -37,7 +37,14 @@ from tqdm import tqdm
 
 from nec_models.checkpoint import load_checkpoint
 from nec_models.eurosat import CLASSES, Decoded, decode, make_split, read_split, scan, write_split
-from nec_models.loop import SEED, TrainingDiverged, append_log, epoch_seed, save_checkpoint
+from nec_models.loop import (
+    SEED,
+    TrainingDiverged,
+    append_log,
+    epoch_seed,
+    save_checkpoint,
+    stop_if_diverged,
+)
 from nec_models.registry import create_model
 from nec_serve.errors import InvalidInput
 from nec_serve.hashing import sha256_file
@@ -284,12 +291,15 @@ def train_mae(cfg: MAEConfig, *, resume: bool = False, progress: bool = True) ->
             x = batches(train.images[idx], gen)
             pred, mask = model.forward_masked(x, cfg.mask_ratio, gen)
             loss = model.masked_loss(x, pred, mask, cfg.norm_pix_loss)
-            if not torch.isfinite(loss):
-                kept = f"epoch {epoch - 1} is kept at {ckpt_path}" if epoch else "none was written"
-                raise TrainingDiverged(
-                    f"train mae: the loss is {float(loss)} at epoch {epoch}, step {step}: "
-                    f"stopped; the checkpoint of the last good {kept}; lower --blr"
-                )
+            stop_if_diverged(
+                loss,
+                task="mae",
+                epoch=epoch,
+                step=step,
+                checkpoint=ckpt_path,
+                kept=epoch - 1 if epoch else None,
+                knob="--blr",
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -518,11 +528,15 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
             pred, mask, bits = model.forward_train(x, cfg.mask_ratio, gen, cfg.rate_on)
             recon = model.masked_loss(x, pred, mask)
             loss = cfg.lmbda * recon + bits
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"train nec: the loss is {float(loss)} at epoch {epoch}, step {step}: "
-                    f"stopped; the last good checkpoint is kept at {ckpt_path}; lower --lr"
-                )
+            stop_if_diverged(
+                loss,
+                task="nec",
+                epoch=epoch,
+                step=step,
+                checkpoint=ckpt_path,
+                kept=epoch - 1 if epoch else None,
+                knob="--lr",
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -680,15 +694,22 @@ def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
         model.train()
         ep = _Epoch(len(train.labels), cfg.batch_size, cfg.seed, epoch)
         total, right = 0.0, 0
-        for _, idx in tqdm(
+        for step, idx in tqdm(
             ep, total=steps, desc=f"cls {epoch + 1}/{cfg.epochs}", disable=not progress
         ):
             x = torch.from_numpy(emb["train"][idx])
             y = torch.from_numpy(train.labels[idx])
             logits = model.forward_embeddings(x)
             loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"train classifier: the loss is {float(loss)}; lower --lr")
+            stop_if_diverged(
+                loss,
+                task="classifier",
+                epoch=epoch,
+                step=step,
+                checkpoint=out / "checkpoint.pth",
+                kept=None,
+                knob="--lr",
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

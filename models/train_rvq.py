@@ -43,7 +43,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nec_models.checkpoint import load_checkpoint
-from nec_models.loop import SEED, TrainingDiverged, append_log, epoch_seed, save_checkpoint
+from nec_models.loop import (
+    SEED,
+    append_log,
+    epoch_seed,
+    save_checkpoint,
+    stop_if_diverged,
+)
 from nec_models.registry import create_model
 from nec_models.rvq import RVQAutoencoder
 from nec_models.sentinel2 import load_s2, read_s2_split, scan_s2, split_s2, write_s2_split
@@ -327,11 +333,15 @@ def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) ->
             if part is not None:  # the drawn rates, for the decoder
                 mse = 0.5 * (mse + F.mse_loss(part, x))
             loss = mse + cfg.beta * commit
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"train rvq: the loss is {float(loss)} at epoch {epoch}, step {step}: "
-                    f"stopped; the last good checkpoint is kept at {ckpt_path}; lower --lr"
-                )
+            stop_if_diverged(
+                loss,
+                task="rvq",
+                epoch=epoch,
+                step=step,
+                checkpoint=ckpt_path,
+                kept=epoch - 1 if epoch else None,
+                knob="--lr",
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -32,3 +32,23 @@ def test_log_writes_its_header_once(tmp_path):
 
 def test_epoch_seeds_differ_by_epoch():
     assert epoch_seed(0, 1) != epoch_seed(0, 2) and epoch_seed(1, 0) == 1_000_003
+
+
+def test_divergence_names_the_loss_step_and_checkpoint(tmp_path):
+    from nec_models.loop import TrainingDiverged, stop_if_diverged
+
+    stop_if_diverged(
+        torch.tensor(1.0), task="t", epoch=0, step=0, checkpoint=tmp_path, kept=None, knob="--lr"
+    )
+    with pytest.raises(
+        TrainingDiverged, match=r"train t: the loss is inf at epoch 2, step 5: .*epoch 1 is kept"
+    ):
+        stop_if_diverged(
+            torch.tensor(float("inf")),
+            task="t",
+            epoch=2,
+            step=5,
+            checkpoint=tmp_path,
+            kept=1,
+            knob="--lr",
+        )
