@@ -52,6 +52,7 @@ from nec_dev.data import resolve_data
 from nec_dev.perf import machine_description
 from nec_models import create_model
 from nec_models.eurosat import CLASSES, decode, read_split
+from nec_models.loop import SEED
 from nec_models.shipped import materialize, split_of
 from nec_serve.bundle import ModelBundle
 from nec_serve.contract import GraphRole
@@ -526,7 +527,7 @@ def main(argv=None) -> int:
     p.add_argument("--cnn-epochs", type=int, default=15)
     p.add_argument("--uniform-bits", type=int, nargs="*", default=[2, 3, 4, 5, 8])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--quick", action="store_true", help="3 qualities per codec (smoke runs)")
     p.add_argument("--fresh", action="store_true", help="start rate.csv anew")
     run(p.parse_args(argv))

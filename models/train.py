@@ -23,9 +23,7 @@ Reproducible and resumable:
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import pickle
 import time
 from dataclasses import asdict, dataclass, fields
@@ -39,8 +37,16 @@ from tqdm import tqdm
 
 from nec_models.checkpoint import load_checkpoint
 from nec_models.eurosat import CLASSES, Decoded, decode, make_split, read_split, scan, write_split
+from nec_models.loop import (
+    SEED,
+    TrainingDiverged,
+    append_log,
+    epoch_seed,
+    save_checkpoint,
+    stop_if_diverged,
+)
 from nec_models.registry import create_model
-from nec_serve.errors import InvalidInput, NecError
+from nec_serve.errors import InvalidInput
 from nec_serve.hashing import sha256_file
 from nec_serve.imagery import Normalisation
 
@@ -61,10 +67,6 @@ __all__ = [
 LOG_FIELDS = ("epoch", "train_loss", "val_loss", "lr", "seconds", "images_per_s")
 
 
-class TrainingDiverged(NecError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
 @dataclass(frozen=True)
 class MAEConfig:
     """Everything a pretraining run depends on; stored as ``args`` in every checkpoint."""
@@ -81,7 +83,7 @@ class MAEConfig:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = False
     crop_scale: tuple[float, float] = (0.2, 1.0)
-    seed: int = 0
+    seed: int = SEED
     split_seed: int = 0
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     max_items: int = 0  # 0: all; else the first items of each class (for tests)
@@ -174,8 +176,8 @@ class _Epoch:
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int):
-        self.gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        torch.manual_seed(seed * 1_000_003 + epoch)
+        self.gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        torch.manual_seed(epoch_seed(seed, epoch))
         self.order = torch.randperm(n, generator=self.gen).numpy()
         self.batch_size = batch_size
         self.steps = math.ceil(n / batch_size)
@@ -216,21 +218,6 @@ def _load_data(cfg: MAEConfig, out: Path) -> tuple[Decoded, Decoded, dict]:
     return train, val, info
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _append_log(path: Path, row: dict, names: tuple[str, ...] = LOG_FIELDS) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=names)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 def _config_of(args: dict) -> MAEConfig:
     known = {f.name for f in fields(MAEConfig)}
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if k in known}
@@ -239,7 +226,7 @@ def _config_of(args: dict) -> MAEConfig:
 
 @torch.no_grad()
 def _val_loss(model, batches: _Batches, val: Decoded, cfg: MAEConfig, epoch: int) -> float:
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)  # the same every epoch
+    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, 999_983))  # the same every epoch
     total, n = 0.0, 0
     for i in range(0, len(val.labels), cfg.batch_size):
         x = batches(val.images[i : i + cfg.batch_size], None)
@@ -304,12 +291,15 @@ def train_mae(cfg: MAEConfig, *, resume: bool = False, progress: bool = True) ->
             x = batches(train.images[idx], gen)
             pred, mask = model.forward_masked(x, cfg.mask_ratio, gen)
             loss = model.masked_loss(x, pred, mask, cfg.norm_pix_loss)
-            if not torch.isfinite(loss):
-                kept = f"epoch {epoch - 1} is kept at {ckpt_path}" if epoch else "none was written"
-                raise TrainingDiverged(
-                    f"train mae: the loss is {float(loss)} at epoch {epoch}, step {step}: "
-                    f"stopped; the checkpoint of the last good {kept}; lower --blr"
-                )
+            stop_if_diverged(
+                loss,
+                task="mae",
+                epoch=epoch,
+                step=step,
+                checkpoint=ckpt_path,
+                kept=epoch - 1 if epoch else None,
+                knob="--blr",
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -326,7 +316,7 @@ def train_mae(cfg: MAEConfig, *, resume: bool = False, progress: bool = True) ->
             "seconds": round(seconds, 2),
             "images_per_s": round(len(train.labels) / seconds, 1),
         }
-        _save(
+        save_checkpoint(
             ckpt_path,
             {
                 "model": model.state_dict(),
@@ -336,7 +326,7 @@ def train_mae(cfg: MAEConfig, *, resume: bool = False, progress: bool = True) ->
                 "args": asdict(cfg),
             },
         )
-        _append_log(out / "log.csv", row)
+        append_log(out / "log.csv", row, LOG_FIELDS)
         result.update(
             epochs_run=result["epochs_run"] + 1,
             last_epoch=epoch,
@@ -399,7 +389,7 @@ class NECConfig:
     aux_lr: float = 1e-3
     weight_decay: float = 0.05
     mask_ratio: float = 0.75
-    seed: int = 0
+    seed: int = SEED
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -448,7 +438,7 @@ def _rate_check(
 ) -> tuple[float, float, float]:
     """Validation reconstruction loss, estimated and really coded bits per image (all tokens)."""
     model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 999_983)
+    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, 999_983))
     model.bottleneck.update(force=True)
     recon = est = coded = 0.0
     for i in range(0, len(val.labels), cfg.batch_size):
@@ -538,11 +528,15 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
             pred, mask, bits = model.forward_train(x, cfg.mask_ratio, gen, cfg.rate_on)
             recon = model.masked_loss(x, pred, mask)
             loss = cfg.lmbda * recon + bits
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"train nec: the loss is {float(loss)} at epoch {epoch}, step {step}: "
-                    f"stopped; the last good checkpoint is kept at {ckpt_path}; lower --lr"
-                )
+            stop_if_diverged(
+                loss,
+                task="nec",
+                epoch=epoch,
+                step=step,
+                checkpoint=ckpt_path,
+                kept=epoch - 1 if epoch else None,
+                knob="--lr",
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -564,7 +558,7 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
             "val_bits_coded": round(coded, 1),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        _save(
+        save_checkpoint(
             ckpt_path,
             {
                 "model": model.state_dict(),
@@ -579,7 +573,7 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
                 },
             },
         )
-        _append_log(out / "log.csv", row, NEC_LOG_FIELDS)
+        append_log(out / "log.csv", row, NEC_LOG_FIELDS)
         result.update(epochs_run=result["epochs_run"] + 1, last_epoch=epoch, **row)
     return result
 
@@ -605,7 +599,7 @@ class ClassifierConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05
-    seed: int = 0
+    seed: int = SEED
     threads: int = 0
     evaluate_test: bool = False  # the test split: only for the final numbers
 
@@ -700,15 +694,22 @@ def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
         model.train()
         ep = _Epoch(len(train.labels), cfg.batch_size, cfg.seed, epoch)
         total, right = 0.0, 0
-        for _, idx in tqdm(
+        for step, idx in tqdm(
             ep, total=steps, desc=f"cls {epoch + 1}/{cfg.epochs}", disable=not progress
         ):
             x = torch.from_numpy(emb["train"][idx])
             y = torch.from_numpy(train.labels[idx])
             logits = model.forward_embeddings(x)
             loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"train classifier: the loss is {float(loss)}; lower --lr")
+            stop_if_diverged(
+                loss,
+                task="classifier",
+                epoch=epoch,
+                step=step,
+                checkpoint=out / "checkpoint.pth",
+                kept=None,
+                knob="--lr",
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -721,9 +722,9 @@ def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
             "val_top1": round(_top1(model, emb["val"], val.labels, cfg.batch_size), 4),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        _append_log(out / "log.csv", row, CLS_LOG_FIELDS)
+        append_log(out / "log.csv", row, CLS_LOG_FIELDS)
         result.update(epochs_run=epoch + 1, **row)
-    _save(
+    save_checkpoint(
         out / "checkpoint.pth",
         {
             "model": model.state_dict(),

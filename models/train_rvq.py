@@ -11,7 +11,7 @@ and NEC trainers (:mod:`nec_models.train`):
   area, from generators seeded by ``(seed, epoch)``, so a resumed run repeats exactly;
 - ``<out>/checkpoint.pth`` is written atomically after every epoch in the layout
   ``{"model", "optimizer", "epoch", "scaler", "args"}``, one row goes to ``<out>/log.csv``;
-- a non-finite loss stops the run (:class:`~nec_models.train.TrainingDiverged`).
+- a non-finite loss stops the run (:class:`~nec_models.loop.TrainingDiverged`).
 
 Each sample's number of codebooks is drawn uniformly from 1..levels
 (``train_codebooks=0``) so that one model serves every rate, or fixed (e.g. 8, for the
@@ -43,10 +43,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nec_models.checkpoint import load_checkpoint
+from nec_models.loop import (
+    SEED,
+    append_log,
+    epoch_seed,
+    save_checkpoint,
+    stop_if_diverged,
+)
 from nec_models.registry import create_model
 from nec_models.rvq import RVQAutoencoder
 from nec_models.sentinel2 import load_s2, read_s2_split, scan_s2, split_s2, write_s2_split
-from nec_models.train import TrainingDiverged, _append_log, _save
 from nec_serve.errors import InvalidInput
 
 __all__ = [
@@ -92,7 +98,7 @@ class RVQConfig:
     beta: float = 0.25  # commitment weight
     train_codebooks: int = 0  # 0: drawn per sample from 1..levels; else always this many
     init_crops: int = 64  # crops whose latents seed the codebooks by k-means
-    seed: int = 0
+    seed: int = SEED
     split_seed: int = 0
     threads: int = 0
 
@@ -286,7 +292,7 @@ def _setup(cfg: RVQConfig, out: Path, ckpt_path: Path, resume: bool):
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["epoch"]) + 1
     else:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 - 1)
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, -1))
         with torch.no_grad():
             z = model.encode(crops.batch(cfg.init_crops, gen))
         model.quantizer.kmeans_init(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), seed=cfg.seed)
@@ -309,8 +315,8 @@ def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) ->
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
         sums = {"loss": 0.0, "mse": 0.0, "commit": 0.0}
         bar = tqdm(range(steps), desc=f"rvq {epoch + 1}/{cfg.epochs}", disable=not progress)
         for step in bar:
@@ -327,11 +333,15 @@ def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) ->
             if part is not None:  # the drawn rates, for the decoder
                 mse = 0.5 * (mse + F.mse_loss(part, x))
             loss = mse + cfg.beta * commit
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"train rvq: the loss is {float(loss)} at epoch {epoch}, step {step}: "
-                    f"stopped; the last good checkpoint is kept at {ckpt_path}; lower --lr"
-                )
+            stop_if_diverged(
+                loss,
+                task="rvq",
+                epoch=epoch,
+                step=step,
+                checkpoint=ckpt_path,
+                kept=epoch - 1 if epoch else None,
+                knob="--lr",
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -353,7 +363,7 @@ def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) ->
         }
         if epoch == cfg.epochs - 1:  # the tables' statistics, from the final codebooks
             model.quantizer.index_counts.copy_(index_histograms(model, crops.images, cfg.crop))
-        _save(
+        save_checkpoint(
             ckpt_path,
             {
                 "model": model.state_dict(),
@@ -363,6 +373,6 @@ def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) ->
                 "args": asdict(cfg),
             },
         )
-        _append_log(out / "log.csv", row, fields)
+        append_log(out / "log.csv", row, fields)
         result.update(epochs_run=result["epochs_run"] + 1, last_epoch=epoch, **row)
     return result
