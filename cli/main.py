@@ -30,7 +30,13 @@ from nec_serve.errors import InvalidInput, NecError
 from nec_serve.hashing import sha256_file
 from nec_serve.imagery import iter_inputs, parse_bands
 from nec_serve.logs import configure_logging
-from nec_serve.pipeline import compress, default_output, write_bands, write_embeddings
+from nec_serve.pipeline import (
+    coding_levels,
+    compress,
+    default_output,
+    write_bands,
+    write_embeddings,
+)
 from nec_serve.settings_flags import DeferredParser, add_settings_flags, settings_values
 from nec_wrapper.main import add_parser as add_wrapper
 
@@ -162,14 +168,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         class_names=trained.get("class_names"),
     )
     enc = manifest.graph(GraphRole.ENCODER).parity
-    params = manifest.family_params
-    if manifest.family == "rvq":
-        shape = (
-            f"{params.levels} codebooks x {params.codebook_size} entries, "
-            f"{params.tokens} latent positions per tile"
-        )
-    else:
-        shape = f"{params.tokens} tokens x {params.channels} channels"
+    shape = manifest.family_params.describe()
     print(
         f"exported {manifest.model} ({manifest.family}, {manifest.input.img_size} px, {shape}) "
         f"to {args.out}\n"
@@ -243,11 +242,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             codebooks=args.codebooks,
         )
-    rate = (
-        {}
-        if args.codebooks is None and bundle.family != "rvq"
-        else {"codebooks": args.codebooks or bundle.manifest.family_params.levels}
-    )
+    knob = bundle.manifest.family_spec.rate
+    rate = {} if knob is None else {knob: coding_levels(bundle, args.codebooks)}
     print(
         json.dumps(
             {"output": str(out), "family": bundle.family, **rate, **stats.summary()}, indent=2

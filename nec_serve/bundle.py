@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nec_serve.codec import LatentCodec
 from nec_serve.contract import GraphRole, Manifest
 from nec_serve.imagery import Normalisation
 
@@ -24,7 +25,7 @@ class ModelBundle:
     root: Path
     manifest: Manifest
     tables: Any
-    codec: Any
+    codec: LatentCodec
 
     @classmethod
     def load(cls, root: str | Path) -> ModelBundle:

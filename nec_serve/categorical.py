@@ -148,6 +148,10 @@ class CategoricalCodec:
         idx = self._indexes(levels, used.shape[2])
         return float(sum(self._native.bound_bits(tile, idx) for tile in used))
 
+    def rounding_sq_err(self, indices: np.ndarray, latent: np.ndarray) -> float:
+        """No rounding: a codebook index has no continuous value it stands for (0.0)."""
+        return 0.0
+
     def decode_batch(
         self, streams: Sequence[bytes], tokens: int, levels: int | None = None
     ) -> np.ndarray:

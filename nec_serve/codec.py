@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,6 +39,27 @@ def _no_levels(levels: object) -> None:
             f"codebooks={levels!r} applies to the RVQ family; a factorized prior codes every "
             "channel"
         )
+
+
+class LatentCodec(Protocol):
+    """What every family's entropy coder offers the pipeline.
+
+    ``rate`` is the family's per-request rate knob (its
+    :attr:`~nec_serve.contract.ModelFamily.rate`; the RVQ family's codebook levels), None
+    for families with a fixed rate.
+    """
+
+    def encode_batch(self, symbols: np.ndarray, rate: Any = None) -> list[bytes]:
+        """One bitstream per tile of a ``(B, C, T)`` int32 batch."""
+
+    def decode_batch(self, streams: Sequence[bytes], tokens: int, rate: Any = None) -> np.ndarray:
+        """The ``(B, C, T)`` int32 symbols of ``streams``."""
+
+    def entropy_bound_bits(self, symbols: np.ndarray, rate: Any = None) -> float:
+        """Ideal code length of the batch under the tables, in bits."""
+
+    def rounding_sq_err(self, symbols: np.ndarray, latent: np.ndarray) -> float:
+        """Squared error between the latent and what the symbols decode to (0.0: none)."""
 
 
 class FactorizedCodec:
@@ -117,6 +139,15 @@ class FactorizedCodec:
             raise  # pragma: no cover
 
     # -- decoding ------------------------------------------------------------------------
+
+    def rounding_sq_err(self, symbols: np.ndarray, latent: np.ndarray) -> float:
+        """Squared error of rounding ``latent - median`` to ``symbols``, summed over a batch.
+
+        Computed without float64 temporaries: it runs on the wrapper's hot path.
+        """
+        err = latent - self.tables.medians.astype(np.float32)[None, :, None]
+        err -= symbols
+        return float(np.vdot(err, err))
 
     def decode(self, data: bytes, tokens: int) -> np.ndarray:
         """Decode one image of ``tokens`` tokens.

@@ -555,6 +555,9 @@ class FamilyParams(Protocol):
     :class:`ManifestError` naming the fields.
     """
 
+    def describe(self) -> str:
+        """What a tile codes to, in words (``nec-serve export`` prints it)."""
+
     def check(self, manifest: Manifest, source: str) -> None:
         """Refuse a manifest whose graphs or input disagree with these parameters."""
 
@@ -569,6 +572,13 @@ class ModelFamily:
         entropy_kinds: the entropy model kinds it may ship.
         params: its ``family_params`` dataclass (see :class:`FamilyParams`).
         required_roles: roles every export of it must have.
+        rate: the name of its per-request rate knob (``codebooks``): the container header
+            key and the request parameter; None for a fixed rate. Its codec checks a value
+            with ``check_levels``.
+        default_output: what decoding gives when no output is asked for (default: the
+            output of its first decoding graph, else symbols).
+        georeferenced: its containers record each source's CRS and transform, and its
+            inputs are reflectance (negative values refused).
         default_roles: roles an export with default options has, which ``k8s/`` serves
             (``nec_serve.deploy``); empty: every role of ``graph_names``.
     """
@@ -579,10 +589,16 @@ class ModelFamily:
     params: type
     required_roles: tuple[GraphRole, ...] = (GraphRole.ENCODER,)
     default_roles: tuple[GraphRole, ...] = ()
+    rate: str | None = None
+    default_output: str | None = None
+    georeferenced: bool = False
 
     def __post_init__(self) -> None:
-        """Freeze the name table."""
+        """Freeze the name table; fill in the default output."""
         object.__setattr__(self, "graph_names", types.MappingProxyType(dict(self.graph_names)))
+        if self.default_output is None:
+            first = next((r.output for r in self.graph_names if r.output), SYMBOLS_OUTPUT)
+            object.__setattr__(self, "default_output", first)
 
     def graph_name(self, role: GraphRole) -> str:
         """The Triton model name of ``role`` in this family."""
@@ -609,6 +625,12 @@ def register_family(family: ModelFamily) -> ModelFamily:
             raise ValueError(f"family {family.name!r}: graph role {role} is not registered")
     if not set(family.default_roles) <= set(family.graph_names):
         raise ValueError(f"family {family.name!r}: default roles must be among its graph roles")
+    outputs = {r.output for r in family.graph_names if r.output} | {SYMBOLS_OUTPUT}
+    if family.default_output not in outputs:
+        raise ValueError(
+            f"family {family.name!r}: default output {family.default_output!r} is none of "
+            f"its graphs' outputs {sorted(outputs)}"
+        )
     for kind in family.entropy_kinds:
         entropy_model(kind)
     taken = {n for f in _FAMILIES.values() for n in f.graph_names.values()}
@@ -662,6 +684,10 @@ class NecParams:
     def __post_init__(self) -> None:
         """Keep the class names in a tuple."""
         object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    def describe(self) -> str:
+        """What a tile codes to, in words."""
+        return f"{self.tokens} tokens x {self.channels} channels"
 
     def check(self, manifest: Manifest, source: str) -> None:
         """The encoder takes ``(in_chans, S, S)`` images and returns int32 ``(C, T)`` symbols."""
@@ -750,6 +776,13 @@ class RvqParams:
         """Rows of a tile's symbol array: one per codebook level."""
         return self.levels
 
+    def describe(self) -> str:
+        """What a tile codes to, in words."""
+        return (
+            f"{self.levels} codebooks x {self.codebook_size} entries, "
+            f"{self.tokens} latent positions per tile"
+        )
+
     def check(self, manifest: Manifest, source: str) -> None:
         """Encoder ``(bands, S, S)`` -> int32 ``(levels, tokens)``; decoder the reverse."""
         inp = manifest.input
@@ -790,6 +823,9 @@ RVQ = register_family(
         },
         entropy_kinds=(CATEGORICAL.kind,),
         params=RvqParams,
+        rate="codebooks",
+        default_output=GraphRole.RECONSTRUCTION.output,
+        georeferenced=True,
     )
 )
 

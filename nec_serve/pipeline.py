@@ -27,7 +27,7 @@ from tqdm import tqdm
 from nec_serve import __version__
 from nec_serve.bundle import ModelBundle
 from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter, TileRecord
-from nec_serve.contract import GraphRole, decode_outputs
+from nec_serve.contract import GraphRole, decode_outputs, model_families
 from nec_serve.engines import Engine
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, Normalisation, tile_image
@@ -51,8 +51,8 @@ __all__ = [
 
 
 def default_output(bundle: ModelBundle) -> str:
-    """What decompressing with ``bundle`` gives by default: bands (RVQ), else embeddings."""
-    return "bands" if GraphRole.RECONSTRUCTION in bundle.manifest.graphs else "embeddings"
+    """What decompressing with ``bundle`` gives by default (its family says)."""
+    return bundle.manifest.family_spec.default_output
 
 
 def tile_index(records: Iterable[TileRecord]) -> list[dict]:
@@ -192,6 +192,7 @@ def compress(
     if batch_size < 1:
         raise InvalidInput(f"invalid batch size {batch_size}, expected >= 1")
     levels = coding_levels(bundle, codebooks)
+    family = bundle.manifest.family_spec
     stats = CompressStats()
     sink = _Counter(out)
     writer: ContainerWriter | None = None
@@ -211,10 +212,7 @@ def compress(
         # Report figures, kept cheap (they run on the wrapper's hot path): the bound in one
         # batched call, the rounding error without float64 temporaries.
         stats.entropy_bound_bits += bundle.codec.entropy_bound_bits(symbols, levels)
-        if levels is None:  # a factorized prior: symbols round latent - median
-            err = latent - bundle.tables.medians.astype(np.float32)[None, :, None]
-            err -= symbols
-            stats.quant_sq_err += float(np.vdot(err, err))
+        stats.quant_sq_err += bundle.codec.rounding_sq_err(symbols, latent)
         for info, payload in zip(pending, streams, strict=True):
             writer.write_tile(
                 payload,
@@ -238,7 +236,7 @@ def compress(
     t_read = time.perf_counter()
     for name, raw in inputs:
         stats.seconds["read"] += time.perf_counter() - t_read
-        this_norm = _admit(name, raw, bundle, norm, levels)
+        this_norm = _admit(name, raw, bundle, norm)
         if writer is None:
             norm = this_norm
             writer = ContainerWriter(sink, _header(bundle, norm, raw.dtype, bands, levels))
@@ -246,7 +244,7 @@ def compress(
         stats.source_pixels += raw.shape[1] * raw.shape[2]
         stats.raw_bytes += raw.nbytes
         geo = getattr(raw, "geo", None)  # a georeferenced reader's GeoArray
-        if levels is not None and geo is not None:
+        if family.georeferenced and geo is not None:
             writer.write_source(name, geo)
         image_tiles, grid = tile_image(raw, bundle.img_size)
         for tile, (row, col) in zip(image_tiles, grid.origins(), strict=True):
@@ -266,16 +264,17 @@ def compress(
 
 
 def coding_levels(bundle: ModelBundle, codebooks: int | None) -> int | None:
-    """The codebook levels to code: None for families without levels, else 1..levels.
+    """The rate to code at: None for families with a fixed rate, else 1..levels.
 
     Raises:
-        InvalidInput: ``codebooks`` given to a family without levels, or out of range.
+        InvalidInput: ``codebooks`` given to a family without a rate knob, or out of range.
     """
-    if not hasattr(bundle.codec, "check_levels"):
+    if bundle.manifest.family_spec.rate is None:
         if codebooks is not None:
+            with_rate = "/".join(f.name.upper() for f in model_families() if f.rate)
             raise InvalidInput(
-                f"a codebook count applies to the RVQ family; {bundle.manifest.model!r} is a "
-                f"{bundle.family!r} model"
+                f"a codebook count applies to the {with_rate} family; "
+                f"{bundle.manifest.model!r} is a {bundle.family!r} model"
             )
         return None
     return bundle.codec.check_levels(bundle.codec.levels if codebooks is None else codebooks)
@@ -286,11 +285,10 @@ def _admit(
     raw: np.ndarray,
     bundle: ModelBundle,
     norm: Normalisation | None,
-    levels: int | None,
 ) -> Normalisation:
     """The normalisation of one more image, refusing what the container cannot hold."""
     this_norm = _normalisation_for(name, raw, bundle)
-    if levels is not None:
+    if bundle.manifest.family_spec.georeferenced:
         _check_reflectance(name, raw)
     if norm is not None and this_norm != norm:
         raise InvalidInput(
@@ -320,7 +318,7 @@ def _header(
     levels: int | None = None,
 ) -> ContainerHeader:
     m = bundle.manifest
-    rate = {} if levels is None else {"codebooks": levels}
+    rate = {} if levels is None else {m.family_spec.rate: levels}
     return ContainerHeader(
         table_sha256=bundle.tables.sha256,
         meta={
@@ -370,13 +368,17 @@ def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
             f"container holds {meta['channels']}x{meta['tokens']} symbols per tile, the export "
             f"codes {bundle.channels}x{bundle.tokens}"
         )
-    levels = meta.get("codebooks")
-    if hasattr(bundle.codec, "check_levels"):
-        if levels is None:
-            raise InvalidInput("container of the RVQ family does not say how many codebooks")
-        bundle.codec.check_levels(levels)
-    elif levels is not None:
-        raise InvalidInput(f"container codes {levels} codebooks, the export has none")
+    rate = bundle.manifest.family_spec.rate
+    if rate is not None:
+        if meta.get(rate) is None:
+            raise InvalidInput(
+                f"container of the {bundle.family.upper()} family does not say how many {rate}"
+            )
+        bundle.codec.check_levels(meta[rate])
+    else:
+        for name in {f.rate for f in model_families() if f.rate}:
+            if meta.get(name) is not None:
+                raise InvalidInput(f"container codes {meta[name]} {name}, the export has none")
 
 
 def iter_decoded(
@@ -446,7 +448,8 @@ def _iter_decoded(
         )
     records: list[TileRecord] = []
 
-    levels = header.meta.get("codebooks")
+    rate = bundle.manifest.family_spec.rate
+    levels = header.meta.get(rate) if rate else None
 
     def run() -> np.ndarray:
         t0 = time.perf_counter()

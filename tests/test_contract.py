@@ -312,6 +312,22 @@ def test_a_new_family_role_and_entropy_model_register_without_core_changes(regis
         )
     )
     assert decode_outputs()["scores"] is head and GraphRole.of("toy_head") is head
+    # A family decodes by default to its first decoding graph's output unless it says.
+    assert toy.default_output == "scores"
+    assert (NEC.default_output, RVQ.default_output) == (
+        "embeddings",
+        "bands",
+    )
+    with pytest.raises(ValueError, match="default output 'bands' is none of"):
+        register_family(
+            ModelFamily(
+                name="toy2",
+                graph_names={GraphRole.ENCODER: "toy2_encoder"},
+                entropy_kinds=(kind.kind,),
+                params=ToyParams,
+                default_output="bands",
+            )
+        )
     tables = ToyTables(b"\x01\x02")
     (tmp_path / "toy.bin").write_bytes(tables.data)
     man = Manifest(
