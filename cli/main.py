@@ -34,8 +34,7 @@ from nec_serve.pipeline import (
     coding_levels,
     compress,
     default_output,
-    write_bands,
-    write_embeddings,
+    output_writer,
 )
 from nec_serve.settings_flags import DeferredParser, add_settings_flags, settings_values
 from nec_wrapper.main import add_parser as add_wrapper
@@ -261,22 +260,8 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     if not container.is_file():
         raise InvalidInput(f"cannot read container {args.input}: no such file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.output == "bands":
-        done = write_bands(
-            container,
-            out,
-            bundle,
-            engine,
-            batch_size=args.batch_size,
-            progress=not args.quiet,
-        )
-        print(
-            f"decoded {done['tiles']} tiles of {done['images']} image(s) with "
-            f"{done['codebooks']} codebook(s) -> {done['path']} ({done['format']}, uint16 "
-            f"{', '.join(bundle.manifest.family_params.band_names)})"
-        )
-        return 0
-    done = write_embeddings(
+    writer = output_writer(args.output)
+    done = writer.write(
         container,
         out,
         bundle,
@@ -285,7 +270,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    print(f"decoded {done['tiles']} tiles -> {out} {done['dtype']}{done['shape']}")
+    print(writer.describe(done, bundle, out))
     classes = out.with_suffix(".classes.json")
     if args.output == "classes" and classes.exists():
         tiles = json.loads(classes.read_text())["tiles"]

@@ -47,6 +47,9 @@ __all__ = [
     "admit_record",
     "iter_decoded",
     "write_embeddings",
+    "OutputWriter",
+    "register_output_writer",
+    "output_writer",
 ]
 
 
@@ -817,3 +820,101 @@ def write_bands(
 
 def _progress(enabled: bool, desc: str, unit: str):
     return tqdm(desc=desc, unit=unit, disable=not enabled, leave=False)
+
+
+# ------------------------------------------------------------------------------ output writers
+
+
+@dataclass(frozen=True)
+class OutputWriter:
+    """How one ``decompress --output`` is written, reported and described.
+
+    Attributes:
+        suffix: the output file's suffix (the wrapper names its S3 object with it).
+        write: ``(container, dest, bundle, engine, output, *, batch_size, limits, label,
+            progress) -> done``: decodes ``container`` into ``dest`` atomically.
+        report: ``done -> dict``, the step report's fields (after ``mode``).
+        describe: ``(done, bundle, dest) -> str``, the CLI's line about what was written.
+    """
+
+    suffix: str
+    write: Any
+    report: Any
+    describe: Any
+
+
+_WRITERS: dict[str, OutputWriter] = {}
+
+
+def register_output_writer(output: str, writer: OutputWriter) -> OutputWriter:
+    """Write ``output`` (a registered graph role's output) with ``writer``.
+
+    Outputs without a writer of their own are arrays (:func:`write_embeddings`).
+
+    Raises:
+        ValueError: ``output`` already has a writer.
+    """
+    if output in _WRITERS:
+        raise ValueError(f"output {output!r} already has a writer")
+    _WRITERS[output] = writer
+    return writer
+
+
+def output_writer(output: str) -> OutputWriter:
+    """The writer of ``output``: its own, else the array writer."""
+    return _WRITERS.get(output, ARRAY_WRITER)
+
+
+def _array_report(done: dict) -> dict:
+    return {
+        "tiles": done["tiles"],
+        "output": done["output"],
+        "decode_s": done["decode_s"],
+        "coding_s": done["coding_s"],
+        "inference_s": done["inference_s"],
+    }
+
+
+def _array_describe(done: dict, bundle: ModelBundle, dest: Path) -> str:
+    return f"decoded {done['tiles']} tiles -> {dest} {done['dtype']}{done['shape']}"
+
+
+def _write_arrays(container, dest, bundle, engine, output, **kwargs) -> dict:
+    return {**write_embeddings(container, dest, bundle, engine, output, **kwargs), "output": output}
+
+
+#: Every output without a writer of its own: one ``.npy`` array and its tile index.
+ARRAY_WRITER = OutputWriter(".npy", _write_arrays, _array_report, _array_describe)
+
+
+def _bands_report(done: dict) -> dict:
+    path = {"path": done["path"]} if done["format"] == "tar" else {}
+    return {
+        "output": "bands",
+        "tiles": done["tiles"],
+        "images": done["images"],
+        "codebooks": done["codebooks"],
+        "decode_s": done["decode_s"],
+        "coding_s": done["coding_s"],
+        "inference_s": done["inference_s"],
+        **path,
+    }
+
+
+def _bands_describe(done: dict, bundle: ModelBundle, dest: Path) -> str:
+    return (
+        f"decoded {done['tiles']} tiles of {done['images']} image(s) with "
+        f"{done['codebooks']} codebook(s) -> {done['path']} ({done['format']}, uint16 "
+        f"{', '.join(bundle.manifest.family_params.band_names)})"
+    )
+
+
+def _write_bands(container, dest, bundle, engine, output, **kwargs) -> dict:
+    return write_bands(container, dest, bundle, engine, **kwargs)
+
+
+#: Reconstructed bands: georeferenced GeoTIFFs (a tar of them for several sources).
+BANDS_WRITER = register_output_writer(
+    GraphRole.RECONSTRUCTION.output,
+    OutputWriter(".tif", _write_bands, _bands_report, _bands_describe),
+)

@@ -76,8 +76,7 @@ from nec_serve.pipeline import (
     coding_levels,
     compress,
     default_output,
-    write_bands,
-    write_embeddings,
+    output_writer,
 )
 from nec_serve.retry import GaveUp, retrying
 from nec_wrapper.triggers import SESSION_TIMEOUT_S
@@ -199,7 +198,7 @@ def output_name(
             break
     if mode == "compress":
         return f"{name}.necb" if codebooks is None else f"{name}.c{codebooks}.necb"
-    return f"{name}.tif" if output == "bands" else f"{name}.npy"
+    return name + output_writer(output).suffix
 
 
 def message_id(
@@ -562,33 +561,12 @@ class StepHandler:
                 batch_size=self.settings.batch_size,
                 codebooks=codebooks,
             )
-        rate = {} if codebooks is None else {"codebooks": codebooks}
+        rate = {} if codebooks is None else {self.bundle.manifest.family_spec.rate: codebooks}
         return {**stats.summary(), **rate, "mode": "compress"}
 
     def _decompress(self, src: Path, dest: Path, label: str) -> dict:
-        if self.output == "bands":
-            done = write_bands(
-                src,
-                dest,
-                self.bundle,
-                self._metered,
-                batch_size=self.settings.batch_size,
-                limits=self.settings.limits,
-                label=label,
-            )
-            path = {"path": done["path"]} if done["format"] == "tar" else {}
-            return {
-                "mode": "decompress",
-                "output": "bands",
-                "tiles": done["tiles"],
-                "images": done["images"],
-                "codebooks": done["codebooks"],
-                "decode_s": done["decode_s"],
-                "coding_s": done["coding_s"],
-                "inference_s": done["inference_s"],
-                **path,
-            }
-        done = write_embeddings(
+        writer = output_writer(self.output)
+        done = writer.write(
             src,
             dest,
             self.bundle,
@@ -598,14 +576,7 @@ class StepHandler:
             limits=self.settings.limits,
             label=label,
         )
-        return {
-            "mode": "decompress",
-            "tiles": done["tiles"],
-            "output": self.output,
-            "decode_s": done["decode_s"],
-            "coding_s": done["coding_s"],
-            "inference_s": done["inference_s"],
-        }
+        return {"mode": "decompress", **writer.report(done)}
 
     # -- Kafka side effects ----------------------------------------------------------
 
