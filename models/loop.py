@@ -61,7 +61,6 @@ def stop_if_diverged(
     epoch: int,
     step: int,
     checkpoint: Path,
-    kept: int | None,
     knob: str,
 ) -> None:
     """Raise :class:`TrainingDiverged` if ``loss`` is NaN or infinite, in the one message form.
@@ -71,12 +70,14 @@ def stop_if_diverged(
         task: the trainer's name in the message (``mae``, ``nec``, ...).
         epoch: the current epoch, counted from 0.
         step: the step within the epoch.
-        checkpoint: where the trainer writes its checkpoint.
-        kept: the epoch whose checkpoint is on disk, or None if none was written.
+        checkpoint: where the trainer writes its checkpoint; when it is on disk, it holds
+            the epoch before ``epoch`` (trainers save after each epoch and refuse to start
+            over an existing one).
         knob: the flag to lower (``--lr``, ``--blr``).
     """
     if torch.isfinite(loss):
         return
+    kept = epoch - 1 if epoch and Path(checkpoint).is_file() else None
     where = f"epoch {kept} is kept at {checkpoint}" if kept is not None else "none was written"
     raise TrainingDiverged(
         f"train {task}: the loss is {float(loss)} at epoch {epoch}, step {step}: "

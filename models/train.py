@@ -297,7 +297,6 @@ def train_mae(cfg: MAEConfig, *, resume: bool = False, progress: bool = True) ->
                 epoch=epoch,
                 step=step,
                 checkpoint=ckpt_path,
-                kept=epoch - 1 if epoch else None,
                 knob="--blr",
             )
             optimizer.zero_grad(set_to_none=True)
@@ -534,7 +533,6 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
                 epoch=epoch,
                 step=step,
                 checkpoint=ckpt_path,
-                kept=epoch - 1 if epoch else None,
                 knob="--lr",
             )
             optimizer.zero_grad(set_to_none=True)
@@ -707,7 +705,6 @@ def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
                 epoch=epoch,
                 step=step,
                 checkpoint=out / "checkpoint.pth",
-                kept=None,
                 knob="--lr",
             )
             optimizer.zero_grad(set_to_none=True)

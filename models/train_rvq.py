@@ -339,7 +339,6 @@ def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) ->
                 epoch=epoch,
                 step=step,
                 checkpoint=ckpt_path,
-                kept=epoch - 1 if epoch else None,
                 knob="--lr",
             )
             optimizer.zero_grad(set_to_none=True)

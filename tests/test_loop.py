@@ -37,9 +37,13 @@ def test_epoch_seeds_differ_by_epoch():
 def test_divergence_names_the_loss_step_and_checkpoint(tmp_path):
     from nec_models.loop import TrainingDiverged, stop_if_diverged
 
-    stop_if_diverged(
-        torch.tensor(1.0), task="t", epoch=0, step=0, checkpoint=tmp_path, kept=None, knob="--lr"
-    )
+    ckpt = tmp_path / "checkpoint.pth"
+    stop_if_diverged(torch.tensor(1.0), task="t", epoch=0, step=0, checkpoint=ckpt, knob="--lr")
+    with pytest.raises(TrainingDiverged, match=r"at epoch 2, step 5: .*none was written"):
+        stop_if_diverged(
+            torch.tensor(float("nan")), task="t", epoch=2, step=5, checkpoint=ckpt, knob="--lr"
+        )
+    ckpt.write_bytes(b"epoch 1")
     with pytest.raises(
         TrainingDiverged, match=r"train t: the loss is inf at epoch 2, step 5: .*epoch 1 is kept"
     ):
@@ -48,7 +52,6 @@ def test_divergence_names_the_loss_step_and_checkpoint(tmp_path):
             task="t",
             epoch=2,
             step=5,
-            checkpoint=tmp_path,
-            kept=1,
+            checkpoint=ckpt,
             knob="--lr",
         )
