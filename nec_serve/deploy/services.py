@@ -172,7 +172,7 @@ def build_inference_services(
     """Typed ``V1beta1InferenceService`` objects for the encoder and the decoders.
 
     ``manifest`` (the export's) picks the services and the models they load
-    (:func:`services_for`); without it, NEC's.
+    (:func:`services_for`); without it, every registered family's default services.
 
     They are the objects of ``k8s/overlays/<variant>`` with ``storageUri`` set to ``uri``:
     Triton runtime, protocol v2, only this service's models loaded (explicit model control),
