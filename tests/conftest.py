@@ -131,33 +131,42 @@ def raw_producer(kafka):
     p.close(timeout=5)
 
 
-# k8s/ rendering and schemas (tests/test_k8s.py holds the validator loader and copy_k8s).
+# k8s/ rendering with the pinned kustomize (tests/support/k8s.py).
 @pytest.fixture(scope="session")
 def schemas() -> dict:
-    from test_k8s import kv
+    from support.k8s import fetch
 
-    return kv.fetch()
+    return fetch()
 
 
 @pytest.fixture(scope="session")
 def validator(schemas):
-    from test_k8s import kv
+    import importlib.util
+    import sys
 
-    return kv.load_validator(schemas)
+    from support import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "k8s_validate", ROOT / "scripts" / "k8s_validate.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["k8s_validate"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.load_validator(schemas)
 
 
 @pytest.fixture(scope="session")
 def k8s_tree(tmp_path_factory) -> Path:
-    from test_k8s import copy_k8s
+    from support.k8s import copy_k8s
 
     return copy_k8s(tmp_path_factory.mktemp("k8s"))
 
 
 @pytest.fixture(scope="session")
 def rendered(schemas, k8s_tree) -> dict[str, list[dict]]:
-    from test_k8s import VARIANTS, kv
+    from support.k8s import VARIANTS, kustomize_build
 
-    return {v: kv.kustomize_build(schemas, k8s_tree / "overlays" / v) for v in VARIANTS}
+    return {v: kustomize_build(schemas, k8s_tree / "overlays" / v) for v in VARIANTS}
 
 
 @pytest.fixture(scope="session")

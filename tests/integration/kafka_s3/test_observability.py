@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from test_workflow import Flow, _handler, _naip_tar
+from support.kafka_s3 import Flow
+from support.kafka_s3 import make_handler as _handler
+from support.kafka_s3 import naip_tar as _naip_tar
 
 from nec_dev.triton import free_port
 from nec_serve import logs
@@ -42,7 +44,7 @@ from nec_serve.metrics import (
     serve_metrics,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 DASHBOARD = ROOT / "k8s" / "monitoring" / "dashboard.json"
 EO4EU_KEYS = {"component_name", "workflow_name", "status", "description", "timestamp", "optional"}
 

@@ -20,7 +20,7 @@ from unittest.mock import patch
 
 import numpy as np
 import pytest
-from test_workflow import Flow, _handler, _naip_tar, _uid
+from support.kafka_s3 import Flow, make_handler, naip_tar, uid, wait
 
 from nec_serve.config_store import LocalConfigStore
 from nec_serve.messages import config_name, legacy_config_name
@@ -61,15 +61,6 @@ def _committed(kafka, group: str, topic: str) -> int | None:
         consumer.close()
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _send_all(raw_producer, topic: str, values) -> None:
     for value in values:  # keyed: Kafka takes a null value (a tombstone) only with a key
         raw_producer.send(topic, key=b"k", value=value).get(10)
@@ -85,8 +76,8 @@ class _Controller:
         from nec_controller.app import Controller, run_controller
         from nec_controller.sources import LocalSources
 
-        self.topic = f"system.ML.{_uid()}"
-        self.group = f"ctl-{_uid()}"
+        self.topic = f"system.ML.{uid()}"
+        self.group = f"ctl-{uid()}"
         self.sources = LocalSources(kafka.bootstrap_servers, sinks)
         self.controller = Controller(
             flow.store,
@@ -123,10 +114,10 @@ def test_controller_survives_poison_and_applies_the_next_message(
     with _Controller(kafka, flow, {"nec-compress": "http://127.0.0.1:9"}, producer) as ctl:
         _send_all(raw_producer, ctl.topic, [v for v, _ in poison])
         raw_producer.send(ctl.topic, value=json.dumps(flow.msg).encode()).get(10)
-        _wait(lambda: flow.store.names() == [flow.name], 60, "the valid workflow to be stored")
+        wait(lambda: flow.store.names() == [flow.name], 60, "the valid workflow to be stored")
         assert ctl.controller.store.get(flow.name).topic_in == flow.topic_in
         assert flow.name in ctl.sources.running
-        _wait(lambda: _committed(kafka, ctl.group, ctl.topic) == len(poison) + 1, 30, "commit")
+        wait(lambda: _committed(kafka, ctl.group, ctl.topic) == len(poison) + 1, 30, "commit")
     dead = flow.read(flow.dlq, len(poison))
     assert len(dead) == len(poison)  # one record per poison message, in order
     for record, (_, match) in zip(dead, poison, strict=True):
@@ -242,7 +233,7 @@ def _consume(handler, kafka, topic: str):
     from nec_wrapper.triggers import run_consumer
 
     stop = threading.Event()
-    group = f"g-{_uid()}"
+    group = f"g-{uid()}"
     worker = threading.Thread(
         target=run_consumer,
         args=(handler, kafka.bootstrap_servers, group, lambda: [topic], stop),
@@ -256,9 +247,9 @@ def test_kafka_trigger_survives_poison_and_unexpected_errors(
     kafka, s3, producer, raw_producer, tiny_export, data_dir, tmp_path
 ):
     flow = Flow(kafka, s3, tmp_path)
-    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
-    flow.put("input/other.tar.gz", _naip_tar(data_dir, 1))
-    handler = _handler(flow, tiny_export, producer)
+    flow.put("input/tiles.tar.gz", naip_tar(data_dir, 1))
+    flow.put("input/other.tar.gz", naip_tar(data_dir, 1))
+    handler = make_handler(flow, tiny_export, producer)
     real_run = handler._run
 
     def fault(workflow, step):  # an error no code path expects, once
@@ -272,7 +263,7 @@ def test_kafka_trigger_survives_poison_and_unexpected_errors(
         stop, worker, group = _consume(handler, kafka, flow.topic_in)
         try:
             nxt = flow.read(flow.topic_out, 1, timeout=90)
-            _wait(lambda: _committed(kafka, group, flow.topic_in) == 6, 30, "commit")
+            wait(lambda: _committed(kafka, group, flow.topic_in) == 6, 30, "commit")
         finally:
             stop.set()
             worker.join(30)
@@ -310,9 +301,9 @@ def test_http_trigger_and_local_kafkasource_survive_poison(
     from nec_wrapper.triggers import make_http_server
 
     flow = Flow(kafka, s3, tmp_path)
-    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
-    flow.put("input/other.tar.gz", _naip_tar(data_dir, 1))
-    handler = _handler(flow, tiny_export, producer)
+    flow.put("input/tiles.tar.gz", naip_tar(data_dir, 1))
+    flow.put("input/other.tar.gz", naip_tar(data_dir, 1))
+    handler = make_handler(flow, tiny_export, producer)
     server = make_http_server(handler, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     real_run = handler._run
@@ -337,7 +328,7 @@ def test_http_trigger_and_local_kafkasource_survive_poison(
         with patch.object(handler, "_run", side_effect=fault):
             source.start()
             nxt = flow.read(flow.topic_out, 1, timeout=90)
-            _wait(lambda: source.delivered == 6, 30, "every record to be answered")
+            wait(lambda: source.delivered == 6, 30, "every record to be answered")
     finally:
         source.stop()
         server.shutdown()
@@ -372,7 +363,7 @@ def test_local_kafkasource_gives_up_on_a_sink_that_never_accepts(
     _send_all(raw_producer, flow.topic_in, [flow.step("a.tif"), flow.step("b.tif")])
     source.start()
     try:
-        _wait(lambda: source.dead_lettered == 2, 30, "both records to be dead-lettered")
+        wait(lambda: source.dead_lettered == 2, 30, "both records to be dead-lettered")
     finally:
         source.stop()
         sink.shutdown()
@@ -406,7 +397,7 @@ def test_http_trigger_fails_requests_it_cannot_read(
     from nec_wrapper.triggers import make_http_server
 
     flow = Flow(kafka, s3, tmp_path)
-    server = make_http_server(_handler(flow, tiny_export, producer), port=0)
+    server = make_http_server(make_handler(flow, tiny_export, producer), port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
@@ -463,7 +454,7 @@ def test_decompression_bombs_fail_before_allocating(kafka, s3, producer, tiny_ex
     assert len(tiff) < 2 << 20
     flow.put("input/bomb.npy", _npy_bomb())
     flow.put("input/bomb.tif", tiff)
-    handler = _handler(flow, tiny_export, producer, work_dir=tmp_path)
+    handler = make_handler(flow, tiny_export, producer, work_dir=tmp_path)
     for name in ("bomb.npy", "bomb.tif"):
         t0 = time.monotonic()
         out = handler.handle(flow.name, flow.step(name))
@@ -497,7 +488,7 @@ def test_a_container_with_a_mistyped_geometry_field_fails_clearly(
     assert struct.unpack("<4s", data[:4])[0] == b"NECB"
     flow = Flow(kafka, s3, tmp_path, component="nec-decompress")
     flow.put("input/bad.necb", data)
-    out = _handler(flow, tiny_export, producer, mode="decompress").handle(
+    out = make_handler(flow, tiny_export, producer, mode="decompress").handle(
         flow.name, flow.step("bad.necb")
     )
     assert out.done and out.status == "failed"
@@ -552,13 +543,13 @@ def test_a_planted_secret_is_found_nowhere_afterwards(
 
     with _Controller(kafka, flow, {"nec-compress": "http://127.0.0.1:9"}, producer) as ctl:
         raw_producer.send(ctl.topic, value=cut_published).get(10)
-        _wait(lambda: _committed(kafka, ctl.group, ctl.topic) == 1, 60, "the controller")
-    handler = _handler(flow, tiny_export, producer, work_dir=tmp_path)
+        wait(lambda: _committed(kafka, ctl.group, ctl.topic) == 1, 60, "the controller")
+    handler = make_handler(flow, tiny_export, producer, work_dir=tmp_path)
     raw_producer.send(flow.topic_in, value=cut_step).get(10)
     raw_producer.send(flow.topic_in, value=cut_innocent).get(10)
     stop, worker, group = _consume(handler, kafka, flow.topic_in)
     try:
-        _wait(lambda: _committed(kafka, group, flow.topic_in) == 2, 60, "the wrapper")
+        wait(lambda: _committed(kafka, group, flow.topic_in) == 2, 60, "the wrapper")
     finally:
         stop.set()
         worker.join(30)
@@ -597,12 +588,12 @@ def test_a_duplicate_step_message_gives_one_downstream_message(
     kafka, s3, producer, raw_producer, tiny_export, data_dir, tmp_path
 ):
     flow = Flow(kafka, s3, tmp_path)
-    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
-    handler = _handler(flow, tiny_export, producer)
+    flow.put("input/tiles.tar.gz", naip_tar(data_dir, 1))
+    handler = make_handler(flow, tiny_export, producer)
     _send_all(raw_producer, flow.topic_in, [flow.step("tiles.tar.gz")] * 3)
     stop, worker, group = _consume(handler, kafka, flow.topic_in)
     try:
-        _wait(lambda: _committed(kafka, group, flow.topic_in) == 3, 90, "three deliveries")
+        wait(lambda: _committed(kafka, group, flow.topic_in) == 3, 90, "three deliveries")
     finally:
         stop.set()
         worker.join(30)
@@ -620,7 +611,7 @@ def test_a_duplicate_step_message_gives_one_downstream_message(
     assert json.loads(flow.get(marker))["output_key"] == "result-nec-compress/tiles.necb"
 
     # A new version of the input is new work: processed and published again.
-    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 2))
+    flow.put("input/tiles.tar.gz", naip_tar(data_dir, 2))
     out = handler.handle(flow.name, flow.step("tiles.tar.gz"))
     assert out.status == "finished" and out.stats["message_id"] != msg_id
     assert len(flow.read(flow.topic_out, 2, timeout=5)) == 2
@@ -631,7 +622,7 @@ def test_a_duplicate_step_message_gives_one_downstream_message(
     flow.s3.client().delete_object(
         Bucket=flow.bucket, Key=f".nec-published/nec-compress/{new_id}.json"
     )
-    fresh = _handler(flow, tiny_export, producer)  # a restarted wrapper: nothing in memory
+    fresh = make_handler(flow, tiny_export, producer)  # a restarted wrapper: nothing in memory
     assert fresh.handle(flow.name, flow.step("tiles.tar.gz")).stats["message_id"] == new_id
     assert len(flow.read(flow.topic_out, 3, timeout=5)) == 3
 
@@ -643,8 +634,8 @@ def test_a_failed_marker_write_does_not_publish_twice(
     from nec_serve.errors import TransientError
 
     flow = Flow(kafka, s3, tmp_path)
-    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
-    handler = _handler(flow, tiny_export, producer)
+    flow.put("input/tiles.tar.gz", naip_tar(data_dir, 1))
+    handler = make_handler(flow, tiny_export, producer)
     real = s3_mod.put_json
     calls = []
 
@@ -743,7 +734,7 @@ def test_a_step_message_fault_has_one_label_whichever_trigger(
     from nec_wrapper.triggers import make_http_server
 
     flow = Flow(kafka, s3, tmp_path)
-    handler = _handler(flow, tiny_export, producer)
+    handler = make_handler(flow, tiny_export, producer)
     seen = []
 
     def spy(real):

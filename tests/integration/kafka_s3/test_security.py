@@ -35,16 +35,15 @@ from unittest.mock import patch
 
 import numpy as np
 import pytest
-from test_poison import _wait
-from test_rvq import SSL4EO, SSL4EO_BANDS
-from test_workflow import NAIP, Flow, _handler, _naip_tar, _uid
+from support import SSL4EO, SSL4EO_BANDS
+from support.kafka_s3 import NAIP, Flow, make_handler, naip_tar, uid, wait
 
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, iter_inputs, read_raster
 from nec_serve.imagery.readers import read_raster_bytes
 from nec_serve.messages import parse_workflow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 class _Recorder:
@@ -170,7 +169,7 @@ def test_inputs_that_reach_beyond_themselves_are_refused_and_reach_nothing(
         cases["naip.png"] = (naip, "content is GeoTIFF but the name ends in '.png'")
         for name, (data, _) in cases.items():
             flow.put(f"input/{name}", data)
-        handler = _handler(flow, tiny_export, producer, work_dir=work)
+        handler = make_handler(flow, tiny_export, producer, work_dir=work)
         for name, (_, match) in cases.items():
             out = handler.handle(flow.name, flow.step(name))
             assert out.done and out.status == "failed", (name, out)
@@ -192,7 +191,7 @@ def test_inputs_that_reach_beyond_themselves_are_refused_and_reach_nothing(
             _read_as_geotiff(_vrt(metadata))
         assert web.requests == [], web.requests
 
-        flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
+        flow.put("input/tiles.tar.gz", naip_tar(data_dir, 1))
         ok = handler.handle(flow.name, flow.step("tiles.tar.gz"))
         assert ok.status == "finished", ok.reason
         assert web.requests == []
@@ -305,7 +304,7 @@ def test_image_bombs_fail_as_input_errors_in_the_wrapper_and_the_cli(
     bombs = {"bomb.png": _png_header(20_000, 20_000), "huge.jpg": _jpeg_header(65_000, 65_000)}
     for name, data in bombs.items():
         flow.put(f"input/{name}", data)
-    handler = _handler(flow, tiny_export, producer, work_dir=tmp_path)
+    handler = make_handler(flow, tiny_export, producer, work_dir=tmp_path)
     for name in bombs:
         out = handler.handle(flow.name, flow.step(name))
         assert out.status == "failed" and out.failure == "input_error", out
@@ -317,7 +316,7 @@ def test_image_bombs_fail_as_input_errors_in_the_wrapper_and_the_cli(
                    str(tmp_path / "b.necb"))  # fmt: skip
         assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr
         assert "over max_" in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
-    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
+    flow.put("input/tiles.tar.gz", naip_tar(data_dir, 1))
     assert handler.handle(flow.name, flow.step("tiles.tar.gz")).status == "finished"
 
 
@@ -328,7 +327,7 @@ def test_names_that_are_not_unicode_are_input_errors(
     kafka, s3, producer, tiny_export, data_dir, tmp_path
 ):
     flow = Flow(kafka, s3, tmp_path)
-    handler = _handler(flow, tiny_export, producer, work_dir=tmp_path)
+    handler = make_handler(flow, tiny_export, producer, work_dir=tmp_path)
     # A filename with a lone surrogate escape in the step message.
     raw = flow.step("X.tif").replace(b"X.tif", b"\\udc80x.tif")
     out = handler.handle(flow.name, raw)
@@ -359,7 +358,7 @@ def test_names_that_are_not_unicode_are_input_errors(
     cli = _cli("compress", bad, "--model-dir", str(tiny_export), "--out", str(tmp_path / "n.necb"))
     assert cli.returncode == 2 and "not valid UTF-8" in cli.stderr, cli.stderr
     assert "Traceback" not in cli.stderr
-    flow.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
+    flow.put("input/tiles.tar.gz", naip_tar(data_dir, 1))
     assert handler.handle(flow.name, flow.step("tiles.tar.gz")).status == "finished"
 
 
@@ -415,7 +414,7 @@ def test_container_geometry_is_bounded_and_bands_decode_in_bounded_memory(
     # Out of every limit: refused before anything is allocated, by the wrapper too.
     flow = Flow(kafka, s3, tmp_path, component="nec-decompress")
     flow.put("input/huge.necb", _forged(real, 20_000, 20_000))
-    handler = _handler(flow, rvq_export, producer, mode="decompress", work_dir=tmp_path)
+    handler = make_handler(flow, rvq_export, producer, mode="decompress", work_dir=tmp_path)
     out = handler.handle(flow.name, flow.step("huge.necb"))
     assert out.status == "failed" and out.failure == "input_error", out
     assert "declares a 20000x20000 source image" in out.reason and "max_pixels" in out.reason
@@ -458,9 +457,9 @@ def test_two_workflows_sharing_a_bucket_component_and_input_each_get_their_messa
     second.bucket = first.bucket
     second.config = parse_workflow(msg)
     second.store.put(second.config)
-    first.put("input/tiles.tar.gz", _naip_tar(data_dir, 1))
-    a = _handler(first, tiny_export, producer)
-    b = _handler(second, tiny_export, producer)
+    first.put("input/tiles.tar.gz", naip_tar(data_dir, 1))
+    a = make_handler(first, tiny_export, producer)
+    b = make_handler(second, tiny_export, producer)
     out_a = a.handle(first.name, first.step("tiles.tar.gz"))
     out_b = b.handle(second.name, second.step("tiles.tar.gz"))
     assert out_a.status == out_b.status == "finished"
@@ -496,15 +495,15 @@ def test_a_restarted_local_controller_resumes_the_feeds_of_stored_workflows(
 ):
     flow = Flow(kafka, s3, tmp_path)
     flow.store.delete(flow.name)
-    store = tmp_path / f"ctl-store-{_uid()}"
-    system = f"system.ML.{_uid()}"
+    store = tmp_path / f"ctl-store-{uid()}"
+    system = f"system.ML.{uid()}"
     with _Recorder(200) as sink:
         logs = [open(tmp_path / f"controller-{i}.log", "wb") for i in range(2)]
         first = _controller_process(kafka, system, store, sink.url, flow, logs[0])
         raw_producer.send(system, value=json.dumps(flow.msg).encode()).get(10)
-        _wait(lambda: (store / f"{flow.name}.json").exists(), 90, "the workflow to be stored")
+        wait(lambda: (store / f"{flow.name}.json").exists(), 90, "the workflow to be stored")
         raw_producer.send(flow.topic_in, value=flow.step("a.tif")).get(10)
-        _wait(lambda: len(sink.bodies) == 1, 60, "the first feed to deliver")
+        wait(lambda: len(sink.bodies) == 1, 60, "the first feed to deliver")
         first.terminate()
         first.wait(30)
         # Messages queued while no controller runs; nobody publishes the workflow again.
@@ -512,7 +511,7 @@ def test_a_restarted_local_controller_resumes_the_feeds_of_stored_workflows(
             raw_producer.send(flow.topic_in, value=flow.step(name)).get(10)
         second = _controller_process(kafka, system, store, sink.url, flow, logs[1])
         try:
-            _wait(lambda: len(sink.bodies) == 3, 90, "the resumed feed to deliver")
+            wait(lambda: len(sink.bodies) == 3, 90, "the resumed feed to deliver")
         finally:
             second.terminate()
             second.wait(30)

@@ -31,14 +31,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_deploy import run_py
-from test_k8s import copy_k8s, kv
-from test_k8s_workflow import ACCESS_KEY, SECRET_KEY, workflow_message
+from support import ROOT, run_py
+from support.k8s import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    copy_k8s,
+    crd_files,
+    dry_run,
+    kustomize_build,
+    workflow_message,
+)
 
 from nec_serve.config_store import KubernetesConfigStore
 from nec_serve.messages import config_name
 
-ROOT = Path(__file__).resolve().parents[1]
 # What is applied, each into a namespace of its own: the overlays and the monitoring kit.
 TREES = {
     "gpu": "overlays/gpu",
@@ -64,14 +70,6 @@ def namespace(overlay: str) -> str:
 
 def to_yaml(objects: list[dict]) -> str:
     return yaml.safe_dump_all(objects, sort_keys=False)
-
-
-def crd_files(schemas: dict) -> list[Path]:
-    files = []
-    for source in kv.CRD_SOURCES:
-        entry = schemas[source]
-        files += [kv.cache_path(schemas, entry["dir"]) / name for name in entry["crds"]]
-    return files
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +107,7 @@ def render(schemas, tmp: Path, overlay: str, ns: str) -> list[dict]:
         f"apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         f"namespace: {ns}\nresources:\n  - ../{TREES[overlay]}\n{namespace_obj}"
     )
-    return kv.kustomize_build(schemas, mine)
+    return kustomize_build(schemas, mine)
 
 
 def resource(obj: dict) -> str:
@@ -248,11 +246,6 @@ def test_server_side_strict_validation_names_a_misspelt_field(
     for mode in (["--server-side", "--field-manager=nec-tests"], []):
         ok = dry_run(kube, obj, mode)
         assert ok.returncode == 0, ok.stderr
-
-
-def dry_run(kube, obj: dict, mode: list[str]) -> subprocess.CompletedProcess:
-    args = ["apply", *mode, "--dry-run=server", "--validate=strict", "-f", "-"]
-    return kube.kubectl(*args, input=json.dumps(obj), check=False)
 
 
 # ------------------------------------------------------------------------------ RBAC, for real

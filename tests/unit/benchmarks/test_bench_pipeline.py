@@ -11,7 +11,7 @@ import pytest
 
 from nec_serve.pipeline import CompressStats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

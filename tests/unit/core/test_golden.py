@@ -21,7 +21,7 @@ from nec_serve.bundle import ModelBundle
 from nec_serve.container import ContainerReader
 from nec_serve.pipeline import compress, decompress
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[2] / "golden"
 sys.path.insert(0, str(GOLDEN))
 import make_golden  # noqa: E402
 

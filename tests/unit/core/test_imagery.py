@@ -37,7 +37,7 @@ from nec_serve.imagery import (
     untile,
 )
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
+DATA = Path(__file__).resolve().parents[3] / "data" / "samples"
 NAIP = DATA / "naip" / "m_4709963_se_14_1_20090818.tif"
 NAIP_2 = DATA / "naip" / "m_4709963_se_14_1_20180716.tif"
 LANDSAT = DATA / "landsat" / "1985.tif"

@@ -29,7 +29,7 @@ from nec_serve.settings_flags import (
 from nec_wrapper.main import settings_from_args
 from nec_wrapper.step import WrapperSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):

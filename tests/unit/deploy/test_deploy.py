@@ -14,13 +14,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from test_k8s import kv
+from support import ROOT, run_py
+from support.k8s import copy_k8s, kustomize_build
 
 from nec_dev.triton import free_port
 from nec_serve import deploy
@@ -28,22 +28,9 @@ from nec_serve.deploy.repository import _list_keys
 from nec_serve.errors import InvalidInput
 from nec_serve.s3 import make_client
 
-ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = ("nec_decoder", "nec_decoder_block1", "nec_encoder")
 SECRET = "s3cr3t-never-printed-7f3a9"  # the fake secret key; must never show up in output
 BUCKET = "nec-models"
-
-
-def run_py(code: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run Python code in a fresh interpreter (where kserve may be imported)."""
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -312,15 +299,10 @@ def test_importing_deploy_imports_neither_kserve_nor_tritonclient():
 
 @pytest.fixture(scope="module")
 def overlay_isvcs(schemas, tmp_path_factory) -> dict[str, dict[str, dict]]:
-    import shutil
-
-    tree = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(ROOT / "k8s", tree, ignore=shutil.ignore_patterns("s3-credentials.env"))
-    base = tree / "base"
-    shutil.copy(base / "s3-credentials.env.example", base / "s3-credentials.env")
+    tree = copy_k8s(tmp_path_factory.mktemp("k8s"))
     out = {}
     for variant in deploy.VARIANTS:
-        objs = kv.kustomize_build(schemas, tree / "overlays" / variant)
+        objs = kustomize_build(schemas, tree / "overlays" / variant)
         out[variant] = {o["metadata"]["name"]: o for o in objs if o["kind"] == "InferenceService"}
     return out
 

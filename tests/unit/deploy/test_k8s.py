@@ -11,51 +11,23 @@ from __future__ import annotations
 
 import base64
 import copy
-import importlib.util
 import re
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
+from support import ROOT
+from support.k8s import K8S, VARIANTS, by_kind, cache_path, copy_k8s, fetch, kustomize_build
 
-ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "k8s"
-VARIANTS = ("gpu", "cpu")
 GRAPHS = {"nec_encoder", "nec_decoder", "nec_decoder_block1"}
 PLACEHOLDER = "REPLACE_WITH_"
 
 
-def _validate_module():
-    if "k8s_validate" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "k8s_validate", ROOT / "scripts" / "k8s_validate.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["k8s_validate"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["k8s_validate"]
-
-
-kv = _validate_module()
-
-
-def copy_k8s(dst: Path, with_env: bool = True) -> Path:
-    """A copy of k8s/ whose credentials env file is the committed example (never a real one)."""
-    tree = dst / "k8s"
-    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("s3-credentials.env"))
-    if with_env:
-        base = tree / "base"
-        shutil.copy(base / "s3-credentials.env.example", base / "s3-credentials.env")
-    return tree
-
-
 @pytest.fixture(scope="session")
 def triton_runtime(schemas) -> dict:
-    path = kv.cache_path(schemas, schemas["kserve"]["dir"]) / schemas["kserve"]["triton_runtime"]
+    path = cache_path(schemas, schemas["kserve"]["dir"]) / schemas["kserve"]["triton_runtime"]
     return yaml.safe_load(path.read_text())
 
 
@@ -80,10 +52,6 @@ RENDERED_NAMES = [
 ]
 
 
-def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
-    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
-
-
 # ------------------------------------------------------------------------------ rendering
 
 
@@ -105,7 +73,7 @@ def test_every_rendered_object_validates(rendered, validator, variant):
 
 
 def test_base_renders_and_validates(schemas, validator, k8s_tree):
-    objs = kv.kustomize_build(schemas, k8s_tree / "base")
+    objs = kustomize_build(schemas, k8s_tree / "base")
     # The InferenceServices are the overlays' (generated per variant).
     assert len(objs) == len([n for n in RENDERED_NAMES if n[0] != "InferenceService"])
     assert [p for o in objs for p in validator.errors(o)] == []
@@ -114,12 +82,12 @@ def test_base_renders_and_validates(schemas, validator, k8s_tree):
 def test_render_without_credentials_file_fails_clearly(schemas, tmp_path):
     tree = copy_k8s(tmp_path, with_env=False)
     with pytest.raises(RuntimeError, match="s3-credentials.env"):
-        kv.kustomize_build(schemas, tree / "overlays" / "gpu")
+        kustomize_build(schemas, tree / "overlays" / "gpu")
 
 
 def test_kubectl_style_stdin_validation_cli(schemas, k8s_tree, tmp_path):
     """scripts/k8s_validate.py as a command: 0 on the overlay, 1 (naming the field) on a typo."""
-    exe = kv.cache_path(schemas, schemas["kustomize"]["path"])
+    exe = cache_path(schemas, schemas["kustomize"]["path"])
     text = subprocess.run(
         [str(exe), "build", str(k8s_tree / "overlays" / "cpu")],
         capture_output=True,
@@ -417,9 +385,9 @@ def test_fetch_is_pinned_cached_and_fast(schemas):
         pinned = re.search(rf"^{tool.upper()}_VERSION=(\S+)$", script, re.M).group(1)
         assert schemas[tool]["version"] == pinned
     start = time.monotonic()
-    again = kv.fetch()
+    again = fetch()
     assert time.monotonic() - start < 5.0  # the cached run does nothing
     assert again["pins"] == schemas["pins"]
-    exe = kv.cache_path(schemas, schemas["kustomize"]["path"])
+    exe = cache_path(schemas, schemas["kustomize"]["path"])
     out = subprocess.run([str(exe), "version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == schemas["kustomize"]["version"]

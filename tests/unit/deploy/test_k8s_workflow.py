@@ -31,16 +31,25 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_docker import DOCKERFILE, UID, effective, run_with_runtime_packages, stages
-from test_k8s import VARIANTS, by_kind, copy_k8s, kv
+from support import ROOT
+from support.docker import DOCKERFILE, UID, effective, run_with_runtime_packages, stages
+from support.k8s import (
+    ACCESS_KEY,
+    NS,
+    SECRET_KEY,
+    VARIANTS,
+    by_kind,
+    copy_k8s,
+    kubectl_configmap,
+    kustomize_build,
+    workflow_message,
+)
 
 from nec_serve.config_store import KubernetesConfigStore
 from nec_serve.contract import Manifest
 from nec_serve.errors import InvalidInput
 from nec_serve.messages import config_name, parse_workflow
 
-ROOT = Path(__file__).resolve().parents[1]
-NS = "nec"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 ALL_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
 # What the brief of the controller and wrapper allows, as (apiGroup, resource, verb).
@@ -58,7 +67,6 @@ STEPS = {
     "nec-compress": ("compress", "nec-encoder"),
     "nec-decompress": ("decompress", "nec-decoder"),
 }
-ACCESS_KEY, SECRET_KEY = "AKIAEXAMPLEEXAMPLE00", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -66,25 +74,6 @@ ACCESS_KEY, SECRET_KEY = "AKIAEXAMPLEEXAMPLE00", "wJalrXUtnFEMI/K7MDENG/bPxRfiCY
 
 def one(objects: list[dict], kind: str, name: str) -> dict:
     return copy.deepcopy(by_kind(objects, kind)[name])
-
-
-def workflow_message(
-    topic: str = "wf-42.in", service: str = "nec-compress", namespace: str = NS
-) -> dict:
-    """A ``system.ML`` message as the platform publishes it (DESIGN section 5)."""
-    return {
-        "workflow_status": "published",
-        "workflow_name": "EO workflow 42",
-        "Topics": {"in": topic, "out": "wf-42.out"},
-        "ML": {"ServiceName": service, "Namespace": namespace, "component_name": "compress"},
-        "S3_bucket": {
-            "aws_access_key_id": ACCESS_KEY,
-            "aws_secret_access_key": SECRET_KEY,
-            "s3-bucket-name": "eo-bucket",
-            "region_name": "eu-central-1",
-            "endpoint_url": "https://s3.example.org",
-        },
-    }
 
 
 def kafka_data(objects: list[dict]) -> dict[str, str]:
@@ -407,7 +396,7 @@ def test_cluster_wide_rbac_sneaking_in_fails(schemas, validator, tmp_path, sneak
     text, expected = SNEAKS[sneak]
     tree = copy_k8s(tmp_path)
     _add_resource(tree, text)
-    objs = kv.kustomize_build(schemas, tree / "overlays" / "cpu")
+    objs = kustomize_build(schemas, tree / "overlays" / "cpu")
     assert [p for o in objs for p in validator.errors(o)] == []  # schema-valid ...
     assert expected in rbac_problems(objs)  # ... and still refused
 
@@ -436,7 +425,7 @@ def test_rbac_follows_an_overlay_namespace(schemas, tmp_path):
     mine = tree / "overlays" / "mine"
     mine.mkdir()
     (mine / "kustomization.yaml").write_text("resources: [../cpu]\nnamespace: eo-prod\n")
-    objs = kv.kustomize_build(schemas, mine)
+    objs = kustomize_build(schemas, mine)
     for binding in by_kind(objs, "RoleBinding").values():
         assert {s["namespace"] for s in binding["subjects"]} == {"eo-prod"}
     assert rbac_problems(objs) == []
@@ -604,25 +593,6 @@ def test_wrapper_serves_its_probe_path():
 # ------------------------------------------------------------------------------ nec-model
 
 
-def kubectl_configmap(name: str, files: list[Path], namespace: str) -> dict:
-    """What ``kubectl create configmap NAME --from-file=F ... -o yaml`` makes: UTF-8 files in
-    ``data``, the others base64 in ``binaryData``, keyed by file name."""
-    data, binary = {}, {}
-    for path in files:
-        raw = path.read_bytes()
-        try:
-            data[path.name] = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            binary[path.name] = base64.b64encode(raw).decode()
-    obj = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}
-    obj["metadata"]["namespace"] = namespace
-    if data:
-        obj["data"] = data
-    if binary:
-        obj["binaryData"] = binary
-    return obj
-
-
 def mount_configmap(obj: dict, directory: Path) -> Path:
     """The files the kubelet projects from a ConfigMap volume."""
     directory.mkdir(parents=True)
@@ -782,7 +752,7 @@ def test_controller_starts_from_its_manifest_with_the_image_packages(rendered):
 
 @pytest.fixture(scope="module")
 def keda_objects(schemas, k8s_tree) -> list[dict]:
-    return kv.kustomize_build(schemas, k8s_tree / "overlays" / "keda")
+    return kustomize_build(schemas, k8s_tree / "overlays" / "keda")
 
 
 @pytest.mark.parametrize("service", sorted(STEPS))

@@ -26,7 +26,7 @@ from nec_dev.perf import (
     write_variant_repository,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 # What perf_analyzer 2.60.0 printed here against the local server (gRPC, -f, no --verbose-csv).
 PLAIN = """\

@@ -23,7 +23,7 @@ from nec_dev import data as resolver
 from nec_dev.data import FOLDERS, MANIFEST, open_data, resolve_data, write_manifest
 from nec_serve.errors import InvalidInput
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SAMPLES = ROOT / "data" / "samples"
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from support import SSL4EO, SSL4EO_BANDS
 
 from nec_models import create_model
 from nec_models.rvq import S2_BANDS, ResidualVQ
@@ -22,10 +23,6 @@ from nec_serve.engines import LocalEngine
 from nec_serve.errors import CorruptBitstream, InvalidInput
 from nec_serve.imagery import iter_inputs, read_raster
 from nec_serve.pipeline import compress, decompress, write_bands
-
-SSL4EO = "ssl4eo_s12/ssl4eos12_val_0080717_0.tif"
-SSL4EO_BANDS = [2, 3, 4, 5, 6, 7, 8, 9, 11, 12]
-
 
 # ------------------------------------------------------------------------------ the model
 
@@ -446,7 +443,7 @@ def test_bench_rvq_scores_every_codec_from_real_files(rvq_run, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rvq.py"
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_rvq.py"
     spec = importlib.util.spec_from_file_location("bench_rvq", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -381,7 +381,7 @@ def test_bench_rate_scores_every_condition_from_real_files(mae_run, nec_run, eur
     from nec_cli.main import main
 
     spec = importlib.util.spec_from_file_location(
-        "bench_rate", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rate.py"
+        "bench_rate", Path(__file__).resolve().parents[3] / "benchmarks" / "bench_rate.py"
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
