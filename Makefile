@@ -1,9 +1,10 @@
-# The two commands of the README: `make demo` (install + main job) and `make test`.
+# The two commands of the README: `make demo` (install + main job) and `make test` (CI runs it;
+# `make test-fast` is its unit tier, for the edit-test loop).
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench bench-codec bench-encoder bench-serving \
+.PHONY: install demo test test-fast lint format bench bench-codec bench-encoder bench-serving \
 	bench-pipeline bench-perf bench-rate bench-rvq train-eurosat train-s2 clean
 
 $(STAMP): requirements/lock.txt requirements/build.txt pyproject.toml dev/pyproject.toml setup.py nec_serve/_rans.c scripts/bootstrap.sh
@@ -22,6 +23,9 @@ lint: install
 
 test: lint  ## the whole suite; .ci/run calls exactly this
 	PYTHONWARNINGS=ignore $(BIN)/python -m pytest -q
+
+test-fast: install  ## the unit tiers: no broker, S3, Triton or API server, nothing slow (< 2 min)
+	PYTHONWARNINGS=ignore $(BIN)/python -m pytest -q -m "not integration and not slow"
 
 format: install
 	$(BIN)/ruff format .

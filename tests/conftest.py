@@ -7,6 +7,43 @@ from pathlib import Path
 
 import pytest
 
+#: The servers a test starts, by the fixture that starts them (a test in
+#: tests/integration/<component>/ is marked by its directory as well).
+SERVER_FIXTURES = {
+    "kafka": ("kafka",),
+    "producer": ("kafka",),
+    "raw_producer": ("kafka",),
+    "s3": ("s3",),
+    "s3_endpoint": ("s3",),
+    "kube": ("kube",),
+}
+DIRECTORY_MARKERS = {
+    "kafka_s3": ("kafka", "s3"),
+    "s3": ("s3",),
+    "triton": ("triton",),
+    "kube": ("kube",),
+}
+COMPONENTS = ("kafka", "s3", "triton", "kube")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with the servers it starts, and ``integration`` if it starts any: by its
+    directory under tests/integration/, its fixtures, or explicit marks."""
+    integration = Path(__file__).resolve().parent / "integration"
+    for item in items:
+        names = set()
+        path = Path(item.path)
+        if integration in path.parents:
+            names.update(DIRECTORY_MARKERS.get(path.relative_to(integration).parts[0], ()))
+        for fixture in item.fixturenames:
+            names.update(SERVER_FIXTURES.get(fixture, ()))
+        names.update(m.name for m in item.iter_markers() if m.name in COMPONENTS)
+        for name in sorted(names):
+            item.add_marker(name)
+        if names:
+            item.add_marker("integration")
+
+
 #: The sample data in the checkout (data/samples/README.md): every test reads this, so a
 #: bare clone and CI run the same thing.
 DATA = Path(__file__).resolve().parents[1] / "data" / "samples"

@@ -283,6 +283,7 @@ def _load_sweep():
     return mod
 
 
+@pytest.mark.triton
 def test_real_sweep_against_local_tritonserver(tiny_export, tmp_path, data_dir):
     """The pinned perf_analyzer against the real local server, real tiles, both protocols."""
     out = tmp_path / "results"
