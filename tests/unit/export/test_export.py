@@ -127,6 +127,7 @@ def test_hyperprior_export_is_refused_with_reason(tmp_path):
         export_model(create_model("mae_vit_compress_hyperprior_adapter_tiny"), tmp_path)
 
 
+@pytest.mark.slow
 def test_classifier_exports_its_backbone(tmp_path):
     model = create_model("vit_base_compressed_tiny", with_decoder=True)
     man = export_model(model, tmp_path)
@@ -173,6 +174,7 @@ def test_invalid_config_values_are_rejected():
         _parse('name: "m"\nmax_batch_sizes: 3\n')
 
 
+@pytest.mark.slow
 def test_calibration_fits_the_bottleneck_to_real_latents(data_dir):
     from nec_export.calibrate import calibrate_from_inputs
     from nec_serve.imagery import iter_inputs

@@ -44,6 +44,7 @@ def test_unknown_model_names_close_matches():
         create_model("mae_vit_compress_adaptor")
 
 
+@pytest.mark.slow
 def test_vit_b_shapes_match_the_paper():
     m = create_model("mae_vit_compress_adapter")
     assert m.num_tokens == 197 and m.embed_dim == 768
@@ -120,6 +121,7 @@ def test_position_embeddings_are_interpolated(tmp_path, img_size):
         assert dst.latent(torch.randn(1, 3, img_size, img_size)).shape == (1, 64, grid * grid + 1)
 
 
+@pytest.mark.slow
 def test_vit_b_checkpoint_interpolates_224_to_256_and_512():
     src = create_model("mae_vit_compress_adapter").state_dict()
     for size, tokens in ((256, 257), (512, 1025)):

@@ -439,6 +439,7 @@ def test_eo4eu_tensor_names_serve_the_same_codes(rvq_run, rvq, data_dir, tmp_pat
         export_model(tiny_model, tmp_path / "nec", ExportOptions(eo4eu_names=True))
 
 
+@pytest.mark.slow
 def test_bench_rvq_scores_every_codec_from_real_files(rvq_run, tmp_path):
     import importlib.util
     from pathlib import Path

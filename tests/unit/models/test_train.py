@@ -297,6 +297,7 @@ def test_the_cli_passes_every_flag_to_the_trainers(eurosat, tmp_path, capsys):
 # ------------------------------------------------------------------------ labels as a step output
 
 
+@pytest.mark.slow
 def test_a_trained_classifier_exports_its_head_and_decompress_outputs_labels(
     nec_run, eurosat, tmp_path, capsys
 ):
@@ -374,6 +375,7 @@ def test_a_trained_classifier_exports_its_head_and_decompress_outputs_labels(
     assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.classes.json").exists()
 
 
+@pytest.mark.slow
 def test_bench_rate_scores_every_condition_from_real_files(mae_run, nec_run, eurosat, tmp_path):
     import csv
     import importlib.util
@@ -423,6 +425,7 @@ def test_bench_rate_scores_every_condition_from_real_files(mae_run, nec_run, eur
     assert bench.main(args) == 0 and (out / "rate.csv").read_text() == before
 
 
+@pytest.mark.slow
 def test_shipped_weights_are_a_half_precision_base_and_small_deltas(
     mae_run, nec_run, eurosat, tmp_path, monkeypatch, capsys
 ):
