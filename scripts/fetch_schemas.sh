@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fetches the pinned tools and schemas that tests/test_k8s.py and tests/test_deploy.py validate
-# the Kubernetes manifests with, into a gitignored cache inside the checkout:
+# Fetches the pinned tools and schemas the k8s tests render the manifests with and apply to the
+# real API server (tests/support/k8s.py), into a gitignored cache inside the checkout:
 #
 #   .cache/bin/kustomize                          built from sigs.k8s.io/kustomize/kustomize/v5
 #   .cache/schemas/kubernetes-<v>/swagger.json    k8s.io/kubernetes api/openapi-spec/swagger.json
@@ -9,7 +9,7 @@
 #   .cache/schemas/knative-serving-<v>/           knative.dev/serving Service CRD
 #   .cache/schemas/keda-<v>/                      github.com/kedacore/keda/v2 ScaledObject CRD
 #   .cache/schemas/prometheus-operator-<v>/       PodMonitor CRD (prometheus-operator)
-#   .cache/schemas/manifest.json                  what is where (read by scripts/k8s_validate.py)
+#   .cache/schemas/manifest.json                  what is where (read by tests/support/k8s.py)
 #
 # Everything comes from the Go module proxy (GOPROXY, default https://proxy.golang.org) through
 # the `go` command, so every module is checked against the checksum database and against the

@@ -177,22 +177,6 @@ def schemas() -> dict:
 
 
 @pytest.fixture(scope="session")
-def validator(schemas):
-    import importlib.util
-    import sys
-
-    from support import ROOT
-
-    spec = importlib.util.spec_from_file_location(
-        "k8s_validate", ROOT / "scripts" / "k8s_validate.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["k8s_validate"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.load_validator(schemas)
-
-
-@pytest.fixture(scope="session")
 def k8s_tree(tmp_path_factory) -> Path:
     from support.k8s import copy_k8s
 

@@ -38,12 +38,13 @@ from support.k8s import (
     copy_k8s,
     crd_files,
     dry_run,
+    kubectl_configmap,
     kustomize_build,
     workflow_message,
 )
 
 from nec_serve.config_store import KubernetesConfigStore
-from nec_serve.messages import config_name
+from nec_serve.messages import config_name, parse_workflow
 
 # What is applied, each into a namespace of its own: the overlays and the monitoring kit.
 TREES = {
@@ -53,6 +54,7 @@ TREES = {
     "monitoring": "monitoring",
 }
 OVERLAYS = tuple(TREES)
+SERVER_SIDE = ["--server-side", "--field-manager=nec-tests"]
 RUN = secrets.token_hex(2)  # namespaces of this run: nec-<run>-<overlay>
 # Topics of several workflows: plain, mixed case, separator-heavy, and one past the 63-character
 # limit of a Kubernetes name (config_name keeps them apart and valid).
@@ -143,9 +145,7 @@ def applied(kube, crds, schemas, tmp_path_factory) -> dict[str, list[dict]]:
     out = {}
     for overlay in OVERLAYS:
         objects = render(schemas, tmp_path_factory.mktemp(overlay), overlay, namespace(overlay))
-        kube.kubectl(
-            "apply", "--server-side", "--field-manager=nec-tests", "-f", "-", input=to_yaml(objects)
-        )
+        kube.kubectl("apply", *SERVER_SIDE, "--validate=strict", "-f", "-", input=to_yaml(objects))
         out[overlay] = objects
     yield out
     if kube.local:
@@ -246,6 +246,138 @@ def test_server_side_strict_validation_names_a_misspelt_field(
     for mode in (["--server-side", "--field-manager=nec-tests"], []):
         ok = dry_run(kube, obj, mode)
         assert ok.returncode == 0, ok.stderr
+
+
+# ----------------------------------------------------------------------- what the product makes
+
+# Topics of the controller's KafkaSources: plain, mixed case, the longest Kafka allows, short.
+SOURCE_TOPICS = ("wf-42.in", "EO4EU.Workflow_07.Input", "a" * 249, "x")
+MODEL_FILES = ["manifest.json", "entropy_tables.bin", "entropy_tables.bin.sha256"]
+
+
+def refused(kube, objects: list[dict]) -> list[str]:
+    """The objects the server refuses (server-side apply, strict, dry run), with its reason."""
+    out = []
+    for obj in objects:
+        proc = dry_run(kube, obj, SERVER_SIDE)
+        if proc.returncode != 0:
+            out.append(f"{obj['kind']}/{obj['metadata']['name']}: {proc.stderr.strip()}")
+    return out
+
+
+def typed_inference_services(ns: str) -> list[dict]:
+    """``nec-serve deploy``'s typed objects (every family, both variants) as the kubernetes
+    ApiClient sends them, built in a kserve process of its own (kserve #3099)."""
+    out = run_py(
+        f"""
+        import json
+        from nec_serve import deploy
+        objs = [
+            deploy.to_manifest(o)
+            for v in deploy.VARIANTS
+            for o in deploy.build_inference_services(
+                v, f"s3://nec-models/p/model_repository_{{v}}", {ns!r}
+            )
+        ]
+        print(json.dumps(objs))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_objects_the_product_makes_pass_strict_server_validation(kube, applied, tiny_export):
+    """What the controller, the config store, ``nec-serve deploy`` and the ``nec-model``
+    command of k8s/README.md make, each refused by the server if it had a field too many or
+    of the wrong type (the overlays themselves are applied above)."""
+    from nec_controller.sources import kafka_source
+
+    ns = namespace("gpu")
+    kafka = next(o for o in applied["gpu"] if o["metadata"]["name"] == "nec-kafka")
+    bootstrap = kafka["data"]["bootstrap.servers"].split(",")
+    configs = [
+        parse_workflow(workflow_message(topic, service, namespace=ns))
+        for topic in SOURCE_TOPICS
+        for service in ("nec-compress", "nec-decompress")
+    ]
+    objects = [kafka_source(c, bootstrap) for c in configs]
+    objects += KubernetesConfigStore.objects(configs[0], ns)
+    objects.append(kubectl_configmap("nec-model", [tiny_export / f for f in MODEL_FILES], ns))
+    isvcs = typed_inference_services(ns)
+    assert {o["metadata"]["name"] for o in isvcs} == {
+        "nec-encoder",
+        "nec-decoder",
+        "rvq-encoder",
+        "rvq-decoder",
+    }
+    assert len(isvcs) == 8
+    assert refused(kube, objects + isvcs) == []
+    # The same objects with one field the schema lacks are refused, naming it.
+    source = copy.deepcopy(objects[0])
+    source["spec"]["topic"] = source["spec"]["topics"]
+    isvc = copy.deepcopy(isvcs[0])
+    isvc["spec"]["predictor"]["ephemeralContainers"] = []  # in the SDK model, not in the CRD
+    problems = refused(kube, [source, isvc])
+    assert len(problems) == 2
+    assert ".spec.topic: field not declared in schema" in problems[0], problems
+    assert ".spec.predictor.ephemeralContainers: field not declared" in problems[1], problems
+
+
+# Fields of a Knative Service's pod template that are Knative's own, not a core PodSpec's.
+KNATIVE_POD_FIELDS = {
+    "containerConcurrency",
+    "timeoutSeconds",
+    "responseStartTimeoutSeconds",
+    "idleTimeoutSeconds",
+}
+
+
+def as_pod(ksvc: dict) -> dict:
+    """A Knative Service's pod template as the core Pod it becomes: Knative's CRD leaves parts
+    of it open (``x-kubernetes-preserve-unknown-fields`` on the pod ``securityContext``,
+    ``affinity``, ``tolerations``, some volume sources, ``env[].valueFrom.fieldRef``), so the
+    server checks those only in a Pod."""
+    template = copy.deepcopy(ksvc["spec"]["template"])
+    spec = {k: v for k, v in template["spec"].items() if k not in KNATIVE_POD_FIELDS}
+    for i, container in enumerate(spec["containers"]):
+        container.setdefault("name", f"user-container-{i}")  # Knative names unnamed ones
+    meta = dict(template.get("metadata") or {}, name=ksvc["metadata"]["name"])
+    meta["namespace"] = ksvc["metadata"]["namespace"]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_knative_pod_templates_are_valid_pods(kube, applied, overlay):
+    services = [o for o in applied[overlay] if o["kind"] == "Service" and "template" in o["spec"]]
+    assert {s["metadata"]["name"] for s in services} == {"nec-compress", "nec-decompress"}
+    pods = [as_pod(s) for s in services]
+    assert refused(kube, pods) == []
+    pods[0]["spec"].setdefault("securityContext", {})["runAsUsr"] = 1
+    (problem,) = refused(kube, pods[:1])
+    assert ".spec.securityContext.runAsUsr: field not declared in schema" in problem
+
+
+WRONG_TYPES = [
+    # (kind, name, path, field, value, what the server says)
+    ("InferenceService", "nec-encoder", ("spec", "predictor"), "minReplicas", "1", "minReplicas"),
+    ("Deployment", "nec-controller", ("spec",), "replicas", "1", "replicas"),
+    ("Secret", "nec-s3", ("data",), "AWS_REGION", "not base64!", "base64"),
+]
+
+
+@pytest.mark.parametrize(("kind", "name", "path", "field", "value", "says"), WRONG_TYPES)
+def test_server_side_validation_refuses_a_wrong_type(
+    kube, applied, kind, name, path, field, value, says
+):
+    obj = copy.deepcopy(
+        next(o for o in applied["gpu"] if o["kind"] == kind and o["metadata"]["name"] == name)
+    )
+    node = obj
+    for key in path:
+        node = node[key]
+    node[field] = value
+    proc = dry_run(kube, obj, SERVER_SIDE)
+    assert proc.returncode != 0 and says in proc.stderr, proc.stderr
 
 
 # ------------------------------------------------------------------------------ RBAC, for real

@@ -134,12 +134,12 @@ def typed_isvcs(overlay_isvcs) -> dict[str, list[dict]]:
 
 
 @pytest.mark.parametrize("variant", deploy.VARIANTS)
-def test_typed_objects_validate_against_the_kserve_crd(typed_isvcs, validator, variant):
+def test_typed_objects_are_every_familys_services(typed_isvcs, variant):
+    """The real API server validates them (tests/integration/kube/test_kube_api.py)."""
     objs = typed_isvcs[variant]
     assert {o["metadata"]["name"] for o in objs} == {s.name for s in deploy.services_for(None)}
     for obj in objs:
         assert obj["apiVersion"] == "serving.kserve.io/v1beta1"  # camelCase wire form
-        assert validator.errors(obj) == []
 
 
 @pytest.mark.parametrize("variant", deploy.VARIANTS)
@@ -148,13 +148,7 @@ def test_typed_objects_are_the_k8s_manifests(typed_isvcs, overlay_isvcs, variant
     assert typed == overlay_isvcs[variant]
 
 
-def test_typed_object_with_an_unknown_field_fails_validation(typed_isvcs, validator):
-    obj = json.loads(json.dumps(typed_isvcs["gpu"][0]))
-    obj["spec"]["predictor"]["ephemeralContainers"] = []  # in the SDK model, not in the CRD
-    assert any("unknown field(s) 'ephemeralContainers'" in p for p in validator.errors(obj))
-
-
-def test_services_follow_the_export_family_and_graphs(rvq_export, tiny_export, validator):
+def test_services_follow_the_export_family_and_graphs(rvq_export, tiny_export):
     from nec_serve.contract import Manifest
 
     rvq = deploy.services_for(Manifest.load(rvq_export))
@@ -185,8 +179,6 @@ def test_services_follow_the_export_family_and_graphs(rvq_export, tiny_export, v
     objs = json.loads(out.stdout)
     assert [o["metadata"]["name"] for o in objs] == ["rvq-encoder", "rvq-decoder"]
     assert "--load-model=rvq_decoder" in objs[1]["spec"]["predictor"]["model"]["args"]
-    for obj in objs:
-        assert validator.errors(obj) == []
 
 
 def test_k8s_overlays_are_generated_from_the_sizing_table():
