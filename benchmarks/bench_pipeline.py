@@ -122,7 +122,7 @@ FIELDS = (
 )
 
 
-# -- pure helpers (tested in tests/test_bench_pipeline.py) ---------------------------------
+# -- pure helpers (tested in tests/unit/benchmarks/test_bench_pipeline.py) --------------------
 
 
 def _rate(amount: float, seconds: float) -> float:

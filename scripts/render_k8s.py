@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/render_k8s.py
 
-Run it after changing nec_serve/deploy/services.py or registering a family; tests/test_deploy.py
-fails while the committed files differ from what it writes.
+Run it after changing nec_serve/deploy/services.py or registering a family;
+tests/unit/deploy/test_deploy.py fails while the committed files differ from what it writes.
 """
 
 from __future__ import annotations

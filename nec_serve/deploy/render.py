@@ -4,8 +4,8 @@ The InferenceServices of every registered family (:func:`services_for` without a
 are built by :func:`build_inference_services`, the same objects ``nec-serve deploy``
 applies, and written as YAML with the overlay's ``kustomization.yaml`` and ``params.yaml``
 (one ``storageUri`` per family). ``scripts/render_k8s.py`` writes the files;
-tests/test_deploy.py fails when the committed ones differ, so the table and ``k8s/`` cannot
-drift. A newly registered family is covered without editing this module.
+tests/unit/deploy/test_deploy.py fails when the committed ones differ, so the table and
+``k8s/`` cannot drift. A newly registered family is covered without editing this module.
 
 ``kserve`` is needed (imported by :func:`build_inference_services`): run it in a process
 without ``tritonclient.grpc`` (kserve issue #3099).

@@ -1,4 +1,4 @@
-"""Write the golden containers of tests/test_golden.py (run by hand, never by the tests).
+"""Write the golden containers of tests/unit/core/test_golden.py (run by hand, never by the tests).
 
 Each case exports a shipped model (``weights/``), compresses fixed inputs from the sample
 data in-process, and keeps what the bytes of a container depend on beyond the code under
