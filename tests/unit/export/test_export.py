@@ -174,7 +174,6 @@ def test_invalid_config_values_are_rejected():
         _parse('name: "m"\nmax_batch_sizes: 3\n')
 
 
-@pytest.mark.slow
 def test_calibration_fits_the_bottleneck_to_real_latents(data_dir):
     from nec_export.calibrate import calibrate_from_inputs
     from nec_serve.imagery import iter_inputs
