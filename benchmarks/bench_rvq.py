@@ -132,7 +132,7 @@ def rvq_rows(bundle: ModelBundle, scorer: Scorer, work: Path, method: str, level
         container = work / f"{method}-{n}.necb"
         container.write_bytes(buf.getvalue())
         done = write_bands(container, work / f"{method}-{n}.tif", bundle, engine)
-        decoded = _read_outputs(Path(done["path"]), len(scorer.images))
+        decoded = _read_outputs(Path(done.path), len(scorer.images))
         rows.append(
             scorer.row(
                 method,

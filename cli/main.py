@@ -245,7 +245,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     rate = {} if knob is None else {knob: coding_levels(bundle, args.codebooks)}
     print(
         json.dumps(
-            {"output": str(out), "family": bundle.family, **rate, **stats.summary()}, indent=2
+            {"output": str(out), "family": bundle.family, **rate, **stats.report().to_wire()},
+            indent=2,
         )
     )
     return 0

@@ -149,7 +149,7 @@ def run_demo(args: argparse.Namespace) -> int:
         emb_f32 = latent.size * 4
         row = {
             "dataset": name,
-            **stats.summary(),
+            **stats.report().to_wire(),
             "vs_float32_embeddings": round(emb_f32 / stats.container_bytes, 2),
             "decoded_rmse": round(float(np.sqrt(np.mean(err**2))), 5),
             "decoded_max_abs_err": round(float(np.abs(err).max()), 5),

@@ -128,7 +128,7 @@ def run_rvq_demo(entry: dict, data: Path, work: Path, threads: int = 0) -> list[
         t1 = time.perf_counter()
         done = write_bands(container, work / f"s2_test.c{n}.tif", bundle, engine)
         t2 = time.perf_counter()
-        decoded = read_bands(Path(done["path"]))
+        decoded = read_bands(Path(done.path))
         error = band_error([a for _, a in images], [rec for _, rec in decoded])
         placed = sum(
             want is None

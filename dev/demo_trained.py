@@ -180,11 +180,10 @@ def run_trained_sources(
         scored = [t for t in report["tiles"] if t["source"] in labels]
         right = sum(CLASSES[labels[t["source"]]] == t["class"] for t in scored)
         top = Counter(t["class"] for t in report["tiles"]).most_common(3)
-        s = stats.summary()
         rows.append(
             {
                 "dataset": name,
-                **s,
+                **stats.report().to_wire(),
                 "bits_per_image": round(8 * stats.container_bytes / max(stats.images, 1), 1),
                 "vs_float32_embeddings": round(emb.size * 4 / stats.container_bytes, 2),
                 "top1": round(right / len(scored), 4) if scored else None,

@@ -33,6 +33,15 @@ from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, Normalisation, tile_image
 from nec_serve.imagery.limits import Budget, human_bytes
 from nec_serve.imagery.writers import GeoTiffWriter
+from nec_serve.reports import (
+    ArrayReport,
+    BandsReport,
+    CompressReport,
+    CompressSeconds,
+    DecodeSeconds,
+    Rate,
+    StageTimer,
+)
 
 __all__ = [
     "coding_levels",
@@ -90,7 +99,7 @@ def class_report(index: list[dict], scores: np.ndarray, class_names: Sequence[st
 
 @dataclass
 class CompressStats:
-    """What one compression did, for the CLI, the demo and the wrapper's status events."""
+    """What one compression did so far, accumulated as it runs; :meth:`report` freezes it."""
 
     images: int = 0
     tiles: int = 0
@@ -125,19 +134,19 @@ class CompressStats:
         """Payload bytes over the entropy bound of the coded symbols, minus one."""
         return 8 * self.payload_bytes / max(self.entropy_bound_bits, 1.0) - 1.0
 
-    def summary(self) -> dict:
-        """Flat dict with units in the keys."""
-        return {
-            "images": self.images,
-            "tiles": self.tiles,
-            "raw_bytes": self.raw_bytes,
-            "container_bytes": self.container_bytes,
-            "bits_per_pixel": round(self.bits_per_pixel, 4),
-            "compression_ratio": round(self.ratio, 2),
-            "payload_over_entropy_bound_pct": round(100 * self.overhead_vs_bound, 3),
-            "embedding_rmse": round(self.embedding_rmse, 5),
-            **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()},
-        }
+    def report(self) -> CompressReport:
+        """The frozen report of what was done, rounded as published."""
+        return CompressReport(
+            images=self.images,
+            tiles=self.tiles,
+            raw_bytes=self.raw_bytes,
+            container_bytes=self.container_bytes,
+            bits_per_pixel=round(self.bits_per_pixel, 4),
+            compression_ratio=round(self.ratio, 2),
+            payload_over_entropy_bound_pct=round(100 * self.overhead_vs_bound, 3),
+            embedding_rmse=round(self.embedding_rmse, 5),
+            seconds=CompressSeconds(**{k: round(v, 3) for k, v in self.seconds.items()}),
+        )
 
 
 @dataclass
@@ -429,14 +438,14 @@ def _iter_decoded(
     engine: Engine | None,
     output: str,
     batch_size: int,
-    seconds: dict[str, float] | None = None,
+    timer: StageTimer | None = None,
     *,
     limits: InputLimits | None = None,
     label: str = "container",
 ) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
-    """As :func:`iter_decoded`; adds the seconds of each part to ``seconds`` when given.
+    """As :func:`iter_decoded`; times its stages with ``timer`` when given.
 
-    ``seconds["coding"]`` is entropy decoding, ``seconds["inference"]`` the graph.
+    Stage ``coding`` is entropy decoding, ``inference`` the graph.
     """
     limits = InputLimits() if limits is None else limits
     outputs = decode_outputs()
@@ -459,9 +468,9 @@ def _iter_decoded(
         symbols = bundle.codec.decode_batch([r.payload for r in records], bundle.tokens, levels)
         t1 = time.perf_counter()
         out = symbols if role is None else engine.decode(role, symbols)
-        if seconds is not None:
-            seconds["coding"] = seconds.get("coding", 0.0) + t1 - t0
-            seconds["inference"] = seconds.get("inference", 0.0) + time.perf_counter() - t1
+        if timer is not None:
+            timer.add("coding", t1 - t0)
+            timer.add("inference", time.perf_counter() - t1)
         return out
 
     for record in records_in:
@@ -576,7 +585,7 @@ def write_embeddings(
     limits: InputLimits | None = None,
     label: str | None = None,
     progress: bool = False,
-) -> dict:
+) -> ArrayReport:
     """Decode the container file ``container`` into ``dest`` (``.npy``) and its tile index.
 
     Two passes over the file: the first counts the tiles (every CRC checked, at most
@@ -589,8 +598,8 @@ def write_embeddings(
     ``dest.with_suffix(".classes.json")`` (:func:`class_report`) is written the same way.
 
     Returns:
-        ``{"tiles", "shape", "dtype", "decode_s", "coding_s", "inference_s"}``: seconds of
-        the whole decode, and of its entropy decoding and its graph.
+        The report: tiles, the array's shape and dtype, the seconds of the whole decode
+        and of its entropy decoding and its graph.
     """
     limits = InputLimits() if limits is None else limits
     label = label or str(container)
@@ -599,68 +608,89 @@ def write_embeddings(
     role = decode_outputs().get(output)
     finals = [dest, index_path] + ([classes_path] if role == GraphRole.CLASSIFIER else [])
     parts = [p.with_name(f".{p.name}.part") for p in finals]
+    count = _count_tiles(container, limits, label)
+    timer = StageTimer()
+    bar = _progress(progress, "decompress", "tile")
+    try:
+        with timer.stage("decode"):
+            with container.open("rb") as f:
+                reader = ContainerReader(f)
+                decoded = _iter_decoded(
+                    reader.header,
+                    reader,
+                    bundle,
+                    engine,
+                    output,
+                    batch_size,
+                    timer,
+                    limits=limits,
+                    label=label,
+                )
+                index, shape, dtype = _fill_array(parts[0], count, decoded, limits, label, bar)
+            parts[1].write_text(json.dumps(index))
+            if len(parts) > 2:
+                _write_class_report(parts[0], parts[2], index, bundle)
+            for part, final in zip(parts, finals, strict=True):
+                os.replace(part, final)
+    finally:
+        bar.close()
+        for part in parts:
+            part.unlink(missing_ok=True)
+    seconds = _decode_seconds(timer)
+    return ArrayReport(output, count, seconds, str(dest), shape, np.dtype(dtype).name)
+
+
+def _fill_array(
+    part: Path,
+    count: int,
+    decoded: Iterable[tuple[list[TileRecord], np.ndarray]],
+    limits: InputLimits,
+    label: str,
+    bar,
+) -> tuple[list[dict], tuple[int, ...], np.dtype]:
+    """Write ``count`` decoded rows into a memory-mapped ``.npy`` at ``part``.
+
+    Its size is checked against the limits from the first batch, before it is allocated.
+    Returns the tile index of the rows, and the array's shape and dtype.
+    """
+    out = None
+    row = 0
+    index: list[dict] = []
+    for records, arr in decoded:
+        if out is None:
+            check_decoded_size(count, arr.shape[1:], arr.dtype, limits, label)
+            out = np.lib.format.open_memmap(
+                part, mode="w+", dtype=arr.dtype, shape=(count, *arr.shape[1:])
+            )
+        out[row : row + len(arr)] = arr
+        row += len(arr)
+        index.extend(tile_index(records))
+        bar.update(len(records))
+    if out is None:
+        raise InvalidInput(f"{label}: container holds no tiles")
+    out.flush()
+    return index, tuple(out.shape), out.dtype
+
+
+def _write_class_report(scores_path: Path, dest: Path, index: list[dict], bundle) -> None:
+    """Write :func:`class_report` of the class scores at ``scores_path`` to ``dest``."""
+    names = bundle.manifest.family_params.class_names
+    scores = np.load(scores_path, mmap_mode="r")
+    dest.write_text(json.dumps(class_report(index, np.asarray(scores), names)))
+    del scores
+
+
+def _count_tiles(container: Path, limits: InputLimits, label: str) -> int:
+    """The tiles ``container`` holds (every record's CRC checked), at most ``max_tiles``."""
+    count = 0
     with container.open("rb") as f:
-        count = 0
         for _ in ContainerReader(f):
             count += 1
             if count > limits.max_tiles:
                 raise InvalidInput(
                     f"{label}: container holds more than max_tiles={limits.max_tiles} tiles"
                 )
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {"coding": 0.0, "inference": 0.0}
-    bar = _progress(progress, "decompress", "tile")
-    index: list[dict] = []
-    try:
-        with container.open("rb") as f:
-            reader = ContainerReader(f)
-            out = None
-            row = 0
-            decoded = _iter_decoded(
-                reader.header,
-                reader,
-                bundle,
-                engine,
-                output,
-                batch_size,
-                seconds,
-                limits=limits,
-                label=label,
-            )
-            for records, arr in decoded:
-                if out is None:
-                    check_decoded_size(count, arr.shape[1:], arr.dtype, limits, label)
-                    out = np.lib.format.open_memmap(
-                        parts[0], mode="w+", dtype=arr.dtype, shape=(count, *arr.shape[1:])
-                    )
-                out[row : row + len(arr)] = arr
-                row += len(arr)
-                index.extend(tile_index(records))
-                bar.update(len(records))
-            if out is None:
-                raise InvalidInput(f"{label}: container holds no tiles")
-            out.flush()
-            shape, dtype = tuple(out.shape), out.dtype
-            del out
-        parts[1].write_text(json.dumps(index))
-        if len(parts) > 2:
-            names = bundle.manifest.family_params.class_names
-            scores = np.load(parts[0], mmap_mode="r")
-            parts[2].write_text(json.dumps(class_report(index, np.asarray(scores), names)))
-            del scores
-        for part, final in zip(parts, finals, strict=True):
-            os.replace(part, final)
-    finally:
-        bar.close()
-        for part in parts:
-            part.unlink(missing_ok=True)
-    return {
-        "tiles": count,
-        "shape": shape,
-        "dtype": np.dtype(dtype).name,
-        "decode_s": round(time.perf_counter() - t0, 3),
-        **{f"{k}_s": round(v, 3) for k, v in seconds.items()},
-    }
+    return count
 
 
 def _member_name(source: str) -> str:
@@ -738,7 +768,7 @@ def write_bands(
     limits: InputLimits | None = None,
     label: str | None = None,
     progress: bool = False,
-) -> dict:
+) -> BandsReport:
     """Decode an RVQ container into GeoTIFFs of the reconstructed bands.
 
     Each source image is put back together from its tiles (padding cropped), its
@@ -753,8 +783,8 @@ def write_bands(
     Outputs are written under temporary names and renamed into place only when complete.
 
     Returns:
-        ``{"tiles", "images", "path", "format", "codebooks", "decode_s", "coding_s",
-        "inference_s"}``.
+        The report: tiles, images, the rate the container was coded at, the path written
+        and its format (``tif`` or ``tar``), seconds.
     """
     limits = InputLimits() if limits is None else limits
     label = label or str(container)
@@ -765,57 +795,83 @@ def write_bands(
             f"output 'bands' needs an RVQ export; {bundle.root} is {bundle.family!r}"
         )
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {"coding": 0.0, "inference": 0.0}
+    timer = StageTimer()
     try:
-        with container.open("rb") as f:
-            reader = ContainerReader(f)
-            header = reader.header
-            images = _SourceImages(work, names, header, reader.sources, limits, label)
-            bar = _progress(progress, "decompress", "tile")
-            decoded = _iter_decoded(
-                header,
-                reader,
-                bundle,
-                engine,
-                "bands",
-                batch_size,
-                seconds,
-                limits=limits,
-                label=label,
-            )
-            try:
-                for records, arr in decoded:
-                    for record, tile in zip(records, arr, strict=True):
-                        images.add(record, tile)
-                    bar.update(len(records))
-            finally:
-                images.close()
-                bar.close()
-        written, tiles = images.written, images.tiles
-        if not written:
-            raise InvalidInput(f"{label}: container holds no tiles")
-        if len(written) == 1:
-            final, fmt = dest, "tif"
-            os.replace(written[0][1], final)
-        else:
-            final, fmt = dest.with_suffix(".tar"), "tar"
-            part = work / "out.tar"
-            with tarfile.open(part, "w") as tar:
-                for name, path in written:
-                    tar.add(path, arcname=_member_name(name))
-            os.replace(part, final)
+        with timer.stage("decode"):
+            with container.open("rb") as f:
+                reader = ContainerReader(f)
+                header = reader.header
+                images = _SourceImages(work, names, header, reader.sources, limits, label)
+                decoded = _iter_decoded(
+                    header,
+                    reader,
+                    bundle,
+                    engine,
+                    GraphRole.RECONSTRUCTION.output,
+                    batch_size,
+                    timer,
+                    limits=limits,
+                    label=label,
+                )
+                _add_tiles(images, decoded, progress)
+            if not images.written:
+                raise InvalidInput(f"{label}: container holds no tiles")
+            final, fmt = _place_images(images.written, dest, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {
-        "tiles": tiles,
-        "images": len(written),
-        "path": str(final),
-        "format": fmt,
-        "codebooks": header.meta.get("codebooks"),
-        "decode_s": round(time.perf_counter() - t0, 3),
-        **{f"{k}_s": round(v, 3) for k, v in seconds.items()},
-    }
+    knob = bundle.manifest.family_spec.rate
+    return BandsReport(
+        output=GraphRole.RECONSTRUCTION.output,
+        tiles=images.tiles,
+        images=len(images.written),
+        rate=None if knob is None else Rate(knob, header.meta.get(knob)),
+        seconds=_decode_seconds(timer),
+        path=str(final),
+        format=fmt,
+    )
+
+
+def _add_tiles(
+    images: _SourceImages,
+    decoded: Iterable[tuple[list[TileRecord], np.ndarray]],
+    progress: bool,
+) -> None:
+    """Write every decoded tile into its source's GeoTIFF, closing the last one."""
+    bar = _progress(progress, "decompress", "tile")
+    try:
+        for records, arr in decoded:
+            for record, tile in zip(records, arr, strict=True):
+                images.add(record, tile)
+            bar.update(len(records))
+    finally:
+        images.close()
+        bar.close()
+
+
+def _place_images(written: list[tuple[str, Path]], dest: Path, work: Path) -> tuple[Path, str]:
+    """Rename one GeoTIFF to ``dest``, or tar several into ``dest.with_suffix(".tar")``.
+
+    Returns the path written and its format, ``tif`` or ``tar``.
+    """
+    if len(written) == 1:
+        os.replace(written[0][1], dest)
+        return dest, "tif"
+    final = dest.with_suffix(".tar")
+    part = work / "out.tar"
+    with tarfile.open(part, "w") as tar:
+        for name, path in written:
+            tar.add(path, arcname=_member_name(name))
+    os.replace(part, final)
+    return final, "tar"
+
+
+def _decode_seconds(timer: StageTimer) -> DecodeSeconds:
+    """A decode's seconds as ``timer`` timed them (stages decode, coding, inference)."""
+    return DecodeSeconds(
+        decode=timer.seconds("decode"),
+        coding=timer.seconds("coding"),
+        inference=timer.seconds("inference"),
+    )
 
 
 def _progress(enabled: bool, desc: str, unit: str):
@@ -832,14 +888,14 @@ class OutputWriter:
     Attributes:
         suffix: the output file's suffix (the wrapper names its S3 object with it).
         write: ``(container, dest, bundle, engine, output, *, batch_size, limits, label,
-            progress) -> done``: decodes ``container`` into ``dest`` atomically.
-        report: ``done -> dict``, the step report's fields (after ``mode``).
-        describe: ``(done, bundle, dest) -> str``, the CLI's line about what was written.
+            progress) -> report``: decodes ``container`` into ``dest`` atomically and
+            returns its :data:`~nec_serve.reports.DecodeReport` (whose wire form is the
+            step report's result).
+        describe: ``(report, bundle, dest) -> str``, the CLI's line about what was written.
     """
 
     suffix: str
     write: Any
-    report: Any
     describe: Any
 
 
@@ -865,56 +921,29 @@ def output_writer(output: str) -> OutputWriter:
     return _WRITERS.get(output, ARRAY_WRITER)
 
 
-def _array_report(done: dict) -> dict:
-    return {
-        "tiles": done["tiles"],
-        "output": done["output"],
-        "decode_s": done["decode_s"],
-        "coding_s": done["coding_s"],
-        "inference_s": done["inference_s"],
-    }
-
-
-def _array_describe(done: dict, bundle: ModelBundle, dest: Path) -> str:
-    return f"decoded {done['tiles']} tiles -> {dest} {done['dtype']}{done['shape']}"
-
-
-def _write_arrays(container, dest, bundle, engine, output, **kwargs) -> dict:
-    return {**write_embeddings(container, dest, bundle, engine, output, **kwargs), "output": output}
+def _array_describe(done: ArrayReport, bundle: ModelBundle, dest: Path) -> str:
+    return f"decoded {done.tiles} tiles -> {dest} {done.dtype}{done.shape}"
 
 
 #: Every output without a writer of its own: one ``.npy`` array and its tile index.
-ARRAY_WRITER = OutputWriter(".npy", _write_arrays, _array_report, _array_describe)
+ARRAY_WRITER = OutputWriter(".npy", write_embeddings, _array_describe)
 
 
-def _bands_report(done: dict) -> dict:
-    path = {"path": done["path"]} if done["format"] == "tar" else {}
-    return {
-        "output": "bands",
-        "tiles": done["tiles"],
-        "images": done["images"],
-        "codebooks": done["codebooks"],
-        "decode_s": done["decode_s"],
-        "coding_s": done["coding_s"],
-        "inference_s": done["inference_s"],
-        **path,
-    }
-
-
-def _bands_describe(done: dict, bundle: ModelBundle, dest: Path) -> str:
+def _bands_describe(done: BandsReport, bundle: ModelBundle, dest: Path) -> str:
+    levels = None if done.rate is None else done.rate.value
     return (
-        f"decoded {done['tiles']} tiles of {done['images']} image(s) with "
-        f"{done['codebooks']} codebook(s) -> {done['path']} ({done['format']}, uint16 "
+        f"decoded {done.tiles} tiles of {done.images} image(s) with "
+        f"{levels} codebook(s) -> {done.path} ({done.format}, uint16 "
         f"{', '.join(bundle.manifest.family_params.band_names)})"
     )
 
 
-def _write_bands(container, dest, bundle, engine, output, **kwargs) -> dict:
+def _write_bands(container, dest, bundle, engine, output, **kwargs) -> BandsReport:
     return write_bands(container, dest, bundle, engine, **kwargs)
 
 
 #: Reconstructed bands: georeferenced GeoTIFFs (a tar of them for several sources).
 BANDS_WRITER = register_output_writer(
     GraphRole.RECONSTRUCTION.output,
-    OutputWriter(".tif", _write_bands, _bands_report, _bands_describe),
+    OutputWriter(".tif", _write_bands, _bands_describe),
 )

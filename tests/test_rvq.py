@@ -22,6 +22,7 @@ from nec_serve.engines import LocalEngine
 from nec_serve.errors import CorruptBitstream, InvalidInput
 from nec_serve.imagery import iter_inputs, read_raster
 from nec_serve.pipeline import compress, decompress, write_bands
+from nec_serve.reports import Rate
 
 SSL4EO = "ssl4eo_s12/ssl4eos12_val_0080717_0.tif"
 SSL4EO_BANDS = [2, 3, 4, 5, 6, 7, 8, 9, 11, 12]
@@ -263,7 +264,7 @@ def test_rate_grows_with_codebooks_and_output_keeps_georeferencing(rvq, data_dir
         container = tmp_path / f"c{n}.necb"
         container.write_bytes(data)
         done = write_bands(container, tmp_path / f"out{n}.tif", bundle, engine)
-        assert done == {**done, "images": 1, "format": "tif", "codebooks": n}
+        assert (done.images, done.format, done.rate) == (1, "tif", Rate("codebooks", n))
     assert sizes[1] < sizes[3] < sizes[8]
     raw = read_raster(src, SSL4EO_BANDS)
     with rasterio.open(src) as ref, rasterio.open(tmp_path / "out8.tif") as out:
@@ -284,10 +285,10 @@ def test_several_images_decode_to_a_tar_of_geotiffs(rvq, data_dir, tmp_path):
     data = _compress(bundle, engine, folder, bands=[2, 3, 4, 5, 6, 7, 8, 9, 12, 13], codebooks=2)
     (tmp_path / "c.necb").write_bytes(data)
     done = write_bands(tmp_path / "c.necb", tmp_path / "sea.tif", bundle, engine)
-    assert done["format"] == "tar" and done["path"] == str(tmp_path / "sea.tar")
-    with tarfile.open(done["path"]) as tar:
+    assert done.format == "tar" and done.path == str(tmp_path / "sea.tar")
+    with tarfile.open(done.path) as tar:
         names = tar.getnames()
-    assert len(names) == done["images"] == len(list(folder.glob("*.tif")))
+    assert len(names) == done.images == len(list(folder.glob("*.tif")))
     assert all(n.endswith(".tif") for n in names)
     assert not (tmp_path / "sea.tif").exists()
 

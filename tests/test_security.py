@@ -396,7 +396,7 @@ engine = LocalEngine(bundle)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 done = write_bands(Path(sys.argv[2]), Path(sys.argv[3]), bundle, engine)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(done["images"], base // 1024, peak // 1024)
+print(done.images, base // 1024, peak // 1024)
 """
 
 
