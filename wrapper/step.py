@@ -28,7 +28,7 @@ Status events use EO4EU's vocabulary (:func:`nec_serve.messages.status_event`): 
 when a message is taken on, ``INFO`` progress lines (``"overwrite": true``) after the
 download and after the coding, ``SUCCESS`` or ``CRITICAL``. Every message is counted in the
 handler's :class:`~nec_serve.metrics.WrapperMetrics` (by outcome, failures by class, stage
-seconds from the step's stats, bytes, tiles in flight, retries, dead letters), and logged
+seconds from the step's report, bytes, tiles in flight, retries, dead letters), and logged
 under its id (:func:`nec_serve.logs.trace_id`) with its workflow and input key, the
 workflow's credentials scrubbed from every line.
 """
