@@ -598,8 +598,8 @@ def write_embeddings(
     ``dest.with_suffix(".classes.json")`` (:func:`class_report`) is written the same way.
 
     Returns:
-        The report: tiles, the array's shape and dtype, the seconds of the whole decode
-        and of its entropy decoding and its graph.
+        The report: the output, tiles, ``dest``, the array's shape and dtype, the seconds
+        of the whole decode and of its entropy decoding and its graph.
     """
     limits = InputLimits() if limits is None else limits
     label = label or str(container)
@@ -672,7 +672,9 @@ def _fill_array(
     return index, tuple(out.shape), out.dtype
 
 
-def _write_class_report(scores_path: Path, dest: Path, index: list[dict], bundle) -> None:
+def _write_class_report(
+    scores_path: Path, dest: Path, index: list[dict], bundle: ModelBundle
+) -> None:
     """Write :func:`class_report` of the class scores at ``scores_path`` to ``dest``."""
     names = bundle.manifest.family_params.class_names
     scores = np.load(scores_path, mmap_mode="r")
