@@ -60,7 +60,7 @@ class _TorchGraph:
         # Python may have neither PyTorch nor the project's packages.
         import torch
 
-        from nec_export.graphs import graph_module
+        from nec_export.plan import graph_module
         from nec_models import create_model, load_checkpoint
         from nec_serve.contract import GraphRole
 

@@ -17,9 +17,10 @@ from nec_models.rvq import S2_BANDS, ResidualVQ
 from nec_serve.bundle import ModelBundle
 from nec_serve.categorical import UNUSED_LEVEL, CategoricalCodec, categorical_tables
 from nec_serve.container import ContainerReader
-from nec_serve.contract import RVQ, GraphRole
+from nec_serve.contract import GraphRole
 from nec_serve.engines import LocalEngine
 from nec_serve.errors import CorruptBitstream, InvalidInput
+from nec_serve.families.rvq import RVQ
 from nec_serve.imagery import iter_inputs, read_raster
 from nec_serve.pipeline import compress, decompress, write_bands
 
@@ -229,7 +230,7 @@ def rvq(rvq_export):
 
 def _compress(bundle, engine, path, bands=SSL4EO_BANDS, codebooks=None) -> bytes:
     buf = io.BytesIO()
-    compress(iter_inputs(path, bands), bundle, engine, buf, codebooks=codebooks)
+    compress(iter_inputs(path, bands), bundle, engine, buf, rate=codebooks)
     return buf.getvalue()
 
 
@@ -320,7 +321,7 @@ def test_bad_rvq_inputs_are_refused(rvq, data_dir, tmp_path, tiny_export):
     with pytest.raises(InvalidInput, match="'rvq'-family code"):
         decompress(io.BytesIO(rvq_data), nec, LocalEngine(nec), "embeddings")
     with pytest.raises(InvalidInput, match="applies to the RVQ family"):
-        compress(iter_inputs(naip, [1, 2, 3]), nec, LocalEngine(nec), io.BytesIO(), codebooks=2)
+        compress(iter_inputs(naip, [1, 2, 3]), nec, LocalEngine(nec), io.BytesIO(), rate=2)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
