@@ -310,7 +310,7 @@ _EXPORT_HELP = {
     "version": "model version in the Triton repository",
     "torch_runtime": "also write model_repository_torch (+ torch/weights.pt): the local server "
     "running the PyTorch graphs, on the GPU when there is one",
-    "eo4eu_names": "RVQ: name the graphs' tensors as EO4EU's wrappers do "
+    "eo4eu_names": "name the graphs' tensors as EO4EU's wrappers do "
     "(input_sentinel2_10_bands_120, int64_latent32_15, output_sentinel2_10_bands_120)",
     "torch_precision": "bf16/fp16 autocast: faster on a GPU, symbols move at rounding boundaries",
 }
@@ -325,6 +325,13 @@ def _export_flags(s: argparse.ArgumentParser) -> None:
     from nec_export import ExportOptions  # PyTorch: see the imports above
 
     add_settings_flags(s, ExportOptions, _EXPORT_FLAGS, help=_EXPORT_HELP, options=_EXPORT_OPTIONS)
+
+
+def _demo_flags(s: argparse.ArgumentParser) -> None:
+    """The demo's flags (:func:`nec_dev.demo.add_arguments`, imported on use)."""
+    from nec_dev.demo import add_arguments  # dev tooling: see the imports above
+
+    add_arguments(s)
 
 
 def _rate_flags() -> dict[str, str]:
@@ -366,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--checkpoint",
-        help="official NEC checkpoint ({'model': state_dict}) or one written by `train`",
+        help="an official checkpoint ({'model': state_dict}) or one written by `train`",
     )
     s.add_argument("--shipped", help="a trained model shipped in weights/ (`nec-serve models`)")
     s.add_argument("--img-size", type=int, help="input size in pixels (224, 256, 512)")
@@ -398,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="container file to write")
     s.add_argument("--bands", help="1-based bands to read, e.g. 1,2,3 (NAIP RGB)")
     for knob, what in _rate_flags().items():
-        s.add_argument(f"--{knob}", dest="rate", type=int, help=what)
+        s.add_argument(f"--{knob}", dest="rate", type=int, metavar=knob.upper(), help=what)
     coding_args(s)
     s.set_defaults(func=cmd_compress)
 
@@ -445,34 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_parser(sub)
 
     s = sub.add_parser(
-        "demo", help="the main job: export, codec report on real imagery, local workflow"
-    )
-    s.add_argument(
-        "--data",
-        default=None,
-        help="data folder (default: $NEC_DATA, else ../shared/data beside the checkout where "
-        "it exists, else the sample data in data/samples/)",
-    )
-    s.add_argument(
-        "--model",
-        default="nec-eurosat-l3000000",
-        help="a shipped trained model (`nec-serve models`), or a registry name such as the "
-        "untrained mae_vit_compress_adapter",
-    )
-    s.add_argument("--work", default="artifacts/demo", help="where exports and outputs go")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("-q", "--quiet", action="store_true")
-    s.add_argument(
-        "--skip-workflow",
-        action="store_true",
-        help="only the in-process part, no Kafka/S3/Triton workflow",
-    )
-    s.add_argument(
-        "--no-rvq",
-        dest="rvq",
-        action="store_false",
-        help="leave out the RVQ Sentinel-2 compressor that runs beside the NEC model",
+        "demo",
+        help="the main job: export, codec report on real imagery, local workflow",
+        populate=_demo_flags,  # dev tooling: imported by `demo` only
     )
     s.set_defaults(func=cmd_demo)
     return p
