@@ -349,10 +349,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"nec-serve {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, parser_class=DeferredParser)
+    sub.add_parser("models", help="list registered models").set_defaults(func=cmd_models)
+    _add_train(sub)
+    _add_export(sub)
+    _add_compress(sub)
+    _add_decompress(sub)
+    _add_serve(sub)
+    s = sub.add_parser("inspect", help="print a container's header")
+    s.add_argument("input")
+    s.add_argument("--tiles", action="store_true", help="also list every tile")
+    s.set_defaults(func=cmd_inspect)
+    add_wrapper(sub)
+    add_controller(sub)
+    deploy.add_parser(sub)
+    s = sub.add_parser(
+        "demo",
+        help="the main job: export, codec report on real imagery, local workflow",
+        populate=_demo_flags,  # dev tooling: imported by `demo` only
+    )
+    s.set_defaults(func=cmd_demo)
+    return p
 
-    s = sub.add_parser("models", help="list registered models")
-    s.set_defaults(func=cmd_models)
 
+def _add_train(sub) -> None:
+    """``train <stage>``: every family's trainers."""
     train = sub.add_parser("train", help="train models on the full data sets").add_subparsers(
         dest="stage", required=True, parser_class=DeferredParser
     )
@@ -361,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
             s = train.add_parser(stage, help=trainer.help, populate=_trainer_flags(trainer))
             s.set_defaults(func=cmd_train, trainer=trainer)
 
+
+def _add_export(sub) -> None:
     s = sub.add_parser(
         "export",
         help="export ONNX graphs, entropy tables, Triton repositories",
@@ -387,28 +409,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibrate-tiles", type=int, default=32, help="tiles used to calibrate")
     s.set_defaults(func=cmd_export)
 
-    def coding_args(s: argparse.ArgumentParser) -> None:
-        s.add_argument("--model-dir", required=True, help="directory written by export")
-        s.add_argument("--batch-size", type=int, default=8)
-        s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
-        s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-        s.add_argument(
-            "--server",
-            help="run the graphs on a Triton server (grpc://host:port or http://host:port) "
-            "instead of in-process; entropy coding stays local",
-        )
-        s.add_argument("--shm", action="store_true", help="send tensors via shared memory")
-        s.add_argument("--timeout", type=float, default=60.0, help="per-request seconds")
 
+def _coding_args(s: argparse.ArgumentParser) -> None:
+    """The flags ``compress`` and ``decompress`` share: the export and the engine."""
+    s.add_argument("--model-dir", required=True, help="directory written by export")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--server",
+        help="run the graphs on a Triton server (grpc://host:port or http://host:port) "
+        "instead of in-process; entropy coding stays local",
+    )
+    s.add_argument("--shm", action="store_true", help="send tensors via shared memory")
+    s.add_argument("--timeout", type=float, default=60.0, help="per-request seconds")
+
+
+def _add_compress(sub) -> None:
     s = sub.add_parser("compress", help="GeoTIFF/.npy/JPEG/PNG, .tar.gz or folder -> container")
     s.add_argument("input")
     s.add_argument("--out", required=True, help="container file to write")
     s.add_argument("--bands", help="1-based bands to read, e.g. 1,2,3 (NAIP RGB)")
     for knob, what in _rate_flags().items():
         s.add_argument(f"--{knob}", dest="rate", type=int, metavar=knob.upper(), help=what)
-    coding_args(s)
+    _coding_args(s)
     s.set_defaults(func=cmd_compress)
 
+
+def _add_decompress(sub) -> None:
     s = sub.add_parser("decompress", help="container -> embeddings .npy or bands GeoTIFF")
     s.add_argument("input")
     s.add_argument(
@@ -423,9 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="embeddings (T x C), first-decoder-block features, class scores (+ .classes.json), "
         "raw symbols, or the reconstructed bands as GeoTIFF; default: the family's",
     )
-    coding_args(s)
+    _coding_args(s)
     s.set_defaults(func=cmd_decompress)
 
+
+def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="serve an export on the local tritonserver")
     s.add_argument("--model-dir", required=True, help="directory written by export")
     s.add_argument(
@@ -441,23 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log", help="server log file (default: a temporary file)")
     s.add_argument("--start-timeout", type=float, default=120.0)
     s.set_defaults(func=cmd_serve)
-
-    s = sub.add_parser("inspect", help="print a container's header")
-    s.add_argument("input")
-    s.add_argument("--tiles", action="store_true", help="also list every tile")
-    s.set_defaults(func=cmd_inspect)
-
-    add_wrapper(sub)
-    add_controller(sub)
-    deploy.add_parser(sub)
-
-    s = sub.add_parser(
-        "demo",
-        help="the main job: export, codec report on real imagery, local workflow",
-        populate=_demo_flags,  # dev tooling: imported by `demo` only
-    )
-    s.set_defaults(func=cmd_demo)
-    return p
 
 
 #: The long-running services: JSON log lines and INFO level unless told otherwise.
