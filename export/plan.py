@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from nec_serve.contract import FamilyParams, GraphRole, InputSpec, ModelFamily, TensorSpec
+from nec_serve.contract import (
+    FamilyParams,
+    FrozenTables,
+    GraphRole,
+    InputSpec,
+    ModelFamily,
+    TensorSpec,
+)
 from nec_serve.errors import InvalidInput
 
 __all__ = [
@@ -74,7 +81,7 @@ class ExportPlan:
     model: str
     input: InputSpec
     entropy_kind: str
-    tables: Any
+    tables: FrozenTables
     graphs: tuple[GraphPlan, ...]
     family_params: FamilyParams
     rebuild_kwargs: Mapping[str, Any] = field(default_factory=dict)

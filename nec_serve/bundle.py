@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nec_serve.codec import LatentCodec
-from nec_serve.contract import GraphRole, Manifest
+from nec_serve.contract import FrozenTables, GraphRole, Manifest
 from nec_serve.imagery import Normalisation
 
 __all__ = ["ModelBundle"]
@@ -24,7 +24,7 @@ class ModelBundle:
 
     root: Path
     manifest: Manifest
-    tables: Any
+    tables: FrozenTables
     codec: LatentCodec
 
     @classmethod

@@ -37,10 +37,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_type_hints
 
 from nec_serve.categorical import CategoricalCodec
-from nec_serve.codec import FactorizedCodec
+from nec_serve.codec import FactorizedCodec, LatentCodec
 from nec_serve.errors import InvalidInput, ManifestError, SchemaVersionError
 from nec_serve.tables import EntropyTables
 
@@ -58,6 +58,7 @@ __all__ = [
     "InputSpec",
     "EntropyModelSpec",
     "EntropyModelKind",
+    "FrozenTables",
     "register_entropy_model",
     "entropy_model",
     "FamilyParams",
@@ -468,6 +469,17 @@ class InputSpec:
 # ------------------------------------------------------------------------------ entropy models
 
 
+class FrozenTables(Protocol):
+    """What an entropy model's frozen tables offer: their hash and their file form."""
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the file form, recorded in the manifest."""
+
+    def save(self, path: Path) -> None:
+        """Write the file form to ``path``."""
+
+
 @dataclass(frozen=True)
 class EntropyModelKind:
     """How the tables of one kind of entropy model are read and coded with.
@@ -479,15 +491,17 @@ class EntropyModelKind:
     """
 
     kind: str
-    load_tables: Callable[[Path], Any]
-    make_codec: Callable[[Any], Any]
+    load_tables: Callable[[Path], FrozenTables]
+    make_codec: Callable[[Any], LatentCodec]
 
 
 _ENTROPY_MODELS: dict[str, EntropyModelKind] = {}
 
 
 def register_entropy_model(
-    kind: str, load_tables: Callable[[Path], Any], make_codec: Callable[[Any], Any]
+    kind: str,
+    load_tables: Callable[[Path], FrozenTables],
+    make_codec: Callable[[Any], LatentCodec],
 ) -> EntropyModelKind:
     """Register an entropy model kind (e.g. ``"rvq_categorical"``) and return it.
 
