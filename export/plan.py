@@ -37,6 +37,7 @@ __all__ = [
     "FamilyExporter",
     "register_exporter",
     "exporter_for",
+    "exporters",
     "graph_module",
 ]
 
@@ -154,6 +155,12 @@ def _discover() -> None:
 
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
             importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def exporters() -> tuple[FamilyExporter, ...]:
+    """Every registered exporter, the built-in families' loaded first."""
+    _discover()
+    return tuple(_EXPORTERS.values())
 
 
 def exporter_for(model: nn.Module) -> FamilyExporter:

@@ -7,32 +7,49 @@ broker and S3 serves it.
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 import uuid
 import warnings
 
 import numpy as np
 import pytest
 import rasterio
-import toyfamily.runtime
-import toyfamily.torch_side
 
 from nec_cli.main import main as nec_serve
-from nec_export import export_model
+from nec_export import export_model, plan
+from nec_serve import contract
 from nec_serve.bundle import ModelBundle
-from nec_serve.contract import model_family
 
 SCENE = "ssl4eo_s12/ssl4eos12_val_0080717_0.tif"
 BANDS = (2, 3)
 
 
 @pytest.fixture(scope="module")
-def toy_export(tmp_path_factory):
+def toy():
+    """The toy family's modules, imported as a plug-in is; unregistered afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        contract.model_families(), plan.exporters()  # the built-in families first
+        mp.setattr(contract, "_FAMILIES", dict(contract._FAMILIES))
+        mp.setattr(plan, "_EXPORTERS", dict(plan._EXPORTERS))
+        runtime = importlib.import_module("toyfamily.runtime")
+        torch_side = importlib.import_module("toyfamily.torch_side")
+        yield runtime, torch_side
+        for name in ("toyfamily.torch_side", "toyfamily.runtime"):
+            sys.modules.pop(name)
+    # Later tests (the k8s overlays' drift check, ...) see the built-in families only.
+    assert "toy" not in {f.name for f in contract.model_families()}
+
+
+@pytest.fixture(scope="module")
+def toy_export(toy, tmp_path_factory):
+    runtime, torch_side = toy
     out = tmp_path_factory.mktemp("toy") / "toy_pool"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        manifest = export_model(toyfamily.torch_side.ToyPool(), out)
-    assert manifest.family == "toy" and model_family("toy") is toyfamily.runtime.TOY
+        manifest = export_model(torch_side.ToyPool(), out)
+    assert manifest.family == "toy" and contract.model_family("toy") is runtime.TOY
     return out
 
 
