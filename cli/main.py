@@ -103,11 +103,12 @@ def cmd_train_nec(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    """The classifier head on decoded embeddings of a NEC run (nec_models.train)."""
+    """The classifier head on decoded embeddings of a NEC run (nec_models.train), resumable."""
     from nec_models.train import ClassifierConfig, train_classifier  # PyTorch: see above
 
     cfg = _from_args(ClassifierConfig, args)
-    print(json.dumps(train_classifier(cfg, progress=not args.quiet), indent=1))
+    result = train_classifier(cfg, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(result, indent=1))
     return 0
 
 
@@ -379,8 +380,7 @@ def _trainer_flags(config: tuple[str, str], stage: str):
 
         cls = getattr(import_module(config[0]), config[1])
         add_settings_flags(s, cls, help=_TRAIN_HELP.get(stage), options=_TRAIN_OPTIONS.get(stage))
-        if stage != "classifier":  # the classifier's run is short: it starts over
-            s.add_argument("--resume", action="store_true", help="continue after the last epoch")
+        s.add_argument("--resume", action="store_true", help="continue after the last epoch")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     return populate
