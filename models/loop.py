@@ -113,8 +113,9 @@ def stop_if_diverged(
 
 CHECKPOINT = "checkpoint.pth"
 LOG = "log.csv"
-#: Config fields a resume may change: where the run is and how many threads run it.
-RESUME_FREE = frozenset({"out", "threads"})
+#: Config fields a resume may change: where the run is, how many threads run it, and how
+#: many epochs it has (a schedule over epochs follows the new count from then on).
+RESUME_FREE = frozenset({"out", "threads", "epochs"})
 
 
 @dataclass

@@ -18,9 +18,9 @@ each trainer here is a small :class:`~nec_models.loop.Task`):
   layout ``{"model", "optimizer", "epoch", "scaler", "args"}`` plus the loop's ``lr``,
   ``rng``, ``metrics`` and ``best``, and a row goes to ``<out>/log.csv``. ``resume=True``
   continues after the last finished epoch: a run killed mid-epoch loses at most that
-  epoch, and the result equals an uninterrupted run's. A resume whose config differs in a
-  field that matters (all but ``out`` and ``threads``; the NEC and classifier runs, with
-  constant learning rates, may also change ``epochs``) is refused, naming the field.
+  epoch, and the result equals an uninterrupted run's. A resume may change ``epochs`` (the
+  schedule follows the new count from then on), ``out`` and ``threads``; any other setting
+  that differs from the checkpoint's is refused, naming the field.
 - A non-finite loss stops the run with :class:`TrainingDiverged`; the checkpoint of the
   last good epoch is left as it was.
 """
@@ -436,7 +436,6 @@ class _NECTask(Task):
     """NEC fine-tuning as a :class:`~nec_models.loop.Task` (constant learning rates)."""
 
     name, log_fields = "nec", NEC_LOG_FIELDS
-    resume_free = frozenset({"epochs"})  # no schedule: a resume may add epochs
 
     def __init__(self, cfg: NECConfig):
         self.config = cfg
@@ -521,8 +520,8 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
     the auxiliary loss every step. The split is the MAE run's (copied next to this run),
     so the test part stays untouched. Every epoch writes ``checkpoint.pth`` (official
     layout plus ``aux_optimizer``) and a ``log.csv`` row with the training-time rate
-    estimate beside the size really coded on the validation images. A resume may add
-    epochs (the learning rates are constant).
+    estimate beside the size really coded on the validation images. With constant learning
+    rates, a resume that adds epochs ends as a run of that many epochs from the start.
     """
     return fit(
         _NECTask(cfg),
@@ -601,7 +600,7 @@ class _ClassifierTask(Task):
     """The classifier head on decoded embeddings as a :class:`~nec_models.loop.Task`."""
 
     name, log_fields, best_by = "classifier", CLS_LOG_FIELDS, ("val_top1", "max")
-    resume_free = frozenset({"epochs", "evaluate_test"})  # no schedule
+    resume_free = frozenset({"evaluate_test"})
 
     def __init__(self, cfg: ClassifierConfig):
         self.config = cfg

@@ -12,7 +12,7 @@ and NEC trainers (:mod:`nec_models.train`):
 - ``<out>/checkpoint.pth`` is written atomically after every epoch in the layout
   ``{"model", "optimizer", "epoch", "scaler", "args"}`` (plus the loop's ``lr``, ``rng``,
   ``metrics``, ``best``), one row goes to ``<out>/log.csv``; a resume whose config differs
-  in a field other than ``out`` and ``threads`` is refused, naming the field;
+  in a field other than ``epochs``, ``out`` and ``threads`` is refused, naming the field;
 - a non-finite loss stops the run (:class:`~nec_models.loop.TrainingDiverged`).
 
 All of this is the one training loop, :func:`nec_models.loop.fit`; this module gives it
