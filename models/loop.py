@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nec_models.checkpoint import load_checkpoint
+from nec_models.checkpoint import load_checkpoint, read_checkpoint
 from nec_serve.errors import InvalidInput, NecError
 
 __all__ = [
@@ -138,7 +138,7 @@ class EpochStats:
     epoch: int
     sums: dict[str, float]
     steps: int
-    lr: float | None
+    lr: float  # the last step's (of the main optimizer's first group)
     seconds: float
 
 
@@ -244,6 +244,7 @@ def open_run(ckpt: Path, task: Task, resume: bool) -> dict | None:
     Raises:
         InvalidInput: a checkpoint without ``resume``, ``resume`` without a checkpoint, or
             a checkpoint whose config differs in a field that matters (named).
+        CheckpointMismatch: a checkpoint that cannot be read.
     """
     if not resume:
         if ckpt.exists():
@@ -251,7 +252,7 @@ def open_run(ckpt: Path, task: Task, resume: bool) -> dict | None:
         return None
     if not ckpt.exists():
         raise InvalidInput(f"--resume: no checkpoint at {ckpt}")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = dict(read_checkpoint(ckpt))  # an unreadable file: CheckpointMismatch, named
     saved, free = state.get("args", {}), RESUME_FREE | task.resume_free
     for f in fields(task.config):
         if f.name in free or f.name not in saved:
@@ -288,7 +289,9 @@ def _better(task: Task, row: dict, best: dict | None) -> bool:
     return value < kept if mode == "min" else value > kept
 
 
-def _train_epoch(task: Task, epoch: int, seed: int, cfg_epochs: int, progress: bool):
+def _train_epoch(
+    task: Task, epoch: int, seed: int, epochs: int, progress: bool
+) -> tuple[dict[str, float], float]:
     """One epoch's steps, from generators seeded by ``(seed, epoch)``: (sums, last lr)."""
     gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     torch.manual_seed(epoch_seed(seed, epoch))  # noise that modules draw (the bottleneck's)
@@ -299,7 +302,7 @@ def _train_epoch(task: Task, epoch: int, seed: int, cfg_epochs: int, progress: b
     bar = tqdm(
         task.batches(gen),
         total=task.steps,
-        desc=f"{task.name} {epoch + 1}/{cfg_epochs}",
+        desc=f"{task.name} {epoch + 1}/{epochs}",
         disable=not progress,
     )
     for step, batch in enumerate(bar):
