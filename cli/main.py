@@ -94,8 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Run a family's trainer (:class:`~nec_serve.contract.Trainer`) with its flags."""
     trainer = args.trainer
     cfg = _from_args(_import(trainer.config), args)
-    resume = {"resume": args.resume} if trainer.resumable else {}
-    result = _import(trainer.run)(cfg, progress=not args.quiet, **resume)
+    result = _import(trainer.run)(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -289,8 +288,7 @@ def _trainer_flags(trainer: Trainer):
         add_settings_flags(
             s, _import(trainer.config), help=trainer.flag_help, options=trainer.options
         )
-        if trainer.resumable:
-            s.add_argument("--resume", action="store_true", help="continue after the last epoch")
+        s.add_argument("--resume", action="store_true", help="continue after the last epoch")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     return populate

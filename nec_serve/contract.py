@@ -618,12 +618,12 @@ class Trainer:
 
     Attributes:
         config: ``"module:Class"``, its config dataclass (one flag per field).
-        run: ``"module:function"``, called as ``run(config, resume=, progress=)``; returns
-            a JSON-able result.
+        run: ``"module:function"``, called as ``run(config, resume=, progress=)`` (the
+            one training loop, :func:`nec_models.loop.fit`, behind it); returns a JSON-able
+            result.
         help: one line for ``nec-serve train --help``.
         flag_help: help of some flags, by config field name.
         options: extra ``add_argument`` keywords by field name (e.g. ``choices``).
-        resumable: it takes ``--resume`` (continue after the last epoch).
     """
 
     config: str
@@ -631,7 +631,6 @@ class Trainer:
     help: str
     flag_help: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    resumable: bool = True
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,7 @@ def test_trainer_writes_split_log_and_histograms(rvq_run):
 def test_trainer_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
     import nec_models.train_rvq as trainer
 
-    def run(out, resume=False):
+    def run(out, resume=False, **change):
         cfg = trainer.RVQConfig(
             data=(str(data_dir / "bigearthnet"),),
             out=str(out),
@@ -192,6 +192,7 @@ def test_trainer_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
             crop=16,
             batch_size=8,
             init_crops=4,
+            **change,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -216,7 +217,9 @@ def test_trainer_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
     b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], msg=key)
+        assert torch.equal(a[key], b[key]), key  # bit for bit
+    with pytest.raises(InvalidInput, match="was run with train_codebooks = 0, not 8"):
+        run(tmp_path / "b", resume=True, train_codebooks=8)
 
 
 # ------------------------------------------------------------------------------ export, coding

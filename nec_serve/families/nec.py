@@ -133,14 +133,13 @@ NEC = register_family(
             "classifier": Trainer(
                 "nec_models.train:ClassifierConfig",
                 "nec_models.train:train_classifier",
-                "classifier head on a NEC run's decoded embeddings",
+                "classifier head on a NEC run's decoded embeddings, resumable",
                 {
                     "init": "runs/nec-L/checkpoint.pth",
                     "out": "run folder",
                     "with_decoder": "through the first decoder block",
                     "evaluate_test": "also top-1 on the test split (final numbers)",
                 },
-                resumable=False,
             ),
         },
     )
