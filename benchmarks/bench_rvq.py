@@ -128,7 +128,7 @@ def rvq_rows(bundle: ModelBundle, scorer: Scorer, work: Path, method: str, level
     rows = []
     for n in levels:
         buf = io.BytesIO()
-        stats = compress(iter(scorer.images), bundle, engine, buf, codebooks=n)
+        stats = compress(iter(scorer.images), bundle, engine, buf, rate=n)
         container = work / f"{method}-{n}.necb"
         container.write_bytes(buf.getvalue())
         done = write_bands(container, work / f"{method}-{n}.tif", bundle, engine)

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nec_dev.perf import read_rows, summary_markdown
-from nec_serve.contract import NEC, GraphRole
+from nec_serve.contract import GraphRole
+from nec_serve.families.nec import NEC
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

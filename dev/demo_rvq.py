@@ -124,7 +124,7 @@ def run_rvq_demo(entry: dict, data: Path, work: Path, threads: int = 0) -> list[
         container = work / f"s2_test.c{n}.necb"
         t0 = time.perf_counter()
         with container.open("wb") as f:
-            stats = compress(iter(images), bundle, engine, f, codebooks=n)
+            stats = compress(iter(images), bundle, engine, f, rate=n)
         t1 = time.perf_counter()
         done = write_bands(container, work / f"s2_test.c{n}.tif", bundle, engine)
         t2 = time.perf_counter()

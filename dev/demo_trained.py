@@ -64,9 +64,7 @@ def export_shipped(name: str, out: Path) -> ModelBundle:
     t0 = time.perf_counter()
     ckpt = materialize(name)
     model = load_trained(ckpt)
-    man = export_model(
-        model, out, checkpoint_sha256=entry["sha256"], class_names=ckpt["args"].get("class_names")
-    )
+    man = export_model(model, out, checkpoint_sha256=entry["sha256"], trained=ckpt["args"])
     print(
         f"[export] shipped {name} ({entry['model']}): graphs "
         f"{', '.join(str(r) for r in man.graphs)} in {time.perf_counter() - t0:.1f} s"

@@ -27,7 +27,14 @@ from tqdm import tqdm
 from nec_serve import __version__
 from nec_serve.bundle import ModelBundle
 from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter, TileRecord
-from nec_serve.contract import GraphRole, decode_outputs, model_families
+from nec_serve.contract import (
+    UNNAMED_FAMILY,
+    GraphRole,
+    decode_outputs,
+    model_families,
+    model_family,
+    rate_knobs,
+)
 from nec_serve.engines import Engine
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, Normalisation, tile_image
@@ -188,7 +195,7 @@ def compress(
     bands: list[int] | None = None,
     batch_size: int = 8,
     progress: bool = False,
-    codebooks: int | None = None,
+    rate: int | None = None,
 ) -> CompressStats:
     """Compress ``(name, (bands, H, W))`` images into one container written to ``out``.
 
@@ -196,14 +203,15 @@ def compress(
     coded, so memory is bounded by one image plus one batch. All images must share a
     pixel dtype (the container records one normalisation).
 
-    ``codebooks`` is the RVQ family's rate: the first 1..levels codebook levels are coded
-    (default: all the export has); the container records it. Other families refuse it.
-    RVQ containers also record each georeferenced source's CRS and transform, so that
-    decoding writes GeoTIFFs that lie where the input did.
+    ``rate`` is the value of the family's rate knob (:attr:`ModelFamily.rate`, e.g. the
+    codebook levels to code; default: the most the export has); the container records it.
+    Families with a fixed rate refuse it. Containers of a georeferenced family also record
+    each georeferenced source's CRS and transform, so that decoding writes GeoTIFFs that
+    lie where the input did.
     """
     if batch_size < 1:
         raise InvalidInput(f"invalid batch size {batch_size}, expected >= 1")
-    levels = coding_levels(bundle, codebooks)
+    levels = coding_levels(bundle, rate)
     family = bundle.manifest.family_spec
     stats = CompressStats()
     sink = _Counter(out)
@@ -275,21 +283,21 @@ def compress(
     return stats
 
 
-def coding_levels(bundle: ModelBundle, codebooks: int | None) -> int | None:
+def coding_levels(bundle: ModelBundle, rate: int | None) -> int | None:
     """The rate to code at: None for families with a fixed rate, else 1..levels.
 
     Raises:
-        InvalidInput: ``codebooks`` given to a family without a rate knob, or out of range.
+        InvalidInput: ``rate`` given to a family without a rate knob, or out of range.
     """
     if bundle.manifest.family_spec.rate is None:
-        if codebooks is not None:
+        if rate is not None:
             with_rate = "/".join(f.name.upper() for f in model_families() if f.rate)
             raise InvalidInput(
-                f"a codebook count applies to the {with_rate} family; "
+                f"a rate ({'/'.join(rate_knobs())}) applies to the {with_rate} family; "
                 f"{bundle.manifest.model!r} is a {bundle.family!r} model"
             )
         return None
-    return bundle.codec.check_levels(bundle.codec.levels if codebooks is None else codebooks)
+    return bundle.codec.check_levels(bundle.codec.levels if rate is None else rate)
 
 
 def _admit(
@@ -300,26 +308,13 @@ def _admit(
 ) -> Normalisation:
     """The normalisation of one more image, refusing what the container cannot hold."""
     this_norm = _normalisation_for(name, raw, bundle)
-    if bundle.manifest.family_spec.georeferenced:
-        _check_reflectance(name, raw)
+    bundle.manifest.family_params.admit(name, raw)
     if norm is not None and this_norm != norm:
         raise InvalidInput(
             f"image {name!r} has dtype {raw.dtype}, unlike the images before it: "
             "compress images of one dtype per container"
         )
     return this_norm
-
-
-def _check_reflectance(name: str, raw: np.ndarray) -> None:
-    """Refuse negative reflectance (NaN and inf are refused by the readers)."""
-    if raw.dtype.kind in "if":
-        negative = raw < 0
-        if negative.any():
-            first = tuple(int(i) for i in np.unravel_index(int(np.argmax(negative)), raw.shape))
-            raise InvalidInput(
-                f"image {name!r}: {int(negative.sum())} negative reflectance value(s); first "
-                f"is {raw[first]} at (band, row, col) = {first}: reflectance x 10000 is >= 0"
-            )
 
 
 def _header(
@@ -361,7 +356,7 @@ def _check_engine_output(symbols: np.ndarray, n: int, bundle: ModelBundle) -> No
 def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
     """Refuse a container made by another model family, model or tables."""
     meta = header.meta
-    family = meta.get("family", "nec")  # containers before families were NEC's
+    family = meta.get("family", UNNAMED_FAMILY)
     if family != bundle.family:
         raise InvalidInput(
             f"container holds a {family!r}-family code (model {meta.get('model')!r}), the "
@@ -388,7 +383,7 @@ def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
             )
         bundle.codec.check_levels(meta[rate])
     else:
-        for name in {f.rate for f in model_families() if f.rate}:
+        for name in rate_knobs():
             if meta.get(name) is not None:
                 raise InvalidInput(f"container codes {meta[name]} {name}, the export has none")
 
@@ -676,7 +671,7 @@ def _write_class_report(
     scores_path: Path, dest: Path, index: list[dict], bundle: ModelBundle
 ) -> None:
     """Write :func:`class_report` of the class scores at ``scores_path`` to ``dest``."""
-    names = bundle.manifest.family_params.class_names
+    names = bundle.manifest.family_params.score_names()
     scores = np.load(scores_path, mmap_mode="r")
     dest.write_text(json.dumps(class_report(index, np.asarray(scores), names)))
     del scores
@@ -704,18 +699,19 @@ def _member_name(source: str) -> str:
 
 
 class _SourceImages:
-    """Decoded RVQ tiles into one GeoTIFF per source image, written tile by tile.
+    """Decoded tiles of bands into one GeoTIFF per source image, written tile by tile.
 
     A source's file is created when its first tile arrives, after its declared size was
     admitted (:class:`~nec_serve.imagery.limits.Budget`: one image's limits and, over all
     sources, ``max_decoded_bytes``); each tile is cropped to the source, its
-    normalisation undone, rounded and clipped to uint16, and written in place.
+    normalisation undone, rounded and clipped to the output dtype, and written in place.
     """
 
     def __init__(
         self,
         work: Path,
         names: Sequence[str],
+        dtype: str,
         header: ContainerHeader,
         sources: dict[str, dict],
         limits: InputLimits,
@@ -724,7 +720,9 @@ class _SourceImages:
         self.work, self.names, self.sources = work, list(names), sources
         self.limits, self.label = limits, label
         self.norm = Normalisation.from_dict(header.meta.get("normalisation") or {})
-        self.tags = {"model": header.meta["model"], "codebooks": header.meta.get("codebooks")}
+        self.dtype = np.dtype(dtype)
+        rate = model_family(header.meta["family"]).rate
+        self.tags = {"model": header.meta["model"], **({rate: header.meta[rate]} if rate else {})}
         self.budget = Budget(limits)
         self.written: list[tuple[str, Path]] = []
         self.tiles = 0
@@ -742,15 +740,16 @@ class _SourceImages:
         h = min(tile.shape[1], out.shape[1] - r)
         w = min(tile.shape[2], out.shape[2] - c)
         px = np.rint(self.norm.invert(tile[:, :h, :w]))
-        out.write(np.clip(px, 0, np.iinfo(np.uint16).max), r, c)
+        limits = np.iinfo(self.dtype)
+        out.write(np.clip(px, limits.min, limits.max), r, c)
 
     def _start(self, record: TileRecord) -> None:
         self.close()
         shape = (len(self.names), record.source_height, record.source_width)
-        self.budget.image(f"{self.label}: source {record.source!r}", *shape, np.uint16)
+        self.budget.image(f"{self.label}: source {record.source!r}", *shape, self.dtype)
         path = self.work / f"{len(self.written)}.tif"
         geo = self.sources.get(record.source)
-        self._out = GeoTiffWriter(path, shape, np.uint16, geo, self.names, self.tags)
+        self._out = GeoTiffWriter(path, shape, self.dtype, geo, self.names, self.tags)
         self._source = record.source
         self.written.append((record.source, path))
 
@@ -771,12 +770,13 @@ def write_bands(
     label: str | None = None,
     progress: bool = False,
 ) -> BandsReport:
-    """Decode an RVQ container into GeoTIFFs of the reconstructed bands.
+    """Decode a container into GeoTIFFs of the reconstructed bands.
 
     Each source image is put back together from its tiles (padding cropped), its
-    normalisation undone, rounded and clipped to the export's ``output_dtype`` (uint16
-    reflectance x 10000), and written with the CRS and transform its source record holds
-    and the export's band names. One source gives ``dest`` (a GeoTIFF); several give
+    normalisation undone, rounded and clipped to the pixel type the family's parameters
+    name (:meth:`~nec_serve.contract.FamilyParams.output_bands`), and written with the CRS
+    and transform its source record holds and the band names. One source gives ``dest``
+    (a GeoTIFF); several give
     ``dest.with_suffix(".tar")``, a tar of ``<source>.tif``. Each source's declared size
     is admitted as an input's would be (``max_pixels``, ``max_image_bytes`` and, over all
     sources, ``max_decoded_bytes``) before its file is created, and tiles are written to
@@ -790,11 +790,11 @@ def write_bands(
     """
     limits = InputLimits() if limits is None else limits
     label = label or str(container)
-    params = bundle.manifest.family_params
-    names = getattr(params, "band_names", None)
-    if names is None:
+    bands = bundle.manifest.family_params.output_bands()
+    if bands is None:
         raise InvalidInput(
-            f"output 'bands' needs an RVQ export; {bundle.root} is {bundle.family!r}"
+            f"output 'bands' needs an export that reconstructs bands; {bundle.root} is a "
+            f"{bundle.family!r} model"
         )
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     timer = StageTimer()
@@ -803,7 +803,7 @@ def write_bands(
             with container.open("rb") as f:
                 reader = ContainerReader(f)
                 header = reader.header
-                images = _SourceImages(work, names, header, reader.sources, limits, label)
+                images = _SourceImages(work, *bands, header, reader.sources, limits, label)
                 decoded = _iter_decoded(
                     header,
                     reader,

@@ -17,9 +17,10 @@ from nec_models.rvq import S2_BANDS, ResidualVQ
 from nec_serve.bundle import ModelBundle
 from nec_serve.categorical import UNUSED_LEVEL, CategoricalCodec, categorical_tables
 from nec_serve.container import ContainerReader
-from nec_serve.contract import RVQ, GraphRole
+from nec_serve.contract import GraphRole
 from nec_serve.engines import LocalEngine
 from nec_serve.errors import CorruptBitstream, InvalidInput
+from nec_serve.families.rvq import RVQ
 from nec_serve.imagery import iter_inputs, read_raster
 from nec_serve.pipeline import compress, decompress, write_bands
 from nec_serve.reports import Rate
@@ -182,7 +183,7 @@ def test_trainer_writes_split_log_and_histograms(rvq_run):
 def test_trainer_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
     import nec_models.train_rvq as trainer
 
-    def run(out, resume=False):
+    def run(out, resume=False, **change):
         cfg = trainer.RVQConfig(
             data=(str(data_dir / "bigearthnet"),),
             out=str(out),
@@ -192,6 +193,7 @@ def test_trainer_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
             crop=16,
             batch_size=8,
             init_crops=4,
+            **change,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -216,7 +218,9 @@ def test_trainer_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
     b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], msg=key)
+        assert torch.equal(a[key], b[key]), key  # bit for bit
+    with pytest.raises(InvalidInput, match="was run with train_codebooks = 0, not 8"):
+        run(tmp_path / "b", resume=True, train_codebooks=8)
 
 
 # ------------------------------------------------------------------------------ export, coding
@@ -230,7 +234,7 @@ def rvq(rvq_export):
 
 def _compress(bundle, engine, path, bands=SSL4EO_BANDS, codebooks=None) -> bytes:
     buf = io.BytesIO()
-    compress(iter_inputs(path, bands), bundle, engine, buf, codebooks=codebooks)
+    compress(iter_inputs(path, bands), bundle, engine, buf, rate=codebooks)
     return buf.getvalue()
 
 
@@ -321,7 +325,7 @@ def test_bad_rvq_inputs_are_refused(rvq, data_dir, tmp_path, tiny_export):
     with pytest.raises(InvalidInput, match="'rvq'-family code"):
         decompress(io.BytesIO(rvq_data), nec, LocalEngine(nec), "embeddings")
     with pytest.raises(InvalidInput, match="applies to the RVQ family"):
-        compress(iter_inputs(naip, [1, 2, 3]), nec, LocalEngine(nec), io.BytesIO(), codebooks=2)
+        compress(iter_inputs(naip, [1, 2, 3]), nec, LocalEngine(nec), io.BytesIO(), rate=2)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

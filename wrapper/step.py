@@ -45,12 +45,13 @@ import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from nec_serve import s3
 from nec_serve.bundle import ModelBundle
 from nec_serve.config_store import ConfigStore
-from nec_serve.contract import decode_outputs
+from nec_serve.contract import decode_outputs, rate_knobs
 from nec_serve.engines import make_engine
 from nec_serve.errors import InvalidInput, NecError, TransientError
 from nec_serve.imagery import InputLimits, iter_inputs
@@ -61,6 +62,7 @@ from nec_serve.messages import (
     STATUS_KEY,
     STATUS_TOPIC,
     PodIdentity,
+    RateKnob,
     StepMessage,
     StepRequest,
     WorkflowConfig,
@@ -194,15 +196,13 @@ class Outcome:
         return "duplicate" if duplicate else self.status
 
 
-def output_name(
-    key: str, mode: str, output: str = "embeddings", codebooks: int | None = None
-) -> str:
+def output_name(key: str, mode: str, output: str = "embeddings", rate: int | None = None) -> str:
     """Deterministic output file name for an input key.
 
-    ``.necb`` for compress (``.c<N>.necb`` when the message asks for ``N`` codebooks, so
-    that requests at different rates never overwrite each other); for decompress ``.tif``
-    when the output is bands (a container of several images gives ``.tar`` instead, see
-    :func:`nec_serve.pipeline.write_bands`), else ``.npy``.
+    ``.necb`` for compress (``.c<N>.necb`` when the message asks for rate ``N``, e.g. ``N``
+    codebooks, so that requests at different rates never overwrite each other); for
+    decompress ``.tif`` when the output is bands (a container of several images gives
+    ``.tar`` instead, see :func:`nec_serve.pipeline.write_bands`), else ``.npy``.
     """
     name = key.rsplit("/", 1)[-1]
     for suffix in _INPUT_SUFFIXES:
@@ -210,7 +210,7 @@ def output_name(
             name = name[: -len(suffix)]
             break
     if mode == "compress":
-        return f"{name}.necb" if codebooks is None else f"{name}.c{codebooks}.necb"
+        return f"{name}.necb" if rate is None else f"{name}.c{rate}.necb"
     return name + output_writer(output).suffix
 
 
@@ -408,8 +408,7 @@ class StepHandler:
             bind(workflow=workflow.name, component=component, secrets=secrets)
             step = parse_step(raw, max_bytes=self.settings.max_message_bytes)
             bind(input_key=step.key or None)
-            rate = self._rate if self.settings.mode == "compress" else None
-            step = parse_step_request(step, rate=rate)
+            step = parse_step_request(step, rates=self._rate_knobs())
         except GaveUp as err:
             return self._give_up(
                 config_name, raw, workflow, component, err.reason, err.attempts, failure_class(err)
@@ -454,17 +453,23 @@ class StepHandler:
 
     # -- the work ------------------------------------------------------------------
 
-    def _rate(self, codebooks: int) -> int:
-        """The rate a compress message asks for, checked against the export."""
-        return coding_levels(self.bundle, codebooks)
+    def _rate_knobs(self) -> list[RateKnob]:
+        """The rate knobs a compress message may set: every family's, checked by the export.
+
+        A knob of another family is refused by :func:`coding_levels`, naming the family.
+        """
+        if self.settings.mode != "compress":
+            return []
+        check = partial(coding_levels, self.bundle)
+        return [RateKnob(name, check) for name in rate_knobs()]
 
     def _run(self, workflow: WorkflowConfig, step: StepRequest) -> Outcome:
         client = s3.make_client(workflow.s3, timeout_s=self.settings.s3_timeout_s)
-        codebooks = step.codebooks
-        out_name = output_name(step.key, self.settings.mode, self.output, codebooks)
+        rate = step.rate
+        out_name = output_name(step.key, self.settings.mode, self.output, rate)
         out_key = f"result-{workflow.component}/{out_name}"
         _, etag, version = s3.describe(client, workflow.s3.bucket, step.key)
-        what = self.settings.mode + ("" if codebooks is None else f":c{codebooks}")
+        what = self.settings.mode + ("" if rate is None else f":c{rate}")
         msg_id = message_id(workflow, step.key, etag, what, version)
         marker = f"{MARKER_PREFIX}/{workflow.component}/{msg_id}.json"
         done_key = self._published_output(client, workflow.s3.bucket, marker, out_key)
@@ -494,7 +499,7 @@ class StepHandler:
             )
         with timer.stage("process"):  # from the download's end, its progress event included
             self._progress(workflow, f"{mode} {step.key}: read {n_in} bytes")
-            result, rate, dest = self._produce(src, dest, label, step.codebooks)
+            result, rate, dest = self._produce(src, dest, label, step.rate)
         out_key = f"result-{workflow.component}/{dest.name}"
         with timer.stage("s3_put"):
             self._progress(
@@ -519,7 +524,7 @@ class StepHandler:
         )
 
     def _produce(
-        self, src: Path, dest: Path, label: str, codebooks: int | None
+        self, src: Path, dest: Path, label: str, rate: int | None
     ) -> tuple[CompressReport | DecodeReport, Rate | None, Path]:
         """Compress or decode ``src`` into ``dest``: the report, the rate asked, the file.
 
@@ -529,8 +534,8 @@ class StepHandler:
         try:
             if self.settings.mode == "compress":
                 knob = self.bundle.manifest.family_spec.rate
-                rate = None if codebooks is None else Rate(knob, codebooks)
-                return self._compress(src, dest, label, codebooks), rate, dest
+                asked = None if rate is None else Rate(knob, rate)
+                return self._compress(src, dest, label, rate), asked, dest
             result = self._decompress(src, dest, label)
             return result, None, Path(result.path)
         except NecError as err:  # name the input object in every reason
@@ -581,7 +586,7 @@ class StepHandler:
         while len(self._sent) > _SENT_MEMORY:
             self._sent.popitem(last=False)
 
-    def _compress(self, src: Path, dest: Path, label: str, codebooks: int | None) -> CompressReport:
+    def _compress(self, src: Path, dest: Path, label: str, rate: int | None) -> CompressReport:
         bands = list(self.settings.bands) if self.settings.bands else None
         with dest.open("wb") as f:
             stats = compress(
@@ -591,7 +596,7 @@ class StepHandler:
                 f,
                 bands=bands,
                 batch_size=self.settings.batch_size,
-                codebooks=codebooks,
+                rate=rate,
             )
         return stats.report()
 
