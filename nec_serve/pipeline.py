@@ -212,28 +212,68 @@ def compress(
     if batch_size < 1:
         raise InvalidInput(f"invalid batch size {batch_size}, expected >= 1")
     levels = coding_levels(bundle, rate)
-    family = bundle.manifest.family_spec
     stats = CompressStats()
     sink = _Counter(out)
+    batch = _Batch(bundle, engine, levels, stats, _progress(progress, "compress", "tile"))
     writer: ContainerWriter | None = None
-    norm: Normalisation | None = None
-    tiles: list[np.ndarray] = []
-    pending: list[_Pending] = []
-    bar = _progress(progress, "compress", "tile")
+    t_read = time.perf_counter()
+    for name, raw in inputs:
+        stats.seconds["read"] += time.perf_counter() - t_read
+        norm = _admit(name, raw, bundle, batch.norm)
+        if writer is None:
+            batch.norm = norm
+            writer = ContainerWriter(sink, _header(bundle, norm, raw.dtype, bands, levels))
+        stats.images += 1
+        stats.source_pixels += raw.shape[1] * raw.shape[2]
+        stats.raw_bytes += raw.nbytes
+        geo = getattr(raw, "geo", None)  # a georeferenced reader's GeoArray
+        if bundle.manifest.family_spec.georeferenced and geo is not None:
+            writer.write_source(name, geo)
+        image_tiles, grid = tile_image(raw, bundle.img_size)
+        for tile, (row, col) in zip(image_tiles, grid.origins(), strict=True):
+            batch.add(tile, _Pending(name, row, col, grid.height, grid.width))
+            if len(batch.tiles) == batch_size:
+                batch.flush(writer)
+        t_read = time.perf_counter()
+    if writer is None:
+        raise InvalidInput("no images to compress")
+    if batch.tiles:
+        batch.flush(writer)
+    writer.close()
+    batch.bar.close()
+    stats.container_bytes = sink.n
+    return stats
 
-    def flush() -> None:
+
+class _Batch:
+    """Tiles waiting for the engine, and where each came from; coded a batch at a time."""
+
+    def __init__(self, bundle: ModelBundle, engine: Engine, levels, stats: CompressStats, bar):
+        self.bundle, self.engine, self.levels = bundle, engine, levels
+        self.stats, self.bar = stats, bar
+        self.norm: Normalisation | None = None  # the container's, set with its header
+        self.tiles: list[np.ndarray] = []
+        self.pending: list[_Pending] = []
+
+    def add(self, tile: np.ndarray, where: _Pending) -> None:
+        self.tiles.append(tile)
+        self.pending.append(where)
+
+    def flush(self, writer: ContainerWriter) -> None:
+        """Normalise, encode, entropy-code and write the waiting tiles; count it all."""
+        stats, codec, levels = self.stats, self.bundle.codec, self.levels
         t0 = time.perf_counter()
-        batch = norm.apply(np.stack(tiles)).astype(np.float32, copy=False)
+        batch = self.norm.apply(np.stack(self.tiles)).astype(np.float32, copy=False)
         t1 = time.perf_counter()
-        symbols, latent = engine.encode(batch)
+        symbols, latent = self.engine.encode(batch)
         t2 = time.perf_counter()
-        _check_engine_output(symbols, len(tiles), bundle)
-        streams = bundle.codec.encode_batch(symbols, levels)
+        _check_engine_output(symbols, len(self.tiles), self.bundle)
+        streams = codec.encode_batch(symbols, levels)
         # Report figures, kept cheap (they run on the wrapper's hot path): the bound in one
         # batched call, the rounding error without float64 temporaries.
-        stats.entropy_bound_bits += bundle.codec.entropy_bound_bits(symbols, levels)
-        stats.quant_sq_err += bundle.codec.rounding_sq_err(symbols, latent)
-        for info, payload in zip(pending, streams, strict=True):
+        stats.entropy_bound_bits += codec.entropy_bound_bits(symbols, levels)
+        stats.quant_sq_err += codec.rounding_sq_err(symbols, latent)
+        for info, payload in zip(self.pending, streams, strict=True):
             writer.write_tile(
                 payload,
                 source=info.name,
@@ -247,40 +287,11 @@ def compress(
         stats.seconds["preprocess"] += t1 - t0
         stats.seconds["inference"] += t2 - t1
         stats.seconds["coding"] += t3 - t2
-        stats.tiles += len(tiles)
+        stats.tiles += len(self.tiles)
         stats.symbols += symbols[:, :levels].size
-        bar.update(len(tiles))
-        tiles.clear()
-        pending.clear()
-
-    t_read = time.perf_counter()
-    for name, raw in inputs:
-        stats.seconds["read"] += time.perf_counter() - t_read
-        this_norm = _admit(name, raw, bundle, norm)
-        if writer is None:
-            norm = this_norm
-            writer = ContainerWriter(sink, _header(bundle, norm, raw.dtype, bands, levels))
-        stats.images += 1
-        stats.source_pixels += raw.shape[1] * raw.shape[2]
-        stats.raw_bytes += raw.nbytes
-        geo = getattr(raw, "geo", None)  # a georeferenced reader's GeoArray
-        if family.georeferenced and geo is not None:
-            writer.write_source(name, geo)
-        image_tiles, grid = tile_image(raw, bundle.img_size)
-        for tile, (row, col) in zip(image_tiles, grid.origins(), strict=True):
-            tiles.append(tile)
-            pending.append(_Pending(name, row, col, grid.height, grid.width))
-            if len(tiles) == batch_size:
-                flush()
-        t_read = time.perf_counter()
-    if writer is None:
-        raise InvalidInput("no images to compress")
-    if tiles:
-        flush()
-    writer.close()
-    bar.close()
-    stats.container_bytes = sink.n
-    return stats
+        self.bar.update(len(self.tiles))
+        self.tiles.clear()
+        self.pending.clear()
 
 
 def coding_levels(bundle: ModelBundle, rate: int | None) -> int | None:
@@ -932,11 +943,11 @@ ARRAY_WRITER = OutputWriter(".npy", write_embeddings, _array_describe)
 
 
 def _bands_describe(done: BandsReport, bundle: ModelBundle, dest: Path) -> str:
-    levels = None if done.rate is None else done.rate.value
+    names, dtype = bundle.manifest.family_params.output_bands()
+    rate = "" if done.rate is None else f" at {done.rate.knob}={done.rate.value}"
     return (
-        f"decoded {done.tiles} tiles of {done.images} image(s) with "
-        f"{levels} codebook(s) -> {done.path} ({done.format}, uint16 "
-        f"{', '.join(bundle.manifest.family_params.band_names)})"
+        f"decoded {done.tiles} tiles of {done.images} image(s){rate} -> {done.path} "
+        f"({done.format}, {dtype} {', '.join(names)})"
     )
 
 
