@@ -20,6 +20,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/python scripts/function_length.py
 
 test: lint  ## the whole suite; .ci/run calls exactly this
 	PYTHONWARNINGS=ignore $(BIN)/python -m pytest -q

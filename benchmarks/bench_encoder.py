@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from nec_dev.perf import latency_stats, machine_description, merge_runs, read_rows, write_rows
-from nec_export.graphs import EncoderGraph
+from nec_export.families.nec import EncoderGraph
 from nec_models import create_model
 
 

@@ -15,9 +15,10 @@ Real imagery from ``--data`` (default: as the demo finds it, ``nec_dev.data``: `
 warm-up message (a BigEarthNet patch; not reported) loads the graphs, then ``--messages``
 step messages, cycling through the kinds, are sent at once. The wrapper measures each message
 itself and reports it in its ``SUCCESS`` status event on ``monitoring.notify``, under
-``nec.stats`` (the same dict it puts under ``meta_information.nec`` of the next-step
-message, plus ``kafka_s``, the time to write that message, which is only known after it is
-sent). Stages, in seconds:
+``nec.stats`` (the step report, ``nec_serve.reports.StepReport``, read back with
+``StepReport.from_wire``: the same as ``meta_information.nec`` of the next-step message, plus
+``kafka_s``, the time to write that message, which is only known after it is sent; see
+docs/formats.md). Stages, in seconds:
 
 - ``s3_get_s``: download the input object; ``read_s``: decode it (GeoTIFF, gunzip + tar, npy);
 - ``preprocess_s``: normalise the tiles; ``inference_s``: the encoder graph (Triton gRPC or
@@ -76,6 +77,7 @@ from nec_serve.config_store import LocalConfigStore
 from nec_serve.imagery import read_bigearthnet_patch
 from nec_serve.kafka_io import json_producer
 from nec_serve.messages import DEAD_LETTER_TOPIC, STATUS_TOPIC, parse_workflow
+from nec_serve.reports import CompressReport, StepReport
 
 BUCKET = "nec-bench"
 SERVERS = ("triton", "inprocess")
@@ -91,8 +93,6 @@ STAGES = {
     "s3_put_s": "S3 put",
     "kafka_s": "Kafka",
 }
-#: The wrapper's own processing stages, inside its ``process_s``.
-_PROCESS_STAGES = ("read_s", "preprocess_s", "inference_s", "coding_s")
 FIELDS = (
     "machine",
     "model",
@@ -129,41 +129,72 @@ def _rate(amount: float, seconds: float) -> float:
     return round(amount / seconds, 3) if seconds > 0 else 0.0
 
 
+def stage_columns(report: StepReport) -> dict[str, float]:
+    """The stage columns (:data:`STAGES`) of a compress step's report.
+
+    ``other_s`` is the part of the step's processing its compression did not time.
+
+    Raises:
+        ValueError: not a compress step's report, or one without its kafka seconds.
+    """
+    result = report.result
+    if not isinstance(result, CompressReport) or report.kafka_s is None:
+        raise ValueError(f"{report.input_key}: not a finished compress step's report")
+    process = result.seconds
+    other = report.process_s - sum(process.stages().values())
+    stages = {
+        "s3_get_s": report.s3_get_s,
+        "read_s": process.read,
+        "preprocess_s": process.preprocess,
+        "inference_s": process.inference,
+        "coding_s": process.coding,
+        "other_s": max(other, 0.0),
+        "s3_put_s": report.s3_put_s,
+        "kafka_s": report.kafka_s,
+    }
+    return {k: round(stages[k], 3) for k in STAGES}
+
+
 def message_row(
-    stats: dict, *, kind: str, server: str, wall_s: float, context: dict, load_1m: float = 0.0
+    report: StepReport,
+    *,
+    kind: str,
+    server: str,
+    wall_s: float,
+    context: dict,
+    load_1m: float = 0.0,
 ) -> dict:
-    """One CSV row from a wrapper's per-message stats (its ``finished`` status description).
+    """One CSV row from a wrapper's report of a message (its ``SUCCESS`` event's stats).
 
     ``context`` holds the columns shared by every row (machine, model, img_size, trigger);
     ``load_1m`` is the machine's 1-minute load average when the message finished.
     """
-    stages = {k: float(stats.get(k, 0.0)) for k in STAGES if k != "other_s"}
-    other = float(stats["process_s"]) - sum(stages[k] for k in _PROCESS_STAGES)
-    stages["other_s"] = round(max(other, 0.0), 3)
+    stages = stage_columns(report)
     step_s = round(sum(stages.values()), 3)
-    mb = stats["raw_bytes"] / 1e6
+    result = report.result
+    mb = result.raw_bytes / 1e6
     row = {
         **context,
         "server": server,
         "input_kind": kind,
-        "input_key": stats["input_key"],
+        "input_key": report.input_key,
         "messages": 1,
-        "images": stats["images"],
-        "tiles": stats["tiles"],
-        "bytes_in": stats["bytes_in"],
-        "raw_bytes": stats["raw_bytes"],
-        "bytes_out": stats["bytes_out"],
-        "bits_per_pixel": stats["bits_per_pixel"],
-        "compression_ratio": stats["compression_ratio"],
-        **{k: round(stages[k], 3) for k in STAGES},
+        "images": result.images,
+        "tiles": result.tiles,
+        "bytes_in": report.bytes_in,
+        "raw_bytes": result.raw_bytes,
+        "bytes_out": report.bytes_out,
+        "bits_per_pixel": result.bits_per_pixel,
+        "compression_ratio": result.compression_ratio,
+        **stages,
         "step_s": step_s,
         "wall_s": round(wall_s, 3),
-        "throughput_img_per_s": _rate(stats["images"], step_s),
-        "throughput_tiles_per_s": _rate(stats["tiles"], step_s),
+        "throughput_img_per_s": _rate(result.images, step_s),
+        "throughput_tiles_per_s": _rate(result.tiles, step_s),
         "throughput_MB_per_s": _rate(mb, step_s),
-        "wall_img_per_s": _rate(stats["images"], wall_s),
+        "wall_img_per_s": _rate(result.images, wall_s),
         "wall_MB_per_s": _rate(mb, wall_s),
-        "max_rss_mb": stats["max_rss_mb"],
+        "max_rss_mb": report.max_rss_mb,
         "load_avg_1m": round(load_1m, 2),
     }
     return {k: row[k] for k in FIELDS}
@@ -356,12 +387,12 @@ def prepare_inputs(
 
 
 class _Collector:
-    """Collects the stats of a workflow's ``SUCCESS`` status events on ``monitoring.notify``."""
+    """Collects the reports of a workflow's ``SUCCESS`` status events on ``monitoring.notify``."""
 
     def __init__(self, workflow: str, keys: Sequence[str]):
         self.workflow = workflow
         self.pending = set(keys)
-        self.stats: dict[str, dict] = {}
+        self.reports: dict[str, StepReport] = {}
         self.at: dict[str, float] = {}
         self.load: dict[str, float] = {}
 
@@ -375,16 +406,16 @@ class _Collector:
                 f"{value.get('error') or nec.get('reason') or value.get('description')}"
             )
         if value.get("status") == "SUCCESS" and "stats" in nec:
-            stats = nec["stats"]
-            key = stats["input_key"]
+            report = StepReport.from_wire(nec["stats"])
+            key = report.input_key
             if key in self.pending:
                 self.pending.discard(key)
-                self.stats[key] = stats
+                self.reports[key] = report
                 self.at[key] = time.perf_counter()
                 self.load[key] = os.getloadavg()[0]
                 print(
-                    f"  {key}: {stats['tiles']} tiles, step "
-                    f"{stats['s3_get_s'] + stats['process_s'] + stats['s3_put_s']:.2f} s",
+                    f"  {key}: {report.result.tiles} tiles, step "
+                    f"{report.s3_get_s + report.process_s + report.s3_put_s:.2f} s",
                     flush=True,
                 )
         return not self.pending
@@ -401,10 +432,10 @@ def _step(key: str) -> dict:
 
 def run_wrapper(
     stack, server: str, export_dir: Path, warmup: Input, inputs: Sequence[Input], work: Path, args
-) -> list[tuple[Input, dict, float, float]]:
+) -> list[tuple[Input, StepReport, float, float]]:
     """Run one compress wrapper (Kafka trigger) over ``inputs``.
 
-    Returns ``(input, stats, wall_s, load average)`` per message, in the order they finished.
+    Returns ``(input, report, wall_s, load average)`` per message, in the order they finished.
     """
     tag = f"nec-bench-{server}"
     t_in, t_out = f"{tag}.in", f"{tag}.out"
@@ -457,7 +488,7 @@ def run_wrapper(
     out, last = [], t_sent
     for item in done:
         at = collector.at[item.key]
-        out.append((item, collector.stats[item.key], at - last, collector.load[item.key]))
+        out.append((item, collector.reports[item.key], at - last, collector.load[item.key]))
         last = at
     return out
 
@@ -512,14 +543,14 @@ def main() -> int:
                 results = run_wrapper(stack, server, export_dir, warmup, inputs, work, args)
                 mode_rows = [
                     message_row(
-                        stats,
+                        report,
                         kind=item.kind,
                         server=server,
                         wall_s=wall,
                         context=context,
                         load_1m=load,
                     )
-                    for item, stats, wall, load in results
+                    for item, report, wall, load in results
                 ]
                 rows += [*mode_rows, total_row(mode_rows)]
     print(f"\nbenchmark finished in {time.perf_counter() - t_start:.1f} s ({context['machine']})")

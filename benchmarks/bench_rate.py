@@ -52,7 +52,7 @@ from nec_dev.data import resolve_data
 from nec_dev.perf import machine_description
 from nec_models import create_model
 from nec_models.eurosat import CLASSES, decode, read_split
-from nec_models.loop import SEED
+from nec_models.loop import SEED, EpochStats, Step, Task, fit
 from nec_models.shipped import materialize, split_of
 from nec_serve.bundle import ModelBundle
 from nec_serve.contract import GraphRole
@@ -161,31 +161,50 @@ def mae_embeddings(mae, images: np.ndarray, batch: int = 128) -> np.ndarray:
     return np.concatenate(parts)
 
 
+class _HeadTask(Task):
+    """An attention-pooling head on fixed embeddings (:func:`~nec_models.loop.fit`'s task)."""
+
+    name, knob = "head", "the head's learning rate"
+
+    def __init__(self, emb_train: np.ndarray, y_train: np.ndarray, head_model: str):
+        self.x = torch.from_numpy(np.ascontiguousarray(emb_train))
+        self.y = torch.from_numpy(y_train)
+        self.head_model = head_model
+        self.steps = math.ceil(len(self.y) / 128)
+
+    def setup(self, resuming: bool) -> None:
+        cls = create_model(self.head_model, num_classes=len(CLASSES))
+        self.model = nn.ModuleDict({"pool": cls.pool, "head": cls.head})
+        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
+        self.optimizers = {"optimizer": opt}
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model["head"](self.model["pool"](x[:, 1:, :]))  # CLS token left out
+
+    def batches(self, gen: torch.Generator):
+        return iter(torch.randperm(len(self.y), generator=gen).split(128))
+
+    def train_step(self, batch: torch.Tensor, gen: torch.Generator) -> Step:
+        loss = nn.functional.cross_entropy(self.logits(self.x[batch]), self.y[batch])
+        return Step(loss, {"loss": float(loss.detach()) * len(batch)})
+
+    def log_row(self, stats: EpochStats, val: dict) -> dict:
+        return {"epoch": stats.epoch, "train_loss": stats.sums["loss"] / len(self.y)}
+
+
 def train_head(
     emb_train: np.ndarray, y_train: np.ndarray, emb_test: np.ndarray, y_test: np.ndarray, args
 ) -> float:
     """Test top-1 of an attention-pooling head (``nec_classifier_tiny_patch8``'s) trained
     on ``emb_train``; the same seed, epochs and optimiser for every condition."""
-    torch.manual_seed(args.seed)
-    cls = create_model(args.head_model, num_classes=len(CLASSES))
-    head = nn.ModuleDict({"pool": cls.pool, "head": cls.head})
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
-    x_tr, y_tr = torch.from_numpy(np.ascontiguousarray(emb_train)), torch.from_numpy(y_train)
-    gen = torch.Generator().manual_seed(args.seed)
-    for _ in range(args.head_epochs):
-        head.train()
-        for idx in torch.randperm(len(y_tr), generator=gen).split(128):
-            logits = head["head"](head["pool"](x_tr[idx][:, 1:, :]))
-            loss = nn.functional.cross_entropy(logits, y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    head.eval()
+    task = _HeadTask(emb_train, y_train, args.head_model)
+    fit(task, out=None, epochs=args.head_epochs, seed=args.seed, progress=False)
+    task.model.eval()
     right = 0
     with torch.no_grad():
         for i in range(0, len(y_test), 256):
             x = torch.from_numpy(np.ascontiguousarray(emb_test[i : i + 256]))
-            pred = head["head"](head["pool"](x[:, 1:, :])).argmax(-1).numpy()
+            pred = task.logits(x).argmax(-1).numpy()
             right += int((pred == y_test[i : i + 256]).sum())
     return right / len(y_test)
 
@@ -210,27 +229,42 @@ def small_cnn() -> nn.Module:
     )
 
 
+class _CNNTask(Task):
+    """:func:`small_cnn` on decoded images, random flips, one-cycle schedule (a task)."""
+
+    name, knob = "cnn", "the CNN's learning rate"
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, epochs: int):
+        self.x, self.y = _normalised(images), torch.from_numpy(labels)
+        self.steps = math.ceil(len(self.y) / 64)
+        self.epochs = epochs
+
+    def setup(self, resuming: bool) -> None:
+        self.model = small_cnn()
+        opt = torch.optim.AdamW(self.model.parameters(), lr=3e-3, weight_decay=1e-4)
+        self.optimizers = {"optimizer": opt}
+        total = self.epochs * self.steps
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=total)
+
+    def batches(self, gen: torch.Generator):
+        return iter(torch.randperm(len(self.y), generator=gen).split(64))
+
+    def train_step(self, batch: torch.Tensor, gen: torch.Generator) -> Step:
+        x = self.x[batch]
+        flip = torch.rand(len(batch), generator=gen) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        loss = nn.functional.cross_entropy(self.model(x), self.y[batch])
+        return Step(loss, {"loss": float(loss.detach()) * len(batch)})
+
+    def log_row(self, stats: EpochStats, val: dict) -> dict:
+        return {"epoch": stats.epoch, "train_loss": stats.sums["loss"] / len(self.y)}
+
+
 def train_cnn(train: np.ndarray, y_train, test: np.ndarray, y_test, args) -> float:
     """Test top-1 of :func:`small_cnn` trained on decoded images (random flips)."""
-    torch.manual_seed(args.seed)
-    net = small_cnn()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    x_tr, y_tr = _normalised(train), torch.from_numpy(y_train)
-    gen = torch.Generator().manual_seed(args.seed)
-    steps = args.cnn_epochs * math.ceil(len(y_tr) / 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    for _ in range(args.cnn_epochs):
-        net.train()
-        for idx in torch.randperm(len(y_tr), generator=gen).split(64):
-            x = x_tr[idx]
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            loss = nn.functional.cross_entropy(net(x), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
+    task = _CNNTask(train, y_train, args.cnn_epochs)
+    fit(task, out=None, epochs=args.cnn_epochs, seed=args.seed, progress=False)
+    net = task.model.eval()
     x_te = _normalised(test)
     with torch.no_grad():
         pred = torch.cat([net(x_te[i : i + 256]).argmax(-1) for i in range(0, len(x_te), 256)])
@@ -308,6 +342,33 @@ def _present(data: Path, items: list) -> list:
     return items
 
 
+def _score_nec(export: str, train, test, args, csv_path: Path, done: set) -> None:
+    """The ``nec`` row of one export (unless done): its real containers, both heads."""
+    bundle = ModelBundle.load(export)
+    setting = Path(export).name
+    if ("nec", bundle.manifest.model, setting) in done:
+        return
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    tr = nec_through_pipeline(bundle, train.images, work, f"{setting}-train")
+    te = nec_through_pipeline(bundle, test.images, work, f"{setting}-test")
+    head = train_head(tr["embeddings"], train.labels, te["embeddings"], test.labels, args)
+    shipped = (
+        float((te["scores"].argmax(1) == test.labels).mean()) if te["scores"] is not None else ""
+    )
+    row = _row(
+        "nec",
+        bundle.manifest.model,
+        setting,
+        te["bits"],
+        t0,
+        payload_bits_per_image=round(te["payload_bits"], 1),
+        head_top1=head,
+        shipped_top1=shipped,
+    )
+    _append(csv_path, row)
+
+
 def run(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -370,30 +431,7 @@ def run(args) -> Path:
         cnn = train_cnn(tr_img, train.labels, te_img, test.labels, args)
         _append(csv_path, _row("raw", codec, setting, bits, t0, head_top1=head, cnn_top1=cnn))
     for export in args.nec:
-        bundle = ModelBundle.load(export)
-        setting = Path(export).name
-        if ("nec", bundle.manifest.model, setting) in done:
-            continue
-        t0 = time.perf_counter()
-        tr = nec_through_pipeline(bundle, train.images, work, f"{setting}-train")
-        te = nec_through_pipeline(bundle, test.images, work, f"{setting}-test")
-        head = train_head(tr["embeddings"], train.labels, te["embeddings"], test.labels, args)
-        shipped = (
-            float((te["scores"].argmax(1) == test.labels).mean())
-            if te["scores"] is not None
-            else ""
-        )
-        row = _row(
-            "nec",
-            bundle.manifest.model,
-            setting,
-            te["bits"],
-            t0,
-            payload_bits_per_image=round(te["payload_bits"], 1),
-            head_top1=head,
-            shipped_top1=shipped,
-        )
-        _append(csv_path, row)
+        _score_nec(export, train, test, args, csv_path, done)
     summarise(csv_path, out, len(train.labels), len(test.labels))
     return csv_path
 

@@ -128,11 +128,11 @@ def rvq_rows(bundle: ModelBundle, scorer: Scorer, work: Path, method: str, level
     rows = []
     for n in levels:
         buf = io.BytesIO()
-        stats = compress(iter(scorer.images), bundle, engine, buf, codebooks=n)
+        stats = compress(iter(scorer.images), bundle, engine, buf, rate=n)
         container = work / f"{method}-{n}.necb"
         container.write_bytes(buf.getvalue())
         done = write_bands(container, work / f"{method}-{n}.tif", bundle, engine)
-        decoded = _read_outputs(Path(done["path"]), len(scorer.images))
+        decoded = _read_outputs(Path(done.path), len(scorer.images))
         rows.append(
             scorer.row(
                 method,

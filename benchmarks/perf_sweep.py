@@ -207,7 +207,7 @@ def sweep(args, bundle: ModelBundle, binary: Path, tmp: Path) -> Sweep:
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default="artifacts/demo/export/mae_vit_compress_adapter")
     p.add_argument(
@@ -257,6 +257,27 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure nothing: redraw the curves and the summary from perf_sweep.csv",
     )
+    return p
+
+
+def _measure(args, bundle: ModelBundle, table: Path, failures: list[str]):
+    """Sweep, merge the rows into ``table``; (all rows, failures still standing)."""
+    if args.input == "real":
+        data = resolve_data(args.data)
+        print(f"data: {data.describe()}")
+        args.data = data.root
+    binary = ensure_perf_analyzer()
+    with tempfile.TemporaryDirectory(prefix="nec-perf-") as tmp:
+        run = sweep(args, bundle, binary, Path(tmp))
+    # Earlier failures stay listed unless this run tried that point again.
+    failures = [f for f in failures if f.split(":")[0] not in run.tried] + run.failures
+    merged = merge_runs(read_rows(table), run.rows, SERIES_KEYS)
+    write_rows(table, merged)
+    return merged, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.grpc_url is None and args.http_url is None:
         pass
@@ -277,17 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if not merged:
             p.error(f"--report-only: no measurements in {table}")
     else:
-        if args.input == "real":
-            data = resolve_data(args.data)
-            print(f"data: {data.describe()}")
-            args.data = data.root
-        binary = ensure_perf_analyzer()
-        with tempfile.TemporaryDirectory(prefix="nec-perf-") as tmp:
-            run = sweep(args, bundle, binary, Path(tmp))
-        # Earlier failures stay listed unless this run tried that point again.
-        failures = [f for f in failures if f.split(":")[0] not in run.tried] + run.failures
-        merged = merge_runs(read_rows(table), run.rows, SERIES_KEYS)
-        write_rows(table, merged)
+        merged, failures = _measure(args, bundle, table, failures)
     plot_curves(
         merged,
         args.out / "perf_sweep.png",

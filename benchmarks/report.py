@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nec_dev.perf import read_rows, summary_markdown
-from nec_serve.contract import NEC, GraphRole
+from nec_serve.contract import GraphRole
+from nec_serve.families.nec import NEC
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,7 +41,11 @@ def target_rows(
     encoder: Sequence[dict],
 ) -> list[dict]:
     """Each target: what it asks, what was measured, and whether it is met (None: unmeasured)."""
-    out = []
+    return [_serving_target(serving), *_codec_targets(codec), _gpu_target(perf, encoder)]
+
+
+def _serving_target(serving: Sequence[dict]) -> dict:
+    """The local server's overhead over in-process onnxruntime at batch 8."""
     b8 = [r for r in serving if int(r["batch"]) == 8 and "triton" in r["path"]]
     if b8:
         worst = max(b8, key=lambda r: _f(r, "overhead_pct_vs_in_process"))
@@ -50,41 +55,41 @@ def target_rows(
         met = _f(worst, "overhead_pct_vs_in_process") < SERVING_OVERHEAD_MAX_PCT
     else:
         measured, met = "not measured", None
-    out.append(
+    return {
+        "target": f"local server vs in-process onnxruntime, batch 8: overhead "
+        f"< {SERVING_OVERHEAD_MAX_PCT:g} %",
+        "measured": measured,
+        "met": met,
+    }
+
+
+def _codec_targets(codec: Sequence[dict]) -> list[dict]:
+    """Entropy coding speed and coded size (one row saying neither was measured, if so)."""
+    if not codec:
+        target = "entropy coding speed and size"
+        return [{"target": target, "measured": "not measured", "met": None}]
+    enc = min(_f(r, "encode_msym_per_s") for r in codec)
+    dec = min(_f(r, "decode_msym_per_s") for r in codec)
+    over = max(_f(r, "overhead_pct") for r in codec)
+    return [
         {
-            "target": f"local server vs in-process onnxruntime, batch 8: overhead "
-            f"< {SERVING_OVERHEAD_MAX_PCT:g} %",
-            "measured": measured,
-            "met": met,
-        }
-    )
+            "target": f"entropy coding, one core: >= {CODEC_MIN_MSYM_PER_S:g} M symbols/s "
+            "encode and decode",
+            "measured": f"encode >= {enc:.0f}, decode >= {dec:.0f} M symbols/s "
+            f"(197, 257, 1025 tokens x 768)",
+            "met": min(enc, dec) >= CODEC_MIN_MSYM_PER_S,
+        },
+        {
+            "target": f"coded size within {CODEC_MAX_OVER_BOUND_PCT:g} % of the entropy bound",
+            "measured": f"at most +{over:.3f} % (payload; the container adds its header "
+            "and 20 bytes per tile)",
+            "met": over <= CODEC_MAX_OVER_BOUND_PCT,
+        },
+    ]
 
-    if codec:
-        enc = min(_f(r, "encode_msym_per_s") for r in codec)
-        dec = min(_f(r, "decode_msym_per_s") for r in codec)
-        over = max(_f(r, "overhead_pct") for r in codec)
-        out.append(
-            {
-                "target": f"entropy coding, one core: >= {CODEC_MIN_MSYM_PER_S:g} M symbols/s "
-                "encode and decode",
-                "measured": f"encode >= {enc:.0f}, decode >= {dec:.0f} M symbols/s "
-                f"(197, 257, 1025 tokens x 768)",
-                "met": min(enc, dec) >= CODEC_MIN_MSYM_PER_S,
-            }
-        )
-        out.append(
-            {
-                "target": f"coded size within {CODEC_MAX_OVER_BOUND_PCT:g} % of the entropy bound",
-                "measured": f"at most +{over:.3f} % (payload; the container adds its header "
-                "and 20 bytes per tile)",
-                "met": over <= CODEC_MAX_OVER_BOUND_PCT,
-            }
-        )
-    else:
-        out.append(
-            {"target": "entropy coding speed and size", "measured": "not measured", "met": None}
-        )
 
+def _gpu_target(perf: Sequence[dict], encoder: Sequence[dict]) -> dict:
+    """The served encoder's GPU throughput; else the in-process bound, unjudged."""
     gpu_perf = [
         r
         for r in perf
@@ -104,28 +109,22 @@ def target_rows(
     )
     if gpu_perf:
         best = max(gpu_perf, key=lambda r: _f(r, "throughput_infer_per_s"))
-        out.append(
-            {
-                "target": target,
-                "measured": f"{_f(best, 'throughput_infer_per_s'):.0f} img/s at p99 "
-                f"{_f(best, 'latency_us_p99') / 1e3:.0f} ms ({best['machine']})",
-                "met": _f(best, "throughput_infer_per_s") > GPU_MIN_IMG_PER_S,
-            }
-        )
-    elif gpu_raw:
+        return {
+            "target": target,
+            "measured": f"{_f(best, 'throughput_infer_per_s'):.0f} img/s at p99 "
+            f"{_f(best, 'latency_us_p99') / 1e3:.0f} ms ({best['machine']})",
+            "met": _f(best, "throughput_infer_per_s") > GPU_MIN_IMG_PER_S,
+        }
+    if gpu_raw:
         best = max(gpu_raw, key=lambda r: _f(r, "throughput_img_per_s"))
-        out.append(
-            {
-                "target": target,
-                "measured": f"served: not measured; in-process PyTorch bound "
-                f"{_f(best, 'throughput_img_per_s'):.0f} img/s ({best['dtype']}, batch "
-                f"{best['batch']}, {best['machine']})",
-                "met": None,
-            }
-        )
-    else:
-        out.append({"target": target, "measured": "not measured: no GPU run", "met": None})
-    return out
+        return {
+            "target": target,
+            "measured": f"served: not measured; in-process PyTorch bound "
+            f"{_f(best, 'throughput_img_per_s'):.0f} img/s ({best['dtype']}, batch "
+            f"{best['batch']}, {best['machine']})",
+            "met": None,
+        }
+    return {"target": target, "measured": "not measured: no GPU run", "met": None}
 
 
 def _table(rows: Sequence[dict], cols: Sequence[str]) -> str:
@@ -142,104 +141,84 @@ def _codec_row(r: dict) -> dict:
     return {**r, **{k: format(_f(r, k), f) for k, f in fmt.items() if r.get(k)}}
 
 
+_CODEC_COLUMNS = (
+    "tokens",
+    "encode_msym_per_s",
+    "decode_msym_per_s",
+    "compressai_compress_msym_per_s",
+    "compressai_decompress_msym_per_s",
+    "overhead_pct",
+    "bytes_equal_compressai",
+)
+_SERVING_COLUMNS = (
+    "path",
+    "batch",
+    "latency_ms_p50",
+    "latency_ms_p99",
+    "throughput_img_per_s",
+    "overhead_pct_vs_in_process",
+)
+_ENCODER_COLUMNS = (
+    "run",
+    "engine",
+    "mode",
+    "img_size",
+    "batch",
+    "dtype",
+    "throughput_img_per_s",
+    "latency_ms_p50",
+    "latency_ms_p99",
+)
+#: pipeline.csv's columns shown (bench_pipeline.py's FIELDS; ``other_s`` left out).
+_PIPELINE_COLUMNS = (
+    "server",
+    "input_kind",
+    "images",
+    "tiles",
+    "s3_get_s",
+    "read_s",
+    "preprocess_s",
+    "inference_s",
+    "coding_s",
+    "s3_put_s",
+    "kafka_s",
+    "throughput_img_per_s",
+    "throughput_MB_per_s",
+    "max_rss_mb",
+)
+_VERDICT = {True: "met", False: "**missed**", None: "not measured"}
+
+
 def summary(results: Path) -> str:
     """The whole SUMMARY.md text."""
-    codec = read_rows(results / "codec.csv")
-    serving = read_rows(results / "serving.csv")
-    perf = read_rows(results / "perf_sweep.csv")
-    encoder = read_rows(results / "encoder.csv")
-    pipeline = read_rows(results / "pipeline.csv")
+    names = ("codec", "serving", "perf_sweep", "encoder", "pipeline")
+    codec, serving, perf, encoder, pipeline = (read_rows(results / f"{n}.csv") for n in names)
     everything = (codec, serving, perf, encoder, pipeline)
     machines = sorted({r["machine"] for rows in everything for r in rows if r.get("machine")})
+    targets = [{**t, "met": _VERDICT[t["met"]]} for t in target_rows(codec, serving, perf, encoder)]
     parts = [
         "# Benchmark results\n",
         "Machines: " + ("; ".join(machines) or "none recorded") + "\n",
+        "## Targets\n",
+        _table(targets, ["target", "measured", "met"]),
     ]
-    parts.append("## Targets\n")
-    verdict = {True: "met", False: "**missed**", None: "not measured"}
-    parts.append(
-        _table(
-            [{**t, "met": verdict[t["met"]]} for t in target_rows(codec, serving, perf, encoder)],
-            ["target", "measured", "met"],
-        )
-    )
     if codec:
         parts.append("\n## Codec, one thread (`benchmarks/bench_codec.py`, codec.csv)\n")
-        parts.append(
-            _table(
-                [_codec_row(r) for r in codec],
-                [
-                    "tokens",
-                    "encode_msym_per_s",
-                    "decode_msym_per_s",
-                    "compressai_compress_msym_per_s",
-                    "compressai_decompress_msym_per_s",
-                    "overhead_pct",
-                    "bytes_equal_compressai",
-                ],
-            )
-        )
+        parts.append(_table([_codec_row(r) for r in codec], _CODEC_COLUMNS))
     if serving:
         parts.append("\n## Serving overhead (`benchmarks/bench_serving.py`, serving.csv)\n")
-        parts.append(
-            _table(
-                serving,
-                [
-                    "path",
-                    "batch",
-                    "latency_ms_p50",
-                    "latency_ms_p99",
-                    "throughput_img_per_s",
-                    "overhead_pct_vs_in_process",
-                ],
-            )
-        )
+        parts.append(_table(serving, _SERVING_COLUMNS))
     if perf:
         parts.append("\n## perf_analyzer sweep (`benchmarks/perf_sweep.py`, perf_sweep.csv/png)\n")
         parts.append(summary_markdown(perf))
     if encoder:
         parts.append("\n## Encoder in-process (`benchmarks/bench_encoder.py`, encoder.csv)\n")
-        parts.append(
-            _table(
-                encoder,
-                [
-                    "run",
-                    "engine",
-                    "mode",
-                    "img_size",
-                    "batch",
-                    "dtype",
-                    "throughput_img_per_s",
-                    "latency_ms_p50",
-                    "latency_ms_p99",
-                ],
-            )
-        )
+        parts.append(_table(encoder, _ENCODER_COLUMNS))
     if pipeline:
         parts.append(
             "\n## Pipeline, one wrapper (`benchmarks/bench_pipeline.py`, pipeline.csv/png)\n"
         )
-        cols = [
-            c
-            for c in (
-                "server",
-                "input_kind",
-                "images",
-                "tiles",
-                "s3_get_s",
-                "read_s",
-                "preprocess_s",
-                "inference_s",
-                "coding_s",
-                "s3_put_s",
-                "kafka_s",
-                "throughput_img_per_s",
-                "throughput_MB_per_s",
-                "max_rss_mb",
-            )
-            if c in pipeline[0]
-        ]
-        parts.append(_table(pipeline, cols))
+        parts.append(_table(pipeline, [c for c in _PIPELINE_COLUMNS if c in pipeline[0]]))
     return "\n".join(parts)
 
 

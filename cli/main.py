@@ -24,7 +24,7 @@ from nec_controller.main import add_parser as add_controller
 from nec_serve import __version__, deploy
 from nec_serve.bundle import ModelBundle
 from nec_serve.container import ContainerReader
-from nec_serve.contract import GraphRole, decode_outputs
+from nec_serve.contract import GraphRole, Trainer, decode_outputs, model_families
 from nec_serve.engines import make_engine
 from nec_serve.errors import InvalidInput, NecError
 from nec_serve.hashing import sha256_file
@@ -82,41 +82,19 @@ def _from_args(config_class, args: argparse.Namespace):
     return config_class(**settings_values(args, config_class))
 
 
-def cmd_train_mae(args: argparse.Namespace) -> int:
-    """MAE pretraining on EuroSAT RGB (nec_models.train), resumable."""
-    from nec_models.train import MAEConfig, train_mae  # PyTorch: see the imports above
+def _import(ref: str):
+    """The object ``"module:name"`` names (trainers need PyTorch: imported on use)."""
+    from importlib import import_module
 
-    cfg = _from_args(MAEConfig, args)
-    result = train_mae(cfg, resume=args.resume, progress=not args.quiet)
-    print(json.dumps(result, indent=1))
-    return 0
+    module, name = ref.split(":")
+    return getattr(import_module(module), name)
 
 
-def cmd_train_nec(args: argparse.Namespace) -> int:
-    """NEC compression fine-tuning from an MAE checkpoint (nec_models.train), resumable."""
-    from nec_models.train import NECConfig, train_nec  # PyTorch: see the imports above
-
-    cfg = _from_args(NECConfig, args)
-    result = train_nec(cfg, resume=args.resume, progress=not args.quiet)
-    print(json.dumps(result, indent=1))
-    return 0
-
-
-def cmd_train_classifier(args: argparse.Namespace) -> int:
-    """The classifier head on decoded embeddings of a NEC run (nec_models.train)."""
-    from nec_models.train import ClassifierConfig, train_classifier  # PyTorch: see above
-
-    cfg = _from_args(ClassifierConfig, args)
-    print(json.dumps(train_classifier(cfg, progress=not args.quiet), indent=1))
-    return 0
-
-
-def cmd_train_rvq(args: argparse.Namespace) -> int:
-    """The RVQ Sentinel-2 compressor on 10-band data (nec_models.train_rvq), resumable."""
-    from nec_models.train_rvq import RVQConfig, train_rvq  # PyTorch: see the imports above
-
-    cfg = _from_args(RVQConfig, args)
-    result = train_rvq(cfg, resume=args.resume, progress=not args.quiet)
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run a family's trainer (:class:`~nec_serve.contract.Trainer`) with its flags."""
+    trainer = args.trainer
+    cfg = _from_args(_import(trainer.config), args)
+    result = _import(trainer.run)(cfg, resume=args.resume, progress=not args.quiet)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -147,10 +125,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     trained = ckpt.get("args") if ckpt is not None and isinstance(ckpt.get("args"), dict) else {}
     calibration = None
     if args.calibrate:
-        from nec_export.calibrate import calibrate_from_inputs
+        from nec_export.plan import exporter_for
 
         inputs = iter_inputs(args.calibrate, parse_bands(args.calibrate_bands, "--calibrate-bands"))
-        report = calibrate_from_inputs(model_nec(model), inputs, args.calibrate_tiles)
+        report = exporter_for(model).calibrate(model, inputs, args.calibrate_tiles)
         calibration = {"source": str(args.calibrate), **report.as_dict()}
         print(
             f"calibrated the entropy bottleneck on {report.tiles} tiles of {args.calibrate}: "
@@ -164,7 +142,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         options,
         checkpoint_sha256=ckpt_sha,
         calibration=calibration,
-        class_names=trained.get("class_names"),
+        trained=trained,
     )
     enc = manifest.graph(GraphRole.ENCODER).parity
     shape = manifest.family_params.describe()
@@ -177,11 +155,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"({enc['mismatches_near_half']} at near ties)"
     )
     return 0
-
-
-def model_nec(model):
-    """The NEC backbone of a model (the classifier's ``backbone``, else the model)."""
-    return getattr(model, "backbone", model)
 
 
 def _engine(args: argparse.Namespace, bundle):
@@ -239,13 +212,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
             bands=bands,
             batch_size=args.batch_size,
             progress=not args.quiet,
-            codebooks=args.codebooks,
+            rate=args.rate,
         )
     knob = bundle.manifest.family_spec.rate
-    rate = {} if knob is None else {knob: coding_levels(bundle, args.codebooks)}
+    rate = {} if knob is None else {knob: coding_levels(bundle, args.rate)}
     print(
         json.dumps(
-            {"output": str(out), "family": bundle.family, **rate, **stats.summary()}, indent=2
+            {"output": str(out), "family": bundle.family, **rate, **stats.report().to_wire()},
+            indent=2,
         )
     )
     return 0
@@ -308,79 +282,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-#: The trainers by stage: their config dataclass (module, class), help and command.
-TRAINERS = {
-    "mae": (
-        ("nec_models.train", "MAEConfig"),
-        "MAE pretraining from scratch on EuroSAT RGB, resumable",
-        cmd_train_mae,
-    ),
-    "nec": (
-        ("nec_models.train", "NECConfig"),
-        "NEC compression fine-tuning from an MAE checkpoint",
-        cmd_train_nec,
-    ),
-    "classifier": (
-        ("nec_models.train", "ClassifierConfig"),
-        "classifier head on a NEC run's decoded embeddings",
-        cmd_train_classifier,
-    ),
-    "rvq": (
-        ("nec_models.train_rvq", "RVQConfig"),
-        "the RVQ Sentinel-2 compressor (1-8 codebooks), resumable",
-        cmd_train_rvq,
-    ),
-}
-#: Help of the trainers' flags (their names, types and defaults are the config fields').
-_TRAIN_HELP = {
-    "mae": {
-        "data": "EuroSAT RGB root (<Class>/<Class>_<n>.jpg)",
-        "out": "run folder: split, cache, log.csv, checkpoint",
-        "model": "registered MAE ViT",
-        "blr": "base lr; lr = blr * batch / 256",
-        "norm_pix_loss": "per-patch normalised target",
-        "seed": "model init, data order, masks",
-        "split_seed": "the train/val/test split",
-        "max_items": "first N images per class (0: all)",
-        "threads": "torch threads (0: default)",
-    },
-    "nec": {
-        "init": "runs/mae/checkpoint.pth (its split is reused)",
-        "out": "run folder",
-        "lmbda": "reconstruction weight vs bits",
-        "rate_on": "rate term on the visible tokens (official) or on all tokens (what is coded)",
-        "bottleneck_lr": "the entropy model's density",
-    },
-    "classifier": {
-        "init": "runs/nec-L/checkpoint.pth",
-        "out": "run folder",
-        "with_decoder": "through the first decoder block",
-        "evaluate_test": "also top-1 on the test split (final numbers)",
-    },
-    "rvq": {
-        "data": "ssl4eo_s12, eurosat_ms and/or bigearthnet folders (10 bands are taken from each)",
-        "out": "run folder: split.csv, log.csv, checkpoint",
-        "model": "registered RVQ model",
-        "crop": "training crop size in pixels",
-        "beta": "commitment loss weight",
-        "train_codebooks": "codebooks per sample: 0 draws 1..levels per sample (one model, "
-        "every rate)",
-        "split_seed": "the train/val/test split by group",
-    },
-}
-_TRAIN_OPTIONS = {"nec": {"rate_on": {"choices": ("visible", "all")}}}
-
-
-def _trainer_flags(config: tuple[str, str], stage: str):
+def _trainer_flags(trainer: Trainer):
     """Adds a trainer's flags: one per field of its config dataclass (imported on use)."""
 
     def populate(s: argparse.ArgumentParser) -> None:
-        from importlib import import_module  # the trainers need PyTorch: see the imports above
-
-        cls = getattr(import_module(config[0]), config[1])
-        add_settings_flags(s, cls, help=_TRAIN_HELP.get(stage), options=_TRAIN_OPTIONS.get(stage))
-        if stage != "classifier":  # the classifier's run is short: it starts over
-            s.add_argument("--resume", action="store_true", help="continue after the last epoch")
+        add_settings_flags(
+            s, _import(trainer.config), help=trainer.flag_help, options=trainer.options
+        )
+        s.add_argument("--resume", action="store_true", help="continue after the last epoch")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     return populate
@@ -400,7 +309,7 @@ _EXPORT_HELP = {
     "version": "model version in the Triton repository",
     "torch_runtime": "also write model_repository_torch (+ torch/weights.pt): the local server "
     "running the PyTorch graphs, on the GPU when there is one",
-    "eo4eu_names": "RVQ: name the graphs' tensors as EO4EU's wrappers do "
+    "eo4eu_names": "name the graphs' tensors as EO4EU's wrappers do "
     "(input_sentinel2_10_bands_120, int64_latent32_15, output_sentinel2_10_bands_120)",
     "torch_precision": "bf16/fp16 autocast: faster on a GPU, symbols move at rounding boundaries",
 }
@@ -417,23 +326,62 @@ def _export_flags(s: argparse.ArgumentParser) -> None:
     add_settings_flags(s, ExportOptions, _EXPORT_FLAGS, help=_EXPORT_HELP, options=_EXPORT_OPTIONS)
 
 
+def _demo_flags(s: argparse.ArgumentParser) -> None:
+    """The demo's flags (:func:`nec_dev.demo.add_arguments`, imported on use)."""
+    from nec_dev.demo import add_arguments  # dev tooling: see the imports above
+
+    add_arguments(s)
+
+
+def _rate_flags() -> dict[str, str]:
+    """``compress`` flags of the families' rate knobs: name -> help."""
+    flags: dict[str, list[str]] = {}
+    for family in model_families():
+        if family.rate:
+            flags.setdefault(family.rate, []).append(family.rate_help)
+    return {knob: "; ".join(filter(None, helps)) for knob, helps in flags.items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nec-serve`` argument parser."""
     p = argparse.ArgumentParser(prog="nec-serve", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nec-serve {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, parser_class=DeferredParser)
+    sub.add_parser("models", help="list registered models").set_defaults(func=cmd_models)
+    _add_train(sub)
+    _add_export(sub)
+    _add_compress(sub)
+    _add_decompress(sub)
+    _add_serve(sub)
+    s = sub.add_parser("inspect", help="print a container's header")
+    s.add_argument("input")
+    s.add_argument("--tiles", action="store_true", help="also list every tile")
+    s.set_defaults(func=cmd_inspect)
+    add_wrapper(sub)
+    add_controller(sub)
+    deploy.add_parser(sub)
+    s = sub.add_parser(
+        "demo",
+        help="the main job: export, codec report on real imagery, local workflow",
+        populate=_demo_flags,  # dev tooling: imported by `demo` only
+    )
+    s.set_defaults(func=cmd_demo)
+    return p
 
-    s = sub.add_parser("models", help="list registered models")
-    s.set_defaults(func=cmd_models)
 
+def _add_train(sub) -> None:
+    """``train <stage>``: every family's trainers."""
     train = sub.add_parser("train", help="train models on the full data sets").add_subparsers(
         dest="stage", required=True, parser_class=DeferredParser
     )
-    for stage, (config, what, run) in TRAINERS.items():
-        s = train.add_parser(stage, help=what, populate=_trainer_flags(config, stage))
-        s.set_defaults(func=run)
+    for family in model_families():
+        for stage, trainer in family.trainers.items():
+            s = train.add_parser(stage, help=trainer.help, populate=_trainer_flags(trainer))
+            s.set_defaults(func=cmd_train, trainer=trainer)
 
+
+def _add_export(sub) -> None:
     s = sub.add_parser(
         "export",
         help="export ONNX graphs, entropy tables, Triton repositories",
@@ -446,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--checkpoint",
-        help="official NEC checkpoint ({'model': state_dict}) or one written by `train`",
+        help="an official checkpoint ({'model': state_dict}) or one written by `train`",
     )
     s.add_argument("--shipped", help="a trained model shipped in weights/ (`nec-serve models`)")
     s.add_argument("--img-size", type=int, help="input size in pixels (224, 256, 512)")
@@ -460,31 +408,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibrate-tiles", type=int, default=32, help="tiles used to calibrate")
     s.set_defaults(func=cmd_export)
 
-    def coding_args(s: argparse.ArgumentParser) -> None:
-        s.add_argument("--model-dir", required=True, help="directory written by export")
-        s.add_argument("--batch-size", type=int, default=8)
-        s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
-        s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-        s.add_argument(
-            "--server",
-            help="run the graphs on a Triton server (grpc://host:port or http://host:port) "
-            "instead of in-process; entropy coding stays local",
-        )
-        s.add_argument("--shm", action="store_true", help="send tensors via shared memory")
-        s.add_argument("--timeout", type=float, default=60.0, help="per-request seconds")
 
+def _coding_args(s: argparse.ArgumentParser) -> None:
+    """The flags ``compress`` and ``decompress`` share: the export and the engine."""
+    s.add_argument("--model-dir", required=True, help="directory written by export")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--server",
+        help="run the graphs on a Triton server (grpc://host:port or http://host:port) "
+        "instead of in-process; entropy coding stays local",
+    )
+    s.add_argument("--shm", action="store_true", help="send tensors via shared memory")
+    s.add_argument("--timeout", type=float, default=60.0, help="per-request seconds")
+
+
+def _add_compress(sub) -> None:
     s = sub.add_parser("compress", help="GeoTIFF/.npy/JPEG/PNG, .tar.gz or folder -> container")
     s.add_argument("input")
     s.add_argument("--out", required=True, help="container file to write")
     s.add_argument("--bands", help="1-based bands to read, e.g. 1,2,3 (NAIP RGB)")
-    s.add_argument(
-        "--codebooks",
-        type=int,
-        help="RVQ family: codebook levels to code, 1..8 (the rate; default all the export has)",
-    )
-    coding_args(s)
+    for knob, what in _rate_flags().items():
+        s.add_argument(f"--{knob}", dest="rate", type=int, metavar=knob.upper(), help=what)
+    _coding_args(s)
     s.set_defaults(func=cmd_compress)
 
+
+def _add_decompress(sub) -> None:
     s = sub.add_parser("decompress", help="container -> embeddings .npy or bands GeoTIFF")
     s.add_argument("input")
     s.add_argument(
@@ -496,12 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         choices=tuple(decode_outputs()),
         default=None,
-        help="embeddings (T x C; the NEC default), first-decoder-block features, class scores "
-        "(+ .classes.json), raw symbols, or the reconstructed bands as GeoTIFF (the RVQ default)",
+        help="embeddings (T x C), first-decoder-block features, class scores (+ .classes.json), "
+        "raw symbols, or the reconstructed bands as GeoTIFF; default: the family's",
     )
-    coding_args(s)
+    _coding_args(s)
     s.set_defaults(func=cmd_decompress)
 
+
+def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="serve an export on the local tritonserver")
     s.add_argument("--model-dir", required=True, help="directory written by export")
     s.add_argument(
@@ -517,48 +470,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log", help="server log file (default: a temporary file)")
     s.add_argument("--start-timeout", type=float, default=120.0)
     s.set_defaults(func=cmd_serve)
-
-    s = sub.add_parser("inspect", help="print a container's header")
-    s.add_argument("input")
-    s.add_argument("--tiles", action="store_true", help="also list every tile")
-    s.set_defaults(func=cmd_inspect)
-
-    add_wrapper(sub)
-    add_controller(sub)
-    deploy.add_parser(sub)
-
-    s = sub.add_parser(
-        "demo", help="the main job: export, codec report on real imagery, local workflow"
-    )
-    s.add_argument(
-        "--data",
-        default=None,
-        help="data folder (default: $NEC_DATA, else ../shared/data beside the checkout where "
-        "it exists, else the sample data in data/samples/)",
-    )
-    s.add_argument(
-        "--model",
-        default="nec-eurosat-l3000000",
-        help="a shipped trained model (`nec-serve models`), or a registry name such as the "
-        "untrained mae_vit_compress_adapter",
-    )
-    s.add_argument("--work", default="artifacts/demo", help="where exports and outputs go")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("-q", "--quiet", action="store_true")
-    s.add_argument(
-        "--skip-workflow",
-        action="store_true",
-        help="only the in-process part, no Kafka/S3/Triton workflow",
-    )
-    s.add_argument(
-        "--no-rvq",
-        dest="rvq",
-        action="store_false",
-        help="leave out the RVQ Sentinel-2 compressor that runs beside the NEC model",
-    )
-    s.set_defaults(func=cmd_demo)
-    return p
 
 
 #: The long-running services: JSON log lines and INFO level unless told otherwise.

@@ -106,6 +106,37 @@ def _announce_data(source: DataDir) -> None:
         )
 
 
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    """The flags of ``nec-serve demo``."""
+    s.add_argument(
+        "--data",
+        default=None,
+        help="data folder (default: $NEC_DATA, else ../shared/data beside the checkout where "
+        "it exists, else the sample data in data/samples/)",
+    )
+    s.add_argument(
+        "--model",
+        default="nec-eurosat-l3000000",
+        help="a shipped trained model (`nec-serve models`), or a registry name such as the "
+        "untrained mae_vit_compress_adapter",
+    )
+    s.add_argument("--work", default="artifacts/demo", help="where exports and outputs go")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument(
+        "--skip-workflow",
+        action="store_true",
+        help="only the in-process part, no Kafka/S3/Triton workflow",
+    )
+    s.add_argument(
+        "--no-rvq",
+        dest="rvq",
+        action="store_false",
+        help="leave out the RVQ Sentinel-2 compressor that runs beside the NEC model",
+    )
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo described in the module docstring; returns the exit status."""
     source = resolve_data(args.data)
@@ -149,7 +180,7 @@ def run_demo(args: argparse.Namespace) -> int:
         emb_f32 = latent.size * 4
         row = {
             "dataset": name,
-            **stats.summary(),
+            **stats.report().to_wire(),
             "vs_float32_embeddings": round(emb_f32 / stats.container_bytes, 2),
             "decoded_rmse": round(float(np.sqrt(np.mean(err**2))), 5),
             "decoded_max_abs_err": round(float(np.abs(err).max()), 5),

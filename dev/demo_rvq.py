@@ -124,11 +124,11 @@ def run_rvq_demo(entry: dict, data: Path, work: Path, threads: int = 0) -> list[
         container = work / f"s2_test.c{n}.necb"
         t0 = time.perf_counter()
         with container.open("wb") as f:
-            stats = compress(iter(images), bundle, engine, f, codebooks=n)
+            stats = compress(iter(images), bundle, engine, f, rate=n)
         t1 = time.perf_counter()
         done = write_bands(container, work / f"s2_test.c{n}.tif", bundle, engine)
         t2 = time.perf_counter()
-        decoded = read_bands(Path(done["path"]))
+        decoded = read_bands(Path(done.path))
         error = band_error([a for _, a in images], [rec for _, rec in decoded])
         placed = sum(
             want is None

@@ -64,9 +64,7 @@ def export_shipped(name: str, out: Path) -> ModelBundle:
     t0 = time.perf_counter()
     ckpt = materialize(name)
     model = load_trained(ckpt)
-    man = export_model(
-        model, out, checkpoint_sha256=entry["sha256"], class_names=ckpt["args"].get("class_names")
-    )
+    man = export_model(model, out, checkpoint_sha256=entry["sha256"], trained=ckpt["args"])
     print(
         f"[export] shipped {name} ({entry['model']}): graphs "
         f"{', '.join(str(r) for r in man.graphs)} in {time.perf_counter() - t0:.1f} s"
@@ -180,11 +178,10 @@ def run_trained_sources(
         scored = [t for t in report["tiles"] if t["source"] in labels]
         right = sum(CLASSES[labels[t["source"]]] == t["class"] for t in scored)
         top = Counter(t["class"] for t in report["tiles"]).most_common(3)
-        s = stats.summary()
         rows.append(
             {
                 "dataset": name,
-                **s,
+                **stats.report().to_wire(),
                 "bits_per_image": round(8 * stats.container_bytes / max(stats.images, 1), 1),
                 "vs_float32_embeddings": round(emb.size * 4 / stats.container_bytes, 2),
                 "top1": round(right / len(scored), 4) if scored else None,

@@ -32,6 +32,7 @@ from nec_dev.stack.s3 import LocalS3
 from nec_dev.triton import LocalTritonServer, free_port
 from nec_serve.kafka_io import json_producer
 from nec_serve.messages import DEAD_LETTER_TOPIC, STATUS_TOPIC
+from nec_serve.reports import BandsReport, StepReport, step_report_from_wire
 
 __all__ = [
     "run_workflow_demo",
@@ -302,117 +303,113 @@ def run_workflow_demo(
         local_stack(export_dir / "model_repository_local", work) as stack,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        boot, s3 = stack.bootstrap, stack.s3
         print(f"[stack] {stack.describe()} ({time.perf_counter() - t_start:.1f} s)")
-        store = Path(tmp) / "configs"
-        ports = {"nec-compress": free_port(), "nec-decompress": free_port()}
-        metrics = {"nec-compress": free_port(), "nec-decompress": free_port()}
-        metrics["nec-controller"] = free_port()
         try:
-            for mode, service in (("compress", "nec-compress"), ("decompress", "nec-decompress")):
-                compress = mode == "compress"
-                args = wrapper_args(
-                    mode,
-                    export_dir,
-                    boot,
-                    store,
-                    tmp,
-                    trigger="http",
-                    port=ports[service],
-                    server=stack.triton_url,
-                    bands=bands if compress else None,
-                    batch_size=8 if compress else None,
-                    output=None if compress else output,
-                    metrics_port=metrics[service],
-                )
-                procs.append(spawn_cli(args, work / f"{service}.log"))
-                wait_http(f"http://127.0.0.1:{ports[service]}", procs[-1], work / f"{service}.log")
-            sinks = [f"--sink={s}=http://127.0.0.1:{p}" for s, p in ports.items()]
-            procs.append(
-                spawn_cli(
-                    [
-                        "controller",
-                        "--bootstrap",
-                        boot,
-                        "--config-dir",
-                        str(store),
-                        "--metrics-port",
-                        str(metrics["nec-controller"]),
-                        *sinks,
-                    ],
-                    work / "controller.log",
-                )
-            )
+            metrics = _start_services(procs, stack, export_dir, Path(tmp), work, bands, output)
             print(f"[stack] controller and wrappers up ({time.perf_counter() - t_start:.1f} s)")
             print(
                 "[stack] metrics: "
                 + ", ".join(f"{s} http://127.0.0.1:{p}/metrics" for s, p in metrics.items())
                 + f"; JSON logs in {work}/*.log"
             )
-
-            client = s3.client()
+            client = stack.s3.client()
             client.create_bucket(Bucket=BUCKET)
-            inputs = make_inputs(data, Path(tmp))
-            for name, path in inputs:
+            objects = make_inputs(data, Path(tmp))
+            for name, path in objects:
                 client.upload_file(str(path), BUCKET, f"input/{name}")
                 print(f"[s3] put s3://{BUCKET}/input/{name} ({path.stat().st_size} bytes)")
-
-            create_topics(
-                boot,
-                [
-                    "system.ML",
-                    STATUS_TOPIC,
-                    DEAD_LETTER_TOPIC,
-                    COMPRESS_IN,
-                    DECOMPRESS_IN,
-                    DONE,
-                ],
-            )
-            watch = json_consumer(boot, STATUS_TOPIC, DONE, DEAD_LETTER_TOPIC)
-            producer = json_producer(boot)
-            producer.send(
-                "system.ML",
-                workflow_message("published", "nec-compress", COMPRESS_IN, DECOMPRESS_IN, s3),
-            ).get(30)
-            producer.send(
-                "system.ML",
-                workflow_message("published", "nec-decompress", DECOMPRESS_IN, DONE, s3),
-            ).get(30)
-            time.sleep(1.0)  # the controller starts the sources
-            for name, _ in inputs:
-                producer.send(
-                    COMPRESS_IN,
-                    {
-                        "previous_component_end": True,
-                        "S3_bucket_desc": {"folder": "input", "filename": name},
-                        "meta_information": {"source": "nec-serve workflow demo", **(meta or {})},
-                    },
-                ).get(30)
-            print(f"[kafka] workflow published and {len(inputs)} step messages sent")
-
-            results = _watch(watch, len(inputs), timeout_s)
+            watch, producer = _send_workflow(stack, [name for name, _ in objects], meta)
+            results = _watch(watch, len(objects), timeout_s)
             time.sleep(1.0)  # a wrapper counts a message once its status is out, just after
             _print_metrics(metrics)
             if output == "classes":
                 _print_labels(client, results)
-            for service in ("nec-compress", "nec-decompress"):
-                producer.send(
-                    "system.ML",
-                    workflow_message(
-                        "stopping",
-                        service,
-                        COMPRESS_IN if service == "nec-compress" else DECOMPRESS_IN,
-                        "",
-                        s3,
-                    ),
-                ).get(30)
+            _stop_workflows(producer, stack.s3)
             producer.close()
             watch.close()
         finally:
             stop_processes(procs)
     _summary(results, time.perf_counter() - t_start, work)
     failed = [r for r in results if r.get("status") == "failed"]
-    return 1 if failed or len([r for r in results if r["status"] == "done"]) < len(inputs) else 0
+    return 1 if failed or len([r for r in results if r["status"] == "done"]) < len(objects) else 0
+
+
+def _start_services(
+    procs: list[subprocess.Popen],
+    stack,
+    export_dir: Path,
+    tmp: Path,
+    work: Path,
+    bands: str | None,
+    output: str,
+) -> dict[str, int]:
+    """Start both wrappers (HTTP trigger) and the controller, adding them to ``procs``.
+
+    Returns each service's metrics port.
+    """
+    store = tmp / "configs"
+    ports = {"nec-compress": free_port(), "nec-decompress": free_port()}
+    metrics = {"nec-compress": free_port(), "nec-decompress": free_port()}
+    metrics["nec-controller"] = free_port()
+    for mode, service in (("compress", "nec-compress"), ("decompress", "nec-decompress")):
+        compress = mode == "compress"
+        args = wrapper_args(
+            mode,
+            export_dir,
+            stack.bootstrap,
+            store,
+            tmp,
+            trigger="http",
+            port=ports[service],
+            server=stack.triton_url,
+            bands=bands if compress else None,
+            batch_size=8 if compress else None,
+            output=None if compress else output,
+            metrics_port=metrics[service],
+        )
+        procs.append(spawn_cli(args, work / f"{service}.log"))
+        wait_http(f"http://127.0.0.1:{ports[service]}", procs[-1], work / f"{service}.log")
+    sinks = [f"--sink={s}=http://127.0.0.1:{p}" for s, p in ports.items()]
+    controller = ["controller", "--bootstrap", stack.bootstrap, "--config-dir", str(store)]
+    controller += ["--metrics-port", str(metrics["nec-controller"]), *sinks]
+    procs.append(spawn_cli(controller, work / "controller.log"))
+    return metrics
+
+
+def _send_workflow(stack, names: Sequence[str], meta: dict | None):
+    """Publish both steps' workflow, then one compress step message per input object.
+
+    Returns the consumer of statuses and results, and the producer (both to be closed).
+    """
+    boot, s3 = stack.bootstrap, stack.s3
+    topics = ["system.ML", STATUS_TOPIC, DEAD_LETTER_TOPIC, COMPRESS_IN, DECOMPRESS_IN, DONE]
+    create_topics(boot, topics)
+    watch = json_consumer(boot, STATUS_TOPIC, DONE, DEAD_LETTER_TOPIC)
+    producer = json_producer(boot)
+    for service, topic_in, topic_out in (
+        ("nec-compress", COMPRESS_IN, DECOMPRESS_IN),
+        ("nec-decompress", DECOMPRESS_IN, DONE),
+    ):
+        message = workflow_message("published", service, topic_in, topic_out, s3)
+        producer.send("system.ML", message).get(30)
+    time.sleep(1.0)  # the controller starts the sources
+    for name in names:
+        producer.send(
+            COMPRESS_IN,
+            {
+                "previous_component_end": True,
+                "S3_bucket_desc": {"folder": "input", "filename": name},
+                "meta_information": {"source": "nec-serve workflow demo", **(meta or {})},
+            },
+        ).get(30)
+    print(f"[kafka] workflow published and {len(names)} step messages sent")
+    return watch, producer
+
+
+def _stop_workflows(producer, s3) -> None:
+    """Tell the controller both steps' workflows are stopping."""
+    for service, topic_in in (("nec-compress", COMPRESS_IN), ("nec-decompress", DECOMPRESS_IN)):
+        producer.send("system.ML", workflow_message("stopping", service, topic_in, "", s3)).get(30)
 
 
 def _print_labels(client, results: list[dict]) -> None:
@@ -420,7 +417,7 @@ def _print_labels(client, results: list[dict]) -> None:
     for r in results:
         if r["status"] != "done":
             continue
-        key = r["decompress"]["output_key"]
+        key = StepReport.from_wire(r["decompress"]).output_key
         key = key[: -len(".npy")] + ".classes.json" if key.endswith(".npy") else key
         body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         tiles = json.loads(body)["tiles"]
@@ -478,15 +475,17 @@ def _watch(consumer, expected: int, timeout_s: float) -> list[dict]:
             print(f"[{DEAD_LETTER_TOPIC}] {value.get('error')}")
         else:
             nec = value["meta_information"]["nec"]
+            done = StepReport.from_wire(nec)
+            name = done.input_key.rsplit("/", 1)[-1]
             compress = next(
                 (
                     f
                     for f in finished.get("nec-compress", [])
-                    if f["output_key"].endswith(nec["input_key"].rsplit("/", 1)[-1])
+                    if step_report_from_wire(f).output_key.endswith(name)
                 ),
                 {},
             )
-            print(f"[{topic}] s3://{BUCKET}/{nec['output_key']}")
+            print(f"[{topic}] s3://{BUCKET}/{done.output_key}")
             results.append({"status": "done", "compress": compress, "decompress": nec})
         return len(results) >= expected
 
@@ -495,61 +494,69 @@ def _watch(consumer, expected: int, timeout_s: float) -> list[dict]:
     return results
 
 
-def _rmse(compress: dict, decompress: dict):
+def _rmse(compress: StepReport, decompress: StepReport):
     """The embedding RMSE of a NEC step; "n/a" for RVQ.
 
     RVQ codes codebook indexes: no continuous latent is rounded (its error is measured on
     the bands instead).
     """
-    rvq = "codebooks" in compress or decompress.get("output") == "bands"
-    return "n/a" if rvq else compress.get("embedding_rmse")
+    rvq = compress.rate is not None or isinstance(decompress.result, BandsReport)
+    return "n/a" if rvq else compress.result.embedding_rmse
+
+
+_SUMMARY_COLUMNS = (
+    "input",
+    "tiles",
+    "bytes in",
+    "container B",
+    "bpp",
+    "ratio",
+    "% over bound",
+    "emb RMSE",
+    "S3 get s",
+    "infer s",
+    "code s",
+    "S3 put s",
+    "Kafka s",
+    "decode s",
+    "peak RSS MB",
+)
+
+
+def _summary_cells(c: StepReport | None, d: StepReport) -> tuple:
+    """One input's cells of :data:`_SUMMARY_COLUMNS`; None where ``c`` is unknown."""
+    d_cells = (d.result.seconds.decode,)
+    if c is None:
+        return (None,) * (len(_SUMMARY_COLUMNS) - 2) + (*d_cells, d.max_rss_mb)
+    r = c.result
+    return (
+        c.input_key,
+        r.tiles,
+        c.bytes_in,
+        c.bytes_out,
+        r.bits_per_pixel,
+        r.compression_ratio,
+        r.payload_over_entropy_bound_pct,
+        _rmse(c, d),
+        c.s3_get_s,
+        r.seconds.inference,
+        r.seconds.coding,
+        c.s3_put_s,
+        c.kafka_s,
+        *d_cells,
+        max(c.max_rss_mb, d.max_rss_mb),
+    )
 
 
 def _summary(results: list[dict], seconds: float, work: Path) -> None:
     print(f"\nworkflow finished in {seconds:.1f} s")
-    cols = (
-        "input",
-        "tiles",
-        "bytes in",
-        "container B",
-        "bpp",
-        "ratio",
-        "% over bound",
-        "emb RMSE",
-        "S3 get s",
-        "infer s",
-        "code s",
-        "S3 put s",
-        "Kafka s",
-        "decode s",
-        "peak RSS MB",
-    )
-    print(" | ".join(cols))
+    print(" | ".join(_SUMMARY_COLUMNS))
     for r in results:
         if r["status"] != "done":
             print(f"FAILED: {r.get('reason')}")
             continue
-        c, d = r["compress"], r["decompress"]
-        print(
-            " | ".join(
-                str(v)
-                for v in (
-                    c.get("input_key"),
-                    c.get("tiles"),
-                    c.get("bytes_in"),
-                    c.get("bytes_out"),
-                    c.get("bits_per_pixel"),
-                    c.get("compression_ratio"),
-                    c.get("payload_over_entropy_bound_pct"),
-                    _rmse(c, d),
-                    c.get("s3_get_s"),
-                    c.get("inference_s"),
-                    c.get("coding_s"),
-                    c.get("s3_put_s"),
-                    c.get("kafka_s"),
-                    d.get("decode_s"),
-                    max(c.get("max_rss_mb", 0), d.get("max_rss_mb", 0)),
-                )
-            )
-        )
+        c = step_report_from_wire(r["compress"]) if r["compress"] else None
+        c = c if isinstance(c, StepReport) else None  # not seen, or a duplicate's
+        d = StepReport.from_wire(r["decompress"])
+        print(" | ".join(str(v) for v in _summary_cells(c, d)))
     (work / "workflow_summary.json").write_text(json.dumps(results, indent=1))

@@ -1,10 +1,9 @@
-"""The graphs that cross the serving boundary, and their export to ONNX with self-checks.
+"""Export of a graph to ONNX, and its parity check against PyTorch.
 
-Entropy coding never runs inside the inference server. The encoder graph maps images to
-the integer symbols the coder takes, ``round(y - median)`` per channel (int32, coder
-layout ``(B, C, T)``), and also returns the continuous latent for quality checks; the
-decoder graphs map symbols back to embeddings ``(B, T, C)`` or through the first MAE
-decoder block to ``(B, T - 1, D)``. Batch is a dynamic axis; the image size is fixed.
+Entropy coding never runs inside the inference server: every family's encoder graph maps
+images to the integer symbols the coder takes and the continuous latent they come from;
+its decoding graphs map symbols to one output each (the family modules under
+:mod:`nec_export.families` build them). Batch is a dynamic axis; the image size is fixed.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,23 +20,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from nec_models.nec import NECClassifier, NECFactorized
-from nec_models.rvq import RVQAutoencoder
-from nec_serve.contract import GraphRole
-from nec_serve.errors import ExportCheckFailed, InvalidInput
+from nec_serve.errors import ExportCheckFailed
 from nec_serve.hashing import sha256_file
 
 __all__ = [
-    "EncoderGraph",
-    "DecoderGraph",
-    "ClassifierGraph",
-    "RVQEncoderGraph",
-    "RVQDecoderGraph",
-    "check_rvq_encoder",
-    "graph_roles",
-    "NEC_GRAPHS",
-    "graph_module",
     "ParityReport",
+    "judge_codes",
+    "session",
     "export_onnx",
     "check_graph",
     "LATENT_ATOL",
@@ -58,120 +46,6 @@ HALF_BAND = 1e-3
 # near ties, two backends' rounding may legitimately flip two of them.
 MAX_FLIP_FRACTION = 1e-4
 MAX_TIE_FLIP_FRACTION = 0.5
-
-
-class EncoderGraph(nn.Module):
-    """images ``(B, 3, H, W)`` float32 -> symbols ``(B, C, T)`` int32, latent float32."""
-
-    def __init__(self, model: NECFactorized):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Symbols for the coder and the continuous latent they round."""
-        latent = self.model.latent(images)
-        return self.model.symbols(latent), latent
-
-
-class DecoderGraph(nn.Module):
-    """symbols ``(B, C, T)`` int32 -> embeddings, optionally through decoder block 1."""
-
-    def __init__(self, model: NECFactorized, first_block: bool = False):
-        super().__init__()
-        self.model = model
-        self.first_block = first_block
-
-    def forward(self, symbols: torch.Tensor) -> torch.Tensor:
-        """Dequantized embeddings ``(B, T, C)`` or block-1 features ``(B, T-1, D)``."""
-        embeddings = self.model.dequantize(symbols)
-        if self.first_block:
-            return self.model.first_decoder_block(embeddings)
-        return embeddings
-
-
-class ClassifierGraph(nn.Module):
-    """symbols ``(B, C, T)`` int32 -> class scores ``(B, K)`` float32 (softmax).
-
-    The head of a :class:`~nec_models.nec.NECClassifier` on the embeddings a consumer
-    decodes, so a consumer step outputs labels without ever seeing pixels.
-    """
-
-    def __init__(self, model: NECClassifier):
-        super().__init__()
-        self.model = model
-
-    def forward(self, symbols: torch.Tensor) -> torch.Tensor:
-        """Softmax over the head's logits of the dequantized embeddings."""
-        embeddings = self.model.backbone.dequantize(symbols)
-        return torch.softmax(self.model.forward_embeddings(embeddings), dim=-1)
-
-
-class RVQEncoderGraph(nn.Module):
-    """bands ``(B, 10, S, S)`` -> indices ``(B, levels, T)`` int32 (all levels), latent."""
-
-    def __init__(self, model: RVQAutoencoder):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every level's nearest-entry index and the continuous latent ``(B, D, T)``."""
-        return self.model.indices(images)
-
-
-class RVQDecoderGraph(nn.Module):
-    """indices ``(B, levels, T)`` int32, ``-1`` for unused levels -> bands ``(B, 10, S, S)``.
-
-    The number of levels a tile was coded with travels in the indices themselves (the
-    coder fills the levels it did not code with -1), so the graph has one input.
-    """
-
-    def __init__(self, model: RVQAutoencoder):
-        super().__init__()
-        self.model = model
-
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        """Standardised bands of the tile (the pipeline undoes the standardisation)."""
-        return self.model.decode_indices(indices)
-
-
-def _backbone(model: nn.Module) -> NECFactorized:
-    return model.backbone if isinstance(model, NECClassifier) else model
-
-
-#: The module behind each graph role NEC exports, built from the exported model (an
-#: :class:`NECFactorized`, or an :class:`NECClassifier` and its backbone).
-NEC_GRAPHS: dict[GraphRole, Callable[[nn.Module], nn.Module]] = {
-    GraphRole.ENCODER: lambda m: EncoderGraph(_backbone(m)),
-    GraphRole.DECODER: lambda m: DecoderGraph(_backbone(m)),
-    GraphRole.FEATURES: lambda m: DecoderGraph(_backbone(m), first_block=True),
-    GraphRole.CLASSIFIER: ClassifierGraph,
-}
-
-
-def graph_roles(model: nn.Module) -> list[GraphRole]:
-    """The graph roles ``model`` can export.
-
-    The classifier role needs a classifier's head; block-1 features need the first decoder
-    block, which a classifier trained without it drops.
-    """
-    if isinstance(model, RVQAutoencoder):
-        return [GraphRole.ENCODER, GraphRole.RECONSTRUCTION]
-    nec = _backbone(model)
-    roles = [GraphRole.ENCODER, GraphRole.DECODER]
-    if hasattr(nec, "decoder_blocks") and hasattr(nec, "decoder_embed"):
-        roles.append(GraphRole.FEATURES)
-    if isinstance(model, NECClassifier) and isinstance(model.head, nn.Linear):
-        roles.append(GraphRole.CLASSIFIER)
-    return roles
-
-
-def graph_module(model: nn.Module, role: GraphRole) -> nn.Module:
-    """The PyTorch module of ``role`` for ``model`` (what is exported, or run by PyTorch)."""
-    if role not in graph_roles(model):
-        raise InvalidInput(f"{type(model).__name__} exports no {role} graph")
-    if isinstance(model, RVQAutoencoder):
-        return RVQEncoderGraph(model) if role == GraphRole.ENCODER else RVQDecoderGraph(model)
-    return NEC_GRAPHS[role](model)
 
 
 @dataclass
@@ -272,12 +146,12 @@ def check_graph(
     mismatch = got_sym != ref_sym
     centred = ref_lat - medians.numpy()[None, :, None]
     near_half = np.abs(np.abs(centred - np.floor(centred)) - 0.5) <= HALF_BAND
-    return _judge_codes(
+    return judge_codes(
         name, path, "symbols", (ref_sym, got_sym), (ref_lat, got_lat), mismatch, near_half
     )
 
 
-def _judge_codes(
+def judge_codes(
     name: str,
     path: Path,
     what: str,
@@ -315,40 +189,3 @@ def _judge_codes(
         raise ExportCheckFailed(f"{name}: {what} differ from PyTorch: {report}")
     log.info("%s parity: %s", name, report)
     return report
-
-
-def check_rvq_encoder(
-    name: str, module: RVQEncoderGraph, path: Path, inputs: torch.Tensor
-) -> ParityReport:
-    """Parity of the RVQ encoder: latent within :data:`LATENT_ATOL`, indices near-equal.
-
-    An index may differ only at a position whose first differing level was a near tie
-    in PyTorch: the two nearest entries' squared distances within :data:`HALF_BAND`
-    relative of each other (later levels follow from that choice). Such positions must
-    be rare (:data:`MAX_FLIP_FRACTION`).
-    """
-    sess = session(path)
-    model = module.model
-    with torch.no_grad():
-        ref_idx, ref_lat = (t.numpy() for t in module(inputs))
-        gaps = _first_level_gaps(model, torch.from_numpy(ref_lat))
-    got_idx, got_lat = sess.run(None, {sess.get_inputs()[0].name: inputs.numpy()})
-    differ = got_idx != ref_idx  # (B, L, T)
-    first = differ.argmax(1)  # first differing level per position
-    tie = np.take_along_axis(gaps, first[:, None, :], 1)[:, 0] <= HALF_BAND
-    return _judge_codes(
-        name, path, "indices", (ref_idx, got_idx), (ref_lat, got_lat), differ.any(1), tie
-    )
-
-
-def _first_level_gaps(model: RVQAutoencoder, latent: torch.Tensor) -> np.ndarray:
-    """Relative gap between the two nearest entries at every level, ``(B, L, T)``."""
-    b, d, t = latent.shape
-    residual = latent.permute(0, 2, 1).reshape(-1, d)
-    gaps = []
-    for level in range(model.levels):
-        idx, dist = model.quantizer.nearest(residual, level)
-        two = dist.topk(2, dim=1, largest=False).values
-        gaps.append((two[:, 1] - two[:, 0]) / two[:, 1].abs().clamp(min=1e-6))
-        residual = residual - model.quantizer.codebooks[level][idx]
-    return torch.stack(gaps, 1).reshape(b, t, model.levels).permute(0, 2, 1).numpy()

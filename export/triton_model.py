@@ -1,4 +1,4 @@
-"""Triton Python-backend model that runs an exported NEC graph (onnxruntime or PyTorch).
+"""Triton Python-backend model that runs an exported graph (onnxruntime or PyTorch).
 
 Triton's ``onnxruntime`` backend ships only in NVIDIA's containers; the ``tritonserver``
 bundled with PyTriton has the Python backend alone. ``nec-serve export`` therefore also
@@ -45,7 +45,7 @@ class _OnnxGraph:
 class _TorchGraph:
     """The same graph in PyTorch (``runtime: torch``), on the GPU when there is one.
 
-    It rebuilds the registered NEC architecture, loads ``weights.pt`` beside this file and
+    It rebuilds the registered architecture, loads ``weights.pt`` beside this file and
     runs the module of the config's ``role`` parameter (a graph role of the model contract);
     ``device: auto`` picks the GPU if PyTorch sees one, else the CPU.
 
@@ -60,7 +60,7 @@ class _TorchGraph:
         # Python may have neither PyTorch nor the project's packages.
         import torch
 
-        from nec_export.graphs import graph_module
+        from nec_export.plan import graph_module
         from nec_models import create_model, load_checkpoint
         from nec_serve.contract import GraphRole
 
@@ -97,7 +97,7 @@ class _TorchGraph:
 
 
 class TritonPythonModel:
-    """One NEC graph behind Triton's Python backend (onnxruntime, or PyTorch)."""
+    """One exported graph behind Triton's Python backend (onnxruntime, or PyTorch)."""
 
     def initialize(self, args):
         """Load the graph beside this file with the configured runtime and threads."""

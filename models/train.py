@@ -6,7 +6,8 @@ masked patches, AdamW (0.9, 0.95) with weight decay on the weights only, a cosin
 after a linear warm-up (per step), RandomResizedCrop and flips on the training images,
 ImageNet normalisation as the service applies it to uint8 input.
 
-Reproducible and resumable:
+Reproducible and resumable, through the one training loop (:func:`nec_models.loop.fit`;
+each trainer here is a small :class:`~nec_models.loop.Task`):
 
 - The split is made once (stratified, seeded; :mod:`nec_models.eurosat`) and written to
   ``<out>/split.csv``; a resumed run reads it back. Only ``train`` and ``val`` are used:
@@ -14,9 +15,12 @@ Reproducible and resumable:
 - The data order and every augmentation and mask of an epoch come from generators seeded
   by ``(seed, epoch)``, so an epoch is the same whether or not the run was interrupted.
 - After every epoch, ``<out>/checkpoint.pth`` is written (atomically) in the official
-  layout ``{"model", "optimizer", "epoch", "scaler", "args"}``, and a row goes to
-  ``<out>/log.csv``. ``resume=True`` continues after the last finished epoch: a run
-  killed mid-epoch loses at most that epoch, and the result equals an uninterrupted run's.
+  layout ``{"model", "optimizer", "epoch", "scaler", "args"}`` plus the loop's ``lr``,
+  ``rng``, ``metrics`` and ``best``, and a row goes to ``<out>/log.csv``. ``resume=True``
+  continues after the last finished epoch: a run killed mid-epoch loses at most that
+  epoch, and the result equals an uninterrupted run's. A resume may change ``epochs`` (the
+  schedule follows the new count from then on), ``out`` and ``threads``; any other setting
+  that differs from the checkpoint's is refused, naming the field.
 - A non-finite loss stops the run with :class:`TrainingDiverged`; the checkpoint of the
   last good epoch is left as it was.
 """
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import math
 import pickle
-import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -33,18 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as tvf
-from tqdm import tqdm
 
 from nec_models.checkpoint import load_checkpoint
 from nec_models.eurosat import CLASSES, Decoded, decode, make_split, read_split, scan, write_split
-from nec_models.loop import (
-    SEED,
-    TrainingDiverged,
-    append_log,
-    epoch_seed,
-    save_checkpoint,
-    stop_if_diverged,
-)
+from nec_models.loop import SEED, EpochStats, Step, Task, TrainingDiverged, epoch_seed, fit
 from nec_models.registry import create_model
 from nec_serve.errors import InvalidInput
 from nec_serve.hashing import sha256_file
@@ -167,24 +163,11 @@ class _Batches:
         return out
 
 
-class _Epoch:
-    """One epoch's data order and randomness, the same however the run got there.
-
-    ``gen`` (data order, augmentations, masks) and the global generator (noise drawn by
-    modules, e.g. the bottleneck's) are both seeded by ``(seed, epoch)``; iterating yields
-    ``(step, sorted indices of the batch)``.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int):
-        self.gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        torch.manual_seed(epoch_seed(seed, epoch))
-        self.order = torch.randperm(n, generator=self.gen).numpy()
-        self.batch_size = batch_size
-        self.steps = math.ceil(n / batch_size)
-
-    def __iter__(self):
-        for step in range(self.steps):
-            yield step, np.sort(self.order[step * self.batch_size : (step + 1) * self.batch_size])
+def _shuffled(n: int, batch_size: int, gen: torch.Generator) -> Iterator[np.ndarray]:
+    """One epoch's batches: the sorted indices of each, in an order drawn from ``gen``."""
+    order = torch.randperm(n, generator=gen).numpy()
+    for step in range(math.ceil(n / batch_size)):
+        yield np.sort(order[step * batch_size : (step + 1) * batch_size])
 
 
 def _load_data(cfg: MAEConfig, out: Path) -> tuple[Decoded, Decoded, dict]:
@@ -236,103 +219,78 @@ def _val_loss(model, batches: _Batches, val: Decoded, cfg: MAEConfig, epoch: int
     return total / max(n, 1)
 
 
+class _MAETask(Task):
+    """MAE pretraining as a :class:`~nec_models.loop.Task`."""
+
+    name, knob, log_fields, best_by = "mae", "--blr", LOG_FIELDS, ("val_loss", "min")
+
+    def __init__(self, cfg: MAEConfig):
+        self.config = cfg
+
+    def setup(self, resuming: bool) -> None:
+        cfg, out = self.config, Path(self.config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.train, self.val, self.info = _load_data(cfg, out)
+        self.model = create_model(cfg.model)
+        self.optimizers = {
+            "optimizer": torch.optim.AdamW(
+                _param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
+            )
+        }
+        self.data = _Batches(self.model.img_size, cfg.crop_scale)
+        self.steps = math.ceil(len(self.train.labels) / cfg.batch_size)
+
+    def lr_at(self, t: float) -> float:
+        return _lr_at(self.config, t)
+
+    def batches(self, gen: torch.Generator) -> Iterator[np.ndarray]:
+        return _shuffled(len(self.train.labels), self.config.batch_size, gen)
+
+    def train_step(self, batch: np.ndarray, gen: torch.Generator) -> Step:
+        cfg = self.config
+        x = self.data(self.train.images[batch], gen)
+        pred, mask = self.model.forward_masked(x, cfg.mask_ratio, gen)
+        loss = self.model.masked_loss(x, pred, mask, cfg.norm_pix_loss)
+        return Step(loss, {"loss": float(loss.detach()) * len(batch)})
+
+    def validate(self, epoch: int) -> dict:
+        return {"val_loss": _val_loss(self.model, self.data, self.val, self.config, epoch)}
+
+    def log_row(self, stats: EpochStats, val: dict) -> dict:
+        n = len(self.train.labels)
+        return {
+            "epoch": stats.epoch,
+            "train_loss": round(stats.sums["loss"] / n, 6),
+            "val_loss": round(val["val_loss"], 6),
+            "lr": f"{stats.lr:.6g}",
+            "seconds": round(stats.seconds, 2),
+            "images_per_s": round(n / stats.seconds, 1),
+        }
+
+    def finish(self, result: dict) -> dict:
+        return {**result, **self.info}
+
+
 def train_mae(cfg: MAEConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Pretrain (or, with ``resume``, continue pretraining) as the module docstring says.
 
     Returns:
-        ``{"epochs_run", "last_epoch", "train_loss", "val_loss", "checkpoint", "split",
-        "skipped"}``.
+        ``{"epochs_run", "last_epoch", "checkpoint", "split", "skipped", ...the last log
+        row}``.
 
     Raises:
-        InvalidInput: bad data, a ``--resume`` without a checkpoint or of another model.
+        InvalidInput: bad data, a ``--resume`` without a checkpoint or of another config.
         TrainingDiverged: a non-finite loss.
     """
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pth"
-    start = 0
-    if resume:
-        if not ckpt_path.exists():
-            raise InvalidInput(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = _config_of(state["args"])
-        if saved.model != cfg.model:
-            raise InvalidInput(f"--resume: {ckpt_path} is a {saved.model!r} run, not {cfg.model!r}")
-        start = int(state["epoch"]) + 1
-    else:
-        if ckpt_path.exists():
-            raise InvalidInput(f"{ckpt_path} exists: pass --resume, or choose another --out")
-        state = None
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    train, val, info = _load_data(cfg, out)
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model)
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
+    return fit(
+        _MAETask(cfg),
+        out=cfg.out,
+        epochs=cfg.epochs,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        resume=resume,
+        progress=progress,
     )
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    batches = _Batches(model.img_size, cfg.crop_scale)
-    steps = math.ceil(len(train.labels) / cfg.batch_size)
-    result = {"epochs_run": 0, "last_epoch": start - 1, "checkpoint": str(ckpt_path), **info}
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        ep = _Epoch(len(train.labels), cfg.batch_size, cfg.seed, epoch)
-        gen = ep.gen
-        total = 0.0
-        bar = tqdm(ep, total=steps, desc=f"mae {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for step, idx in bar:
-            lr = _lr_at(cfg, epoch + step / steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = batches(train.images[idx], gen)
-            pred, mask = model.forward_masked(x, cfg.mask_ratio, gen)
-            loss = model.masked_loss(x, pred, mask, cfg.norm_pix_loss)
-            stop_if_diverged(
-                loss,
-                task="mae",
-                epoch=epoch,
-                step=step,
-                checkpoint=ckpt_path,
-                knob="--blr",
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss) * len(idx)
-            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
-        model.eval()
-        val_loss = _val_loss(model, batches, val, cfg, epoch)
-        seconds = time.perf_counter() - t0
-        row = {
-            "epoch": epoch,
-            "train_loss": round(total / len(train.labels), 6),
-            "val_loss": round(val_loss, 6),
-            "lr": f"{lr:.6g}",
-            "seconds": round(seconds, 2),
-            "images_per_s": round(len(train.labels) / seconds, 1),
-        }
-        save_checkpoint(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "scaler": None,  # CPU float32: no loss scaling
-                "args": asdict(cfg),
-            },
-        )
-        append_log(out / "log.csv", row, LOG_FIELDS)
-        result.update(
-            epochs_run=result["epochs_run"] + 1,
-            last_epoch=epoch,
-            train_loss=row["train_loss"],
-            val_loss=row["val_loss"],
-        )
-    return result
 
 
 # ------------------------------------------------------------------------ NEC fine-tuning
@@ -474,6 +432,85 @@ def _nec_optimizers(model: nn.Module, cfg: NECConfig):
     return optimizer, torch.optim.Adam(aux, lr=cfg.aux_lr)
 
 
+class _NECTask(Task):
+    """NEC fine-tuning as a :class:`~nec_models.loop.Task` (constant learning rates)."""
+
+    name, log_fields = "nec", NEC_LOG_FIELDS
+
+    def __init__(self, cfg: NECConfig):
+        self.config = cfg
+
+    def setup(self, resuming: bool) -> None:
+        cfg, out, init = self.config, Path(self.config.out), Path(self.config.init)
+        self.model, self.mae_args = _nec_from_mae(init)
+        split_src = init.parent / "split.csv"
+        if not split_src.exists():
+            raise InvalidInput(f"--init {init}: no split.csv beside it (the pretraining's split)")
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "split.csv").exists():
+            (out / "split.csv").write_bytes(split_src.read_bytes())
+        self.train, self.val, self.info = _load_data(
+            _config_of(dict(self.mae_args, out=str(out))), out
+        )
+        optimizer, aux_optimizer = _nec_optimizers(self.model, cfg)
+        self.optimizers = {"optimizer": optimizer, "aux_optimizer": aux_optimizer}
+        crop_scale = tuple(self.mae_args.get("crop_scale", (0.2, 1.0)))
+        self.data = _Batches(self.model.img_size, crop_scale)
+        self.steps = math.ceil(len(self.train.labels) / cfg.batch_size)
+
+    def batches(self, gen: torch.Generator) -> Iterator[np.ndarray]:
+        return _shuffled(len(self.train.labels), self.config.batch_size, gen)
+
+    def train_step(self, batch: np.ndarray, gen: torch.Generator) -> Step:
+        cfg = self.config
+        x = self.data(self.train.images[batch], gen)
+        pred, mask, bits = self.model.forward_train(x, cfg.mask_ratio, gen, cfg.rate_on)
+        recon = self.model.masked_loss(x, pred, mask)
+        loss = cfg.lmbda * recon + bits
+        n = len(batch)
+        return Step(
+            loss,
+            {
+                "loss": float(loss.detach()) * n,
+                "recon": float(recon.detach()) * n,
+                "bits": float(bits.detach()) * n,
+            },
+        )
+
+    def after_step(self) -> None:
+        aux = self.optimizers["aux_optimizer"]
+        aux.zero_grad(set_to_none=True)
+        self.model.bottleneck.loss().backward()
+        aux.step()
+
+    def validate(self, epoch: int) -> dict:
+        recon, est, coded = _rate_check(self.model, self.data, self.val, self.config)
+        return {"recon": recon, "estimate": est, "coded": coded}
+
+    def log_row(self, stats: EpochStats, val: dict) -> dict:
+        n = len(self.train.labels)
+        return {
+            "epoch": stats.epoch,
+            "train_loss": round(stats.sums["loss"] / n, 4),
+            "train_recon": round(stats.sums["recon"] / n, 6),
+            "train_bits": round(stats.sums["bits"] / n, 1),
+            "val_recon": round(val["recon"], 6),
+            "val_bits_estimate": round(val["estimate"], 1),
+            "val_bits_coded": round(val["coded"], 1),
+            "seconds": round(stats.seconds, 2),
+        }
+
+    def args(self) -> dict:
+        return {
+            **asdict(self.config),
+            "model": NEC_OF_MAE[self.mae_args["model"]],
+            "pretraining": self.mae_args,  # its data settings, for the heads trained on it
+        }
+
+    def finish(self, result: dict) -> dict:
+        return {**result, **self.info}
+
+
 def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune NEC from an MAE checkpoint: ``lmbda`` x reconstruction + bits per image.
 
@@ -483,97 +520,18 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
     the auxiliary loss every step. The split is the MAE run's (copied next to this run),
     so the test part stays untouched. Every epoch writes ``checkpoint.pth`` (official
     layout plus ``aux_optimizer``) and a ``log.csv`` row with the training-time rate
-    estimate beside the size really coded on the validation images.
+    estimate beside the size really coded on the validation images. With constant learning
+    rates, a resume that adds epochs ends as a run of that many epochs from the start.
     """
-    out, init = Path(cfg.out), Path(cfg.init)
-    ckpt_path = out / "checkpoint.pth"
-    if ckpt_path.exists() and not resume:
-        raise InvalidInput(f"{ckpt_path} exists: pass --resume, or choose another --out")
-    if resume and not ckpt_path.exists():
-        raise InvalidInput(f"--resume: no checkpoint at {ckpt_path}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    model, mae_args = _nec_from_mae(init)
-    split_src = init.parent / "split.csv"
-    if not split_src.exists():
-        raise InvalidInput(f"--init {init}: no split.csv beside it (the pretraining's split)")
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "split.csv").exists():
-        (out / "split.csv").write_bytes(split_src.read_bytes())
-    train, val, info = _load_data(_config_of(dict(mae_args, out=str(out))), out)
-    optimizer, aux_optimizer = _nec_optimizers(model, cfg)
-    start = 0
-    if resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        load_checkpoint(model, state)  # sizes the bottleneck's table buffers, unlike torch
-        optimizer.load_state_dict(state["optimizer"])
-        aux_optimizer.load_state_dict(state["aux_optimizer"])
-        start = int(state["epoch"]) + 1
-    batches = _Batches(model.img_size, tuple(mae_args.get("crop_scale", (0.2, 1.0))))
-    steps = math.ceil(len(train.labels) / cfg.batch_size)
-    result = {"epochs_run": 0, "last_epoch": start - 1, "checkpoint": str(ckpt_path), **info}
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        # The bottleneck's training noise draws from the global generator, which _Epoch
-        # seeds too: a resumed epoch is the same as an uninterrupted one.
-        ep = _Epoch(len(train.labels), cfg.batch_size, cfg.seed, epoch)
-        gen = ep.gen
-        sums = {"loss": 0.0, "recon": 0.0, "bits": 0.0}
-        bar = tqdm(ep, total=steps, desc=f"nec {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for step, idx in bar:
-            x = batches(train.images[idx], gen)
-            pred, mask, bits = model.forward_train(x, cfg.mask_ratio, gen, cfg.rate_on)
-            recon = model.masked_loss(x, pred, mask)
-            loss = cfg.lmbda * recon + bits
-            stop_if_diverged(
-                loss,
-                task="nec",
-                epoch=epoch,
-                step=step,
-                checkpoint=ckpt_path,
-                knob="--lr",
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            aux_optimizer.zero_grad(set_to_none=True)
-            model.bottleneck.loss().backward()
-            aux_optimizer.step()
-            for key, value in (("loss", loss), ("recon", recon), ("bits", bits)):
-                sums[key] += float(value) * len(idx)
-            bar.set_postfix(loss=f"{float(loss):.3f}", bits=f"{float(bits):.0f}")
-        val_recon, est, coded = _rate_check(model, batches, val, cfg)
-        n = len(train.labels)
-        row = {
-            "epoch": epoch,
-            "train_loss": round(sums["loss"] / n, 4),
-            "train_recon": round(sums["recon"] / n, 6),
-            "train_bits": round(sums["bits"] / n, 1),
-            "val_recon": round(val_recon, 6),
-            "val_bits_estimate": round(est, 1),
-            "val_bits_coded": round(coded, 1),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        save_checkpoint(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "aux_optimizer": aux_optimizer.state_dict(),
-                "epoch": epoch,
-                "scaler": None,
-                "args": {
-                    **asdict(cfg),
-                    "model": NEC_OF_MAE[mae_args["model"]],
-                    "pretraining": mae_args,  # its data settings, for the heads trained on it
-                },
-            },
-        )
-        append_log(out / "log.csv", row, NEC_LOG_FIELDS)
-        result.update(epochs_run=result["epochs_run"] + 1, last_epoch=epoch, **row)
-    return result
+    return fit(
+        _NECTask(cfg),
+        out=cfg.out,
+        epochs=cfg.epochs,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        resume=resume,
+        progress=progress,
+    )
 
 
 # ------------------------------------------------------------------------ classifier head
@@ -638,108 +596,122 @@ def _top1(model, emb: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
     return right / max(len(labels), 1)
 
 
-def train_classifier(cfg: ClassifierConfig, *, progress: bool = True) -> dict:
+class _ClassifierTask(Task):
+    """The classifier head on decoded embeddings as a :class:`~nec_models.loop.Task`."""
+
+    name, log_fields, best_by = "classifier", CLS_LOG_FIELDS, ("val_top1", "max")
+    resume_free = frozenset({"evaluate_test"})
+
+    def __init__(self, cfg: ClassifierConfig):
+        self.config = cfg
+
+    def _backbone(self) -> dict:
+        """The NEC run's checkpoint; builds :attr:`model` with its frozen backbone."""
+        cfg, init = self.config, Path(self.config.init)
+        state = _read_run(init, "a NEC fine-tuning")
+        nec_name = state["args"].get("model")
+        if nec_name not in CLASSIFIER_OF_NEC:
+            raise InvalidInput(
+                f"--init {init}: model {nec_name!r} has no classifier; "
+                f"known: {sorted(CLASSIFIER_OF_NEC)}"
+            )
+        self.model = create_model(CLASSIFIER_OF_NEC[nec_name], with_decoder=cfg.with_decoder)
+        kept = set(self.model.backbone.state_dict())
+        load_checkpoint(self.model.backbone, {k: v for k, v in state["model"].items() if k in kept})
+        trainable = ("decoder_embed.", "decoder_blocks.0.") if cfg.with_decoder else ()
+        for name, p in self.model.backbone.named_parameters():
+            p.requires_grad = name.startswith(trainable)
+        return state
+
+    def setup(self, resuming: bool) -> None:
+        cfg, out, init = self.config, Path(self.config.out), Path(self.config.init)
+        state = self._backbone()
+        split_src = init.parent / "split.csv"
+        if not split_src.exists():
+            raise InvalidInput(f"--init {init}: no split.csv beside it")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "split.csv").write_bytes(split_src.read_bytes())
+        pretraining = state["args"].get("pretraining")
+        if not isinstance(pretraining, dict):
+            raise InvalidInput(f"--init {init}: its args name no pretraining run")
+        self.nec_name, self.mae_like = state["args"]["model"], dict(pretraining, out=str(out))
+        self.train, self.val, self.info = _load_data(_config_of(self.mae_like), out)
+        self.data = _Batches(self.model.img_size, (1.0, 1.0))
+        self.model.eval()
+        self.emb = {
+            "train": _decoded_embeddings(
+                self.model.backbone, self.data, self.train, cfg.batch_size
+            ),
+            "val": _decoded_embeddings(self.model.backbone, self.data, self.val, cfg.batch_size),
+        }
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizers = {
+            "optimizer": torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        }
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.steps = math.ceil(len(self.train.labels) / cfg.batch_size)
+
+    def batches(self, gen: torch.Generator) -> Iterator[np.ndarray]:
+        return _shuffled(len(self.train.labels), self.config.batch_size, gen)
+
+    def train_step(self, batch: np.ndarray, gen: torch.Generator) -> Step:
+        x = torch.from_numpy(self.emb["train"][batch])
+        y = torch.from_numpy(self.train.labels[batch])
+        logits = self.model.forward_embeddings(x)
+        loss = self.loss_fn(logits, y)
+        right = int((logits.argmax(-1) == y).sum())
+        return Step(loss, {"loss": float(loss.detach()) * len(batch), "right": right})
+
+    def validate(self, epoch: int) -> dict:
+        bs = self.config.batch_size
+        return {"val_top1": _top1(self.model, self.emb["val"], self.val.labels, bs)}
+
+    def log_row(self, stats: EpochStats, val: dict) -> dict:
+        n = len(self.train.labels)
+        return {
+            "epoch": stats.epoch,
+            "train_loss": round(stats.sums["loss"] / n, 5),
+            "train_top1": round(stats.sums["right"] / n, 4),
+            "val_top1": round(val["val_top1"], 4),
+            "seconds": round(stats.seconds, 2),
+        }
+
+    def args(self) -> dict:
+        return {
+            **asdict(self.config),
+            "model": CLASSIFIER_OF_NEC[self.nec_name],
+            "num_classes": len(CLASSES),
+            "class_names": list(CLASSES),
+            "nec_init_sha256": sha256_file(self.config.init),
+        }
+
+    def finish(self, result: dict) -> dict:
+        result = {**result, **self.info}
+        if self.config.evaluate_test:
+            cfg, out = self.config, Path(self.config.out)
+            split = read_split(out / "split.csv")
+            test = decode(self.mae_like["data"], split["test"], out / "cache" / "test")
+            emb = _decoded_embeddings(self.model.backbone, self.data, test, cfg.batch_size)
+            result["test_top1"] = round(_top1(self.model, emb, test.labels, cfg.batch_size), 4)
+        return result
+
+
+def train_classifier(cfg: ClassifierConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Train the attention-pooling head on decoded embeddings, the NEC model frozen.
 
     The encoder, its final norm and the bottleneck never change (the official code leaves
     the norm trainable, which would change the transmitted code); with ``with_decoder`` the
     first decoder block trains with the head. The embeddings of the split's images are
     decoded once, exactly as a consumer decodes a container, and cached. Top-1 is reported
-    on validation every epoch and on the test split only with ``evaluate_test``.
+    on validation every epoch and on the test split only with ``evaluate_test``. Every
+    epoch writes ``checkpoint.pth`` and a ``log.csv`` row; ``resume`` continues a run.
     """
-    out, init = Path(cfg.out), Path(cfg.init)
-    state = _read_run(init, "a NEC fine-tuning")
-    nec_name = state["args"].get("model")
-    if nec_name not in CLASSIFIER_OF_NEC:
-        raise InvalidInput(
-            f"--init {init}: model {nec_name!r} has no classifier; "
-            f"known: {sorted(CLASSIFIER_OF_NEC)}"
-        )
-    if (out / "checkpoint.pth").exists():
-        raise InvalidInput(f"{out / 'checkpoint.pth'} exists: choose another --out")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    model = create_model(CLASSIFIER_OF_NEC[nec_name], with_decoder=cfg.with_decoder)
-    kept = set(model.backbone.state_dict())
-    load_checkpoint(model.backbone, {k: v for k, v in state["model"].items() if k in kept})
-    trainable = ("decoder_embed.", "decoder_blocks.0.") if cfg.with_decoder else ()
-    for name, p in model.backbone.named_parameters():
-        p.requires_grad = name.startswith(trainable)
-    split_src = init.parent / "split.csv"
-    if not split_src.exists():
-        raise InvalidInput(f"--init {init}: no split.csv beside it")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "split.csv").write_bytes(split_src.read_bytes())
-    pretraining = state["args"].get("pretraining")
-    if not isinstance(pretraining, dict):
-        raise InvalidInput(f"--init {init}: its args name no pretraining run")
-    mae_like = dict(pretraining, out=str(out))
-    train, val, info = _load_data(_config_of(mae_like), out)
-    batches = _Batches(model.img_size, (1.0, 1.0))
-    model.eval()
-    emb = {
-        "train": _decoded_embeddings(model.backbone, batches, train, cfg.batch_size),
-        "val": _decoded_embeddings(model.backbone, batches, val, cfg.batch_size),
-    }
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
-    steps = math.ceil(len(train.labels) / cfg.batch_size)
-    result = {"epochs_run": 0, **info}
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        ep = _Epoch(len(train.labels), cfg.batch_size, cfg.seed, epoch)
-        total, right = 0.0, 0
-        for step, idx in tqdm(
-            ep, total=steps, desc=f"cls {epoch + 1}/{cfg.epochs}", disable=not progress
-        ):
-            x = torch.from_numpy(emb["train"][idx])
-            y = torch.from_numpy(train.labels[idx])
-            logits = model.forward_embeddings(x)
-            loss = loss_fn(logits, y)
-            stop_if_diverged(
-                loss,
-                task="classifier",
-                epoch=epoch,
-                step=step,
-                checkpoint=out / "checkpoint.pth",
-                knob="--lr",
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss) * len(idx)
-            right += int((logits.argmax(-1) == y).sum())
-        row = {
-            "epoch": epoch,
-            "train_loss": round(total / len(train.labels), 5),
-            "train_top1": round(right / len(train.labels), 4),
-            "val_top1": round(_top1(model, emb["val"], val.labels, cfg.batch_size), 4),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        append_log(out / "log.csv", row, CLS_LOG_FIELDS)
-        result.update(epochs_run=epoch + 1, **row)
-    save_checkpoint(
-        out / "checkpoint.pth",
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": cfg.epochs - 1,
-            "scaler": None,
-            "args": {
-                **asdict(cfg),
-                "model": CLASSIFIER_OF_NEC[nec_name],
-                "num_classes": len(CLASSES),
-                "class_names": list(CLASSES),
-                "nec_init_sha256": sha256_file(init),
-            },
-        },
+    return fit(
+        _ClassifierTask(cfg),
+        out=cfg.out,
+        epochs=cfg.epochs,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        resume=resume,
+        progress=progress,
     )
-    if cfg.evaluate_test:
-        split = read_split(out / "split.csv")
-        test = decode(mae_like["data"], split["test"], out / "cache" / "test")
-        test_emb = _decoded_embeddings(model.backbone, batches, test, cfg.batch_size)
-        result["test_top1"] = round(_top1(model, test_emb, test.labels, cfg.batch_size), 4)
-    return result

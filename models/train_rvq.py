@@ -10,8 +10,13 @@ and NEC trainers (:mod:`nec_models.train`):
   rotations) drawn from the training images with probability proportional to their
   area, from generators seeded by ``(seed, epoch)``, so a resumed run repeats exactly;
 - ``<out>/checkpoint.pth`` is written atomically after every epoch in the layout
-  ``{"model", "optimizer", "epoch", "scaler", "args"}``, one row goes to ``<out>/log.csv``;
+  ``{"model", "optimizer", "epoch", "scaler", "args"}`` (plus the loop's ``lr``, ``rng``,
+  ``metrics``, ``best``), one row goes to ``<out>/log.csv``; a resume whose config differs
+  in a field other than ``epochs``, ``out`` and ``threads`` is refused, naming the field;
 - a non-finite loss stops the run (:class:`~nec_models.loop.TrainingDiverged`).
+
+All of this is the one training loop, :func:`nec_models.loop.fit`; this module gives it
+the RVQ task.
 
 Each sample's number of codebooks is drawn uniformly from 1..levels
 (``train_codebooks=0``) so that one model serves every rate, or fixed (e.g. 8, for the
@@ -32,24 +37,16 @@ really uses: ``2 ** entropy``).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from nec_models.checkpoint import load_checkpoint
-from nec_models.loop import (
-    SEED,
-    append_log,
-    epoch_seed,
-    save_checkpoint,
-    stop_if_diverged,
-)
+from nec_models.loop import SEED, EpochStats, Step, Task, epoch_seed, fit
 from nec_models.registry import create_model
 from nec_models.rvq import RVQAutoencoder
 from nec_models.sentinel2 import load_s2, read_s2_split, scan_s2, split_s2, write_s2_split
@@ -112,10 +109,6 @@ class RVQConfig:
             raise InvalidInput("train rvq: lr must be > 0, beta and train_codebooks >= 0")
         if not self.data:
             raise InvalidInput("train rvq: give --data folders")
-
-
-def _lr_at(cfg: RVQConfig, t: float) -> float:
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t / cfg.epochs))
 
 
 class _Crops:
@@ -253,50 +246,103 @@ def evaluate_rvq(checkpoint: str | Path, part: str = "val", size: int | None = N
     return rvq_metrics(model, load_s2(split[part]), size or args["crop"])
 
 
-def _setup(cfg: RVQConfig, out: Path, ckpt_path: Path, resume: bool):
-    """Model, optimizer, training crops, validation images, split and first epoch."""
-    if ckpt_path.exists() and not resume:
-        raise InvalidInput(f"{ckpt_path} exists: pass --resume, or choose another --out")
-    if resume and not ckpt_path.exists():
-        raise InvalidInput(f"--resume: no checkpoint at {ckpt_path}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model)
-    if not isinstance(model, RVQAutoencoder):
-        raise InvalidInput(f"train rvq: {cfg.model!r} is not an RVQ model")
-    if cfg.crop % model.downscale:
-        raise InvalidInput(f"train rvq: crop {cfg.crop} is not a multiple of {model.downscale}")
-    if cfg.train_codebooks > model.levels:
-        raise InvalidInput(
-            f"train rvq: train_codebooks {cfg.train_codebooks} > the model's {model.levels}"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    split_path = out / "split.csv"
-    if split_path.exists():
-        split = read_s2_split(split_path)
-    else:
-        split = split_s2(scan_s2(list(cfg.data)), seed=cfg.split_seed)
-        write_s2_split(split, split_path)
-    train = load_s2(split["train"])
-    val = load_s2(split["val"]) or train[:4]
-    mean, std = _band_stats(train)
-    model.band_mean.copy_(mean)
-    model.band_std.copy_(std)
-    crops = _Crops(train, cfg.crop, mean, std)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start = 0
-    if resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        load_checkpoint(model, state)
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["epoch"]) + 1
-    else:
-        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, -1))
-        with torch.no_grad():
-            z = model.encode(crops.batch(cfg.init_crops, gen))
-        model.quantizer.kmeans_init(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), seed=cfg.seed)
-    return model, optimizer, crops, val, split, start
+class _RVQTask(Task):
+    """RVQ training as a :class:`~nec_models.loop.Task`."""
+
+    name = "rvq"
+
+    def __init__(self, cfg: RVQConfig):
+        self.config = cfg
+
+    def _model(self) -> RVQAutoencoder:
+        cfg = self.config
+        model = create_model(cfg.model)
+        if not isinstance(model, RVQAutoencoder):
+            raise InvalidInput(f"train rvq: {cfg.model!r} is not an RVQ model")
+        if cfg.crop % model.downscale:
+            raise InvalidInput(f"train rvq: crop {cfg.crop} is not a multiple of {model.downscale}")
+        if cfg.train_codebooks > model.levels:
+            raise InvalidInput(
+                f"train rvq: train_codebooks {cfg.train_codebooks} > the model's {model.levels}"
+            )
+        return model
+
+    def setup(self, resuming: bool) -> None:
+        """Model, optimizer, training crops, validation images; k-means codebooks if new."""
+        cfg, out = self.config, Path(self.config.out)
+        self.model = model = self._model()
+        self.log_fields = rvq_log_fields(model.levels)
+        self.best_by = (f"val_rmse_pct_n{model.levels}", "min")
+        out.mkdir(parents=True, exist_ok=True)
+        split_path = out / "split.csv"
+        if split_path.exists():
+            split = read_s2_split(split_path)
+        else:
+            split = split_s2(scan_s2(list(cfg.data)), seed=cfg.split_seed)
+            write_s2_split(split, split_path)
+        self.info = {k: len(v) for k, v in split.items()}
+        train = load_s2(split["train"])
+        self.val = load_s2(split["val"]) or train[:4]
+        mean, std = _band_stats(train)
+        model.band_mean.copy_(mean)
+        model.band_std.copy_(std)
+        self.crops = _Crops(train, cfg.crop, mean, std)
+        self.optimizers = {"optimizer": torch.optim.Adam(model.parameters(), lr=cfg.lr)}
+        self.steps = math.ceil(cfg.crops_per_epoch / cfg.batch_size)
+        if not resuming:
+            gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, -1))
+            with torch.no_grad():
+                z = model.encode(self.crops.batch(cfg.init_crops, gen))
+            model.quantizer.kmeans_init(
+                z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), seed=cfg.seed
+            )
+
+    def lr_at(self, t: float) -> float:
+        cfg = self.config
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t / cfg.epochs))
+
+    def batches(self, gen: torch.Generator) -> Iterator[torch.Tensor]:
+        for _ in range(self.steps):
+            yield self.crops.batch(self.config.batch_size, gen)
+
+    def train_step(self, batch: torch.Tensor, gen: torch.Generator) -> Step:
+        cfg, model, x = self.config, self.model, batch
+        if cfg.train_codebooks:
+            active = torch.full((len(x),), cfg.train_codebooks)
+        else:
+            active = torch.randint(1, model.levels + 1, (len(x),), generator=gen)
+        full, part, commit = model(x, active)
+        mse = F.mse_loss(full, x)
+        if part is not None:  # the drawn rates, for the decoder
+            mse = 0.5 * (mse + F.mse_loss(part, x))
+        loss = mse + cfg.beta * commit
+        sums = {"loss": loss, "mse": mse, "commit": commit}
+        return Step(loss, {k: float(v.detach()) for k, v in sums.items()})
+
+    def validate(self, epoch: int) -> dict:
+        cfg, model = self.config, self.model
+        metrics = rvq_metrics(model, self.val, cfg.crop)
+        if epoch == cfg.epochs - 1:  # the tables' statistics, from the final codebooks
+            counts = index_histograms(model, self.crops.images, cfg.crop)
+            model.quantizer.index_counts.copy_(counts)
+        return metrics
+
+    def log_row(self, stats: EpochStats, val: dict) -> dict:
+        steps, sums = stats.steps, stats.sums
+        return {
+            "epoch": stats.epoch,
+            "train_loss": round(sums["loss"] / steps, 5),
+            "train_mse": round(sums["mse"] / steps, 5),
+            "commit": round(sums["commit"] / steps, 5),
+            **{f"val_rmse_pct_n{n}": round(v, 4) for n, v in val["rmse_pct"].items()},
+            **{f"perplexity_l{i + 1}": round(v, 1) for i, v in enumerate(val["perplexity"])},
+            "lr": round(stats.lr, 7),
+            "seconds": round(stats.seconds, 1),
+            "crops_per_s": round(steps * self.config.batch_size / stats.seconds, 1),
+        }
+
+    def finish(self, result: dict) -> dict:
+        return {**result, "split": self.info}
 
 
 def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) -> dict:
@@ -305,73 +351,12 @@ def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) ->
     Returns:
         ``{"epochs_run", "last_epoch", "checkpoint", "split", ...the last log row}``.
     """
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pth"
-    model, optimizer, crops, val, split, start = _setup(cfg, out, ckpt_path, resume)
-    fields = rvq_log_fields(model.levels)
-    steps = math.ceil(cfg.crops_per_epoch / cfg.batch_size)
-    info = {k: len(v) for k, v in split.items()}
-    result = {"epochs_run": 0, "last_epoch": start - 1, "checkpoint": str(ckpt_path), "split": info}
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-        torch.manual_seed(epoch_seed(cfg.seed, epoch))
-        sums = {"loss": 0.0, "mse": 0.0, "commit": 0.0}
-        bar = tqdm(range(steps), desc=f"rvq {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for step in bar:
-            lr = _lr_at(cfg, epoch + step / steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = crops.batch(cfg.batch_size, gen)
-            if cfg.train_codebooks:
-                active = torch.full((len(x),), cfg.train_codebooks)
-            else:
-                active = torch.randint(1, model.levels + 1, (len(x),), generator=gen)
-            full, part, commit = model(x, active)
-            mse = F.mse_loss(full, x)
-            if part is not None:  # the drawn rates, for the decoder
-                mse = 0.5 * (mse + F.mse_loss(part, x))
-            loss = mse + cfg.beta * commit
-            stop_if_diverged(
-                loss,
-                task="rvq",
-                epoch=epoch,
-                step=step,
-                checkpoint=ckpt_path,
-                knob="--lr",
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for key, value in (("loss", loss), ("mse", mse), ("commit", commit)):
-                sums[key] += float(value.detach())
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        metrics = rvq_metrics(model, val, cfg.crop)
-        seconds = time.perf_counter() - t0
-        row = {
-            "epoch": epoch,
-            "train_loss": round(sums["loss"] / steps, 5),
-            "train_mse": round(sums["mse"] / steps, 5),
-            "commit": round(sums["commit"] / steps, 5),
-            **{f"val_rmse_pct_n{n}": round(v, 4) for n, v in metrics["rmse_pct"].items()},
-            **{f"perplexity_l{i + 1}": round(v, 1) for i, v in enumerate(metrics["perplexity"])},
-            "lr": round(lr, 7),
-            "seconds": round(seconds, 1),
-            "crops_per_s": round(steps * cfg.batch_size / seconds, 1),
-        }
-        if epoch == cfg.epochs - 1:  # the tables' statistics, from the final codebooks
-            model.quantizer.index_counts.copy_(index_histograms(model, crops.images, cfg.crop))
-        save_checkpoint(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "scaler": None,
-                "args": asdict(cfg),
-            },
-        )
-        append_log(out / "log.csv", row, fields)
-        result.update(epochs_run=result["epochs_run"] + 1, last_epoch=epoch, **row)
-    return result
+    return fit(
+        _RVQTask(cfg),
+        out=cfg.out,
+        epochs=cfg.epochs,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        resume=resume,
+        progress=progress,
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nec_serve.codec import LatentCodec
-from nec_serve.contract import GraphRole, Manifest
+from nec_serve.contract import FrozenTables, GraphRole, Manifest
 from nec_serve.imagery import Normalisation
 
 __all__ = ["ModelBundle"]
@@ -24,7 +24,7 @@ class ModelBundle:
 
     root: Path
     manifest: Manifest
-    tables: Any
+    tables: FrozenTables
     codec: LatentCodec
 
     @classmethod
@@ -62,17 +62,17 @@ class ModelBundle:
     def normalisation(self, dtype: Any) -> Normalisation:
         """How raw pixels of ``dtype`` become this model's input.
 
-        The scale comes from the family (the RVQ family's ``reflectance_scale``, whatever
-        the dtype) or else from the dtype (:meth:`Normalisation.for_dtype`); the per-band
-        mean and std from the manifest.
+        The scale comes from the family's parameters
+        (:meth:`~nec_serve.contract.FamilyParams.pixel_scale`) or else from the dtype
+        (:meth:`Normalisation.for_dtype`); the per-band mean and std from the manifest.
         """
         inp = self.manifest.input
-        scale = getattr(self.manifest.family_params, "reflectance_scale", None)
+        scale = self.manifest.family_params.pixel_scale()
         if scale is None:
             scale = Normalisation.for_dtype(dtype, inp.in_chans).scale
         return Normalisation(scale, inp.mean, inp.std)
 
     @property
     def family(self) -> str:
-        """The export's model family (``nec``, ``rvq``)."""
+        """The export's model family's name."""
         return self.manifest.family

@@ -36,8 +36,8 @@ _INDEX_CACHE_SIZE = 16
 def _no_levels(levels: object) -> None:
     if levels is not None:
         raise InvalidInput(
-            f"codebooks={levels!r} applies to the RVQ family; a factorized prior codes every "
-            "channel"
+            f"a rate of {levels!r} applies to families with a rate knob; a factorized prior "
+            "codes every channel"
         )
 
 

@@ -76,16 +76,31 @@ _META_FIELDS: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
     ),
     "source_dtype": (False, lambda v: isinstance(v, str), "a string"),
     "family": (False, lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "codebooks": (False, lambda v: _is_int(v) and 1 <= v <= 64, "an integer in 1..64"),
     "created_by": (False, lambda v: isinstance(v, str), "a string"),
 }
+
+
+#: The largest value a family's rate knob may record.
+MAX_RATE = 64
+
+
+def _is_rate(value: Any) -> bool:
+    return _is_int(value) and 1 <= value <= MAX_RATE
+
+
+def _fields() -> dict[str, tuple[bool, Callable[[Any], bool], str]]:
+    """:data:`_META_FIELDS` and each family's rate knob (an integer in 1..MAX_RATE)."""
+    from nec_serve.contract import rate_knobs  # the families name the knobs: not at the top
+
+    rate = (False, _is_rate, f"an integer in 1..{MAX_RATE}")
+    return {**_META_FIELDS, **dict.fromkeys(rate_knobs(), rate)}
 
 
 def _check_meta(meta: Any) -> None:
     """Type- and range-check the metadata fields decoders rely on (docs/bitstream.md)."""
     if not isinstance(meta, dict):
         raise ValueError(f"container metadata must be a JSON object, got {type(meta).__name__}")
-    for key, (required, check, expected) in _META_FIELDS.items():
+    for key, (required, check, expected) in _fields().items():
         if key not in meta:
             if required:
                 raise ValueError(f"container metadata lacks {key!r}")

@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Protocol, Union, get_args, get_origin, get_type_hints
 
 from nec_serve.categorical import CategoricalCodec
-from nec_serve.codec import FactorizedCodec
+from nec_serve.codec import FactorizedCodec, LatentCodec
 from nec_serve.errors import InvalidInput, ManifestError, SchemaVersionError
 from nec_serve.tables import EntropyTables
 
@@ -48,6 +48,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST_FILENAME",
     "SYMBOLS_OUTPUT",
+    "UNNAMED_FAMILY",
     "DataType",
     "TensorSpec",
     "GraphRole",
@@ -57,6 +58,7 @@ __all__ = [
     "InputSpec",
     "EntropyModelSpec",
     "EntropyModelKind",
+    "FrozenTables",
     "register_entropy_model",
     "entropy_model",
     "FamilyParams",
@@ -64,19 +66,21 @@ __all__ = [
     "register_family",
     "model_family",
     "model_families",
-    "NecParams",
-    "RvqParams",
+    "rate_knobs",
     "Manifest",
     "FACTORIZED",
     "CATEGORICAL",
-    "NEC",
-    "RVQ",
+    "Trainer",
+    "check_positive",
+    "check_not_empty",
 ]
 
 #: Written into every manifest; manifests of any other version are refused.
 #: 1 was the unversioned dict that exports wrote before this contract.
 SCHEMA_VERSION = 2
 MANIFEST_FILENAME = "manifest.json"
+#: The family of containers written before families were named (they hold no ``family``).
+UNNAMED_FAMILY = "nec"
 #: The ``decompress --output`` that needs no graph: the entropy-decoded symbols themselves.
 SYMBOLS_OUTPUT = "symbols"
 
@@ -129,11 +133,13 @@ def _check_relative_file(value: str) -> str | None:
     return None
 
 
-def _check_not_empty(value: tuple) -> str | None:
+def check_not_empty(value: tuple) -> str | None:
+    """A field check (see :func:`_from_json`): the value must not be empty."""
     return None if value else "must not be empty"
 
 
-def _check_positive(value: int) -> str | None:
+def check_positive(value: int) -> str | None:
+    """A field check (see :func:`_from_json`): the value must be >= 1."""
     return None if value >= 1 else "must be >= 1"
 
 
@@ -420,8 +426,8 @@ class GraphSpec:
     role: GraphRole = field(metadata={"custom": True})
     name: str = field(metadata={"check": _check_name})
     file: str = field(metadata={"check": _check_relative_file})
-    inputs: tuple[TensorSpec, ...] = field(metadata={"check": _check_not_empty})
-    outputs: tuple[TensorSpec, ...] = field(metadata={"check": _check_not_empty})
+    inputs: tuple[TensorSpec, ...] = field(metadata={"check": check_not_empty})
+    outputs: tuple[TensorSpec, ...] = field(metadata={"check": check_not_empty})
     parity: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -439,8 +445,8 @@ class InputSpec:
     is chosen per container (:meth:`nec_serve.imagery.Normalisation.for_dtype`).
     """
 
-    img_size: int = field(metadata={"check": _check_positive})
-    in_chans: int = field(metadata={"check": _check_positive})
+    img_size: int = field(metadata={"check": check_positive})
+    in_chans: int = field(metadata={"check": check_positive})
     mean: tuple[float, ...]
     std: tuple[float, ...] = field(
         metadata={"check": lambda v: None if all(s > 0 for s in v) else "must all be > 0"}
@@ -463,6 +469,17 @@ class InputSpec:
 # ------------------------------------------------------------------------------ entropy models
 
 
+class FrozenTables(Protocol):
+    """What an entropy model's frozen tables offer: their hash and their file form."""
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the file form, recorded in the manifest."""
+
+    def save(self, path: Path) -> None:
+        """Write the file form to ``path``."""
+
+
 @dataclass(frozen=True)
 class EntropyModelKind:
     """How the tables of one kind of entropy model are read and coded with.
@@ -474,15 +491,17 @@ class EntropyModelKind:
     """
 
     kind: str
-    load_tables: Callable[[Path], Any]
-    make_codec: Callable[[Any], Any]
+    load_tables: Callable[[Path], FrozenTables]
+    make_codec: Callable[[Any], LatentCodec]
 
 
 _ENTROPY_MODELS: dict[str, EntropyModelKind] = {}
 
 
 def register_entropy_model(
-    kind: str, load_tables: Callable[[Path], Any], make_codec: Callable[[Any], Any]
+    kind: str,
+    load_tables: Callable[[Path], FrozenTables],
+    make_codec: Callable[[Any], LatentCodec],
 ) -> EntropyModelKind:
     """Register an entropy model kind (e.g. ``"rvq_categorical"``) and return it.
 
@@ -546,41 +565,99 @@ CATEGORICAL = register_entropy_model("categorical", EntropyTables.load, Categori
 # ------------------------------------------------------------------------------ families
 
 
-class FamilyParams(Protocol):
-    """A family's own manifest section (``family_params``): a frozen dataclass.
+class FamilyParams:
+    """Base of a family's own manifest section (``family_params``), a frozen dataclass.
 
     Its fields are read and written by name like the rest of the manifest (field metadata
     ``{"check": fn}`` validates one field; an optional ``problem()`` method compares fields
-    of the section); ``check`` then compares them with the rest of the manifest and raises
-    :class:`ManifestError` naming the fields.
+    of the section); :meth:`check` then compares them with the rest of the manifest. Every
+    section has ``channels`` and ``tokens`` (a tile's symbol array is ``(channels, tokens)``).
+    The other methods are what the pipeline asks a family; their defaults suit a family of
+    unscaled images decoded to arrays.
     """
 
     def describe(self) -> str:
         """What a tile codes to, in words (``nec-serve export`` prints it)."""
+        raise NotImplementedError
 
     def check(self, manifest: Manifest, source: str) -> None:
-        """Refuse a manifest whose graphs or input disagree with these parameters."""
+        """Refuse a manifest whose graphs or input disagree with these parameters.
+
+        Raises:
+            ManifestError: naming the fields that disagree.
+        """
+        raise NotImplementedError
+
+    def pixel_scale(self) -> float | None:
+        """Raw pixels over this number are the ``[0, 1]`` input ``mean``/``std`` apply to.
+
+        None (the default): the scale follows the pixel dtype
+        (:meth:`nec_serve.imagery.Normalisation.for_dtype`).
+        """
+        return None
+
+    def admit(self, name: str, raw: Any) -> None:
+        """Refuse an image ``(bands, H, W)`` this family cannot code (default: none).
+
+        Raises:
+            InvalidInput: naming the image and what is wrong with it.
+        """
+
+    def score_names(self) -> tuple[str, ...]:
+        """What each score of a ``classes`` output means, in order (default: none)."""
+        return ()
+
+    def output_bands(self) -> tuple[tuple[str, ...], str] | None:
+        """(band names, pixel dtype) of a ``bands`` output, or None when it has none."""
+        return None
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A ``nec-serve train <stage>`` command of a family, imported only when it runs.
+
+    Attributes:
+        config: ``"module:Class"``, its config dataclass (one flag per field).
+        run: ``"module:function"``, called as ``run(config, resume=, progress=)`` (the
+            one training loop, :func:`nec_models.loop.fit`, behind it); returns a JSON-able
+            result.
+        help: one line for ``nec-serve train --help``.
+        flag_help: help of some flags, by config field name.
+        options: extra ``add_argument`` keywords by field name (e.g. ``choices``).
+    """
+
+    config: str
+    run: str
+    help: str
+    flag_help: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ModelFamily:
     """A family of models served through one path.
 
+    A family lives in its own modules: a runtime one under :mod:`nec_serve.families` (this
+    registration and its :class:`FamilyParams`, no PyTorch) and a PyTorch one under
+    ``nec_export.families`` (its graphs, tables and parity checks). Both packages load every
+    module they hold, so adding a family touches no other file.
+
     Attributes:
         name: its name in manifests (``family``).
         graph_names: the Triton model name of each role it can export.
         entropy_kinds: the entropy model kinds it may ship.
-        params: its ``family_params`` dataclass (see :class:`FamilyParams`).
+        params: its ``family_params`` dataclass, a :class:`FamilyParams`.
         required_roles: roles every export of it must have.
         rate: the name of its per-request rate knob (``codebooks``): the container header
-            key and the request parameter; None for a fixed rate. Its codec checks a value
-            with ``check_levels``.
+            key, the request parameter and the CLI flag; None for a fixed rate. Its codec
+            checks a value with ``check_levels``.
+        rate_help: the help of that CLI flag.
         default_output: what decoding gives when no output is asked for (default: the
             output of its first decoding graph, else symbols).
-        georeferenced: its containers record each source's CRS and transform, and its
-            inputs are reflectance (negative values refused).
+        georeferenced: its containers record each source's CRS and transform.
         default_roles: roles an export with default options has, which ``k8s/`` serves
             (``nec_serve.deploy``); empty: every role of ``graph_names``.
+        trainers: its ``nec-serve train`` stages.
     """
 
     name: str
@@ -590,12 +667,15 @@ class ModelFamily:
     required_roles: tuple[GraphRole, ...] = (GraphRole.ENCODER,)
     default_roles: tuple[GraphRole, ...] = ()
     rate: str | None = None
+    rate_help: str = ""
     default_output: str | None = None
     georeferenced: bool = False
+    trainers: Mapping[str, Trainer] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        """Freeze the name table; fill in the default output."""
+        """Freeze the tables; fill in the default output."""
         object.__setattr__(self, "graph_names", types.MappingProxyType(dict(self.graph_names)))
+        object.__setattr__(self, "trainers", types.MappingProxyType(dict(self.trainers)))
         if self.default_output is None:
             first = next((r.output for r in self.graph_names if r.output), SYMBOLS_OUTPUT)
             object.__setattr__(self, "default_output", first)
@@ -637,19 +717,43 @@ def register_family(family: ModelFamily) -> ModelFamily:
     names = list(family.graph_names.values())
     if len(set(names)) != len(names) or taken & set(names):
         raise ValueError(f"family {family.name!r}: Triton model names {names} are not unique")
-    if not is_dataclass(family.params):
-        raise ValueError(f"family {family.name!r}: params must be a dataclass")
+    if not (is_dataclass(family.params) and issubclass(family.params, FamilyParams)):
+        raise ValueError(f"family {family.name!r}: params must be a FamilyParams dataclass")
+    stages = {s for f in _FAMILIES.values() for s in f.trainers}
+    if stages & set(family.trainers):
+        raise ValueError(
+            f"family {family.name!r}: trainer stage(s) {stages & set(family.trainers)} taken"
+        )
     _FAMILIES[family.name] = family
     return family
 
 
+_DISCOVERED: list[bool] = []
+
+
+def _discover() -> None:
+    """Load every module of :mod:`nec_serve.families` once (each registers its family)."""
+    if not _DISCOVERED:
+        _DISCOVERED.append(True)
+        from nec_serve.families import load_families  # imports this module: not at the top
+
+        load_families()
+
+
 def model_families() -> tuple[ModelFamily, ...]:
-    """Every registered family, in registration order."""
+    """Every registered family, the built-in ones first."""
+    _discover()
     return tuple(_FAMILIES.values())
+
+
+def rate_knobs() -> tuple[str, ...]:
+    """The rate knob names of every family (:attr:`ModelFamily.rate`), sorted."""
+    return tuple(sorted({f.rate for f in model_families() if f.rate}))
 
 
 def model_family(name: str) -> ModelFamily:
     """The registered family ``name``; :class:`ManifestError` naming the known ones."""
+    _discover()
     try:
         return _FAMILIES[name]
     except KeyError:
@@ -659,175 +763,10 @@ def model_family(name: str) -> ModelFamily:
 
 
 def _check_family(name: str) -> str | None:
+    _discover()
     if name in _FAMILIES:
         return None
     return f"is not a registered model family ({', '.join(sorted(_FAMILIES))})"
-
-
-@dataclass(frozen=True)
-class NecParams:
-    """``family_params`` of NEC: the latent the encoder codes and the decoder block's width.
-
-    Attributes:
-        channels: latent channels C (768 for ViT-B).
-        tokens: tokens per tile T, the CLS token included.
-        decoder_embed_dim: width of the first MAE decoder block's features.
-        class_names: what each score of the ``classifier`` graph means, in its order
-            (empty when the export has no classifier).
-    """
-
-    channels: int = field(metadata={"check": _check_positive})
-    tokens: int = field(metadata={"check": _check_positive})
-    decoder_embed_dim: int = field(metadata={"check": _check_positive})
-    class_names: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        """Keep the class names in a tuple."""
-        object.__setattr__(self, "class_names", tuple(self.class_names))
-
-    def describe(self) -> str:
-        """What a tile codes to, in words."""
-        return f"{self.tokens} tokens x {self.channels} channels"
-
-    def check(self, manifest: Manifest, source: str) -> None:
-        """The encoder takes ``(in_chans, S, S)`` images and returns int32 ``(C, T)`` symbols."""
-        enc = manifest.graphs[GraphRole.ENCODER]
-        inp = manifest.input
-        want_in = (inp.in_chans, inp.img_size, inp.img_size)
-        if enc.inputs[0].dims != want_in:
-            raise ManifestError(
-                f"{source}: graphs.encoder.inputs[0].dims {list(enc.inputs[0].dims)} disagree "
-                f"with input.in_chans and input.img_size {list(want_in)}"
-            )
-        symbols = enc.outputs[0]
-        if symbols.data_type != DataType.TYPE_INT32 or symbols.dims != (
-            self.channels,
-            self.tokens,
-        ):
-            raise ManifestError(
-                f"{source}: graphs.encoder.outputs[0] is {symbols.data_type} "
-                f"{list(symbols.dims)}, but family_params.channels and tokens make it "
-                f"TYPE_INT32 [{self.channels}, {self.tokens}]"
-            )
-        head = manifest.graphs.get(GraphRole.CLASSIFIER)
-        classes = head.outputs[0].dims if head else (0,)
-        if classes != (len(self.class_names),):
-            raise ManifestError(
-                f"{source}: family_params.class_names holds {len(self.class_names)} names but "
-                f"the classifier graph scores {list(classes) if head else 'no'} classes"
-            )
-        if len(set(self.class_names)) != len(self.class_names):
-            raise ManifestError(f"{source}: family_params.class_names repeats a name")
-
-
-#: Neural Embedding Compression: MAE ViT encoder with a factorized prior.
-NEC = register_family(
-    ModelFamily(
-        name="nec",
-        graph_names={
-            GraphRole.ENCODER: "nec_encoder",
-            GraphRole.DECODER: "nec_decoder",
-            GraphRole.FEATURES: "nec_decoder_block1",
-            GraphRole.CLASSIFIER: "nec_classifier",
-        },
-        entropy_kinds=(FACTORIZED.kind,),
-        params=NecParams,
-        # The classifier needs a trained head: only classifier exports have it.
-        default_roles=(GraphRole.ENCODER, GraphRole.DECODER, GraphRole.FEATURES),
-    )
-)
-
-
-def _check_downscale(value: int) -> str | None:
-    return None if value in (1, 2, 4) else "must be 1, 2 or 4"
-
-
-@dataclass(frozen=True)
-class RvqParams:
-    """``family_params`` of the RVQ Sentinel-2 compressor.
-
-    Attributes:
-        levels: codebooks the export holds; a request codes the first 1..levels.
-        codebook_size: entries per codebook (K).
-        latent_channels: length of a codebook vector.
-        downscale: latent resolution is ``img_size / downscale`` per side.
-        tokens: latent positions per tile, ``(img_size / downscale) ** 2``.
-        band_names: the bands the encoder takes and the decoder returns, in order.
-        reflectance_scale: raw pixel values are reflectance times this (any dtype);
-            :class:`InputSpec` ``mean``/``std`` standardise ``raw / reflectance_scale``.
-        output_dtype: the decoded GeoTIFF's pixel type (values rounded and clipped).
-    """
-
-    levels: int = field(metadata={"check": _check_positive})
-    codebook_size: int = field(metadata={"check": _check_positive})
-    latent_channels: int = field(metadata={"check": _check_positive})
-    downscale: int = field(metadata={"check": _check_downscale})
-    tokens: int = field(metadata={"check": _check_positive})
-    band_names: tuple[str, ...] = field(metadata={"check": _check_not_empty})
-    reflectance_scale: float = 10000.0
-    output_dtype: str = "uint16"
-
-    def __post_init__(self) -> None:
-        """Keep the band names in a tuple."""
-        object.__setattr__(self, "band_names", tuple(self.band_names))
-
-    @property
-    def channels(self) -> int:
-        """Rows of a tile's symbol array: one per codebook level."""
-        return self.levels
-
-    def describe(self) -> str:
-        """What a tile codes to, in words."""
-        return (
-            f"{self.levels} codebooks x {self.codebook_size} entries, "
-            f"{self.tokens} latent positions per tile"
-        )
-
-    def check(self, manifest: Manifest, source: str) -> None:
-        """Encoder ``(bands, S, S)`` -> int32 ``(levels, tokens)``; decoder the reverse."""
-        inp = manifest.input
-        side, rest = divmod(inp.img_size, self.downscale)
-        problems = []
-        if rest or side * side != self.tokens:
-            problems.append(
-                f"family_params.tokens {self.tokens} is not (input.img_size / downscale)^2 "
-                f"= ({inp.img_size} / {self.downscale})^2"
-            )
-        if len(self.band_names) != inp.in_chans:
-            problems.append(
-                f"family_params.band_names has {len(self.band_names)} names for "
-                f"{inp.in_chans} input bands"
-            )
-        if self.output_dtype not in ("uint16",):
-            problems.append(f"family_params.output_dtype {self.output_dtype!r} is not uint16")
-        sym = (DataType.TYPE_INT32, (self.levels, self.tokens))
-        enc = manifest.graphs[GraphRole.ENCODER]
-        if enc.inputs[0].dims != (inp.in_chans, inp.img_size, inp.img_size):
-            problems.append(f"graphs.encoder.inputs[0].dims {list(enc.inputs[0].dims)} disagree")
-        if (enc.outputs[0].data_type, enc.outputs[0].dims) != sym:
-            problems.append(f"graphs.encoder.outputs[0] is not TYPE_INT32 {list(sym[1])}")
-        dec = manifest.graphs.get(GraphRole.RECONSTRUCTION)
-        if dec is not None and (dec.inputs[0].data_type, dec.inputs[0].dims) != sym:
-            problems.append(f"graphs.reconstruction.inputs[0] is not TYPE_INT32 {list(sym[1])}")
-        if problems:
-            raise ManifestError(f"{source}: " + "; ".join(problems))
-
-
-#: The EO4EU Sentinel-2 compressor: convolutional autoencoder, residual VQ, 1-8 codebooks.
-RVQ = register_family(
-    ModelFamily(
-        name="rvq",
-        graph_names={
-            GraphRole.ENCODER: "rvq_encoder",
-            GraphRole.RECONSTRUCTION: "rvq_decoder",
-        },
-        entropy_kinds=(CATEGORICAL.kind,),
-        params=RvqParams,
-        rate="codebooks",
-        default_output=GraphRole.RECONSTRUCTION.output,
-        georeferenced=True,
-    )
-)
 
 
 # ------------------------------------------------------------------------------ the manifest
@@ -844,7 +783,7 @@ class Manifest:
         input: what the encoder takes.
         graphs: the exported graphs by role.
         entropy: the entropy model and its tables.
-        family_params: the family's own section (for NEC: :class:`NecParams`).
+        family_params: the family's own section (its :class:`FamilyParams`).
         checkpoint_sha256: SHA-256 of the checkpoint the weights came from, if any.
         calibration: how the entropy model was fitted to imagery, if it was.
         created_by: the nec-serve that exported it.

@@ -20,11 +20,11 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nec_serve.errors import InvalidInput, NecError
 
@@ -37,6 +37,7 @@ __all__ = [
     "parse_workflow",
     "parse_step",
     "parse_step_request",
+    "RateKnob",
     "StepRequest",
     "STATUS_TOPIC",
     "DEAD_LETTER_TOPIC",
@@ -341,22 +342,29 @@ def parse_step(
 class StepRequest(StepMessage):
     """A step message validated for the step that runs it, before any work is done."""
 
-    codebooks: int | None = None  # the rate asked for (compress of a family with a rate knob)
+    rate: int | None = None  # the rate asked for (compress of a family with a rate knob)
+
+
+class RateKnob(NamedTuple):
+    """A family's rate knob as a step reads it: its ``meta_information`` key and its check."""
+
+    name: str
+    check: Callable[[int], int]
 
 
 def parse_step_request(
     raw: StepMessage | bytes | str | dict | None,
     *,
     max_bytes: int = MAX_MESSAGE_BYTES,
-    rate: Callable[[int], int] | None = None,
+    rates: Sequence[RateKnob] = (),
 ) -> StepRequest:
     """The one validation of a step's input message: every fault is a :class:`MessageError`.
 
     Beyond :func:`parse_step`, a step needs a file name and an ended previous component;
-    ``rate`` (given by a step that codes at a rate) checks ``meta_information.codebooks``
-    against the export and raises :class:`~nec_serve.errors.InvalidInput` for one it
-    cannot code. Without ``rate`` the field is not read. ``raw`` may be a message that
-    :func:`parse_step` already read.
+    Each of ``rates`` (given by a step that codes) checks ``meta_information.<knob>``
+    (e.g. ``codebooks``), when the message has it, against the export, and a value it
+    cannot code is a :class:`MessageError`. Fields of no knob in ``rates`` are not read.
+    ``raw`` may be a message that :func:`parse_step` already read.
     """
     step = raw if isinstance(raw, StepMessage) else parse_step(raw, max_bytes=max_bytes)
     if not step.filename:
@@ -364,16 +372,18 @@ def parse_step_request(
     if not step.previous_component_end:
         raise MessageError("previous component did not end (previous_component_end false)")
     fields = (step.previous_component_end, step.folder, step.filename, step.meta)
-    value = step.meta.get("codebooks") if rate is not None else None
-    if value is None:
-        return StepRequest(*fields)
-    what = "field 'meta_information.codebooks'"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise MessageError(f"{what} must be an integer, got {value!r}")
-    try:
-        return StepRequest(*fields, codebooks=rate(value))
-    except InvalidInput as err:
-        raise MessageError(f"{what}: {err}") from None
+    for knob in rates:
+        value = step.meta.get(knob.name)
+        if value is None:
+            continue
+        what = f"field 'meta_information.{knob.name}'"
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MessageError(f"{what} must be an integer, got {value!r}")
+        try:
+            return StepRequest(*fields, rate=knob.check(value))
+        except InvalidInput as err:
+            raise MessageError(f"{what}: {err}") from None
+    return StepRequest(*fields)
 
 
 #: The EO4EU status of each event of a step (``status`` on ``monitoring.notify``).

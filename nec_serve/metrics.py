@@ -11,27 +11,28 @@ outcome of :data:`OUTCOMES`, a failure class of :data:`FAILURE_REASONS`, a stage
 :data:`STAGES`, what was retried (:data:`RETRIED`). Every combination is created at zero up
 front, so a rate or a ratio has a series to work on before the first message.
 
-Stage seconds are the numbers the pipeline already measures for the step's stats (the
-``*_s`` keys of a step's ``meta_information.nec``, see :data:`STAGE_OF_STAT`): nothing is
-timed twice.
+Stage seconds are the ones the step's report holds (:class:`~nec_serve.reports.StepReport`,
+published as ``meta_information.nec``), observed field by field once a message is processed
+(:meth:`WrapperMetrics.observe_step`): nothing is timed twice, and a report missing a stage
+fails loudly.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from nec_serve.errors import InvalidInput, NecError, is_transient
+from nec_serve.reports import StepReport
 from nec_serve.retry import GaveUp
 
 __all__ = [
     "OUTCOMES",
     "FAILURE_REASONS",
     "STAGES",
-    "STAGE_OF_STAT",
     "RETRIED",
     "WORKFLOW_ACTIONS",
     "WrapperMetrics",
@@ -54,10 +55,9 @@ FAILURE_REASONS = (
     "transient_exhausted",  # S3, Triton, Kafka or the config store still failing after retries
     "internal",  # an error no code path expects (a bug)
 )
-#: A step's stages (``nec_wrapper_stage_seconds{stage}``).
+#: A step's stages (``nec_wrapper_stage_seconds{stage}``); a decompress step has no
+#: ``read`` or ``preprocess`` (:meth:`~nec_serve.reports.StepReport.stage_seconds`).
 STAGES = ("s3_get", "read", "preprocess", "inference", "coding", "s3_put", "kafka")
-#: The stat keys of a step (its ``meta_information.nec``) each stage's seconds come from.
-STAGE_OF_STAT = {f"{stage}_s": stage for stage in STAGES}
 #: What the wrapper retries (``nec_wrapper_retries_total{what}``): reading the workflow's
 #: config, and the whole step on a transient S3 / Triton / Kafka failure.
 RETRIED = ("config", "step")
@@ -166,19 +166,24 @@ class WrapperMetrics:
         """Count one retry of ``what`` (:data:`RETRIED`)."""
         self.retries.labels(self.step, what).inc()
 
-    def observe_step(self, stats: Mapping) -> None:
-        """Record a processed message from its stats: stage seconds, bytes, tiles, bpp."""
-        for key, stage in STAGE_OF_STAT.items():
-            value = stats.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                self.stage_seconds.labels(self.step, stage).observe(max(float(value), 0.0))
-        for key, counter in (("bytes_in", self.input_bytes), ("bytes_out", self.output_bytes)):
-            if isinstance(stats.get(key), int):
-                counter.labels(self.step).inc(stats[key])
-        if isinstance(stats.get("tiles"), int):
-            self.tiles.labels(self.step).inc(stats["tiles"])
-        if isinstance(stats.get("bits_per_pixel"), int | float):
-            self.bits_per_pixel.labels(self.step).observe(float(stats["bits_per_pixel"]))
+    def observe_step(self, report: StepReport) -> None:
+        """Record a processed message from its report: stage seconds, bytes, tiles, bpp.
+
+        Raises:
+            ValueError: the report misses a stage's seconds (``kafka_s`` not yet known) or
+                names a stage not in :data:`STAGES`; nothing is recorded then.
+        """
+        stages = report.stage_seconds()
+        unknown = set(stages) - set(STAGES)
+        if unknown:
+            raise ValueError(f"step report has stages {sorted(unknown)} not in {STAGES}")
+        for stage, seconds in stages.items():
+            self.stage_seconds.labels(self.step, stage).observe(max(seconds, 0.0))
+        self.input_bytes.labels(self.step).inc(report.bytes_in)
+        self.output_bytes.labels(self.step).inc(report.bytes_out)
+        self.tiles.labels(self.step).inc(report.result.tiles)
+        if report.bits_per_pixel is not None:
+            self.bits_per_pixel.labels(self.step).observe(report.bits_per_pixel)
 
     @contextmanager
     def in_flight(self, tiles: int) -> Iterator[None]:

@@ -27,12 +27,28 @@ from tqdm import tqdm
 from nec_serve import __version__
 from nec_serve.bundle import ModelBundle
 from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter, TileRecord
-from nec_serve.contract import GraphRole, decode_outputs, model_families
+from nec_serve.contract import (
+    UNNAMED_FAMILY,
+    GraphRole,
+    decode_outputs,
+    model_families,
+    model_family,
+    rate_knobs,
+)
 from nec_serve.engines import Engine
 from nec_serve.errors import InvalidInput
 from nec_serve.imagery import InputLimits, Normalisation, tile_image
 from nec_serve.imagery.limits import Budget, human_bytes
 from nec_serve.imagery.writers import GeoTiffWriter
+from nec_serve.reports import (
+    ArrayReport,
+    BandsReport,
+    CompressReport,
+    CompressSeconds,
+    DecodeSeconds,
+    Rate,
+    StageTimer,
+)
 
 __all__ = [
     "coding_levels",
@@ -90,7 +106,7 @@ def class_report(index: list[dict], scores: np.ndarray, class_names: Sequence[st
 
 @dataclass
 class CompressStats:
-    """What one compression did, for the CLI, the demo and the wrapper's status events."""
+    """What one compression did so far, accumulated as it runs; :meth:`report` freezes it."""
 
     images: int = 0
     tiles: int = 0
@@ -125,19 +141,19 @@ class CompressStats:
         """Payload bytes over the entropy bound of the coded symbols, minus one."""
         return 8 * self.payload_bytes / max(self.entropy_bound_bits, 1.0) - 1.0
 
-    def summary(self) -> dict:
-        """Flat dict with units in the keys."""
-        return {
-            "images": self.images,
-            "tiles": self.tiles,
-            "raw_bytes": self.raw_bytes,
-            "container_bytes": self.container_bytes,
-            "bits_per_pixel": round(self.bits_per_pixel, 4),
-            "compression_ratio": round(self.ratio, 2),
-            "payload_over_entropy_bound_pct": round(100 * self.overhead_vs_bound, 3),
-            "embedding_rmse": round(self.embedding_rmse, 5),
-            **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()},
-        }
+    def report(self) -> CompressReport:
+        """The frozen report of what was done, rounded as published."""
+        return CompressReport(
+            images=self.images,
+            tiles=self.tiles,
+            raw_bytes=self.raw_bytes,
+            container_bytes=self.container_bytes,
+            bits_per_pixel=round(self.bits_per_pixel, 4),
+            compression_ratio=round(self.ratio, 2),
+            payload_over_entropy_bound_pct=round(100 * self.overhead_vs_bound, 3),
+            embedding_rmse=round(self.embedding_rmse, 5),
+            seconds=CompressSeconds(**{k: round(v, 3) for k, v in self.seconds.items()}),
+        )
 
 
 @dataclass
@@ -179,7 +195,7 @@ def compress(
     bands: list[int] | None = None,
     batch_size: int = 8,
     progress: bool = False,
-    codebooks: int | None = None,
+    rate: int | None = None,
 ) -> CompressStats:
     """Compress ``(name, (bands, H, W))`` images into one container written to ``out``.
 
@@ -187,36 +203,77 @@ def compress(
     coded, so memory is bounded by one image plus one batch. All images must share a
     pixel dtype (the container records one normalisation).
 
-    ``codebooks`` is the RVQ family's rate: the first 1..levels codebook levels are coded
-    (default: all the export has); the container records it. Other families refuse it.
-    RVQ containers also record each georeferenced source's CRS and transform, so that
-    decoding writes GeoTIFFs that lie where the input did.
+    ``rate`` is the value of the family's rate knob (:attr:`ModelFamily.rate`, e.g. the
+    codebook levels to code; default: the most the export has); the container records it.
+    Families with a fixed rate refuse it. Containers of a georeferenced family also record
+    each georeferenced source's CRS and transform, so that decoding writes GeoTIFFs that
+    lie where the input did.
     """
     if batch_size < 1:
         raise InvalidInput(f"invalid batch size {batch_size}, expected >= 1")
-    levels = coding_levels(bundle, codebooks)
-    family = bundle.manifest.family_spec
+    levels = coding_levels(bundle, rate)
     stats = CompressStats()
     sink = _Counter(out)
+    batch = _Batch(bundle, engine, levels, stats, _progress(progress, "compress", "tile"))
     writer: ContainerWriter | None = None
-    norm: Normalisation | None = None
-    tiles: list[np.ndarray] = []
-    pending: list[_Pending] = []
-    bar = _progress(progress, "compress", "tile")
+    t_read = time.perf_counter()
+    for name, raw in inputs:
+        stats.seconds["read"] += time.perf_counter() - t_read
+        norm = _admit(name, raw, bundle, batch.norm)
+        if writer is None:
+            batch.norm = norm
+            writer = ContainerWriter(sink, _header(bundle, norm, raw.dtype, bands, levels))
+        stats.images += 1
+        stats.source_pixels += raw.shape[1] * raw.shape[2]
+        stats.raw_bytes += raw.nbytes
+        geo = getattr(raw, "geo", None)  # a georeferenced reader's GeoArray
+        if bundle.manifest.family_spec.georeferenced and geo is not None:
+            writer.write_source(name, geo)
+        image_tiles, grid = tile_image(raw, bundle.img_size)
+        for tile, (row, col) in zip(image_tiles, grid.origins(), strict=True):
+            batch.add(tile, _Pending(name, row, col, grid.height, grid.width))
+            if len(batch.tiles) == batch_size:
+                batch.flush(writer)
+        t_read = time.perf_counter()
+    if writer is None:
+        raise InvalidInput("no images to compress")
+    if batch.tiles:
+        batch.flush(writer)
+    writer.close()
+    batch.bar.close()
+    stats.container_bytes = sink.n
+    return stats
 
-    def flush() -> None:
+
+class _Batch:
+    """Tiles waiting for the engine, and where each came from; coded a batch at a time."""
+
+    def __init__(self, bundle: ModelBundle, engine: Engine, levels, stats: CompressStats, bar):
+        self.bundle, self.engine, self.levels = bundle, engine, levels
+        self.stats, self.bar = stats, bar
+        self.norm: Normalisation | None = None  # the container's, set with its header
+        self.tiles: list[np.ndarray] = []
+        self.pending: list[_Pending] = []
+
+    def add(self, tile: np.ndarray, where: _Pending) -> None:
+        self.tiles.append(tile)
+        self.pending.append(where)
+
+    def flush(self, writer: ContainerWriter) -> None:
+        """Normalise, encode, entropy-code and write the waiting tiles; count it all."""
+        stats, codec, levels = self.stats, self.bundle.codec, self.levels
         t0 = time.perf_counter()
-        batch = norm.apply(np.stack(tiles)).astype(np.float32, copy=False)
+        batch = self.norm.apply(np.stack(self.tiles)).astype(np.float32, copy=False)
         t1 = time.perf_counter()
-        symbols, latent = engine.encode(batch)
+        symbols, latent = self.engine.encode(batch)
         t2 = time.perf_counter()
-        _check_engine_output(symbols, len(tiles), bundle)
-        streams = bundle.codec.encode_batch(symbols, levels)
+        _check_engine_output(symbols, len(self.tiles), self.bundle)
+        streams = codec.encode_batch(symbols, levels)
         # Report figures, kept cheap (they run on the wrapper's hot path): the bound in one
         # batched call, the rounding error without float64 temporaries.
-        stats.entropy_bound_bits += bundle.codec.entropy_bound_bits(symbols, levels)
-        stats.quant_sq_err += bundle.codec.rounding_sq_err(symbols, latent)
-        for info, payload in zip(pending, streams, strict=True):
+        stats.entropy_bound_bits += codec.entropy_bound_bits(symbols, levels)
+        stats.quant_sq_err += codec.rounding_sq_err(symbols, latent)
+        for info, payload in zip(self.pending, streams, strict=True):
             writer.write_tile(
                 payload,
                 source=info.name,
@@ -230,57 +287,28 @@ def compress(
         stats.seconds["preprocess"] += t1 - t0
         stats.seconds["inference"] += t2 - t1
         stats.seconds["coding"] += t3 - t2
-        stats.tiles += len(tiles)
+        stats.tiles += len(self.tiles)
         stats.symbols += symbols[:, :levels].size
-        bar.update(len(tiles))
-        tiles.clear()
-        pending.clear()
-
-    t_read = time.perf_counter()
-    for name, raw in inputs:
-        stats.seconds["read"] += time.perf_counter() - t_read
-        this_norm = _admit(name, raw, bundle, norm)
-        if writer is None:
-            norm = this_norm
-            writer = ContainerWriter(sink, _header(bundle, norm, raw.dtype, bands, levels))
-        stats.images += 1
-        stats.source_pixels += raw.shape[1] * raw.shape[2]
-        stats.raw_bytes += raw.nbytes
-        geo = getattr(raw, "geo", None)  # a georeferenced reader's GeoArray
-        if family.georeferenced and geo is not None:
-            writer.write_source(name, geo)
-        image_tiles, grid = tile_image(raw, bundle.img_size)
-        for tile, (row, col) in zip(image_tiles, grid.origins(), strict=True):
-            tiles.append(tile)
-            pending.append(_Pending(name, row, col, grid.height, grid.width))
-            if len(tiles) == batch_size:
-                flush()
-        t_read = time.perf_counter()
-    if writer is None:
-        raise InvalidInput("no images to compress")
-    if tiles:
-        flush()
-    writer.close()
-    bar.close()
-    stats.container_bytes = sink.n
-    return stats
+        self.bar.update(len(self.tiles))
+        self.tiles.clear()
+        self.pending.clear()
 
 
-def coding_levels(bundle: ModelBundle, codebooks: int | None) -> int | None:
+def coding_levels(bundle: ModelBundle, rate: int | None) -> int | None:
     """The rate to code at: None for families with a fixed rate, else 1..levels.
 
     Raises:
-        InvalidInput: ``codebooks`` given to a family without a rate knob, or out of range.
+        InvalidInput: ``rate`` given to a family without a rate knob, or out of range.
     """
     if bundle.manifest.family_spec.rate is None:
-        if codebooks is not None:
+        if rate is not None:
             with_rate = "/".join(f.name.upper() for f in model_families() if f.rate)
             raise InvalidInput(
-                f"a codebook count applies to the {with_rate} family; "
+                f"a rate ({'/'.join(rate_knobs())}) applies to the {with_rate} family; "
                 f"{bundle.manifest.model!r} is a {bundle.family!r} model"
             )
         return None
-    return bundle.codec.check_levels(bundle.codec.levels if codebooks is None else codebooks)
+    return bundle.codec.check_levels(bundle.codec.levels if rate is None else rate)
 
 
 def _admit(
@@ -291,26 +319,13 @@ def _admit(
 ) -> Normalisation:
     """The normalisation of one more image, refusing what the container cannot hold."""
     this_norm = _normalisation_for(name, raw, bundle)
-    if bundle.manifest.family_spec.georeferenced:
-        _check_reflectance(name, raw)
+    bundle.manifest.family_params.admit(name, raw)
     if norm is not None and this_norm != norm:
         raise InvalidInput(
             f"image {name!r} has dtype {raw.dtype}, unlike the images before it: "
             "compress images of one dtype per container"
         )
     return this_norm
-
-
-def _check_reflectance(name: str, raw: np.ndarray) -> None:
-    """Refuse negative reflectance (NaN and inf are refused by the readers)."""
-    if raw.dtype.kind in "if":
-        negative = raw < 0
-        if negative.any():
-            first = tuple(int(i) for i in np.unravel_index(int(np.argmax(negative)), raw.shape))
-            raise InvalidInput(
-                f"image {name!r}: {int(negative.sum())} negative reflectance value(s); first "
-                f"is {raw[first]} at (band, row, col) = {first}: reflectance x 10000 is >= 0"
-            )
 
 
 def _header(
@@ -352,7 +367,7 @@ def _check_engine_output(symbols: np.ndarray, n: int, bundle: ModelBundle) -> No
 def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
     """Refuse a container made by another model family, model or tables."""
     meta = header.meta
-    family = meta.get("family", "nec")  # containers before families were NEC's
+    family = meta.get("family", UNNAMED_FAMILY)
     if family != bundle.family:
         raise InvalidInput(
             f"container holds a {family!r}-family code (model {meta.get('model')!r}), the "
@@ -379,7 +394,7 @@ def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
             )
         bundle.codec.check_levels(meta[rate])
     else:
-        for name in {f.rate for f in model_families() if f.rate}:
+        for name in rate_knobs():
             if meta.get(name) is not None:
                 raise InvalidInput(f"container codes {meta[name]} {name}, the export has none")
 
@@ -429,14 +444,14 @@ def _iter_decoded(
     engine: Engine | None,
     output: str,
     batch_size: int,
-    seconds: dict[str, float] | None = None,
+    timer: StageTimer | None = None,
     *,
     limits: InputLimits | None = None,
     label: str = "container",
 ) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
-    """As :func:`iter_decoded`; adds the seconds of each part to ``seconds`` when given.
+    """As :func:`iter_decoded`; times its stages with ``timer`` when given.
 
-    ``seconds["coding"]`` is entropy decoding, ``seconds["inference"]`` the graph.
+    Stage ``coding`` is entropy decoding, ``inference`` the graph.
     """
     limits = InputLimits() if limits is None else limits
     outputs = decode_outputs()
@@ -459,9 +474,9 @@ def _iter_decoded(
         symbols = bundle.codec.decode_batch([r.payload for r in records], bundle.tokens, levels)
         t1 = time.perf_counter()
         out = symbols if role is None else engine.decode(role, symbols)
-        if seconds is not None:
-            seconds["coding"] = seconds.get("coding", 0.0) + t1 - t0
-            seconds["inference"] = seconds.get("inference", 0.0) + time.perf_counter() - t1
+        if timer is not None:
+            timer.add("coding", t1 - t0)
+            timer.add("inference", time.perf_counter() - t1)
         return out
 
     for record in records_in:
@@ -576,7 +591,7 @@ def write_embeddings(
     limits: InputLimits | None = None,
     label: str | None = None,
     progress: bool = False,
-) -> dict:
+) -> ArrayReport:
     """Decode the container file ``container`` into ``dest`` (``.npy``) and its tile index.
 
     Two passes over the file: the first counts the tiles (every CRC checked, at most
@@ -589,8 +604,8 @@ def write_embeddings(
     ``dest.with_suffix(".classes.json")`` (:func:`class_report`) is written the same way.
 
     Returns:
-        ``{"tiles", "shape", "dtype", "decode_s", "coding_s", "inference_s"}``: seconds of
-        the whole decode, and of its entropy decoding and its graph.
+        The report: the output, tiles, ``dest``, the array's shape and dtype, the seconds
+        of the whole decode and of its entropy decoding and its graph.
     """
     limits = InputLimits() if limits is None else limits
     label = label or str(container)
@@ -599,68 +614,91 @@ def write_embeddings(
     role = decode_outputs().get(output)
     finals = [dest, index_path] + ([classes_path] if role == GraphRole.CLASSIFIER else [])
     parts = [p.with_name(f".{p.name}.part") for p in finals]
+    count = _count_tiles(container, limits, label)
+    timer = StageTimer()
+    bar = _progress(progress, "decompress", "tile")
+    try:
+        with timer.stage("decode"):
+            with container.open("rb") as f:
+                reader = ContainerReader(f)
+                decoded = _iter_decoded(
+                    reader.header,
+                    reader,
+                    bundle,
+                    engine,
+                    output,
+                    batch_size,
+                    timer,
+                    limits=limits,
+                    label=label,
+                )
+                index, shape, dtype = _fill_array(parts[0], count, decoded, limits, label, bar)
+            parts[1].write_text(json.dumps(index))
+            if len(parts) > 2:
+                _write_class_report(parts[0], parts[2], index, bundle)
+            for part, final in zip(parts, finals, strict=True):
+                os.replace(part, final)
+    finally:
+        bar.close()
+        for part in parts:
+            part.unlink(missing_ok=True)
+    seconds = _decode_seconds(timer)
+    return ArrayReport(output, count, seconds, str(dest), shape, np.dtype(dtype).name)
+
+
+def _fill_array(
+    part: Path,
+    count: int,
+    decoded: Iterable[tuple[list[TileRecord], np.ndarray]],
+    limits: InputLimits,
+    label: str,
+    bar,
+) -> tuple[list[dict], tuple[int, ...], np.dtype]:
+    """Write ``count`` decoded rows into a memory-mapped ``.npy`` at ``part``.
+
+    Its size is checked against the limits from the first batch, before it is allocated.
+    Returns the tile index of the rows, and the array's shape and dtype.
+    """
+    out = None
+    row = 0
+    index: list[dict] = []
+    for records, arr in decoded:
+        if out is None:
+            check_decoded_size(count, arr.shape[1:], arr.dtype, limits, label)
+            out = np.lib.format.open_memmap(
+                part, mode="w+", dtype=arr.dtype, shape=(count, *arr.shape[1:])
+            )
+        out[row : row + len(arr)] = arr
+        row += len(arr)
+        index.extend(tile_index(records))
+        bar.update(len(records))
+    if out is None:
+        raise InvalidInput(f"{label}: container holds no tiles")
+    out.flush()
+    return index, tuple(out.shape), out.dtype
+
+
+def _write_class_report(
+    scores_path: Path, dest: Path, index: list[dict], bundle: ModelBundle
+) -> None:
+    """Write :func:`class_report` of the class scores at ``scores_path`` to ``dest``."""
+    names = bundle.manifest.family_params.score_names()
+    scores = np.load(scores_path, mmap_mode="r")
+    dest.write_text(json.dumps(class_report(index, np.asarray(scores), names)))
+    del scores
+
+
+def _count_tiles(container: Path, limits: InputLimits, label: str) -> int:
+    """The tiles ``container`` holds (every record's CRC checked), at most ``max_tiles``."""
+    count = 0
     with container.open("rb") as f:
-        count = 0
         for _ in ContainerReader(f):
             count += 1
             if count > limits.max_tiles:
                 raise InvalidInput(
                     f"{label}: container holds more than max_tiles={limits.max_tiles} tiles"
                 )
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {"coding": 0.0, "inference": 0.0}
-    bar = _progress(progress, "decompress", "tile")
-    index: list[dict] = []
-    try:
-        with container.open("rb") as f:
-            reader = ContainerReader(f)
-            out = None
-            row = 0
-            decoded = _iter_decoded(
-                reader.header,
-                reader,
-                bundle,
-                engine,
-                output,
-                batch_size,
-                seconds,
-                limits=limits,
-                label=label,
-            )
-            for records, arr in decoded:
-                if out is None:
-                    check_decoded_size(count, arr.shape[1:], arr.dtype, limits, label)
-                    out = np.lib.format.open_memmap(
-                        parts[0], mode="w+", dtype=arr.dtype, shape=(count, *arr.shape[1:])
-                    )
-                out[row : row + len(arr)] = arr
-                row += len(arr)
-                index.extend(tile_index(records))
-                bar.update(len(records))
-            if out is None:
-                raise InvalidInput(f"{label}: container holds no tiles")
-            out.flush()
-            shape, dtype = tuple(out.shape), out.dtype
-            del out
-        parts[1].write_text(json.dumps(index))
-        if len(parts) > 2:
-            names = bundle.manifest.family_params.class_names
-            scores = np.load(parts[0], mmap_mode="r")
-            parts[2].write_text(json.dumps(class_report(index, np.asarray(scores), names)))
-            del scores
-        for part, final in zip(parts, finals, strict=True):
-            os.replace(part, final)
-    finally:
-        bar.close()
-        for part in parts:
-            part.unlink(missing_ok=True)
-    return {
-        "tiles": count,
-        "shape": shape,
-        "dtype": np.dtype(dtype).name,
-        "decode_s": round(time.perf_counter() - t0, 3),
-        **{f"{k}_s": round(v, 3) for k, v in seconds.items()},
-    }
+    return count
 
 
 def _member_name(source: str) -> str:
@@ -672,18 +710,19 @@ def _member_name(source: str) -> str:
 
 
 class _SourceImages:
-    """Decoded RVQ tiles into one GeoTIFF per source image, written tile by tile.
+    """Decoded tiles of bands into one GeoTIFF per source image, written tile by tile.
 
     A source's file is created when its first tile arrives, after its declared size was
     admitted (:class:`~nec_serve.imagery.limits.Budget`: one image's limits and, over all
     sources, ``max_decoded_bytes``); each tile is cropped to the source, its
-    normalisation undone, rounded and clipped to uint16, and written in place.
+    normalisation undone, rounded and clipped to the output dtype, and written in place.
     """
 
     def __init__(
         self,
         work: Path,
         names: Sequence[str],
+        dtype: str,
         header: ContainerHeader,
         sources: dict[str, dict],
         limits: InputLimits,
@@ -692,7 +731,9 @@ class _SourceImages:
         self.work, self.names, self.sources = work, list(names), sources
         self.limits, self.label = limits, label
         self.norm = Normalisation.from_dict(header.meta.get("normalisation") or {})
-        self.tags = {"model": header.meta["model"], "codebooks": header.meta.get("codebooks")}
+        self.dtype = np.dtype(dtype)
+        rate = model_family(header.meta["family"]).rate
+        self.tags = {"model": header.meta["model"], **({rate: header.meta[rate]} if rate else {})}
         self.budget = Budget(limits)
         self.written: list[tuple[str, Path]] = []
         self.tiles = 0
@@ -710,15 +751,16 @@ class _SourceImages:
         h = min(tile.shape[1], out.shape[1] - r)
         w = min(tile.shape[2], out.shape[2] - c)
         px = np.rint(self.norm.invert(tile[:, :h, :w]))
-        out.write(np.clip(px, 0, np.iinfo(np.uint16).max), r, c)
+        limits = np.iinfo(self.dtype)
+        out.write(np.clip(px, limits.min, limits.max), r, c)
 
     def _start(self, record: TileRecord) -> None:
         self.close()
         shape = (len(self.names), record.source_height, record.source_width)
-        self.budget.image(f"{self.label}: source {record.source!r}", *shape, np.uint16)
+        self.budget.image(f"{self.label}: source {record.source!r}", *shape, self.dtype)
         path = self.work / f"{len(self.written)}.tif"
         geo = self.sources.get(record.source)
-        self._out = GeoTiffWriter(path, shape, np.uint16, geo, self.names, self.tags)
+        self._out = GeoTiffWriter(path, shape, self.dtype, geo, self.names, self.tags)
         self._source = record.source
         self.written.append((record.source, path))
 
@@ -738,13 +780,14 @@ def write_bands(
     limits: InputLimits | None = None,
     label: str | None = None,
     progress: bool = False,
-) -> dict:
-    """Decode an RVQ container into GeoTIFFs of the reconstructed bands.
+) -> BandsReport:
+    """Decode a container into GeoTIFFs of the reconstructed bands.
 
     Each source image is put back together from its tiles (padding cropped), its
-    normalisation undone, rounded and clipped to the export's ``output_dtype`` (uint16
-    reflectance x 10000), and written with the CRS and transform its source record holds
-    and the export's band names. One source gives ``dest`` (a GeoTIFF); several give
+    normalisation undone, rounded and clipped to the pixel type the family's parameters
+    name (:meth:`~nec_serve.contract.FamilyParams.output_bands`), and written with the CRS
+    and transform its source record holds and the band names. One source gives ``dest``
+    (a GeoTIFF); several give
     ``dest.with_suffix(".tar")``, a tar of ``<source>.tif``. Each source's declared size
     is admitted as an input's would be (``max_pixels``, ``max_image_bytes`` and, over all
     sources, ``max_decoded_bytes``) before its file is created, and tiles are written to
@@ -753,69 +796,95 @@ def write_bands(
     Outputs are written under temporary names and renamed into place only when complete.
 
     Returns:
-        ``{"tiles", "images", "path", "format", "codebooks", "decode_s", "coding_s",
-        "inference_s"}``.
+        The report: tiles, images, the rate the container was coded at, the path written
+        and its format (``tif`` or ``tar``), seconds.
     """
     limits = InputLimits() if limits is None else limits
     label = label or str(container)
-    params = bundle.manifest.family_params
-    names = getattr(params, "band_names", None)
-    if names is None:
+    bands = bundle.manifest.family_params.output_bands()
+    if bands is None:
         raise InvalidInput(
-            f"output 'bands' needs an RVQ export; {bundle.root} is {bundle.family!r}"
+            f"output 'bands' needs an export that reconstructs bands; {bundle.root} is a "
+            f"{bundle.family!r} model"
         )
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {"coding": 0.0, "inference": 0.0}
+    timer = StageTimer()
     try:
-        with container.open("rb") as f:
-            reader = ContainerReader(f)
-            header = reader.header
-            images = _SourceImages(work, names, header, reader.sources, limits, label)
-            bar = _progress(progress, "decompress", "tile")
-            decoded = _iter_decoded(
-                header,
-                reader,
-                bundle,
-                engine,
-                "bands",
-                batch_size,
-                seconds,
-                limits=limits,
-                label=label,
-            )
-            try:
-                for records, arr in decoded:
-                    for record, tile in zip(records, arr, strict=True):
-                        images.add(record, tile)
-                    bar.update(len(records))
-            finally:
-                images.close()
-                bar.close()
-        written, tiles = images.written, images.tiles
-        if not written:
-            raise InvalidInput(f"{label}: container holds no tiles")
-        if len(written) == 1:
-            final, fmt = dest, "tif"
-            os.replace(written[0][1], final)
-        else:
-            final, fmt = dest.with_suffix(".tar"), "tar"
-            part = work / "out.tar"
-            with tarfile.open(part, "w") as tar:
-                for name, path in written:
-                    tar.add(path, arcname=_member_name(name))
-            os.replace(part, final)
+        with timer.stage("decode"):
+            with container.open("rb") as f:
+                reader = ContainerReader(f)
+                header = reader.header
+                images = _SourceImages(work, *bands, header, reader.sources, limits, label)
+                decoded = _iter_decoded(
+                    header,
+                    reader,
+                    bundle,
+                    engine,
+                    GraphRole.RECONSTRUCTION.output,
+                    batch_size,
+                    timer,
+                    limits=limits,
+                    label=label,
+                )
+                _add_tiles(images, decoded, progress)
+            if not images.written:
+                raise InvalidInput(f"{label}: container holds no tiles")
+            final, fmt = _place_images(images.written, dest, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {
-        "tiles": tiles,
-        "images": len(written),
-        "path": str(final),
-        "format": fmt,
-        "codebooks": header.meta.get("codebooks"),
-        "decode_s": round(time.perf_counter() - t0, 3),
-        **{f"{k}_s": round(v, 3) for k, v in seconds.items()},
-    }
+    knob = bundle.manifest.family_spec.rate
+    return BandsReport(
+        output=GraphRole.RECONSTRUCTION.output,
+        tiles=images.tiles,
+        images=len(images.written),
+        rate=None if knob is None else Rate(knob, header.meta.get(knob)),
+        seconds=_decode_seconds(timer),
+        path=str(final),
+        format=fmt,
+    )
+
+
+def _add_tiles(
+    images: _SourceImages,
+    decoded: Iterable[tuple[list[TileRecord], np.ndarray]],
+    progress: bool,
+) -> None:
+    """Write every decoded tile into its source's GeoTIFF, closing the last one."""
+    bar = _progress(progress, "decompress", "tile")
+    try:
+        for records, arr in decoded:
+            for record, tile in zip(records, arr, strict=True):
+                images.add(record, tile)
+            bar.update(len(records))
+    finally:
+        images.close()
+        bar.close()
+
+
+def _place_images(written: list[tuple[str, Path]], dest: Path, work: Path) -> tuple[Path, str]:
+    """Rename one GeoTIFF to ``dest``, or tar several into ``dest.with_suffix(".tar")``.
+
+    Returns the path written and its format, ``tif`` or ``tar``.
+    """
+    if len(written) == 1:
+        os.replace(written[0][1], dest)
+        return dest, "tif"
+    final = dest.with_suffix(".tar")
+    part = work / "out.tar"
+    with tarfile.open(part, "w") as tar:
+        for name, path in written:
+            tar.add(path, arcname=_member_name(name))
+    os.replace(part, final)
+    return final, "tar"
+
+
+def _decode_seconds(timer: StageTimer) -> DecodeSeconds:
+    """A decode's seconds as ``timer`` timed them (stages decode, coding, inference)."""
+    return DecodeSeconds(
+        decode=timer.seconds("decode"),
+        coding=timer.seconds("coding"),
+        inference=timer.seconds("inference"),
+    )
 
 
 def _progress(enabled: bool, desc: str, unit: str):
@@ -832,14 +901,14 @@ class OutputWriter:
     Attributes:
         suffix: the output file's suffix (the wrapper names its S3 object with it).
         write: ``(container, dest, bundle, engine, output, *, batch_size, limits, label,
-            progress) -> done``: decodes ``container`` into ``dest`` atomically.
-        report: ``done -> dict``, the step report's fields (after ``mode``).
-        describe: ``(done, bundle, dest) -> str``, the CLI's line about what was written.
+            progress) -> report``: decodes ``container`` into ``dest`` atomically and
+            returns its :data:`~nec_serve.reports.DecodeReport` (whose wire form is the
+            step report's result).
+        describe: ``(report, bundle, dest) -> str``, the CLI's line about what was written.
     """
 
     suffix: str
     write: Any
-    report: Any
     describe: Any
 
 
@@ -865,56 +934,29 @@ def output_writer(output: str) -> OutputWriter:
     return _WRITERS.get(output, ARRAY_WRITER)
 
 
-def _array_report(done: dict) -> dict:
-    return {
-        "tiles": done["tiles"],
-        "output": done["output"],
-        "decode_s": done["decode_s"],
-        "coding_s": done["coding_s"],
-        "inference_s": done["inference_s"],
-    }
-
-
-def _array_describe(done: dict, bundle: ModelBundle, dest: Path) -> str:
-    return f"decoded {done['tiles']} tiles -> {dest} {done['dtype']}{done['shape']}"
-
-
-def _write_arrays(container, dest, bundle, engine, output, **kwargs) -> dict:
-    return {**write_embeddings(container, dest, bundle, engine, output, **kwargs), "output": output}
+def _array_describe(done: ArrayReport, bundle: ModelBundle, dest: Path) -> str:
+    return f"decoded {done.tiles} tiles -> {dest} {done.dtype}{done.shape}"
 
 
 #: Every output without a writer of its own: one ``.npy`` array and its tile index.
-ARRAY_WRITER = OutputWriter(".npy", _write_arrays, _array_report, _array_describe)
+ARRAY_WRITER = OutputWriter(".npy", write_embeddings, _array_describe)
 
 
-def _bands_report(done: dict) -> dict:
-    path = {"path": done["path"]} if done["format"] == "tar" else {}
-    return {
-        "output": "bands",
-        "tiles": done["tiles"],
-        "images": done["images"],
-        "codebooks": done["codebooks"],
-        "decode_s": done["decode_s"],
-        "coding_s": done["coding_s"],
-        "inference_s": done["inference_s"],
-        **path,
-    }
-
-
-def _bands_describe(done: dict, bundle: ModelBundle, dest: Path) -> str:
+def _bands_describe(done: BandsReport, bundle: ModelBundle, dest: Path) -> str:
+    names, dtype = bundle.manifest.family_params.output_bands()
+    rate = "" if done.rate is None else f" at {done.rate.knob}={done.rate.value}"
     return (
-        f"decoded {done['tiles']} tiles of {done['images']} image(s) with "
-        f"{done['codebooks']} codebook(s) -> {done['path']} ({done['format']}, uint16 "
-        f"{', '.join(bundle.manifest.family_params.band_names)})"
+        f"decoded {done.tiles} tiles of {done.images} image(s){rate} -> {done.path} "
+        f"({done.format}, {dtype} {', '.join(names)})"
     )
 
 
-def _write_bands(container, dest, bundle, engine, output, **kwargs) -> dict:
+def _write_bands(container, dest, bundle, engine, output, **kwargs) -> BandsReport:
     return write_bands(container, dest, bundle, engine, **kwargs)
 
 
 #: Reconstructed bands: georeferenced GeoTIFFs (a tar of them for several sources).
 BANDS_WRITER = register_output_writer(
     GraphRole.RECONSTRUCTION.output,
-    OutputWriter(".tif", _write_bands, _bands_report, _bands_describe),
+    OutputWriter(".tif", _write_bands, _bands_describe),
 )

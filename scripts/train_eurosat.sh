@@ -32,13 +32,8 @@ for L in $LAMBDAS; do
         --threads "$THREADS"
 done
 for L in $LAMBDAS; do
-    if [ -f "$RUNS/cls-$L/checkpoint.pth" ]; then
-        echo "[$(date -u +%FT%TZ)] $RUNS/cls-$L: done"
-        continue
-    fi
-    rm -rf "$RUNS/cls-$L"  # the head trains in minutes on cached embeddings: start over
-    echo "[$(date -u +%FT%TZ)] $RUNS/cls-$L"
-    $NEC train classifier --init "$RUNS/nec-$L/checkpoint.pth" --out "$RUNS/cls-$L" \
-        --epochs "$CLS_EPOCHS" --threads "$THREADS" -q > "$RUNS/cls-$L.log" 2>&1
+    stage "$RUNS/cls-$L" "$CLS_EPOCHS" $NEC train classifier \
+        --init "$RUNS/nec-$L/checkpoint.pth" --out "$RUNS/cls-$L" --epochs "$CLS_EPOCHS" \
+        --threads "$THREADS"
 done
 echo "[$(date -u +%FT%TZ)] all stages done"

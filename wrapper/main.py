@@ -41,7 +41,7 @@ _HELP = {
     "config_dir": "local config store (local mode)",
     "namespace": "read configs from ConfigMaps/Secrets (Kubernetes mode)",
     "server": "Triton URL (grpc://host:port); default: in-process",
-    "output": "what decompress writes (default: bands for an RVQ export, else embeddings)",
+    "output": "what decompress writes (default: the export's family's default output)",
     "group": "consumer group (kafka trigger; default nec-wrapper-MODE)",
     "service": "kafka trigger: consume only the workflows whose ML.ServiceName is this "
     "(default: every stored workflow)",

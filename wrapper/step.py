@@ -28,7 +28,7 @@ Status events use EO4EU's vocabulary (:func:`nec_serve.messages.status_event`): 
 when a message is taken on, ``INFO`` progress lines (``"overwrite": true``) after the
 download and after the coding, ``SUCCESS`` or ``CRITICAL``. Every message is counted in the
 handler's :class:`~nec_serve.metrics.WrapperMetrics` (by outcome, failures by class, stage
-seconds from the step's stats, bytes, tiles in flight, retries, dead letters), and logged
+seconds from the step's report, bytes, tiles in flight, retries, dead letters), and logged
 under its id (:func:`nec_serve.logs.trace_id`) with its workflow and input key, the
 workflow's credentials scrubbed from every line.
 """
@@ -45,12 +45,13 @@ import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from nec_serve import s3
 from nec_serve.bundle import ModelBundle
 from nec_serve.config_store import ConfigStore
-from nec_serve.contract import decode_outputs
+from nec_serve.contract import decode_outputs, rate_knobs
 from nec_serve.engines import make_engine
 from nec_serve.errors import InvalidInput, NecError, TransientError
 from nec_serve.imagery import InputLimits, iter_inputs
@@ -61,6 +62,7 @@ from nec_serve.messages import (
     STATUS_KEY,
     STATUS_TOPIC,
     PodIdentity,
+    RateKnob,
     StepMessage,
     StepRequest,
     WorkflowConfig,
@@ -77,6 +79,14 @@ from nec_serve.pipeline import (
     compress,
     default_output,
     output_writer,
+)
+from nec_serve.reports import (
+    CompressReport,
+    DecodeReport,
+    DuplicateReport,
+    Rate,
+    StageTimer,
+    StepReport,
 )
 from nec_serve.retry import GaveUp, retrying
 from nec_wrapper.triggers import SESSION_TIMEOUT_S
@@ -171,8 +181,13 @@ class Outcome:
     status: str  # finished | failed | retry
     reason: str = ""
     output_key: str | None = None
-    stats: dict = field(default_factory=dict)
+    report: StepReport | DuplicateReport | None = None  # finished: what was done
     failure: str = ""  # failed: its class (nec_serve.metrics.FAILURE_REASONS)
+
+    @property
+    def stats(self) -> dict:
+        """The report's wire form (``nec.stats`` of the ``SUCCESS`` status); {} for none."""
+        return {} if self.report is None else self.report.to_wire()
 
     @property
     def outcome(self) -> str:
@@ -181,15 +196,13 @@ class Outcome:
         return "duplicate" if duplicate else self.status
 
 
-def output_name(
-    key: str, mode: str, output: str = "embeddings", codebooks: int | None = None
-) -> str:
+def output_name(key: str, mode: str, output: str = "embeddings", rate: int | None = None) -> str:
     """Deterministic output file name for an input key.
 
-    ``.necb`` for compress (``.c<N>.necb`` when the message asks for ``N`` codebooks, so
-    that requests at different rates never overwrite each other); for decompress ``.tif``
-    when the output is bands (a container of several images gives ``.tar`` instead, see
-    :func:`nec_serve.pipeline.write_bands`), else ``.npy``.
+    ``.necb`` for compress (``.c<N>.necb`` when the message asks for rate ``N``, e.g. ``N``
+    codebooks, so that requests at different rates never overwrite each other); for
+    decompress ``.tif`` when the output is bands (a container of several images gives
+    ``.tar`` instead, see :func:`nec_serve.pipeline.write_bands`), else ``.npy``.
     """
     name = key.rsplit("/", 1)[-1]
     for suffix in _INPUT_SUFFIXES:
@@ -197,7 +210,7 @@ def output_name(
             name = name[: -len(suffix)]
             break
     if mode == "compress":
-        return f"{name}.necb" if codebooks is None else f"{name}.c{codebooks}.necb"
+        return f"{name}.necb" if rate is None else f"{name}.c{rate}.necb"
     return name + output_writer(output).suffix
 
 
@@ -395,8 +408,7 @@ class StepHandler:
             bind(workflow=workflow.name, component=component, secrets=secrets)
             step = parse_step(raw, max_bytes=self.settings.max_message_bytes)
             bind(input_key=step.key or None)
-            rate = self._rate if self.settings.mode == "compress" else None
-            step = parse_step_request(step, rate=rate)
+            step = parse_step_request(step, rates=self._rate_knobs())
         except GaveUp as err:
             return self._give_up(
                 config_name, raw, workflow, component, err.reason, err.attempts, failure_class(err)
@@ -418,8 +430,8 @@ class StepHandler:
             return self._give_up(
                 config_name, raw, workflow, component, err.reason, err.attempts, failure_class(err)
             )
-        if out.reason != "duplicate":
-            self.metrics.observe_step(out.stats)
+        if isinstance(out.report, StepReport):
+            self.metrics.observe_step(out.report)
         log.info(
             "%s %s -> %s (%s) in %.2f s",
             mode,
@@ -441,92 +453,117 @@ class StepHandler:
 
     # -- the work ------------------------------------------------------------------
 
-    def _rate(self, codebooks: int) -> int:
-        """The rate a compress message asks for, checked against the export."""
-        return coding_levels(self.bundle, codebooks)
+    def _rate_knobs(self) -> list[RateKnob]:
+        """The rate knobs a compress message may set: every family's, checked by the export.
+
+        A knob of another family is refused by :func:`coding_levels`, naming the family.
+        """
+        if self.settings.mode != "compress":
+            return []
+        check = partial(coding_levels, self.bundle)
+        return [RateKnob(name, check) for name in rate_knobs()]
 
     def _run(self, workflow: WorkflowConfig, step: StepRequest) -> Outcome:
         client = s3.make_client(workflow.s3, timeout_s=self.settings.s3_timeout_s)
-        bucket = workflow.s3.bucket
-        codebooks = step.codebooks
-        out_name = output_name(step.key, self.settings.mode, self.output, codebooks)
+        rate = step.rate
+        out_name = output_name(step.key, self.settings.mode, self.output, rate)
         out_key = f"result-{workflow.component}/{out_name}"
-        _, etag, version = s3.describe(client, bucket, step.key)
-        what = self.settings.mode + ("" if codebooks is None else f":c{codebooks}")
+        _, etag, version = s3.describe(client, workflow.s3.bucket, step.key)
+        what = self.settings.mode + ("" if rate is None else f":c{rate}")
         msg_id = message_id(workflow, step.key, etag, what, version)
         marker = f"{MARKER_PREFIX}/{workflow.component}/{msg_id}.json"
-        done_key = self._published_output(client, bucket, marker, out_key)
+        done_key = self._published_output(client, workflow.s3.bucket, marker, out_key)
         if done_key:
-            out_key = done_key
             log.info("%s: already published as %s; not sent again", step.key, msg_id)
-            stats = {"input_key": step.key, "output_key": out_key, "duplicate_of": msg_id}
-            return Outcome(True, "finished", "duplicate", output_key=out_key, stats=stats)
-        label = f"s3://{bucket}/{step.key}"
+            report = DuplicateReport(step.key, done_key, msg_id)
+            return Outcome(True, "finished", "duplicate", output_key=done_key, report=report)
+        timer = StageTimer()
         with _WorkDir(self.settings.work_dir) as work:
-            src = work / "in" / step.filename  # the name tiles are recorded under
-            src.parent.mkdir()
-            t0 = time.perf_counter()
+            report = self._process(client, workflow, step, work / out_name, etag, msg_id, timer)
+            self._publish(client, workflow, step, report, marker, etag, timer)
+        report = report.with_kafka(timer.seconds("kafka"))
+        return Outcome(True, "finished", output_key=report.output_key, report=report)
+
+    def _process(self, client, workflow, step, dest, etag, msg_id, timer) -> StepReport:
+        """Download the input, compress or decode it into ``dest``'s folder, upload that.
+
+        Returns the step's report as the next-step message carries it (no kafka seconds).
+        """
+        bucket, mode = workflow.s3.bucket, self.settings.mode
+        label = f"s3://{bucket}/{step.key}"
+        src = dest.parent / "in" / step.filename  # the name tiles are recorded under
+        src.parent.mkdir()
+        with timer.stage("s3_get"):
             n_in = s3.download(
                 client, bucket, step.key, src, self.settings.max_input_bytes, etag=etag
             )
-            t1 = time.perf_counter()
-            self._progress(workflow, f"{self.settings.mode} {step.key}: read {n_in} bytes")
-            dest = work / out_name
-            try:
-                stats = (
-                    self._compress(src, dest, label, codebooks)
-                    if self.settings.mode == "compress"
-                    else self._decompress(src, dest, label)
-                )
-                if stats.get("path"):  # bands of several images: a tar, not a GeoTIFF
-                    dest = Path(stats.pop("path"))
-                    out_name = dest.name
-                    out_key = f"result-{workflow.component}/{out_name}"
-            except NecError as err:  # name the input object in every reason
-                if label in err.message:
-                    raise
-                raise type(err)(f"{label}: {err.message}") from err
-            t2 = time.perf_counter()
+        with timer.stage("process"):  # from the download's end, its progress event included
+            self._progress(workflow, f"{mode} {step.key}: read {n_in} bytes")
+            result, rate, dest = self._produce(src, dest, label, step.rate)
+        out_key = f"result-{workflow.component}/{dest.name}"
+        with timer.stage("s3_put"):
             self._progress(
                 workflow,
-                f"{self.settings.mode} {step.key}: {stats.get('tiles', 0)} tiles done in "
-                f"{t2 - t1:.1f} s; writing {out_key}",
+                f"{mode} {step.key}: {result.tiles} tiles done in "
+                f"{timer.seconds('process'):.1f} s; writing {out_key}",
             )
-            s3.upload(client, dest, bucket, out_key)
-            extra_keys = []
-            for suffix in (".tiles.json", ".classes.json"):  # what decompress writes beside
-                extra = dest.with_suffix(suffix)
-                if extra.exists():
-                    extra_keys.append(out_key[: -len(dest.suffix)] + suffix)
-                    s3.upload(client, extra, bucket, extra_keys[-1])
-            t3 = time.perf_counter()
-            stats.update(
-                message_id=msg_id,
-                input_key=step.key,
-                output_key=out_key,
-                bytes_in=n_in,
-                bytes_out=dest.stat().st_size,
-                s3_get_s=round(t1 - t0, 3),
-                process_s=round(t2 - t1, 3),
-                s3_put_s=round(t3 - t2, 3),
-                max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            )
-            nxt = StepMessage(
-                True, f"result-{workflow.component}", out_name, {**step.meta, "nec": stats}
-            )
-            t4 = time.perf_counter()
+            _upload(client, bucket, dest, out_key)
+        return StepReport(
+            mode=mode,
+            result=result,
+            rate=rate,
+            message_id=msg_id,
+            input_key=step.key,
+            output_key=out_key,
+            bytes_in=n_in,
+            bytes_out=dest.stat().st_size,
+            s3_get_s=timer.seconds("s3_get"),
+            process_s=timer.seconds("process"),
+            s3_put_s=timer.seconds("s3_put"),
+            max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        )
+
+    def _produce(
+        self, src: Path, dest: Path, label: str, rate: int | None
+    ) -> tuple[CompressReport | DecodeReport, Rate | None, Path]:
+        """Compress or decode ``src`` into ``dest``: the report, the rate asked, the file.
+
+        The file is ``dest`` but where the output writer chose another name (bands of
+        several images: a tar, not a GeoTIFF). Errors name the input object.
+        """
+        try:
+            if self.settings.mode == "compress":
+                knob = self.bundle.manifest.family_spec.rate
+                asked = None if rate is None else Rate(knob, rate)
+                return self._compress(src, dest, label, rate), asked, dest
+            result = self._decompress(src, dest, label)
+            return result, None, Path(result.path)
+        except NecError as err:  # name the input object in every reason
+            if label in err.message:
+                raise
+            raise type(err)(f"{label}: {err.message}") from err
+
+    def _publish(self, client, workflow, step, report: StepReport, marker, etag, timer) -> None:
+        """Send the next-step message carrying ``report`` once, then record it under ``marker``.
+
+        Both are timed as stage ``kafka``.
+        """
+        msg_id, out_key = report.message_id, report.output_key
+        out_name = out_key.rsplit("/", 1)[-1]
+        nxt = StepMessage(
+            True, f"result-{workflow.component}", out_name, {**step.meta, "nec": report.to_wire()}
+        )
+        with timer.stage("kafka"):
             if msg_id not in self._sent:  # sent in an earlier attempt whose marker failed
                 self._send(workflow.topic_out, nxt.to_dict(), key=out_key)
                 self._remember(msg_id)
                 log.info("published %s on %s as message %s", out_key, workflow.topic_out, msg_id)
             s3.put_json(
                 client,
-                bucket,
+                workflow.s3.bucket,
                 marker,
                 {"message_id": msg_id, "input_key": step.key, "etag": etag, "output_key": out_key},
             )
-            stats["kafka_s"] = round(time.perf_counter() - t4, 3)
-            return Outcome(True, "finished", output_key=out_key, stats=stats)
 
     @staticmethod
     def _published_output(client, bucket: str, marker: str, out_key: str) -> str | None:
@@ -549,7 +586,7 @@ class StepHandler:
         while len(self._sent) > _SENT_MEMORY:
             self._sent.popitem(last=False)
 
-    def _compress(self, src: Path, dest: Path, label: str, codebooks: int | None) -> dict:
+    def _compress(self, src: Path, dest: Path, label: str, rate: int | None) -> CompressReport:
         bands = list(self.settings.bands) if self.settings.bands else None
         with dest.open("wb") as f:
             stats = compress(
@@ -559,14 +596,12 @@ class StepHandler:
                 f,
                 bands=bands,
                 batch_size=self.settings.batch_size,
-                codebooks=codebooks,
+                rate=rate,
             )
-        rate = {} if codebooks is None else {self.bundle.manifest.family_spec.rate: codebooks}
-        return {**stats.summary(), **rate, "mode": "compress"}
+        return stats.report()
 
-    def _decompress(self, src: Path, dest: Path, label: str) -> dict:
-        writer = output_writer(self.output)
-        done = writer.write(
+    def _decompress(self, src: Path, dest: Path, label: str) -> DecodeReport:
+        return output_writer(self.output).write(
             src,
             dest,
             self.bundle,
@@ -576,7 +611,6 @@ class StepHandler:
             limits=self.settings.limits,
             label=label,
         )
-        return {"mode": "decompress", **writer.report(done)}
 
     # -- Kafka side effects ----------------------------------------------------------
 
@@ -639,13 +673,22 @@ class StepHandler:
         return Outcome(True, "failed", reason, failure=failure)
 
 
+def _upload(client, bucket: str, dest: Path, out_key: str) -> None:
+    """Upload ``dest`` as ``out_key``, and what decompressing writes beside it."""
+    s3.upload(client, dest, bucket, out_key)
+    for suffix in (".tiles.json", ".classes.json"):
+        extra = dest.with_suffix(suffix)
+        if extra.exists():
+            s3.upload(client, extra, bucket, out_key[: -len(dest.suffix)] + suffix)
+
+
 def _finished_text(mode: str, key: str, out: Outcome) -> str:
     """The ``SUCCESS`` description: what was done, in a line (the numbers are in ``nec``)."""
-    stats = out.stats
-    if out.reason == "duplicate":
+    report = out.report
+    if not isinstance(report, StepReport):
         return f"{mode} {key}: already published as {out.output_key}"
-    bpp = f", {stats['bits_per_pixel']} bits/pixel" if "bits_per_pixel" in stats else ""
+    bpp = "" if report.bits_per_pixel is None else f", {report.bits_per_pixel} bits/pixel"
     return (
-        f"{mode} {key} -> {out.output_key}: {stats.get('tiles', 0)} tiles, "
-        f"{stats.get('bytes_in', 0)} -> {stats.get('bytes_out', 0)} bytes{bpp}"
+        f"{mode} {key} -> {out.output_key}: {report.result.tiles} tiles, "
+        f"{report.bytes_in} -> {report.bytes_out} bytes{bpp}"
     )

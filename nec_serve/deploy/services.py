@@ -185,77 +185,10 @@ def build_inference_services(
     check_variant(variant)
     if not uri.startswith("s3://"):
         raise InvalidInput(f"storageUri {uri!r}: expected s3://<bucket>/<prefix>/...")
-
-    def probe(path: str, **timing) -> k8s.V1Probe:
-        action = k8s.V1HTTPGetAction(path=path, port=TRITON_HTTP_PORT)
-        return k8s.V1Probe(http_get=action, **timing)
-
     services = []
     for svc in services_for(manifest):
-        size = svc.sizing[variant]
-        gpu = variant == "gpu"
-        model = kserve.V1beta1ModelSpec(
-            name=None,  # the SDK's default "" would be sent; KServe names it kserve-container
-            model_format=kserve.V1beta1ModelFormat(name="triton"),
-            runtime=RUNTIME,
-            runtime_version=runtime_version,
-            protocol_version="v2",
-            storage_uri=uri,
-            args=svc.args(),
-            readiness_probe=probe(
-                "/v2/health/ready", period_seconds=10, timeout_seconds=5, failure_threshold=3
-            ),
-            liveness_probe=probe(
-                "/v2/health/live",
-                initial_delay_seconds=30,
-                period_seconds=15,
-                timeout_seconds=5,
-                failure_threshold=40,
-            ),
-            resources=k8s.V1ResourceRequirements(
-                requests=dict(size.requests), limits=dict(size.limits)
-            ),
-            security_context=k8s.V1SecurityContext(
-                run_as_non_root=True,
-                run_as_user=1000,
-                allow_privilege_escalation=False,
-                privileged=False,
-                capabilities=k8s.V1Capabilities(drop=["ALL"]),
-                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-            ),
-            volume_mounts=(
-                [k8s.V1VolumeMount(name="trt-cache", mount_path=TRT_CACHE_PATH)] if gpu else None
-            ),
-        )
-        predictor = kserve.V1beta1PredictorSpec(
-            service_account_name=service_account,
-            min_replicas=size.min_replicas,
-            max_replicas=size.max_replicas,
-            scale_metric="concurrency",
-            scale_target=size.scale_target,
-            security_context=k8s.V1PodSecurityContext(
-                run_as_non_root=True,
-                run_as_user=1000,
-                run_as_group=1000,
-                fs_group=1000,
-                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-            ),
-            tolerations=(
-                [k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
-                if gpu
-                else None
-            ),
-            volumes=(
-                [
-                    k8s.V1Volume(
-                        name="trt-cache", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="8Gi")
-                    )
-                ]
-                if gpu
-                else None
-            ),
-            model=model,
-        )
+        model = _model_spec(svc, variant, uri, runtime_version)
+        predictor = _predictor_spec(svc, variant, service_account, model)
         services.append(
             kserve.V1beta1InferenceService(
                 api_version=f"{GROUP}/{VERSION}",
@@ -274,6 +207,82 @@ def build_inference_services(
             )
         )
     return services
+
+
+def _probe(path: str, **timing):
+    from kubernetes import client as k8s
+
+    return k8s.V1Probe(http_get=k8s.V1HTTPGetAction(path=path, port=TRITON_HTTP_PORT), **timing)
+
+
+def _model_spec(svc: Service, variant: str, uri: str, runtime_version: str):
+    """The Triton container of one service: its models, probes, resources, security."""
+    import kserve
+    from kubernetes import client as k8s
+
+    size = svc.sizing[variant]
+    return kserve.V1beta1ModelSpec(
+        name=None,  # the SDK's default "" would be sent; KServe names it kserve-container
+        model_format=kserve.V1beta1ModelFormat(name="triton"),
+        runtime=RUNTIME,
+        runtime_version=runtime_version,
+        protocol_version="v2",
+        storage_uri=uri,
+        args=svc.args(),
+        readiness_probe=_probe(
+            "/v2/health/ready", period_seconds=10, timeout_seconds=5, failure_threshold=3
+        ),
+        liveness_probe=_probe(
+            "/v2/health/live",
+            initial_delay_seconds=30,
+            period_seconds=15,
+            timeout_seconds=5,
+            failure_threshold=40,
+        ),
+        resources=k8s.V1ResourceRequirements(
+            requests=dict(size.requests), limits=dict(size.limits)
+        ),
+        security_context=k8s.V1SecurityContext(
+            run_as_non_root=True,
+            run_as_user=1000,
+            allow_privilege_escalation=False,
+            privileged=False,
+            capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        volume_mounts=(
+            [k8s.V1VolumeMount(name="trt-cache", mount_path=TRT_CACHE_PATH)]
+            if variant == "gpu"
+            else None
+        ),
+    )
+
+
+def _predictor_spec(svc: Service, variant: str, service_account: str, model):
+    """The predictor around ``model``: scaling, pod security, the GPU's toleration."""
+    import kserve
+    from kubernetes import client as k8s
+
+    size, gpu = svc.sizing[variant], variant == "gpu"
+    cache = k8s.V1Volume(name="trt-cache", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="8Gi"))
+    toleration = k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+    return kserve.V1beta1PredictorSpec(
+        service_account_name=service_account,
+        min_replicas=size.min_replicas,
+        max_replicas=size.max_replicas,
+        scale_metric="concurrency",
+        scale_target=size.scale_target,
+        security_context=k8s.V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=1000,
+            run_as_group=1000,
+            fs_group=1000,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        tolerations=[toleration] if gpu else None,
+        volumes=[cache] if gpu else None,
+        model=model,
+    )
 
 
 def to_manifest(obj) -> dict:

@@ -168,7 +168,7 @@ def make_rvq(work: Path) -> None:
     bundle = ModelBundle.load(export)
     for codebooks in (1, 8):
         engine = RecordingEngine(LocalEngine(bundle, threads=1))
-        data = _compress(bundle, engine, rvq_inputs(case), bands=SSL4EO_BANDS, codebooks=codebooks)
+        data = _compress(bundle, engine, rvq_inputs(case), bands=SSL4EO_BANDS, rate=codebooks)
         (case / f"rvq.c{codebooks}.nec").write_bytes(data)
     # The encoder output does not depend on the rate: the last run's batches serve both.
     # The RVQ family reads no latent (it reports no rounding error): kept in float16 to

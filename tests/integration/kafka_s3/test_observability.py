@@ -7,6 +7,7 @@ parsed with prometheus_client's parser, and their JSON log lines are read back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -507,13 +508,35 @@ def test_cli_log_format_defaults(monkeypatch):
         root.setLevel(saved[1])
 
 
+def _demo_step(mode, result, key, out_key, rate=None, kafka=0.01):
+    from nec_serve.reports import StepReport
+
+    return StepReport(
+        mode, result, "ab" * 16, key, out_key, 100, 50, 0.01, 0.2, 0.02, 300.0, rate, kafka
+    )
+
+
 def test_the_demo_reads_eo4eu_status_events(capsys, tmp_path):
     """dev/workflow_demo.py's watcher: SUCCESS stats from "nec", CRITICAL reasons, RVQ n/a."""
     from nec_dev.workflow_demo import _summary, _watch
     from nec_serve.messages import status_event
+    from nec_serve.reports import (
+        ArrayReport,
+        BandsReport,
+        CompressReport,
+        CompressSeconds,
+        DecodeSeconds,
+        Rate,
+    )
 
-    stats = {"input_key": "input/a.tif", "output_key": "result-nec-compress/a.necb", "tiles": 4}
-    stats.update(embedding_rmse=0.0, codebooks=4)
+    coded = CompressReport(1, 4, 3000, 200, 0.5, 15.0, 0.1, 0.0, CompressSeconds(0, 0, 0.1, 0))
+    stats = _demo_step(
+        "compress", coded, "input/a.tif", "result-nec-compress/a.necb", Rate("codebooks", 4)
+    ).to_wire()
+    bands = BandsReport("bands", 4, 1, Rate("codebooks", 4), DecodeSeconds(0.3, 0.1, 0.2))
+    done = _demo_step(
+        "decompress", bands, "result-nec-compress/a.necb", "r/a.tif", kafka=None
+    ).to_wire()
     records = [
         ("monitoring.notify", status_event("nec-compress", "wf", "started", "compress a")),
         ("monitoring.notify", status_event("nec-compress", "wf", "progress", "read 1 bytes")),
@@ -521,14 +544,7 @@ def test_the_demo_reads_eo4eu_status_events(capsys, tmp_path):
             "monitoring.notify",
             status_event("nec-compress", "wf", "finished", "done", nec={"stats": stats}),
         ),
-        (
-            "wf.done",
-            {
-                "meta_information": {
-                    "nec": {"input_key": "r/a.necb", "output_key": "r/a.tif", "output": "bands"}
-                }
-            },
-        ),
+        ("wf.done", {"meta_information": {"nec": done}}),
         (
             "monitoring.notify",
             status_event("nec-compress", "wf", "failed", "x" * 300, nec={"reason": "x" * 400}),
@@ -538,10 +554,17 @@ def test_the_demo_reads_eo4eu_status_events(capsys, tmp_path):
     results = _watch(consumer, 2, 5)
     assert results[0]["status"] == "done" and results[0]["compress"] == stats
     assert results[1] == {"status": "failed", "reason": "x" * 400}
-    nec_row = {"status": "done", "compress": {"embedding_rmse": 0.27}, "decompress": {}}
+    nec_coded = dataclasses.replace(coded, embedding_rmse=0.27)
+    array = ArrayReport("embeddings", 4, DecodeSeconds(0.3, 0.1, 0.2))
+    nec_row = {
+        "status": "done",
+        "compress": _demo_step("compress", nec_coded, "input/b.tif", "r/b.necb").to_wire(),
+        "decompress": _demo_step("decompress", array, "r/b.necb", "r/b.npy", kafka=None).to_wire(),
+    }
     _summary([results[0], nec_row], 1.0, tmp_path)
     rvq, nec = (r.split(" | ") for r in capsys.readouterr().out.splitlines()[-2:])
     assert rvq[7] == "n/a" and nec[7] == "0.27"  # the emb RMSE column
+    assert rvq[0] == "input/a.tif" and rvq[12] == "0.01" and rvq[13] == "0.3"  # Kafka, decode s
 
 
 # ------------------------------------------------------------------------------ dashboard

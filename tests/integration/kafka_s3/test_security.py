@@ -395,7 +395,7 @@ engine = LocalEngine(bundle)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 done = write_bands(Path(sys.argv[2]), Path(sys.argv[3]), bundle, engine)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(done["images"], base // 1024, peak // 1024)
+print(done.images, base // 1024, peak // 1024)
 """
 
 
@@ -409,7 +409,7 @@ def test_container_geometry_is_bounded_and_bands_decode_in_bounded_memory(
     bundle = ModelBundle.load(rvq_export)
     buf = io.BytesIO()
     scene = iter_inputs(data_dir / SSL4EO, SSL4EO_BANDS)
-    compress(scene, bundle, LocalEngine(bundle), buf, codebooks=1)
+    compress(scene, bundle, LocalEngine(bundle), buf, rate=1)
     real = buf.getvalue()
     # Out of every limit: refused before anything is allocated, by the wrapper too.
     flow = Flow(kafka, s3, tmp_path, component="nec-decompress")

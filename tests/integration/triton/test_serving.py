@@ -254,7 +254,7 @@ def test_rvq_family_through_triton_is_byte_identical_and_decodes_the_same(
 
     def run(engine, name):
         buf = io.BytesIO()
-        compress(iter_inputs(src, bigearthnet_bands=bands), bundle, engine, buf, codebooks=5)
+        compress(iter_inputs(src, bigearthnet_bands=bands), bundle, engine, buf, rate=5)
         (tmp_path / f"{name}.necb").write_bytes(buf.getvalue())
         write_bands(tmp_path / f"{name}.necb", tmp_path / f"{name}.tif", bundle, engine)
         return buf.getvalue(), (tmp_path / f"{name}.tif").read_bytes()

@@ -13,17 +13,15 @@ from nec_serve import contract
 from nec_serve.bundle import ModelBundle
 from nec_serve.contract import (
     MANIFEST_FILENAME,
-    NEC,
-    RVQ,
     SCHEMA_VERSION,
     DataType,
     EntropyModelSpec,
+    FamilyParams,
     GraphRole,
     GraphSpec,
     InputSpec,
     Manifest,
     ModelFamily,
-    NecParams,
     TensorSpec,
     decode_outputs,
     entropy_model,
@@ -32,6 +30,8 @@ from nec_serve.contract import (
     register_graph_role,
 )
 from nec_serve.errors import InvalidInput, ManifestError, SchemaVersionError
+from nec_serve.families.nec import NEC, NecParams
+from nec_serve.families.rvq import RVQ
 
 SHA = "ab" * 32
 FP32, INT32 = DataType.TYPE_FP32, DataType.TYPE_INT32
@@ -266,6 +266,7 @@ def test_builtin_roles_and_outputs():
 @pytest.fixture
 def registries(monkeypatch):
     """Registrations made by a test are undone after it."""
+    contract.model_families()  # the built-in families are loaded before the copy
     for name in ("_ROLES", "_ENTROPY_MODELS", "_FAMILIES"):
         monkeypatch.setattr(contract, name, dict(getattr(contract, name)))
 
@@ -287,7 +288,7 @@ class ToyCodec:
 
 
 @dataclass(frozen=True)
-class ToyParams:
+class ToyParams(FamilyParams):
     """A second family's own section."""
 
     codebooks: int = field(metadata={"check": lambda n: None if 1 <= n <= 8 else "must be 1-8"})

@@ -81,7 +81,7 @@ def test_nec_container_is_byte_identical():
 def test_rvq_container_is_byte_identical(codebooks):
     case = GOLDEN / "rvq"
     data, engine = _compress(
-        case, make_golden.rvq_inputs(case), bands=make_golden.SSL4EO_BANDS, codebooks=codebooks
+        case, make_golden.rvq_inputs(case), bands=make_golden.SSL4EO_BANDS, rate=codebooks
     )
     golden = (case / f"rvq.c{codebooks}.nec").read_bytes()
     assert data == golden

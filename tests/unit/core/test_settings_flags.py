@@ -16,6 +16,7 @@ from nec_serve.messages import (
     DEAD_LETTER_TOPIC,
     STATUS_TOPIC,
     MessageError,
+    RateKnob,
     parse_step_request,
 )
 from nec_serve.metrics import failure_class
@@ -142,6 +143,9 @@ def _two_codebooks(n: int) -> int:
     return n
 
 
+CODEBOOKS = [RateKnob("codebooks", _two_codebooks)]
+
+
 @pytest.mark.parametrize(
     "msg",
     [
@@ -155,7 +159,7 @@ def _two_codebooks(n: int) -> int:
 )
 def test_every_step_message_fault_is_one_message_error_with_one_label(msg):
     with pytest.raises(MessageError) as raised:
-        parse_step_request(msg, rate=_two_codebooks)
+        parse_step_request(msg, rates=CODEBOOKS)
     assert failure_class(raised.value) == "invalid_message"
     # The same fault after retries (the retried step) keeps its label.
     gave_up = GaveUp(raised.value.message, 3)
@@ -164,8 +168,8 @@ def test_every_step_message_fault_is_one_message_error_with_one_label(msg):
 
 
 def test_step_request_carries_the_checked_rate():
-    assert parse_step_request(_step(codebooks=2), rate=_two_codebooks).codebooks == 2
-    assert parse_step_request(_step(codebooks="x")).codebooks is None  # no rate: not read
+    assert parse_step_request(_step(codebooks=2), rates=CODEBOOKS).rate == 2
+    assert parse_step_request(_step(codebooks="x")).rate is None  # no knob: not read
 
 
 @pytest.mark.parametrize(

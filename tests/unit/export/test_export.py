@@ -12,8 +12,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from nec_export import ExportOptions, export_model
+from nec_export.families.nec import tables_from_model
 from nec_export.graphs import check_graph
-from nec_export.repository import tables_from_model
 from nec_export.triton import DataType, ModelConfig, TensorSpec, cpu_config, to_pbtxt
 from nec_models import create_model
 from nec_serve.contract import GraphRole, Manifest
@@ -222,7 +222,7 @@ def test_vit_b_exports_at_256_px_with_exact_symbols(tmp_path):
 
 
 def test_code_parity_tolerates_flips_at_ties_only_and_only_a_few(tmp_path):
-    from nec_export.graphs import _judge_codes
+    from nec_export.graphs import judge_codes
 
     graph = tmp_path / "g.onnx"
     graph.write_bytes(b"graph")
@@ -232,12 +232,12 @@ def test_code_parity_tolerates_flips_at_ties_only_and_only_a_few(tmp_path):
     ties[0, :4] = True  # four positions PyTorch itself had on an edge
     got = ref.copy()
     got[0, :2] = 1  # two of them flipped (0.05 % of the symbols): what backends do
-    report = _judge_codes("enc", graph, "indices", (ref, got), (lat, lat), got != ref, ties)
+    report = judge_codes("enc", graph, "indices", (ref, got), (lat, lat), got != ref, ties)
     assert (report.symbol_mismatches, report.mismatches_near_half) == (2, 2)
     got[0, :4] = 1  # all four: beyond half of the ties and beyond the fraction
     with pytest.raises(ExportCheckFailed, match="indices differ"):
-        _judge_codes("enc", graph, "indices", (ref, got), (lat, lat), got != ref, ties)
+        judge_codes("enc", graph, "indices", (ref, got), (lat, lat), got != ref, ties)
     got = ref.copy()
     got[1, 0] = 1  # one flip where there was no tie
     with pytest.raises(ExportCheckFailed, match="indices differ"):
-        _judge_codes("enc", graph, "indices", (ref, got), (lat, lat), got != ref, ties)
+        judge_codes("enc", graph, "indices", (ref, got), (lat, lat), got != ref, ties)

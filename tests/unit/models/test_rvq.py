@@ -18,11 +18,13 @@ from nec_models.rvq import S2_BANDS, ResidualVQ
 from nec_serve.bundle import ModelBundle
 from nec_serve.categorical import UNUSED_LEVEL, CategoricalCodec, categorical_tables
 from nec_serve.container import ContainerReader
-from nec_serve.contract import RVQ, GraphRole
+from nec_serve.contract import GraphRole
 from nec_serve.engines import LocalEngine
 from nec_serve.errors import CorruptBitstream, InvalidInput
+from nec_serve.families.rvq import RVQ
 from nec_serve.imagery import iter_inputs, read_raster
 from nec_serve.pipeline import compress, decompress, write_bands
+from nec_serve.reports import Rate
 
 # ------------------------------------------------------------------------------ the model
 
@@ -178,7 +180,7 @@ def test_trainer_writes_split_log_and_histograms(rvq_run):
 def test_trainer_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
     import nec_models.train_rvq as trainer
 
-    def run(out, resume=False):
+    def run(out, resume=False, **change):
         cfg = trainer.RVQConfig(
             data=(str(data_dir / "bigearthnet"),),
             out=str(out),
@@ -188,6 +190,7 @@ def test_trainer_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
             crop=16,
             batch_size=8,
             init_crops=4,
+            **change,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -212,7 +215,9 @@ def test_trainer_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
     b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], msg=key)
+        assert torch.equal(a[key], b[key]), key  # bit for bit
+    with pytest.raises(InvalidInput, match="was run with train_codebooks = 0, not 8"):
+        run(tmp_path / "b", resume=True, train_codebooks=8)
 
 
 # ------------------------------------------------------------------------------ export, coding
@@ -226,7 +231,7 @@ def rvq(rvq_export):
 
 def _compress(bundle, engine, path, bands=SSL4EO_BANDS, codebooks=None) -> bytes:
     buf = io.BytesIO()
-    compress(iter_inputs(path, bands), bundle, engine, buf, codebooks=codebooks)
+    compress(iter_inputs(path, bands), bundle, engine, buf, rate=codebooks)
     return buf.getvalue()
 
 
@@ -260,7 +265,7 @@ def test_rate_grows_with_codebooks_and_output_keeps_georeferencing(rvq, data_dir
         container = tmp_path / f"c{n}.necb"
         container.write_bytes(data)
         done = write_bands(container, tmp_path / f"out{n}.tif", bundle, engine)
-        assert done == {**done, "images": 1, "format": "tif", "codebooks": n}
+        assert (done.images, done.format, done.rate) == (1, "tif", Rate("codebooks", n))
     assert sizes[1] < sizes[3] < sizes[8]
     raw = read_raster(src, SSL4EO_BANDS)
     with rasterio.open(src) as ref, rasterio.open(tmp_path / "out8.tif") as out:
@@ -281,10 +286,10 @@ def test_several_images_decode_to_a_tar_of_geotiffs(rvq, data_dir, tmp_path):
     data = _compress(bundle, engine, folder, bands=[2, 3, 4, 5, 6, 7, 8, 9, 12, 13], codebooks=2)
     (tmp_path / "c.necb").write_bytes(data)
     done = write_bands(tmp_path / "c.necb", tmp_path / "sea.tif", bundle, engine)
-    assert done["format"] == "tar" and done["path"] == str(tmp_path / "sea.tar")
-    with tarfile.open(done["path"]) as tar:
+    assert done.format == "tar" and done.path == str(tmp_path / "sea.tar")
+    with tarfile.open(done.path) as tar:
         names = tar.getnames()
-    assert len(names) == done["images"] == len(list(folder.glob("*.tif")))
+    assert len(names) == done.images == len(list(folder.glob("*.tif")))
     assert all(n.endswith(".tif") for n in names)
     assert not (tmp_path / "sea.tif").exists()
 
@@ -317,7 +322,7 @@ def test_bad_rvq_inputs_are_refused(rvq, data_dir, tmp_path, tiny_export):
     with pytest.raises(InvalidInput, match="'rvq'-family code"):
         decompress(io.BytesIO(rvq_data), nec, LocalEngine(nec), "embeddings")
     with pytest.raises(InvalidInput, match="applies to the RVQ family"):
-        compress(iter_inputs(naip, [1, 2, 3]), nec, LocalEngine(nec), io.BytesIO(), codebooks=2)
+        compress(iter_inputs(naip, [1, 2, 3]), nec, LocalEngine(nec), io.BytesIO(), rate=2)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -373,7 +378,7 @@ def test_cli_export_compress_inspect_decompress(rvq_run, data_dir, tmp_path, cap
     assert (
         main(["decompress", str(tmp_path / "f.necb"), "--out", str(tmp_path / "f.tif"), *args]) == 0
     )
-    assert "3 codebook(s)" in capsys.readouterr().out
+    assert "at codebooks=3" in capsys.readouterr().out
     with rasterio.open(tmp_path / "f.tif") as out, rasterio.open(first) as ref:
         assert out.crs == ref.crs and out.transform == ref.transform and out.shape == (64, 64)
     assert (

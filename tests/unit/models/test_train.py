@@ -4,6 +4,7 @@ weights, a diverging run stops and keeps its last good checkpoint, bad input is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from unittest.mock import patch
@@ -41,7 +42,9 @@ def test_the_loss_goes_down_and_the_checkpoint_is_official(eurosat, tmp_path):
     val = [float(r.split(",")[2]) for r in rows[1:]]
     assert train[-1] < 0.8 * train[0] and val[-1] < val[0], (train, val)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args"} and ckpt["epoch"] == 5
+    official = {"model", "optimizer", "epoch", "scaler", "args"}  # plus the loop's own
+    assert set(ckpt) == official | {"lr", "rng", "metrics", "best"} and ckpt["epoch"] == 5
+    assert ckpt["metrics"]["epoch"] == 5 and ckpt["best"]["val_loss"] <= ckpt["metrics"]["val_loss"]
     model = load_checkpoint(create_model(cfg.model), tmp_path / "run" / "checkpoint.pth")
     for key, value in model.state_dict().items():
         assert torch.equal(value, ckpt["model"][key]), key
@@ -98,6 +101,14 @@ def test_bad_runs_are_refused(eurosat, tmp_path):
     other = _config(eurosat, tmp_path / "run", model="mae_vit_tiny_patch8")
     with pytest.raises(InvalidInput, match="is a 'mae_vit_pretrain_test' run"):
         train_mae(other, resume=True, progress=False)
+    # Every setting matters but where the run is, its threads and its number of epochs.
+    for change in ({"batch_size": 4}, {"blr": 0.02}):
+        other = _config(eurosat, tmp_path / "run", **{"epochs": 1, **change})
+        field, value = next(iter(change.items()))
+        with pytest.raises(InvalidInput, match=f"was run with {field} = .*, not {value}"):
+            train_mae(other, resume=True, progress=False)
+    moved = _config(eurosat, tmp_path / "run", epochs=1, threads=2)
+    assert train_mae(moved, resume=True, progress=False)["epochs_run"] == 0
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInput, match="no images"):
         train_mae(_config(tmp_path / "empty", tmp_path / "e"), progress=False)
@@ -264,6 +275,34 @@ def test_the_classifier_trains_on_decoded_embeddings_with_the_code_frozen(
         progress=False,
     )
     assert 0.0 <= final["test_top1"] <= 1.0
+
+
+def test_the_classifier_resumes_to_the_same_weights(nec_run, tmp_path):
+    from nec_models.train import ClassifierConfig, train_classifier
+
+    def cfg(out, epochs):
+        return ClassifierConfig(
+            init=str(nec_run), out=str(out), epochs=epochs, batch_size=16, lr=3e-3, threads=1
+        )
+
+    train_classifier(cfg(tmp_path / "straight", 2), progress=False)
+    train_classifier(cfg(tmp_path / "resumed", 1), progress=False)
+    with pytest.raises(InvalidInput, match="exists: pass --resume"):
+        train_classifier(cfg(tmp_path / "resumed", 2), progress=False)
+    result = train_classifier(cfg(tmp_path / "resumed", 2), resume=True, progress=False)
+    assert (result["epochs_run"], result["last_epoch"]) == (1, 1)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert {**a["args"], "out": ""} == {**b["args"], "out": ""}
+    assert a["best"]["epoch"] == b["best"]["epoch"]
+    logs = [(tmp_path / r / "log.csv").read_text().splitlines() for r in ("straight", "resumed")]
+    assert [row.rsplit(",", 1)[0] for row in logs[0]] == [row.rsplit(",", 1)[0] for row in logs[1]]
+    with pytest.raises(InvalidInput, match="was run with batch_size = 16, not 256"):
+        train_classifier(
+            dataclasses.replace(cfg(tmp_path / "resumed", 2), batch_size=256), resume=True
+        )
 
 
 def test_the_classifier_refuses_what_is_not_a_nec_run(mae_run, tmp_path):
