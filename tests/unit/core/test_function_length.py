@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "function_length.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "function_length.py"
 spec = importlib.util.spec_from_file_location("function_length", SCRIPT)
 function_length = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(function_length)
