@@ -1,4 +1,6 @@
-"""Shared fixtures: the real sample data and one tiny-model export per session."""
+"""Shared fixtures (the real sample data, one tiny-model export per session, the local servers)
+and the markers of the test tiers: ``make test-fast`` runs ``-m "not integration and not slow"``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import support
 
 #: The servers a test starts, by the fixture that starts them (a test in
 #: tests/integration/<component>/ is marked by its directory as well).
@@ -46,7 +49,7 @@ def pytest_collection_modifyitems(config, items):
 
 #: The sample data in the checkout (data/samples/README.md): every test reads this, so a
 #: bare clone and CI run the same thing.
-DATA = Path(__file__).resolve().parents[1] / "data" / "samples"
+DATA = support.DATA
 TINY = "mae_vit_compress_adapter_tiny"
 
 
