@@ -40,6 +40,7 @@ __all__ = [
     "append_log",
     "epoch_seed",
     "fit",
+    "run_task",
     "open_run",
     "rng_state",
     "save_checkpoint",
@@ -326,6 +327,24 @@ def _train_epoch(
     if lr is None:
         lr = optimizer.param_groups[0]["lr"]
     return sums, lr
+
+
+def run_task(task: Task, *, resume: bool = False, progress: bool = True) -> dict:
+    """:func:`fit` with the run folder, epochs, seed and threads of ``task.config``.
+
+    What every trainer's public function does (``train_mae``, ``train_rvq``, ...): its
+    config dataclass has ``out``, ``epochs``, ``seed`` and ``threads``.
+    """
+    cfg = task.config
+    return fit(
+        task,
+        out=cfg.out,
+        epochs=cfg.epochs,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        resume=resume,
+        progress=progress,
+    )
 
 
 def fit(

@@ -6,8 +6,9 @@ masked patches, AdamW (0.9, 0.95) with weight decay on the weights only, a cosin
 after a linear warm-up (per step), RandomResizedCrop and flips on the training images,
 ImageNet normalisation as the service applies it to uint8 input.
 
-Reproducible and resumable, through the one training loop (:func:`nec_models.loop.fit`;
-each trainer here is a small :class:`~nec_models.loop.Task`):
+Reproducible and resumable, through the one training loop (:func:`nec_models.loop.fit`,
+by :func:`~nec_models.loop.run_task`; each trainer here is a small
+:class:`~nec_models.loop.Task`):
 
 - The split is made once (stratified, seeded; :mod:`nec_models.eurosat`) and written to
   ``<out>/split.csv``; a resumed run reads it back. Only ``train`` and ``val`` are used:
@@ -40,7 +41,15 @@ from torchvision.transforms.v2 import functional as tvf
 
 from nec_models.checkpoint import load_checkpoint
 from nec_models.eurosat import CLASSES, Decoded, decode, make_split, read_split, scan, write_split
-from nec_models.loop import SEED, EpochStats, Step, Task, TrainingDiverged, epoch_seed, fit
+from nec_models.loop import (
+    SEED,
+    EpochStats,
+    Step,
+    Task,
+    TrainingDiverged,
+    epoch_seed,
+    run_task,
+)
 from nec_models.registry import create_model
 from nec_serve.errors import InvalidInput
 from nec_serve.hashing import sha256_file
@@ -282,15 +291,7 @@ def train_mae(cfg: MAEConfig, *, resume: bool = False, progress: bool = True) ->
         InvalidInput: bad data, a ``--resume`` without a checkpoint or of another config.
         TrainingDiverged: a non-finite loss.
     """
-    return fit(
-        _MAETask(cfg),
-        out=cfg.out,
-        epochs=cfg.epochs,
-        seed=cfg.seed,
-        threads=cfg.threads,
-        resume=resume,
-        progress=progress,
-    )
+    return run_task(_MAETask(cfg), resume=resume, progress=progress)
 
 
 # ------------------------------------------------------------------------ NEC fine-tuning
@@ -523,15 +524,7 @@ def train_nec(cfg: NECConfig, *, resume: bool = False, progress: bool = True) ->
     estimate beside the size really coded on the validation images. With constant learning
     rates, a resume that adds epochs ends as a run of that many epochs from the start.
     """
-    return fit(
-        _NECTask(cfg),
-        out=cfg.out,
-        epochs=cfg.epochs,
-        seed=cfg.seed,
-        threads=cfg.threads,
-        resume=resume,
-        progress=progress,
-    )
+    return run_task(_NECTask(cfg), resume=resume, progress=progress)
 
 
 # ------------------------------------------------------------------------ classifier head
@@ -706,12 +699,4 @@ def train_classifier(cfg: ClassifierConfig, *, resume: bool = False, progress: b
     on validation every epoch and on the test split only with ``evaluate_test``. Every
     epoch writes ``checkpoint.pth`` and a ``log.csv`` row; ``resume`` continues a run.
     """
-    return fit(
-        _ClassifierTask(cfg),
-        out=cfg.out,
-        epochs=cfg.epochs,
-        seed=cfg.seed,
-        threads=cfg.threads,
-        resume=resume,
-        progress=progress,
-    )
+    return run_task(_ClassifierTask(cfg), resume=resume, progress=progress)

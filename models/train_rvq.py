@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from nec_models.checkpoint import load_checkpoint
-from nec_models.loop import SEED, EpochStats, Step, Task, epoch_seed, fit
+from nec_models.loop import SEED, EpochStats, Step, Task, epoch_seed, run_task
 from nec_models.registry import create_model
 from nec_models.rvq import RVQAutoencoder
 from nec_models.sentinel2 import load_s2, read_s2_split, scan_s2, split_s2, write_s2_split
@@ -351,12 +351,4 @@ def train_rvq(cfg: RVQConfig, *, resume: bool = False, progress: bool = True) ->
     Returns:
         ``{"epochs_run", "last_epoch", "checkpoint", "split", ...the last log row}``.
     """
-    return fit(
-        _RVQTask(cfg),
-        out=cfg.out,
-        epochs=cfg.epochs,
-        seed=cfg.seed,
-        threads=cfg.threads,
-        resume=resume,
-        progress=progress,
-    )
+    return run_task(_RVQTask(cfg), resume=resume, progress=progress)
