@@ -3,7 +3,6 @@
 # real API server (tests/support/k8s.py), into a gitignored cache inside the checkout:
 #
 #   .cache/bin/kustomize                          built from sigs.k8s.io/kustomize/kustomize/v5
-#   .cache/schemas/kubernetes-<v>/swagger.json    k8s.io/kubernetes api/openapi-spec/swagger.json
 #   .cache/schemas/kserve-<v>/*.yaml              github.com/kserve/kserve CRDs + Triton runtime
 #   .cache/schemas/eventing-kafka-broker-<v>/     knative.dev/eventing-kafka-broker KafkaSource CRD
 #   .cache/schemas/knative-serving-<v>/           knative.dev/serving Service CRD
@@ -32,10 +31,8 @@ KUSTOMIZE_SUM=h1:Pgsg5psubpVEy7Nf6S89PARg5VmmWUC1l9dC6Dl4PG0=
 KSERVE_MODULE=github.com/kserve/kserve
 KSERVE_VERSION=v0.20.0
 KSERVE_SUM=h1:Bs7HxmGV4KFqqptDcWseKv+mwD4YOYHJWcuVgPG2Gug=
-# Kubernetes: KServe v0.20.0 builds against k8s.io/api v0.34.5, so the core schemas are 1.34.5's.
-KUBERNETES_MODULE=k8s.io/kubernetes
-KUBERNETES_VERSION=v1.34.5
-KUBERNETES_SUM=h1:s8m1RKKbFA1SyBoJ1BCIuXaPwTSW28ksZcOUorrLLxk=
+# The core Kubernetes schemas are the API server's own (scripts/fetch_k8s.sh builds it): the
+# tests validate against it, so no swagger.json is fetched here.
 # Knative, one release (1.22) for both modules: KafkaSource (what the controller creates) from
 # eventing-kafka-broker, Service (the wrappers, and what KServe's Serverless mode creates) from
 # serving. KServe v0.20.0 builds against knative.dev/serving v0.48.1 (Knative 1.21), but the
@@ -85,7 +82,7 @@ CACHE=${NEC_CACHE_DIR:-$PWD/.cache}
 BIN=$CACHE/bin
 SCHEMAS=$CACHE/schemas
 MANIFEST=$SCHEMAS/manifest.json
-PIN="kustomize=$KUSTOMIZE_VERSION kserve=$KSERVE_VERSION kubernetes=$KUBERNETES_VERSION"
+PIN="kustomize=$KUSTOMIZE_VERSION kserve=$KSERVE_VERSION"
 PIN+=" knative_kafka=$KNATIVE_KAFKA_VERSION knative_serving=$KNATIVE_SERVING_VERSION"
 PIN+=" keda=$KEDA_VERSION prometheus_operator=$PROMOP_VERSION"
 KNATIVE_KAFKA_DIR=eventing-kafka-broker-$KNATIVE_KAFKA_VERSION
@@ -112,8 +109,7 @@ up_to_date() {
     have "$KNATIVE_KAFKA_DIR" "${KNATIVE_KAFKA_FILES[@]}" || return 1
     have "$KNATIVE_SERVING_DIR" "${KNATIVE_SERVING_FILES[@]}" || return 1
     have "$KEDA_DIR" "${KEDA_FILES[@]}" || return 1
-    have "$PROMOP_DIR" "${PROMOP_FILES[@]}" || return 1
-    [ -f "$SCHEMAS/kubernetes-$KUBERNETES_VERSION/swagger.json" ]
+    have "$PROMOP_DIR" "${PROMOP_FILES[@]}"
 }
 
 if [ "${1:-}" != "--force" ] && up_to_date; then
@@ -153,9 +149,8 @@ download() {
     printf '%s\n' "$dir"
 }
 
-say "downloading $KSERVE_MODULE@$KSERVE_VERSION and $KUBERNETES_MODULE@$KUBERNETES_VERSION"
+say "downloading $KSERVE_MODULE@$KSERVE_VERSION"
 kserve_dir=$(download "$KSERVE_MODULE" "$KSERVE_VERSION" "$KSERVE_SUM")
-k8s_dir=$(download "$KUBERNETES_MODULE" "$KUBERNETES_VERSION" "$KUBERNETES_SUM")
 say "downloading $KNATIVE_KAFKA_MODULE@$KNATIVE_KAFKA_VERSION and $KNATIVE_SERVING_MODULE@$KNATIVE_SERVING_VERSION"
 kafka_dir=$(download "$KNATIVE_KAFKA_MODULE" "$KNATIVE_KAFKA_VERSION" "$KNATIVE_KAFKA_SUM")
 serving_dir=$(download "$KNATIVE_SERVING_MODULE" "$KNATIVE_SERVING_VERSION" "$KNATIVE_SERVING_SUM")
@@ -164,8 +159,7 @@ keda_dir=$(download "$KEDA_MODULE" "$KEDA_VERSION" "$KEDA_SUM")
 promop_dir=$(download "$PROMOP_MODULE" "$PROMOP_VERSION" "$PROMOP_SUM")
 
 stage=$WORK/out
-mkdir -p "$stage/bin" "$stage/schemas/kserve-$KSERVE_VERSION" \
-    "$stage/schemas/kubernetes-$KUBERNETES_VERSION" "$stage/schemas/$KNATIVE_KAFKA_DIR" \
+mkdir -p "$stage/bin" "$stage/schemas/kserve-$KSERVE_VERSION" "$stage/schemas/$KNATIVE_KAFKA_DIR" \
     "$stage/schemas/$KNATIVE_SERVING_DIR" "$stage/schemas/$KEDA_DIR" "$stage/schemas/$PROMOP_DIR"
 # take MODULE_DIR MODULE@VERSION DEST FILE... : copy the files of a downloaded module into DEST
 take() {
@@ -184,7 +178,6 @@ take "$serving_dir" "$KNATIVE_SERVING_MODULE@$KNATIVE_SERVING_VERSION" \
     "$stage/schemas/$KNATIVE_SERVING_DIR" "${KNATIVE_SERVING_FILES[@]}"
 take "$keda_dir" "$KEDA_MODULE@$KEDA_VERSION" "$stage/schemas/$KEDA_DIR" "${KEDA_FILES[@]}"
 take "$promop_dir" "$PROMOP_MODULE@$PROMOP_VERSION" "$stage/schemas/$PROMOP_DIR" "${PROMOP_FILES[@]}"
-cp "$k8s_dir/api/openapi-spec/swagger.json" "$stage/schemas/kubernetes-$KUBERNETES_VERSION/"
 chmod -R u+w "$stage"
 
 if [ "${1:-}" != "--force" ] && [ -x "$BIN/kustomize" ] \
@@ -216,8 +209,6 @@ cat >"$stage/schemas/manifest.json" <<EOF
 {
   "pins": "$PIN",
   "kustomize": {"module": "$KUSTOMIZE_MODULE", "version": "$KUSTOMIZE_VERSION", "path": "bin/kustomize"},
-  "kubernetes": {"module": "$KUBERNETES_MODULE", "version": "$KUBERNETES_VERSION", "sum": "$KUBERNETES_SUM",
-                 "swagger": "schemas/kubernetes-$KUBERNETES_VERSION/swagger.json"},
   "kserve": {"module": "$KSERVE_MODULE", "version": "$KSERVE_VERSION", "sum": "$KSERVE_SUM",
              "dir": "schemas/kserve-$KSERVE_VERSION",
              "crds": ["serving.kserve.io_inferenceservices.yaml",

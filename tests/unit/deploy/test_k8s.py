@@ -190,7 +190,7 @@ def test_no_credentials_in_the_repository():
 
 def test_fetch_is_pinned_cached_and_fast(schemas):
     script = (ROOT / "scripts" / "fetch_schemas.sh").read_text()
-    for tool in ("kustomize", "kserve", "kubernetes", "knative_kafka", "knative_serving"):
+    for tool in ("kustomize", "kserve", "knative_kafka", "knative_serving", "keda"):
         pinned = re.search(rf"^{tool.upper()}_VERSION=(\S+)$", script, re.M).group(1)
         assert schemas[tool]["version"] == pinned
     start = time.monotonic()
