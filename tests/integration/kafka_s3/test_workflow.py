@@ -18,6 +18,7 @@ from support.kafka_s3 import NAIP, Flow
 from support.kafka_s3 import make_handler as _handler
 from support.kafka_s3 import naip_tar as _naip_tar
 from support.kafka_s3 import uid as _uid
+from support.wire import COMPRESS_KEYS, STEP_KEYS
 
 from nec_dev.stack.s3 import LocalS3
 from nec_dev.workflow_demo import wrapper_args
@@ -26,33 +27,6 @@ from nec_serve.engines import LocalEngine
 from nec_serve.imagery import iter_inputs
 from nec_serve.pipeline import compress
 from nec_serve.reports import StepReport
-
-#: meta_information.nec as published before the reports were typed (docs/formats.md).
-_COMPRESS_KEYS = [
-    "images",
-    "tiles",
-    "raw_bytes",
-    "container_bytes",
-    "bits_per_pixel",
-    "compression_ratio",
-    "payload_over_entropy_bound_pct",
-    "embedding_rmse",
-    "read_s",
-    "preprocess_s",
-    "inference_s",
-    "coding_s",
-]
-_STEP_KEYS = [
-    "message_id",
-    "input_key",
-    "output_key",
-    "bytes_in",
-    "bytes_out",
-    "s3_get_s",
-    "process_s",
-    "s3_put_s",
-    "max_rss_mb",
-]
 
 
 def _metric(handler, name: str, **labels) -> float | None:
@@ -98,7 +72,7 @@ def test_compress_then_decompress_through_s3_and_kafka(
     # meta_information.nec keeps the keys (and their order) it had before reports were typed;
     # the status event's copy adds kafka_s, known once the next message is out.
     published = nxt[0]["meta_information"]["nec"]
-    assert list(published) == [*_COMPRESS_KEYS, "mode", *_STEP_KEYS]
+    assert list(published) == [*COMPRESS_KEYS, "mode", *STEP_KEYS]
     assert statuses[-1]["nec"]["stats"] == {**published, "kafka_s": out.stats["kafka_s"]}
     assert list(out.stats) == [*published, "kafka_s"]
     assert StepReport.from_wire(published).to_wire() == published
@@ -436,7 +410,7 @@ def test_rvq_family_rate_per_message_and_georeferenced_output(
         out = handler.handle(flow.name, json.dumps(msg).encode())
         assert out.done and out.status == "finished", out.reason
         assert out.stats["codebooks"] == n
-        assert list(out.stats) == [*_COMPRESS_KEYS, "codebooks", "mode", *_STEP_KEYS, "kafka_s"]
+        assert list(out.stats) == [*COMPRESS_KEYS, "codebooks", "mode", *STEP_KEYS, "kafka_s"]
         sizes[n] = len(flow.get(out.output_key))
     assert sizes[2] < sizes[6]
     bad = json.loads(flow.step("scene.tif"))
@@ -463,7 +437,7 @@ def test_rvq_family_rate_per_message_and_georeferenced_output(
     assert dout.output_key == "result-nec-decompress/scene.c6.tif"
     assert dout.stats["codebooks"] == 6 and dout.stats["output"] == "bands"
     head = ["mode", "output", "tiles", "images", "codebooks", "decode_s", "coding_s"]
-    assert list(dout.stats) == [*head, "inference_s", *_STEP_KEYS, "kafka_s"]
+    assert list(dout.stats) == [*head, "inference_s", *STEP_KEYS, "kafka_s"]
     with (
         rasterio.open(io.BytesIO(dflow.get(dout.output_key))) as out,
         rasterio.open(scene) as ref,

@@ -6,6 +6,8 @@ import dataclasses
 import json
 
 import pytest
+from support.wire import COMPRESS_KEYS
+from support.wire import STEP_KEYS as WIRE_STEP_KEYS
 
 from nec_serve.metrics import STAGES, WrapperMetrics, sample_names
 from nec_serve.pipeline import CompressStats
@@ -22,34 +24,8 @@ from nec_serve.reports import (
     step_report_from_wire,
 )
 
-#: The keys of ``meta_information.nec`` as the wrapper published them before the reports
-#: were typed, in order (``kafka_s`` only in the ``SUCCESS`` status event's copy).
-STEP_KEYS = [
-    "message_id",
-    "input_key",
-    "output_key",
-    "bytes_in",
-    "bytes_out",
-    "s3_get_s",
-    "process_s",
-    "s3_put_s",
-    "max_rss_mb",
-    "kafka_s",
-]
-COMPRESS_KEYS = [
-    "images",
-    "tiles",
-    "raw_bytes",
-    "container_bytes",
-    "bits_per_pixel",
-    "compression_ratio",
-    "payload_over_entropy_bound_pct",
-    "embedding_rmse",
-    "read_s",
-    "preprocess_s",
-    "inference_s",
-    "coding_s",
-]
+#: The step keys of the SUCCESS status event's copy, ``kafka_s`` last.
+STEP_KEYS = [*WIRE_STEP_KEYS, "kafka_s"]
 
 
 def _compress_report() -> CompressReport:
