@@ -31,7 +31,6 @@ from nec_serve.hashing import sha256_file
 from nec_serve.imagery import iter_inputs, parse_bands
 from nec_serve.logs import configure_logging
 from nec_serve.pipeline import (
-    coding_levels,
     compress,
     default_output,
     output_writer,
@@ -215,7 +214,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             rate=args.rate,
         )
     knob = bundle.manifest.family_spec.rate
-    rate = {} if knob is None else {knob: coding_levels(bundle, args.rate)}
+    rate = {} if knob is None else {knob: stats.rate}
     print(
         json.dumps(
             {"output": str(out), "family": bundle.family, **rate, **stats.report().to_wire()},

@@ -32,7 +32,6 @@ from nec_serve.contract import (
     GraphRole,
     decode_outputs,
     model_families,
-    model_family,
     rate_knobs,
 )
 from nec_serve.engines import Engine
@@ -120,6 +119,8 @@ class CompressStats:
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("read", "preprocess", "inference", "coding"), 0.0)
     )
+    #: The value of the family's rate knob coded at (None: a family with a fixed rate).
+    rate: int | None = None
 
     @property
     def bits_per_pixel(self) -> float:
@@ -212,7 +213,7 @@ def compress(
     if batch_size < 1:
         raise InvalidInput(f"invalid batch size {batch_size}, expected >= 1")
     levels = coding_levels(bundle, rate)
-    stats = CompressStats()
+    stats = CompressStats(rate=levels)
     sink = _Counter(out)
     batch = _Batch(bundle, engine, levels, stats, _progress(progress, "compress", "tile"))
     writer: ContainerWriter | None = None
@@ -727,13 +728,14 @@ class _SourceImages:
         sources: dict[str, dict],
         limits: InputLimits,
         label: str,
+        rate: Rate | None,
     ):
         self.work, self.names, self.sources = work, list(names), sources
         self.limits, self.label = limits, label
         self.norm = Normalisation.from_dict(header.meta.get("normalisation") or {})
         self.dtype = np.dtype(dtype)
-        rate = model_family(header.meta["family"]).rate
-        self.tags = {"model": header.meta["model"], **({rate: header.meta[rate]} if rate else {})}
+        self.range = np.iinfo(self.dtype)
+        self.tags = {"model": header.meta["model"], **(rate.to_wire() if rate else {})}
         self.budget = Budget(limits)
         self.written: list[tuple[str, Path]] = []
         self.tiles = 0
@@ -751,8 +753,7 @@ class _SourceImages:
         h = min(tile.shape[1], out.shape[1] - r)
         w = min(tile.shape[2], out.shape[2] - c)
         px = np.rint(self.norm.invert(tile[:, :h, :w]))
-        limits = np.iinfo(self.dtype)
-        out.write(np.clip(px, limits.min, limits.max), r, c)
+        out.write(np.clip(px, self.range.min, self.range.max), r, c)
 
     def _start(self, record: TileRecord) -> None:
         self.close()
@@ -787,12 +788,12 @@ def write_bands(
     normalisation undone, rounded and clipped to the pixel type the family's parameters
     name (:meth:`~nec_serve.contract.FamilyParams.output_bands`), and written with the CRS
     and transform its source record holds and the band names. One source gives ``dest``
-    (a GeoTIFF); several give
-    ``dest.with_suffix(".tar")``, a tar of ``<source>.tif``. Each source's declared size
-    is admitted as an input's would be (``max_pixels``, ``max_image_bytes`` and, over all
-    sources, ``max_decoded_bytes``) before its file is created, and tiles are written to
-    it as they are decoded, so memory stays bounded by one batch and GDAL's write cache
-    (:data:`~nec_serve.imagery.writers.WRITE_CACHE_MB`), whatever the source size.
+    (a GeoTIFF); several give ``dest.with_suffix(".tar")``, a tar of ``<source>.tif``.
+    Each source's declared size is admitted as an input's would be (``max_pixels``,
+    ``max_image_bytes`` and, over all sources, ``max_decoded_bytes``) before its file is
+    created, and tiles are written to it as they are decoded, so memory stays bounded by
+    one batch and GDAL's write cache (:data:`~nec_serve.imagery.writers.WRITE_CACHE_MB`),
+    whatever the source size.
     Outputs are written under temporary names and renamed into place only when complete.
 
     Returns:
@@ -807,6 +808,7 @@ def write_bands(
             f"output 'bands' needs an export that reconstructs bands; {bundle.root} is a "
             f"{bundle.family!r} model"
         )
+    knob = bundle.manifest.family_spec.rate
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     timer = StageTimer()
     try:
@@ -814,7 +816,8 @@ def write_bands(
             with container.open("rb") as f:
                 reader = ContainerReader(f)
                 header = reader.header
-                images = _SourceImages(work, *bands, header, reader.sources, limits, label)
+                rate = None if knob is None else Rate(knob, header.meta.get(knob))
+                images = _SourceImages(work, *bands, header, reader.sources, limits, label, rate)
                 decoded = _iter_decoded(
                     header,
                     reader,
@@ -832,12 +835,11 @@ def write_bands(
             final, fmt = _place_images(images.written, dest, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    knob = bundle.manifest.family_spec.rate
     return BandsReport(
         output=GraphRole.RECONSTRUCTION.output,
         tiles=images.tiles,
         images=len(images.written),
-        rate=None if knob is None else Rate(knob, header.meta.get(knob)),
+        rate=rate,
         seconds=_decode_seconds(timer),
         path=str(final),
         format=fmt,

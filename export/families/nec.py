@@ -187,7 +187,7 @@ class NecExporter(FamilyExporter):
             ),
             GraphRole.CLASSIFIER: ((sym,), (TensorSpec("scores", fp32, (len(names),)),)),
         }
-        encoder_check = partial(_check_encoder, medians=nec.medians())
+        encoder_check = partial(check_graph, medians=nec.medians())
         graphs = tuple(
             GraphPlan(
                 role,
@@ -218,10 +218,6 @@ class NecExporter(FamilyExporter):
         from nec_export.calibrate import calibrate_from_inputs
 
         return calibrate_from_inputs(_backbone(model), inputs, tiles)
-
-
-def _check_encoder(name, module, path, inputs, *, medians):
-    return check_graph(name, module, path, inputs, medians)
 
 
 def _rebuild_kwargs(model: nn.Module) -> dict:
