@@ -260,7 +260,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise InvalidInput(f"cannot read container {args.input}: {err}") from err
     with f:
         reader = ContainerReader(f)
-        info = {"version": reader.header.version, "table_sha256": reader.header.table_sha256}
+        digest = "code_sha256" if reader.header.names_code else "table_sha256"
+        info = {"version": reader.header.version, digest: reader.header.code_sha256}
         info.update(reader.header.meta)
         sizes = []
         for rec in reader:

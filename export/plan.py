@@ -76,6 +76,9 @@ class ExportPlan:
         family_params: the manifest's ``family_params``.
         rebuild_kwargs: what rebuilds the model from the registry beside its name and
             image size (the torch runtime's ``model_kwargs``).
+        code_extras: what besides the tables decides the meaning of the symbols, by name
+            (for RVQ the codebooks): it goes into the code fingerprint
+            (:func:`nec_serve.fingerprint.code_fingerprint`).
     """
 
     family: ModelFamily
@@ -86,6 +89,7 @@ class ExportPlan:
     graphs: tuple[GraphPlan, ...]
     family_params: FamilyParams
     rebuild_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    code_extras: Mapping[str, bytes] = field(default_factory=dict)
 
 
 class FamilyExporter:

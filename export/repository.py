@@ -52,6 +52,7 @@ from nec_serve.contract import (
     Manifest,
 )
 from nec_serve.errors import InvalidInput
+from nec_serve.fingerprint import extras_digests
 from nec_serve.tables import TABLES_FILENAME
 
 __all__ = ["export_model", "ExportOptions"]
@@ -206,7 +207,12 @@ def export_model(
         model_version=options.version,
         input=plan.input,
         graphs=graphs,
-        entropy=EntropyModelSpec(plan.entropy_kind, TABLES_FILENAME, plan.tables.sha256),
+        entropy=EntropyModelSpec(
+            plan.entropy_kind,
+            TABLES_FILENAME,
+            plan.tables.sha256,
+            extras_digests(plan.code_extras) or None,
+        ),
         family_params=plan.family_params,
         checkpoint_sha256=checkpoint_sha256,
         calibration=calibration,

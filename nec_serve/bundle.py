@@ -8,6 +8,7 @@ from typing import Any
 
 from nec_serve.codec import LatentCodec
 from nec_serve.contract import FrozenTables, GraphRole, Manifest
+from nec_serve.fingerprint import code_fingerprint
 from nec_serve.imagery import Normalisation
 
 __all__ = ["ModelBundle"]
@@ -71,6 +72,22 @@ class ModelBundle:
         if scale is None:
             scale = Normalisation.for_dtype(dtype, inp.in_chans).scale
         return Normalisation(scale, inp.mean, inp.std)
+
+    @property
+    def code_sha256(self) -> str:
+        """The code fingerprint format 3 containers record (:mod:`nec_serve.fingerprint`).
+
+        Made from the verified tables' hash and the manifest's ``code_extras`` (for an
+        RVQ export, its codebooks; an export that predates them is named by its tables).
+        """
+        return code_fingerprint(
+            family=self.family,
+            entropy_kind=self.manifest.entropy.kind,
+            tables_sha256=self.tables.sha256,
+            channels=self.channels,
+            tokens=self.tokens,
+            extras=self.manifest.entropy.code_extras,
+        )
 
     @property
     def family(self) -> str:

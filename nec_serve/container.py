@@ -1,21 +1,26 @@
-"""The NEC bitstream container: header, tile records, trailer (spec: docs/bitstream.md).
+"""The NEC bitstream container (spec: docs/bitstream.md): header, tile groups, trailer.
 
-A container is written and read one tile at a time, so memory stays bounded by a tile,
-not by the scene. Every part carries a CRC32; the header names the entropy tables by
-their SHA-256 and decoding refuses other tables. Payloads are exactly the bytes that
-CompressAI's ``EntropyBottleneck.compress`` gives for one image, so they interoperate
-with the NEC research code. The format holds no pickle and no code.
+Format 3 is written; formats 2 and 1 are still read. A container is written and read a
+group of tiles at a time, so memory stays bounded by a group (about 1 MiB of payload), not
+by the scene. Source names live once, in the groups' name tables; each tile record is a few
+varints in its group's index, which is LZMA-compressed when that is smaller; one CRC-32
+covers each group. The header names the code (entropy tables and what else decides the
+symbols' meaning) by a fingerprint, and decoding refuses another code. NEC payloads are
+exactly the bytes that CompressAI's ``EntropyBottleneck.compress`` gives for one image, so
+they interoperate with the NEC research code. The format holds no pickle and no code.
 """
 
 from __future__ import annotations
 
 import json
+import lzma
 import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from nec_serve import varint
 from nec_serve.errors import CorruptBitstream, TableMismatch
 
 __all__ = [
@@ -28,23 +33,40 @@ __all__ = [
 ]
 
 MAGIC = b"NECB"
-#: 2 added source records (tag ``S``: where a source image lies, for georeferenced output);
-#: version 1 containers, which have none, are still read.
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
-_HEAD = struct.Struct("<4sHH32sI")  # magic, version, flags, table sha256, meta length
-_TILE = struct.Struct("<IiiIIH")  # index, row, col, source h, source w, name length
-_END = struct.Struct("<IQ")  # tile count, total payload bytes
+#: 3: source names once in name tables, tile records as varints in a group index, one CRC
+#: per group of tiles, and a code fingerprint in place of the tables' hash. 2 added
+#: source records (georeferencing). Versions 1 and 2 are still read.
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
+_HEAD = struct.Struct("<4sHH32sI")  # magic, version, flags, digest, meta length
+_TILE = struct.Struct("<IiiIIH")  # v1/v2 tile: index, row, col, source h, source w, name length
+_END = struct.Struct("<IQ")  # v1/v2 trailer: tile count, total payload bytes
 _U32 = struct.Struct("<I")
 _TAG_TILE = b"T"
 _TAG_SOURCE = b"S"
+_TAG_GROUP = b"G"
 _TAG_END = b"E"
-_SOURCE = struct.Struct("<HI")  # name length, info length
+_SOURCE = struct.Struct("<HI")  # v2 source record: name length, info length
 MAX_META_BYTES = 1 << 20
 MAX_NAME_BYTES = 4096
 MAX_PAYLOAD_BYTES = 1 << 30
 #: Largest ``channels``, ``tokens``, ``img_size`` and band index a header may give.
 MAX_GEOMETRY = 1 << 16
+#: Format 3 group limits: tiles, index bytes (stored and raw), and the whole group body.
+MAX_GROUP_TILES = 1 << 16
+MAX_INDEX_BYTES = 1 << 26
+MAX_GROUP_BYTES = MAX_PAYLOAD_BYTES + 2 * MAX_INDEX_BYTES
+#: A writer closes a group once it holds this much payload or this many tiles.
+GROUP_PAYLOAD_BYTES = 1 << 20
+GROUP_TILES = 1 << 14
+#: The index's LZMA2 stream (raw, no container): dictionary size, what a reader allocates.
+INDEX_DICT_BYTES = 1 << 20
+_INDEX_LZMA = 1  # group flag: the index is an LZMA2 raw stream
+_LZMA_WRITE = [
+    {"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": INDEX_DICT_BYTES, "lc": 0, "pb": 0}
+]
+_LZMA_READ = [{"id": lzma.FILTER_LZMA2, "dict_size": INDEX_DICT_BYTES}]
+_READ_CHUNK = 1 << 20
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -119,7 +141,13 @@ def _short(value: Any, limit: int = 80) -> str:
 
 @dataclass(frozen=True)
 class ContainerHeader:
-    """What a decoder needs besides the named model and its tables.
+    """What a decoder needs besides the model export whose code it names.
+
+    ``code_sha256`` names the code the tiles were written in: in format 3 the export's code
+    fingerprint (its entropy tables and, where the family has them, what else gives the
+    symbols their meaning, such as RVQ codebooks; see
+    :func:`nec_serve.fingerprint.code_fingerprint`), in formats 1 and 2 the SHA-256 of the
+    entropy tables file.
 
     ``meta`` is a JSON object with at least ``model`` (registry name), ``model_version``,
     ``channels`` and ``tokens`` (symbols per tile are ``channels * tokens``), ``img_size``,
@@ -130,15 +158,15 @@ class ContainerHeader:
     a header never meets a field it cannot use.
     """
 
-    table_sha256: str
+    code_sha256: str
     meta: dict[str, Any]
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         """Check the fields every decoder relies on."""
-        sha = self.table_sha256
+        sha = self.code_sha256
         if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= _HEX:
-            raise ValueError(f"table_sha256 must be 64 lowercase hex digits, got {sha!r}")
+            raise ValueError(f"code_sha256 must be 64 lowercase hex digits, got {sha!r}")
         _check_meta(self.meta)
 
     @property
@@ -146,14 +174,27 @@ class ContainerHeader:
         """Symbols coded in each tile's payload."""
         return self.meta["channels"] * self.meta["tokens"]
 
-    def check_tables(self, table_sha256: str) -> None:
-        """Raise :class:`TableMismatch` unless ``table_sha256`` names this container's tables."""
-        if table_sha256 != self.table_sha256:
+    @property
+    def names_code(self) -> bool:
+        """Whether :attr:`code_sha256` is a code fingerprint (format 3), not a tables hash."""
+        return self.version >= 3
+
+    def check_code(self, code_sha256: str, tables_sha256: str) -> None:
+        """Raise :class:`TableMismatch` unless an export of this code and tables decodes it.
+
+        A format 3 container is compared by code fingerprint, so any export sharing the
+        code (say, a classifier export of the same NEC weights) decodes it; formats 1 and 2
+        recorded the tables' hash only.
+        """
+        if self.names_code:
+            theirs, what = code_sha256, "code fingerprint (entropy tables and what else decides it)"
+        else:
+            theirs, what = tables_sha256, "entropy tables"
+        if theirs != self.code_sha256:
             raise TableMismatch(
-                f"container was coded with entropy tables {self.table_sha256[:16]}..., "
-                f"but the supplied tables are {table_sha256[:16]}...: decode it with the "
-                f"model export that wrote it (model {self.meta.get('model')!r}, version "
-                f"{self.meta.get('model_version')!r})"
+                f"container was coded with {what} {self.code_sha256[:16]}..., but the export "
+                f"has {theirs[:16]}...: decode it with an export of the code that wrote it "
+                f"(model {self.meta.get('model')!r}, version {self.meta.get('model_version')!r})"
             )
 
     def to_bytes(self) -> bytes:
@@ -161,7 +202,7 @@ class ContainerHeader:
         meta = json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode()
         if len(meta) > MAX_META_BYTES:
             raise ValueError(f"container metadata is {len(meta)} bytes, limit {MAX_META_BYTES}")
-        head = _HEAD.pack(MAGIC, self.version, 0, bytes.fromhex(self.table_sha256), len(meta))
+        head = _HEAD.pack(MAGIC, self.version, 0, bytes.fromhex(self.code_sha256), len(meta))
         body = head + meta
         return body + _U32.pack(zlib.crc32(body))
 
@@ -184,18 +225,68 @@ class TileRecord:
     payload: bytes = field(repr=False)
 
 
-class ContainerWriter:
-    """Write a container to a binary file object, one tile at a time.
+class _Group:
+    """The tiles a writer holds until it writes them as one group (format 3)."""
 
-    Use as a context manager; the trailer is written on a clean exit only, so an
-    interrupted write leaves a container that readers reject as truncated.
+    def __init__(self) -> None:
+        self.sources = bytearray()  # the new sources' entries
+        self.new_sources = 0
+        self.heads = bytearray()
+        self.origins = bytearray()
+        self.lengths = bytearray()
+        self.payloads: list[bytes] = []
+        self.payload_bytes = 0
+
+    def index(self) -> bytes:
+        out = bytearray()
+        varint.put(out, self.new_sources)
+        return bytes(out + self.sources + self.heads + self.origins + self.lengths)
+
+    def to_bytes(self) -> bytes:
+        """``tag body_len body crc``; the index compressed when that is smaller."""
+        raw = self.index()
+        packed = lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_WRITE)
+        body = bytearray()
+        varint.put(body, len(self.payloads))
+        if len(packed) + 2 < len(raw):
+            body.append(_INDEX_LZMA)
+            varint.put(body, len(packed))
+            varint.put(body, len(raw))
+            body += packed
+        else:
+            body.append(0)
+            varint.put(body, len(raw))
+            body += raw
+        size = bytearray()
+        varint.put(size, len(body) + self.payload_bytes)
+        crc = zlib.crc32(size + body)
+        for payload in self.payloads:
+            crc = zlib.crc32(payload, crc)
+        return b"".join([_TAG_GROUP, size, body, *self.payloads, _U32.pack(crc)])
+
+
+class ContainerWriter:
+    """Write a format 3 container to a binary file object, a group of tiles at a time.
+
+    Tiles are held until their group is full (:data:`GROUP_PAYLOAD_BYTES` of payload or
+    :data:`GROUP_TILES` tiles), then written with one CRC. Use as a context manager; the
+    last group and the trailer are written on a clean exit only, so an interrupted write
+    leaves a container that readers reject as truncated.
     """
 
     def __init__(self, fileobj: IO[bytes], header: ContainerHeader):
+        if header.version != FORMAT_VERSION:
+            raise ValueError(
+                f"this writer writes format {FORMAT_VERSION}, the header is format {header.version}"
+            )
         self._f = fileobj
         self._count = 0
         self._total = 0
         self._closed = False
+        self._group = _Group()
+        self._sources: dict[tuple[str, int, int], int] = {}
+        self._info: dict[str, bytes] = {}  # georeferencing for a source's next entry
+        self._last_source = -1
         self._f.write(header.to_bytes())
 
     def write_tile(
@@ -208,41 +299,85 @@ class ContainerWriter:
         source_height: int = 0,
         source_width: int = 0,
     ) -> int:
-        """Append one tile record; returns its index."""
+        """Add one tile; returns its index. It is written with the rest of its group."""
         if self._closed:
             raise ValueError("container already closed")
-        name = source.encode()
-        if len(name) > MAX_NAME_BYTES:
-            raise ValueError(f"tile source name is {len(name)} bytes, limit {MAX_NAME_BYTES}")
         if len(payload) > MAX_PAYLOAD_BYTES:
             raise ValueError(f"tile payload is {len(payload)} bytes, limit {MAX_PAYLOAD_BYTES}")
-        fixed = _TILE.pack(self._count, row, col, source_height, source_width, len(name))
-        body = fixed + name + _U32.pack(len(payload)) + payload
-        self._f.write(_TAG_TILE + body + _U32.pack(zlib.crc32(body)))
+        for name, value in (("row", row), ("col", col)):
+            if not -(1 << 31) <= value < 1 << 31:
+                raise ValueError(f"tile {name} {value} is outside the 32-bit signed range")
+        group = self._group
+        if group.payloads and group.payload_bytes + len(payload) > MAX_PAYLOAD_BYTES:
+            self._flush()
+            group = self._group
+        number = self._source_number(source, source_height, source_width)
+        placed = (row, col) != (0, 0)
+        varint.put(group.heads, varint.zigzag(number - self._last_source) << 1 | placed)
+        self._last_source = number
+        if placed:
+            varint.put_signed(group.origins, row)
+            varint.put_signed(group.origins, col)
+        varint.put(group.lengths, len(payload))
+        group.payloads.append(payload)
+        group.payload_bytes += len(payload)
         self._count += 1
         self._total += len(payload)
+        if group.payload_bytes >= GROUP_PAYLOAD_BYTES or len(group.payloads) >= GROUP_TILES:
+            self._flush()
         return self._count - 1
+
+    def _source_number(self, name: str, height: int, width: int) -> int:
+        """The number of the source ``(name, height, width)``, entered on first use."""
+        key = (name, height, width)
+        number = self._sources.get(key)
+        if number is not None:
+            return number
+        encoded = name.encode()
+        if len(encoded) > MAX_NAME_BYTES:
+            raise ValueError(f"tile source name is {len(encoded)} bytes, limit {MAX_NAME_BYTES}")
+        for what, value in (("height", height), ("width", width)):
+            if not 0 <= value < 1 << 32:
+                raise ValueError(f"source {what} {value} is outside 0..2^32-1")
+        info = self._info.pop(name, b"")
+        entry = self._group.sources
+        varint.put(entry, len(encoded))
+        entry += encoded
+        varint.put(entry, height)
+        varint.put(entry, width)
+        varint.put(entry, len(info))
+        entry += info
+        self._group.new_sources += 1
+        number = self._sources[key] = len(self._sources)
+        return number
 
     def write_source(self, source: str, info: dict[str, Any]) -> None:
         """Record where source image ``source`` lies (JSON ``info``: crs, transform, ...).
 
-        Written before the source's first tile; a decoder that writes georeferenced output
-        reads it back from :attr:`ContainerReader.sources`.
+        Call it before the source's first tile: the info travels in that source's name
+        table entry, and a decoder that writes georeferenced output reads it back from
+        :attr:`ContainerReader.sources`.
         """
         if self._closed:
             raise ValueError("container already closed")
-        name = source.encode()
         body = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
-        if len(name) > MAX_NAME_BYTES or len(body) > MAX_META_BYTES:
+        if len(source.encode()) > MAX_NAME_BYTES or len(body) > MAX_META_BYTES:
             raise ValueError(f"source record of {source!r} is over the size limits")
-        record = _SOURCE.pack(len(name), len(body)) + name + body
-        self._f.write(_TAG_SOURCE + record + _U32.pack(zlib.crc32(record)))
+        self._info[source] = body
+
+    def _flush(self) -> None:
+        if self._group.payloads:
+            self._f.write(self._group.to_bytes())
+        self._group = _Group()
 
     def close(self) -> None:
-        """Write the trailer (tile count and total payload bytes, with a CRC32)."""
+        """Write the last group and the trailer (tile count and payload bytes, CRC32)."""
         if self._closed:
             return
-        body = _END.pack(self._count, self._total)
+        self._flush()
+        body = bytearray()
+        varint.put(body, self._count)
+        varint.put(body, self._total)
         self._f.write(_TAG_END + body + _U32.pack(zlib.crc32(body)))
         self._closed = True
 
@@ -254,23 +389,39 @@ class ContainerWriter:
             self.close()
 
 
+@dataclass(frozen=True)
+class _Source:
+    name: str
+    height: int
+    width: int
+
+
 class ContainerReader:
-    """Read a container from a binary file object: the header at once, tiles on iteration."""
+    """Read a container from a binary file object: the header at once, tiles on iteration.
+
+    Format 3 tiles are yielded a group at a time, after the group's CRC has been checked.
+    """
 
     def __init__(self, fileobj: IO[bytes]):
         self._f = fileobj
         self.header = self._read_header()
         self.tile_count: int | None = None
-        #: Source records read so far: name -> info (see :meth:`ContainerWriter.write_source`).
+        #: Georeferencing of the sources read so far: name -> info (see
+        #: :meth:`ContainerWriter.write_source`).
         self.sources: dict[str, dict[str, Any]] = {}
 
     def _read(self, n: int, what: str) -> bytes:
-        data = self._f.read(n)
-        if len(data) != n:
-            raise CorruptBitstream(
-                f"container truncated: expected {n} bytes of {what}, got {len(data)}"
-            )
-        return data
+        """Exactly ``n`` bytes; read in steps, so a lying length allocates nothing big."""
+        parts, got = [], 0
+        while got < n:
+            data = self._f.read(min(n - got, _READ_CHUNK))
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        if got != n:
+            raise CorruptBitstream(f"container truncated: expected {n} bytes of {what}, got {got}")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_header(self) -> ContainerHeader:
         head = self._f.read(_HEAD.size)
@@ -302,6 +453,125 @@ class ContainerReader:
 
     def __iter__(self) -> Iterator[TileRecord]:
         """Yield tiles in order; raise :class:`CorruptBitstream` on any damage."""
+        if self.header.version >= 3:
+            return self._groups()
+        return self._records()
+
+    # -- format 3 ------------------------------------------------------------------------
+
+    def _groups(self) -> Iterator[TileRecord]:
+        count = total = 0
+        table: list[_Source] = []
+        last = -1
+        while True:
+            tag = self._read(1, "record tag")
+            if tag == _TAG_END:
+                self._trailer_v3(count, total)
+                return
+            if tag != _TAG_GROUP:
+                raise CorruptBitstream(f"bad record tag {tag!r} before tile {count}")
+            where = f"tile group from tile {count}"
+            size_raw, size = self._file_varint(32, f"{where}: length", MAX_GROUP_BYTES)
+            body = self._read(size, where)
+            (crc,) = _U32.unpack(self._read(4, f"{where} CRC"))
+            if zlib.crc32(body, zlib.crc32(size_raw)) != crc:
+                raise CorruptBitstream(f"{where}: CRC mismatch, the group is corrupt")
+            records, last = self._parse_group(body, where, table, count, last)
+            for record in records:
+                yield record
+                count += 1
+                total += len(record.payload)
+
+    def _file_varint(self, bits: int, what: str, limit: int) -> tuple[bytes, int]:
+        """A varint read from the file byte by byte: (its bytes, its value)."""
+        raw = bytearray()
+        while len(raw) < (bits + 6) // 7:
+            byte = self._read(1, what)
+            raw += byte
+            if not byte[0] & 0x80:
+                break
+        return bytes(raw), varint.Cursor(raw, "container").uint(bits, what, limit)
+
+    def _trailer_v3(self, count: int, total: int) -> None:
+        _, n = self._file_varint(64, "trailer tile count", 1 << 63)
+        _, t = self._file_varint(64, "trailer payload bytes", 1 << 63)
+        body = bytearray()
+        varint.put(body, n)
+        varint.put(body, t)
+        (crc,) = _U32.unpack(self._read(4, "trailer CRC"))
+        if zlib.crc32(body) != crc:
+            raise CorruptBitstream("container trailer CRC mismatch")
+        self._check_end(n, t, count, total)
+
+    def _check_end(self, n: int, t: int, count: int, total: int) -> None:
+        if (n, t) != (count, total):
+            raise CorruptBitstream(
+                f"container trailer says {n} tiles / {t} bytes, read {count} / {total}"
+            )
+        if self._f.read(1):
+            raise CorruptBitstream("unexpected bytes after the container trailer")
+        self.tile_count = count
+
+    def _parse_group(
+        self, body: bytes, where: str, table: list[_Source], first: int, last: int
+    ) -> tuple[list[TileRecord], int]:
+        """The tile records of one CRC-checked group body; and the last tile's source."""
+        cur = varint.Cursor(body, where)
+        tiles = cur.uint(32, "tile count", MAX_GROUP_TILES)
+        if tiles == 0:
+            raise CorruptBitstream(f"{where}: a group holds no tiles")
+        index = _Index(self._index_bytes(cur, where), f"{where} index")
+        index.read_sources(table, self.sources)
+        heads = [index.cur.uint(64, "tile head", 1 << 34) for _ in range(tiles)]
+        records: list[tuple[_Source, int, int]] = []
+        for i, head in enumerate(heads):
+            number = last + varint.unzigzag(head >> 1)
+            if not 0 <= number < len(table):
+                raise CorruptBitstream(
+                    f"{where}: tile {first + i} refers to source {number}, the name table "
+                    f"holds {len(table)}"
+                )
+            last = number
+            row, col = (index.cur.int32("row"), index.cur.int32("col")) if head & 1 else (0, 0)
+            records.append((table[number], row, col))
+        lengths = [index.cur.uint(32, "payload length", MAX_PAYLOAD_BYTES) for _ in heads]
+        if index.cur.left:
+            raise CorruptBitstream(f"{where} index: {index.cur.left} bytes after the last tile")
+        if sum(lengths) != cur.left:
+            raise CorruptBitstream(
+                f"{where}: tiles declare {sum(lengths)} payload bytes, the group holds {cur.left}"
+            )
+        out = []
+        for i, ((src, row, col), n) in enumerate(zip(records, lengths, strict=True)):
+            payload = bytes(cur.take(n, f"tile {first + i} payload"))
+            out.append(TileRecord(first + i, src.name, row, col, src.height, src.width, payload))
+        return out, last
+
+    @staticmethod
+    def _index_bytes(cur: varint.Cursor, where: str) -> bytes:
+        """A group's index, decompressed if it is stored compressed."""
+        flags = cur.take(1, "flags")[0]
+        if flags & ~_INDEX_LZMA:
+            raise CorruptBitstream(f"{where}: unknown group flags {flags:#04x}")
+        stored = cur.uint(32, "index length", MAX_INDEX_BYTES)
+        if not flags & _INDEX_LZMA:
+            return bytes(cur.take(stored, "index"))
+        raw_len = cur.uint(32, "index raw length", MAX_INDEX_BYTES)
+        packed = bytes(cur.take(stored, "index"))
+        unpacker = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_READ)
+        try:
+            raw = unpacker.decompress(packed, max_length=raw_len)
+        except lzma.LZMAError as err:
+            raise CorruptBitstream(f"{where}: the compressed index is corrupt: {err}") from err
+        if len(raw) != raw_len or not unpacker.eof or unpacker.unused_data:
+            raise CorruptBitstream(
+                f"{where}: the compressed index does not hold the {raw_len} bytes it declares"
+            )
+        return raw
+
+    # -- formats 1 and 2 -----------------------------------------------------------------
+
+    def _records(self) -> Iterator[TileRecord]:
         count = total = 0
         while True:
             tag = self._read(1, "record tag")
@@ -310,14 +580,7 @@ class ContainerReader:
                 (crc,) = _U32.unpack(self._read(4, "trailer CRC"))
                 if zlib.crc32(body) != crc:
                     raise CorruptBitstream("container trailer CRC mismatch")
-                n, t = _END.unpack(body)
-                if (n, t) != (count, total):
-                    raise CorruptBitstream(
-                        f"container trailer says {n} tiles / {t} bytes, read {count} / {total}"
-                    )
-                if self._f.read(1):
-                    raise CorruptBitstream("unexpected bytes after the container trailer")
-                self.tile_count = count
+                self._check_end(*_END.unpack(body), count, total)
                 return
             if tag == _TAG_SOURCE and self.header.version >= 2:
                 self._read_source(count)
@@ -362,11 +625,45 @@ class ContainerReader:
         (crc,) = _U32.unpack(self._read(4, f"{where} CRC"))
         if zlib.crc32(fixed + name + body) != crc:
             raise CorruptBitstream(f"{where}: CRC mismatch, the record is corrupt")
-        try:
-            info = json.loads(body)
-            source = name.decode()
-        except (ValueError, RecursionError, UnicodeDecodeError) as err:
-            raise CorruptBitstream(f"{where}: not valid UTF-8 JSON: {err}") from err
-        if not isinstance(info, dict):
+        source, info = _source_info(name, body, where)
+        if info is None:
             raise CorruptBitstream(f"{where}: must hold a JSON object")
         self.sources[source] = info
+
+
+def _source_info(name: bytes, body: bytes, where: str) -> tuple[str, dict[str, Any] | None]:
+    """A source's name and georeferencing (None when ``body`` is empty)."""
+    try:
+        source = name.decode()
+        info = json.loads(body) if body else None
+    except (ValueError, RecursionError, UnicodeDecodeError) as err:
+        raise CorruptBitstream(f"{where}: not valid UTF-8 JSON: {err}") from err
+    if body and not isinstance(info, dict):
+        raise CorruptBitstream(f"{where}: source info must be a JSON object")
+    return source, info
+
+
+class _Index:
+    """A group's decompressed index, read front to back."""
+
+    def __init__(self, data: bytes, where: str):
+        self.cur = varint.Cursor(data, where)
+        self.where = where
+
+    def read_sources(self, table: list[_Source], infos: dict[str, dict[str, Any]]) -> None:
+        """Append the group's new sources to ``table`` and their georeferencing to ``infos``."""
+        cur = self.cur
+        n = cur.uint(32, "source count")
+        if n * 4 > cur.left:  # an entry takes at least 4 bytes
+            raise CorruptBitstream(
+                f"{self.where}: the name table declares {n} sources in {cur.left} bytes"
+            )
+        for _ in range(n):
+            name = bytes(cur.take(cur.uint(32, "name length", MAX_NAME_BYTES), "source name"))
+            height = cur.uint(32, "source height")
+            width = cur.uint(32, "source width")
+            body = bytes(cur.take(cur.uint(32, "source info length", MAX_META_BYTES), "info"))
+            source, info = _source_info(name, body, f"{self.where} source {len(table)}")
+            table.append(_Source(source, height, width))
+            if info is not None:
+                infos[source] = info

@@ -126,6 +126,12 @@ def _check_sha256(value: str | None) -> str | None:
     return "must be 64 lowercase hex digits"
 
 
+def _check_extras(value: dict[str, str] | None) -> str | None:
+    if value is None or all(isinstance(v, str) and _SHA256.match(v) for v in value.values()):
+        return None
+    return "must map names to 64 lowercase hex digits"
+
+
 def _check_relative_file(value: str) -> str | None:
     path = PurePosixPath(value)
     if not value or path.is_absolute() or ".." in path.parts or "\\" in value:
@@ -535,11 +541,18 @@ def _check_entropy_kind(kind: str) -> str | None:
 
 @dataclass(frozen=True)
 class EntropyModelSpec:
-    """The entropy model an export ships: its kind and its frozen tables with their hash."""
+    """The entropy model an export ships: its kind and its frozen tables with their hash.
+
+    ``code_extras`` names, by SHA-256, what besides the tables decides what the symbols
+    mean (for RVQ: ``codebooks``); with the tables' hash it makes the export's code
+    fingerprint (:attr:`nec_serve.bundle.ModelBundle.code_sha256`), which format 3
+    containers record. Exports written before it was recorded have none.
+    """
 
     kind: str = field(metadata={"check": _check_entropy_kind})
     tables_file: str = field(metadata={"check": _check_relative_file})
     sha256: str = field(metadata={"check": _check_sha256})
+    code_extras: dict[str, str] | None = field(default=None, metadata={"check": _check_extras})
 
     def load(self, root: str | Path) -> tuple[Any, Any]:
         """Read the tables under ``root``, verify them against :attr:`sha256`; (tables, codec).

@@ -339,7 +339,7 @@ def _header(
     m = bundle.manifest
     rate = {} if levels is None else {m.family_spec.rate: levels}
     return ContainerHeader(
-        table_sha256=bundle.tables.sha256,
+        code_sha256=bundle.code_sha256,
         meta={
             **rate,
             "family": m.family,
@@ -366,7 +366,7 @@ def _check_engine_output(symbols: np.ndarray, n: int, bundle: ModelBundle) -> No
 
 
 def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
-    """Refuse a container made by another model family, model or tables."""
+    """Refuse a container made by another model family or code (formats 1-2: model, tables)."""
     meta = header.meta
     family = meta.get("family", UNNAMED_FAMILY)
     if family != bundle.family:
@@ -375,12 +375,14 @@ def check_compatible(header: ContainerHeader, bundle: ModelBundle) -> None:
             f"export at {bundle.root} is a {bundle.family!r} model: decode it with a "
             f"{family!r} export"
         )
-    if meta.get("model") != bundle.manifest.model:
+    if not header.names_code and meta.get("model") != bundle.manifest.model:
+        # Formats 1-2 name only the tables; format 3's fingerprint lets any export of the
+        # same code decode (a classifier export reads the plain export's containers).
         raise InvalidInput(
             f"container was made by model {meta.get('model')!r}, the export is "
             f"{bundle.manifest.model!r}"
         )
-    header.check_tables(bundle.tables.sha256)
+    header.check_code(bundle.code_sha256, bundle.tables.sha256)
     # ContainerHeader has checked that both are integers in range.
     if (meta["channels"], meta["tokens"]) != (bundle.channels, bundle.tokens):
         raise InvalidInput(

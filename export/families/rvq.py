@@ -185,6 +185,7 @@ class RvqExporter(FamilyExporter):
             input=InputSpec(s, bands, model.band_mean.tolist(), model.band_std.tolist()),
             entropy_kind=CATEGORICAL.kind,
             tables=tables,
+            code_extras={"codebooks": _codebook_bytes(model)},
             graphs=graphs,
             family_params=RvqParams(
                 levels=levels,
@@ -198,3 +199,9 @@ class RvqExporter(FamilyExporter):
 
 
 register_exporter(RvqExporter())
+
+
+def _codebook_bytes(model: RVQAutoencoder) -> bytes:
+    """Every level's codebook as little-endian float32, level by level: what an index means."""
+    books = [book.detach().cpu().numpy().astype("<f4") for book in model.quantizer.codebooks]
+    return b"".join(book.tobytes() for book in books)

@@ -12,7 +12,11 @@ test:
   SHA-256 of each batch it was given, so that the test replays the graph's output and
   still checks that reading, tiling and normalisation hand the graph the same floats;
 - the inputs (a crop of a sample scene where the case needs one);
-- ``<case>.nec``: the container.
+- ``<case>.nec``: the container (format 3).
+
+``<case>.v2.nec`` are the same inputs in format 2, as this script wrote them before format
+3: they are frozen read fixtures (the readers still read format 2) and are never
+regenerated.
 
     .venv/bin/python tests/golden/make_golden.py
 

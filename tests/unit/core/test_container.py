@@ -8,9 +8,11 @@ import zlib
 import numpy as np
 import pytest
 
+from nec_serve import container as framing
 from nec_serve.container import MAGIC, ContainerHeader, ContainerReader, ContainerWriter
 from nec_serve.errors import CorruptBitstream, InvalidInput, TableMismatch
 from nec_serve.tables import EntropyTables
+from tests.support import container_v2
 
 SHA = "ab" * 32
 META = {"model": "m", "model_version": "1", "channels": 4, "tokens": 3}
@@ -41,7 +43,7 @@ PAYLOADS = [b"\x01\x02\x03\x04" * 5, b"", b"\xff" * 33, bytes(range(256))]
 
 def test_round_trip_preserves_header_and_tiles():
     header, tiles = _read_all(_container(PAYLOADS))
-    assert header.table_sha256 == SHA and header.meta == META
+    assert header.code_sha256 == SHA and header.meta == META
     assert header.symbols_per_tile == 12
     assert [t.payload for t in tiles] == PAYLOADS
     assert [t.index for t in tiles] == [0, 1, 2, 3]
@@ -52,20 +54,56 @@ def test_round_trip_preserves_header_and_tiles():
 def test_layout_matches_the_written_spec():
     data = _container([b"abcd"])
     magic, version, flags, digest, meta_len = struct.unpack_from("<4sHH32sI", data)
-    assert (magic, version, flags, digest.hex()) == (MAGIC, 2, 0, SHA)
+    assert (magic, version, flags, digest.hex()) == (MAGIC, 3, 0, SHA)
     meta_end = 44 + meta_len
     assert data[44:meta_end] == b'{"channels":4,"model":"m","model_version":"1","tokens":3}'
     (crc,) = struct.unpack_from("<I", data, meta_end)
     assert crc == zlib.crc32(data[:meta_end])
-    tile = data[meta_end + 4 :]
-    assert tile[:1] == b"T"
-    assert struct.unpack_from("<IiiIIH", tile, 1) == (0, 0, 0, 100, 90, 11)
-    assert tile[23:34] == b"scene-0.tif"
-    assert struct.unpack_from("<I", tile, 34) == (4,) and tile[38:42] == b"abcd"
-    assert struct.unpack_from("<I", tile, 42) == (zlib.crc32(tile[1:42]),)
-    end = tile[46:]
-    assert end[:1] == b"E" and struct.unpack_from("<IQ", end, 1) == (1, 4)
-    assert len(end) == 1 + 12 + 4
+    group = data[meta_end + 4 :]
+    # one source of 11 bytes, 100 x 90, no info; a tile of the next source (delta +1,
+    # zigzag 2, shifted: 4) at its origin; a 4-byte payload
+    index = b"\x01\x0bscene-0.tif\x64\x5a\x00" + b"\x04" + b"\x04"
+    body = b"\x01" + b"\x00" + bytes([len(index)]) + index + b"abcd"
+    assert group[:1] == b"G" and group[1] == len(body) and group[2 : 2 + len(body)] == body
+    (crc,) = struct.unpack_from("<I", group, 2 + len(body))
+    assert crc == zlib.crc32(group[1 : 2 + len(body)])
+    end = group[6 + len(body) :]
+    assert end == b"E\x01\x04" + struct.pack("<I", zlib.crc32(b"\x01\x04"))
+
+
+def test_one_tile_images_cost_a_few_bits_each_beside_their_payloads():
+    """2,000 images of 17-byte payloads, named as EuroSAT names them: < 15 % framing."""
+    rng = np.random.default_rng(0)
+    payloads = [rng.bytes(int(n)) for n in rng.choice([12, 16, 20, 24], 2000)]
+    names = sorted(f"Forest_{n}.jpg" for n in rng.choice(27000, 2000, replace=False))
+    buf = io.BytesIO()
+    with ContainerWriter(buf, ContainerHeader(SHA, dict(META))) as w:
+        for name, p in zip(names, payloads, strict=True):
+            w.write_tile(p, source=name, source_height=64, source_width=64)
+    size, payload = len(buf.getvalue()), sum(map(len, payloads))
+    assert size < 1.15 * payload + 200, (size, payload)
+    tiles = list(ContainerReader(io.BytesIO(buf.getvalue())))
+    assert [t.source for t in tiles] == names and [t.payload for t in tiles] == payloads
+
+
+def test_groups_close_at_their_limits_and_sources_span_them(monkeypatch):
+    monkeypatch.setattr(framing, "GROUP_TILES", 3)
+    payloads = [bytes([i]) * (i + 1) for i in range(8)]
+    data = _container(payloads)
+    assert data.count(b"G") >= 3
+    header, tiles = _read_all(data)
+    assert [t.payload for t in tiles] == payloads
+    assert [t.source for t in tiles] == [f"scene-{i // 2}.tif" for i in range(8)]
+    assert [(t.row, t.col) for t in tiles[:3]] == [(0, 0), (16, -1), (32, -1)]
+
+
+def test_a_source_revisited_after_others_keeps_its_entry():
+    buf = io.BytesIO()
+    with ContainerWriter(buf, ContainerHeader(SHA, dict(META))) as w:
+        for name in ["a", "b", "a", "c", "b"]:
+            w.write_tile(name.encode(), source=name, source_height=5, source_width=5)
+    tiles = list(ContainerReader(io.BytesIO(buf.getvalue())))
+    assert [(t.source, t.payload) for t in tiles] == [(n, n.encode()) for n in "abacb"]
 
 
 def test_every_single_byte_flip_is_detected():
@@ -124,19 +162,47 @@ def test_damaged_source_records_are_detected():
             _read_all(bytes(damaged))
 
 
-def test_version_1_containers_are_still_read_and_have_no_source_records():
-    data = bytearray(_container(PAYLOADS))
-    data[4:6] = struct.pack("<H", 1)
-    meta_len = struct.unpack_from("<I", data, 40)[0]
-    end = 44 + meta_len
-    data[end : end + 4] = struct.pack("<I", zlib.crc32(bytes(data[:end])))
-    header, tiles = _read_all(bytes(data))
-    assert header.version == 1 and [t.payload for t in tiles] == PAYLOADS
-    v1 = bytearray(_with_sources())
-    v1[4:6] = struct.pack("<H", 1)
-    v1[end : end + 4] = struct.pack("<I", zlib.crc32(bytes(v1[:end])))
+def _v2(version: int = 2, sources: dict | None = None) -> bytes:
+    tiles = [
+        dict(
+            payload=p,
+            source=f"scene-{i // 2}.tif",
+            row=16 * i,
+            col=-1 if i else 0,
+            height=100,
+            width=90,
+        )
+        for i, p in enumerate(PAYLOADS)
+    ]
+    return container_v2.container(SHA, META, tiles, version, sources)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_format_1_and_2_containers_are_still_read(version):
+    header, tiles = _read_all(_v2(version))
+    assert header.version == version and not header.names_code
+    assert [t.payload for t in tiles] == PAYLOADS and [t.index for t in tiles] == [0, 1, 2, 3]
+    assert tiles[2].source == "scene-1.tif" and (tiles[2].row, tiles[2].col) == (32, -1)
+    assert (tiles[3].source_height, tiles[3].source_width) == (100, 90)
+
+
+def test_format_2_source_records_are_read_and_format_1_has_none():
+    reader = ContainerReader(io.BytesIO(_v2(2, {"scene-1.tif": GEO})))
+    assert [t.source for t in reader][2] == "scene-1.tif" and reader.sources == {"scene-1.tif": GEO}
     with pytest.raises(CorruptBitstream, match="bad record tag b'S'"):
-        _read_all(bytes(v1))
+        _read_all(_v2(1, {"scene-1.tif": GEO}))
+
+
+def test_format_2_damage_is_detected_at_every_byte_and_every_cut():
+    data = _v2(2, {"scene-0.tif": GEO})
+    for pos in range(len(data)):
+        damaged = bytearray(data)
+        damaged[pos] ^= 0x10
+        with pytest.raises(CorruptBitstream):
+            _read_all(bytes(damaged))
+    for cut in range(len(data)):
+        with pytest.raises(CorruptBitstream):
+            _read_all(data[:cut])
 
 
 @pytest.mark.parametrize(
@@ -166,9 +232,15 @@ def test_interrupted_writer_leaves_no_trailer():
 
 def test_table_mismatch_names_both_hashes():
     header = ContainerHeader(SHA, META)
-    header.check_tables(SHA)
-    with pytest.raises(TableMismatch, match=r"abababababababab.*cdcdcdcdcdcdcdcd"):
-        header.check_tables("cd" * 32)
+    header.check_code(SHA, "ef" * 32)
+    with pytest.raises(
+        TableMismatch, match=r"code fingerprint .*abababababababab.*cdcdcdcdcdcdcdcd"
+    ):
+        header.check_code("cd" * 32, SHA)
+    old = ContainerHeader(SHA, META, version=2)  # formats 1-2 named the tables only
+    old.check_code("cd" * 32, SHA)
+    with pytest.raises(TableMismatch, match=r"entropy tables abababababababab.*cdcdcdcdcd"):
+        old.check_code(SHA, "cd" * 32)
 
 
 def test_header_requires_the_decoder_fields():
@@ -181,8 +253,8 @@ def _raw_container(meta: bytes, sha: str = SHA) -> bytes:
 
     Built by hand from the spec: ContainerWriter refuses metadata like this.
     """
-    body = struct.pack("<4sHH32sI", MAGIC, 2, 0, bytes.fromhex(sha), len(meta)) + meta
-    end = struct.pack("<IQ", 0, 0)
+    body = struct.pack("<4sHH32sI", MAGIC, 3, 0, bytes.fromhex(sha), len(meta)) + meta
+    end = b"\x00\x00"  # tile count and payload bytes, as varints
     return (
         body + struct.pack("<I", zlib.crc32(body)) + b"E" + end + struct.pack("<I", zlib.crc32(end))
     )
@@ -328,3 +400,92 @@ def test_truncated_tables_file_is_refused():
         EntropyTables.from_bytes(data[:-4])
     with pytest.raises(InvalidInput, match="not an entropy table"):
         EntropyTables.from_bytes(b"XXXX" + data[4:])
+
+
+# -- format 3: fields the writer never gets wrong, built by hand with valid CRCs ----------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    framing.varint.put(out, value)
+    return bytes(out)
+
+
+def _v3(index: bytes, payloads: bytes, tiles: int, *, flags: int = 0, raw_len=None) -> bytes:
+    """Header, one group of ``tiles`` tiles with this index and payload, trailer."""
+    body = _varint(tiles) + bytes([flags]) + _varint(len(index))
+    if raw_len is not None:
+        body += _varint(raw_len)
+    body += index + payloads
+    size = _varint(len(body))
+    group = b"G" + size + body + struct.pack("<I", zlib.crc32(size + body))
+    end = _varint(tiles) + _varint(len(payloads))
+    trailer = b"E" + end + struct.pack("<I", zlib.crc32(end))
+    return ContainerHeader(SHA, dict(META)).to_bytes() + group + trailer
+
+
+ONE_SOURCE = b"\x01\x01a\x08\x08\x00"  # one source "a", 8 x 8, no info
+
+
+def test_hand_built_group_reads_back():
+    _, tiles = _read_all(_v3(ONE_SOURCE + b"\x04" + b"\x03", b"xyz", 1))
+    assert [(t.source, t.source_height, t.payload) for t in tiles] == [("a", 8, b"xyz")]
+
+
+@pytest.mark.parametrize(
+    ("index", "payloads", "tiles", "match"),
+    [
+        (b"\x7f" + b"\x01a" * 3, b"", 1, "declares 127 sources in 6 bytes"),
+        (ONE_SOURCE + b"\x08" + b"\x00", b"", 1, "refers to source 1, the name table holds 1"),
+        (ONE_SOURCE + b"\x03" + b"\x00", b"", 1, "refers to source -2"),
+        (ONE_SOURCE + b"\x04" + b"\x80\x80\x80\x80\x80\x01", b"", 1, "longer than a 32-bit"),
+        (ONE_SOURCE + b"\x04" + b"\x80\x80\x80\x80\x10", b"", 1, "overflows 32 bits"),
+        (ONE_SOURCE + b"\x04" + b"\x82\x00", b"ab", 1, "not minimally encoded"),
+        (ONE_SOURCE + b"\x04" + b"\x03", b"ab", 1, "declare 3 payload bytes, the group holds 2"),
+        (ONE_SOURCE + b"\x04" + b"\x02\x00", b"ab", 1, "1 bytes after the last tile"),
+        (ONE_SOURCE + b"\x04", b"", 1, "truncated inside payload length"),
+        (ONE_SOURCE, b"", 0, "a group holds no tiles"),
+        (b"\x01\x02\xff\xfe\x01\x01\x00\x04\x00", b"", 1, "not valid UTF-8"),
+        (b"\x01\x01a\x01\x01\x02[]\x04\x00", b"", 1, "source info must be a JSON object"),
+        (ONE_SOURCE + b"\x05\x81\x80\x80\x80\x10\x00\x00", b"", 1, "row"),
+    ],
+)
+def test_malformed_group_index_is_corrupt_and_says_what(index, payloads, tiles, match):
+    with pytest.raises(CorruptBitstream, match=match):
+        _read_all(_v3(index, payloads, tiles))
+
+
+def test_unknown_group_flags_and_a_damaged_compressed_index_are_corrupt():
+    index = ONE_SOURCE + b"\x04\x03"
+    with pytest.raises(CorruptBitstream, match="unknown group flags 0x02"):
+        _read_all(_v3(index, b"xyz", 1, flags=2))
+    packed = framing.lzma.compress(
+        index, format=framing.lzma.FORMAT_RAW, filters=framing._LZMA_WRITE
+    )
+    _, tiles = _read_all(_v3(packed, b"xyz", 1, flags=1, raw_len=len(index)))
+    assert tiles[0].payload == b"xyz"
+    with pytest.raises(CorruptBitstream, match="does not hold the 99 bytes"):
+        _read_all(_v3(packed, b"xyz", 1, flags=1, raw_len=99))
+    with pytest.raises(CorruptBitstream, match="does not hold the 3 bytes"):
+        _read_all(_v3(packed, b"xyz", 1, flags=1, raw_len=3))
+    with pytest.raises(CorruptBitstream, match="compressed index"):
+        _read_all(_v3(b"\xff" * 12, b"xyz", 1, flags=1, raw_len=len(index)))
+
+
+def test_a_group_length_beyond_the_limit_is_refused_before_reading():
+    data = bytearray(_container([b"abc"]))
+    at = data.index(b"G") + 1
+    huge = _varint(framing.MAX_GROUP_BYTES + 1)
+    damaged = bytes(data[:at]) + huge + bytes(data[at + 1 :])
+    with pytest.raises(CorruptBitstream, match="exceeds"):
+        _read_all(damaged)
+
+
+def test_writer_refuses_what_format_3_cannot_hold():
+    w = ContainerWriter(io.BytesIO(), ContainerHeader(SHA, dict(META)))
+    with pytest.raises(ValueError, match="row 2147483648 is outside"):
+        w.write_tile(b"", row=1 << 31)
+    with pytest.raises(ValueError, match="name is 4097 bytes"):
+        w.write_tile(b"", source="x" * 4097)
+    with pytest.raises(ValueError, match="writes format 3, the header is format 2"):
+        ContainerWriter(io.BytesIO(), ContainerHeader(SHA, dict(META), version=2))

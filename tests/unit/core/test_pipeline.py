@@ -217,7 +217,8 @@ def test_container_from_other_tables_is_refused(tmp_path, tiny_export, naip_crop
     code, _, err = _run(
         capsys, "decompress", box, "--model-dir", other, "--out", tmp_path / "e.npy", "-q"
     )
-    assert code == 2 and "entropy tables" in err and t.sha256[:16] in err
+    written = ModelBundle.load(tiny_export).code_sha256
+    assert code == 2 and "code fingerprint" in err and written[:16] in err
 
 
 def test_export_directory_with_tampered_tables_is_refused(tmp_path, tiny_export):
