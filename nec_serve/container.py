@@ -62,6 +62,7 @@ GROUP_TILES = 1 << 14
 #: The index's LZMA2 stream (raw, no container): dictionary size, what a reader allocates.
 INDEX_DICT_BYTES = 1 << 20
 _INDEX_LZMA = 1  # group flag: the index is an LZMA2 raw stream
+_META_LZMA = 1  # format 3 header flag: u32 raw length, then the metadata as LZMA2 raw
 _LZMA_WRITE = [
     {"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": INDEX_DICT_BYTES, "lc": 0, "pb": 0}
 ]
@@ -202,8 +203,13 @@ class ContainerHeader:
         meta = json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode()
         if len(meta) > MAX_META_BYTES:
             raise ValueError(f"container metadata is {len(meta)} bytes, limit {MAX_META_BYTES}")
-        head = _HEAD.pack(MAGIC, self.version, 0, bytes.fromhex(self.code_sha256), len(meta))
-        body = head + meta
+        flags, stored = 0, meta
+        if self.version >= 3:  # format 3 compresses the metadata when that is smaller
+            packed = _lzma(meta)
+            if len(packed) + _U32.size < len(meta):
+                flags, stored = _META_LZMA, _U32.pack(len(meta)) + packed
+        digest = bytes.fromhex(self.code_sha256)
+        body = _HEAD.pack(MAGIC, self.version, flags, digest, len(stored)) + stored
         return body + _U32.pack(zlib.crc32(body))
 
 
@@ -245,7 +251,7 @@ class _Group:
     def to_bytes(self) -> bytes:
         """``tag body_len body crc``; the index compressed when that is smaller."""
         raw = self.index()
-        packed = lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_WRITE)
+        packed = _lzma(raw)
         body = bytearray()
         varint.put(body, len(self.payloads))
         if len(packed) + 2 < len(raw):
@@ -429,7 +435,7 @@ class ContainerReader:
             raise CorruptBitstream(f"not an NEC container (magic {head[:4]!r}, expected {MAGIC!r})")
         if len(head) != _HEAD.size:
             raise CorruptBitstream("container truncated inside the header")
-        magic, version, _flags, digest, meta_len = _HEAD.unpack(head)
+        magic, version, flags, digest, meta_len = _HEAD.unpack(head)
         if version not in _READABLE_VERSIONS:
             raise CorruptBitstream(
                 f"container format version {version} is not supported (this reader: "
@@ -437,10 +443,11 @@ class ContainerReader:
             )
         if meta_len > MAX_META_BYTES:
             raise CorruptBitstream(f"container metadata length {meta_len} exceeds the limit")
-        meta = self._read(meta_len, "metadata")
+        stored = self._read(meta_len, "metadata")
         (crc,) = _U32.unpack(self._read(4, "header CRC"))
-        if zlib.crc32(head + meta) != crc:
+        if zlib.crc32(head + stored) != crc:
             raise CorruptBitstream("container header CRC mismatch: the header is corrupt")
+        meta = _header_meta(stored, flags if version >= 3 else 0)
         try:
             parsed = json.loads(meta)
         except (ValueError, RecursionError) as err:
@@ -557,17 +564,7 @@ class ContainerReader:
         if not flags & _INDEX_LZMA:
             return bytes(cur.take(stored, "index"))
         raw_len = cur.uint(32, "index raw length", MAX_INDEX_BYTES)
-        packed = bytes(cur.take(stored, "index"))
-        unpacker = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_READ)
-        try:
-            raw = unpacker.decompress(packed, max_length=raw_len)
-        except lzma.LZMAError as err:
-            raise CorruptBitstream(f"{where}: the compressed index is corrupt: {err}") from err
-        if len(raw) != raw_len or not unpacker.eof or unpacker.unused_data:
-            raise CorruptBitstream(
-                f"{where}: the compressed index does not hold the {raw_len} bytes it declares"
-            )
-        return raw
+        return _unlzma(bytes(cur.take(stored, "index")), raw_len, f"{where} index")
 
     # -- formats 1 and 2 -----------------------------------------------------------------
 
@@ -629,6 +626,39 @@ class ContainerReader:
         if info is None:
             raise CorruptBitstream(f"{where}: must hold a JSON object")
         self.sources[source] = info
+
+
+def _lzma(data: bytes) -> bytes:
+    """``data`` as a raw LZMA2 stream with the format's filter settings."""
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_WRITE)
+
+
+def _unlzma(packed: bytes, raw_len: int, where: str) -> bytes:
+    """The ``raw_len`` bytes a raw LZMA2 stream holds; anything else is corruption."""
+    unpacker = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_READ)
+    try:
+        raw = unpacker.decompress(packed, max_length=raw_len)
+    except lzma.LZMAError as err:
+        raise CorruptBitstream(f"{where}: the compressed bytes are corrupt: {err}") from err
+    if len(raw) != raw_len or not unpacker.eof or unpacker.unused_data:
+        raise CorruptBitstream(
+            f"{where}: the compressed bytes do not hold the {raw_len} bytes they declare"
+        )
+    return raw
+
+
+def _header_meta(stored: bytes, flags: int) -> bytes:
+    """The metadata JSON bytes of a CRC-checked header (format 3 may compress them)."""
+    if flags & ~_META_LZMA:
+        raise CorruptBitstream(f"container header has unknown flags {flags:#06x}")
+    if not flags:
+        return stored
+    if len(stored) < _U32.size:
+        raise CorruptBitstream("container metadata: too short for its length field")
+    (raw_len,) = _U32.unpack_from(stored)
+    if raw_len > MAX_META_BYTES:
+        raise CorruptBitstream(f"container metadata length {raw_len} exceeds the limit")
+    return _unlzma(stored[_U32.size :], raw_len, "container metadata")
 
 
 def _source_info(name: bytes, body: bytes, where: str) -> tuple[str, dict[str, Any] | None]:

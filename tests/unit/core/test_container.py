@@ -464,11 +464,11 @@ def test_unknown_group_flags_and_a_damaged_compressed_index_are_corrupt():
     )
     _, tiles = _read_all(_v3(packed, b"xyz", 1, flags=1, raw_len=len(index)))
     assert tiles[0].payload == b"xyz"
-    with pytest.raises(CorruptBitstream, match="does not hold the 99 bytes"):
+    with pytest.raises(CorruptBitstream, match="do not hold the 99 bytes"):
         _read_all(_v3(packed, b"xyz", 1, flags=1, raw_len=99))
-    with pytest.raises(CorruptBitstream, match="does not hold the 3 bytes"):
+    with pytest.raises(CorruptBitstream, match="do not hold the 3 bytes"):
         _read_all(_v3(packed, b"xyz", 1, flags=1, raw_len=3))
-    with pytest.raises(CorruptBitstream, match="compressed index"):
+    with pytest.raises(CorruptBitstream, match="index: the compressed bytes are corrupt"):
         _read_all(_v3(b"\xff" * 12, b"xyz", 1, flags=1, raw_len=len(index)))
 
 
@@ -489,3 +489,52 @@ def test_writer_refuses_what_format_3_cannot_hold():
         w.write_tile(b"", source="x" * 4097)
     with pytest.raises(ValueError, match="writes format 3, the header is format 2"):
         ContainerWriter(io.BytesIO(), ContainerHeader(SHA, dict(META), version=2))
+
+
+BIG_META = {**META, "normalisation": {"scale": 1.0, "mean": [0.125] * 40, "std": [0.5] * 40}}
+
+
+def _header(flags: int, stored: bytes) -> bytes:
+    body = struct.pack("<4sHH32sI", MAGIC, 3, flags, bytes.fromhex(SHA), len(stored)) + stored
+    end = b"\x00\x00"
+    return (
+        body + struct.pack("<I", zlib.crc32(body)) + b"E" + end + struct.pack("<I", zlib.crc32(end))
+    )
+
+
+def test_large_metadata_is_stored_compressed_and_reads_back():
+    data = ContainerHeader(SHA, BIG_META).to_bytes()
+    raw = json.dumps(BIG_META, sort_keys=True, separators=(",", ":")).encode()
+    assert struct.unpack_from("<H", data, 6) == (1,) and len(data) < len(raw)
+    header, _ = _read_all(_container([], meta=BIG_META))
+    assert header.meta == BIG_META
+
+
+def test_bad_header_flags_and_lying_metadata_lengths_are_corrupt():
+    raw = json.dumps(BIG_META, sort_keys=True, separators=(",", ":")).encode()
+    packed = framing._lzma(raw)
+    assert _read_all(_header(1, struct.pack("<I", len(raw)) + packed))[0].meta == BIG_META
+    with pytest.raises(CorruptBitstream, match="unknown flags 0x0002"):
+        _read_all(_header(2, raw))
+    with pytest.raises(CorruptBitstream, match=f"do not hold the {len(raw) + 1} bytes"):
+        _read_all(_header(1, struct.pack("<I", len(raw) + 1) + packed))
+    with pytest.raises(CorruptBitstream, match="exceeds the limit"):
+        _read_all(_header(1, struct.pack("<I", framing.MAX_META_BYTES + 1) + packed))
+    with pytest.raises(CorruptBitstream, match="too short"):
+        _read_all(_header(1, b"\x01"))
+    # Formats 1 and 2 reserved the field and rejected nothing on it: still so.
+    old = container_v2.container(SHA, META, [dict(payload=b"x")])
+    flagged = bytearray(old)
+    flagged[6:8] = b"\x07\x00"
+    meta_end = 44 + struct.unpack_from("<I", old, 40)[0]
+    flagged[meta_end : meta_end + 4] = struct.pack("<I", zlib.crc32(bytes(flagged[:meta_end])))
+    assert [t.payload for t in _read_all(bytes(flagged))[1]] == [b"x"]
+
+
+def test_damage_to_a_compressed_header_is_detected_at_every_byte():
+    data = _container([b"abc"], meta=BIG_META)
+    for pos in range(len(data)):
+        damaged = bytearray(data)
+        damaged[pos] ^= 0x01
+        with pytest.raises(CorruptBitstream):
+            _read_all(bytes(damaged))
