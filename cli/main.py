@@ -263,13 +263,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         digest = "code_sha256" if reader.header.names_code else "table_sha256"
         info = {"version": reader.header.version, digest: reader.header.code_sha256}
         info.update(reader.header.meta)
-        sizes = []
+        tiles = 0
         for rec in reader:
-            sizes.append(len(rec.payload))
+            tiles += 1
             if args.tiles:
-                print(f"tile {rec.index}: {rec.source} @({rec.row},{rec.col}) {len(rec.payload)} B")
-        info["tiles"] = len(sizes)
-        info["payload_bytes"] = sum(sizes)
+                share = f" (part {rec.part + 1} of {rec.parts})" if rec.parts > 1 else ""
+                where = f"{rec.source} @({rec.row},{rec.col})"
+                print(f"tile {rec.index}: {where} {len(rec.payload)} B{share}")
+        info["tiles"] = tiles
+        info["payload_bytes"] = reader.payload_bytes
         info["container_bytes"] = Path(args.input).stat().st_size
     print(json.dumps(info, indent=2, sort_keys=True))
     return 0

@@ -16,7 +16,7 @@ import json
 import lzma
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "MAGIC",
     "ContainerHeader",
     "TileRecord",
+    "TilePlace",
     "ContainerWriter",
     "ContainerReader",
 ]
@@ -220,6 +221,11 @@ class TileRecord:
     ``row``/``col`` are the tile's pixel origin in its source image and
     ``source_height``/``source_width`` that image's size, so a decoder can put a scene back
     together; tiles that are whole images have origin (0, 0).
+
+    ``payload`` is the entropy-coded stream the tile is in. Most streams hold one tile;
+    where the family codes several tiles as one stream (:attr:`ModelFamily.shared_streams`),
+    the tile is number ``part`` of the ``parts`` tiles of ``payload``, and those records
+    share one ``bytes`` object.
     """
 
     index: int
@@ -229,6 +235,19 @@ class TileRecord:
     source_height: int
     source_width: int
     payload: bytes = field(repr=False)
+    part: int = 0
+    parts: int = 1
+
+
+@dataclass(frozen=True)
+class TilePlace:
+    """Where a tile comes from: its source image, that image's size, the tile's origin."""
+
+    source: str = ""
+    row: int = 0
+    col: int = 0
+    source_height: int = 0
+    source_width: int = 0
 
 
 class _Group:
@@ -239,21 +258,25 @@ class _Group:
         self.new_sources = 0
         self.heads = bytearray()
         self.origins = bytearray()
+        self.stream_tiles = bytearray()
         self.lengths = bytearray()
         self.payloads: list[bytes] = []
         self.payload_bytes = 0
+        self.tiles = 0
 
     def index(self) -> bytes:
         out = bytearray()
         varint.put(out, self.new_sources)
-        return bytes(out + self.sources + self.heads + self.origins + self.lengths)
+        out += self.sources + self.heads + self.origins
+        varint.put(out, len(self.payloads))
+        return bytes(out + self.stream_tiles + self.lengths)
 
     def to_bytes(self) -> bytes:
         """``tag body_len body crc``; the index compressed when that is smaller."""
         raw = self.index()
         packed = _lzma(raw)
         body = bytearray()
-        varint.put(body, len(self.payloads))
+        varint.put(body, self.tiles)
         if len(packed) + 2 < len(raw):
             body.append(_INDEX_LZMA)
             varint.put(body, len(packed))
@@ -305,33 +328,61 @@ class ContainerWriter:
         source_height: int = 0,
         source_width: int = 0,
     ) -> int:
-        """Add one tile; returns its index. It is written with the rest of its group."""
+        """Add one tile whose stream is ``payload``; returns its index.
+
+        It is written with the rest of its group.
+        """
+        return self.write_stream(
+            payload, [TilePlace(source, row, col, source_height, source_width)]
+        )
+
+    def write_stream(self, stream: bytes, tiles: Sequence[TilePlace]) -> int:
+        """Add one entropy-coded ``stream`` that holds ``tiles``, in order.
+
+        Returns the index of the first of them. A stream of several tiles is for families
+        whose codec joins tiles (:attr:`ModelFamily.shared_streams`): one final-state
+        flush and one length for all of them.
+        """
         if self._closed:
             raise ValueError("container already closed")
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            raise ValueError(f"tile payload is {len(payload)} bytes, limit {MAX_PAYLOAD_BYTES}")
-        for name, value in (("row", row), ("col", col)):
-            if not -(1 << 31) <= value < 1 << 31:
-                raise ValueError(f"tile {name} {value} is outside the 32-bit signed range")
+        if not tiles or len(tiles) > MAX_GROUP_TILES:
+            raise ValueError(f"a stream holds 1..{MAX_GROUP_TILES} tiles, got {len(tiles)}")
+        if len(stream) > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"tile payload is {len(stream)} bytes, limit {MAX_PAYLOAD_BYTES}")
+        for place in tiles:
+            for name, value in (("row", place.row), ("col", place.col)):
+                if not -(1 << 31) <= value < 1 << 31:
+                    raise ValueError(f"tile {name} {value} is outside the 32-bit signed range")
         group = self._group
-        if group.payloads and group.payload_bytes + len(payload) > MAX_PAYLOAD_BYTES:
+        if group.payloads and (
+            group.payload_bytes + len(stream) > MAX_PAYLOAD_BYTES
+            or group.tiles + len(tiles) > MAX_GROUP_TILES
+        ):
             self._flush()
             group = self._group
-        number = self._source_number(source, source_height, source_width)
-        placed = (row, col) != (0, 0)
+        for place in tiles:
+            self._place(group, place)
+        varint.put(group.stream_tiles, len(tiles))
+        varint.put(group.lengths, len(stream))
+        group.payloads.append(stream)
+        group.payload_bytes += len(stream)
+        group.tiles += len(tiles)
+        first = self._count
+        self._count += len(tiles)
+        self._total += len(stream)
+        if group.payload_bytes >= GROUP_PAYLOAD_BYTES or group.tiles >= GROUP_TILES:
+            self._flush()
+        return first
+
+    def _place(self, group: _Group, place: TilePlace) -> None:
+        """One tile's head (its source, whether it has an origin) and origin."""
+        number = self._source_number(place.source, place.source_height, place.source_width)
+        placed = (place.row, place.col) != (0, 0)
         varint.put(group.heads, varint.zigzag(number - self._last_source) << 1 | placed)
         self._last_source = number
         if placed:
-            varint.put_signed(group.origins, row)
-            varint.put_signed(group.origins, col)
-        varint.put(group.lengths, len(payload))
-        group.payloads.append(payload)
-        group.payload_bytes += len(payload)
-        self._count += 1
-        self._total += len(payload)
-        if group.payload_bytes >= GROUP_PAYLOAD_BYTES or len(group.payloads) >= GROUP_TILES:
-            self._flush()
-        return self._count - 1
+            varint.put_signed(group.origins, place.row)
+            varint.put_signed(group.origins, place.col)
 
     def _source_number(self, name: str, height: int, width: int) -> int:
         """The number of the source ``(name, height, width)``, entered on first use."""
@@ -412,6 +463,8 @@ class ContainerReader:
         self._f = fileobj
         self.header = self._read_header()
         self.tile_count: int | None = None
+        #: Entropy-coded bytes of the tiles read so far (a shared stream's once).
+        self.payload_bytes = 0
         #: Georeferencing of the sources read so far: name -> info (see
         #: :meth:`ContainerWriter.write_source`).
         self.sources: dict[str, dict[str, Any]] = {}
@@ -487,7 +540,9 @@ class ContainerReader:
             for record in records:
                 yield record
                 count += 1
-                total += len(record.payload)
+                if record.part == 0:  # a stream's bytes count once
+                    total += len(record.payload)
+                    self.payload_bytes = total
 
     def _file_varint(self, bits: int, what: str, limit: int) -> tuple[bytes, int]:
         """A varint read from the file byte by byte: (its bytes, its value)."""
@@ -541,18 +596,36 @@ class ContainerReader:
             last = number
             row, col = (index.cur.int32("row"), index.cur.int32("col")) if head & 1 else (0, 0)
             records.append((table[number], row, col))
-        lengths = [index.cur.uint(32, "payload length", MAX_PAYLOAD_BYTES) for _ in heads]
+        spans, lengths = self._streams(index, tiles, where)
         if index.cur.left:
-            raise CorruptBitstream(f"{where} index: {index.cur.left} bytes after the last tile")
+            raise CorruptBitstream(f"{where} index: {index.cur.left} bytes after the last stream")
         if sum(lengths) != cur.left:
             raise CorruptBitstream(
-                f"{where}: tiles declare {sum(lengths)} payload bytes, the group holds {cur.left}"
+                f"{where}: streams declare {sum(lengths)} payload bytes, the group holds {cur.left}"
             )
-        out = []
-        for i, ((src, row, col), n) in enumerate(zip(records, lengths, strict=True)):
-            payload = bytes(cur.take(n, f"tile {first + i} payload"))
-            out.append(TileRecord(first + i, src.name, row, col, src.height, src.width, payload))
+        out, at = [], iter(records)
+        for n, length in zip(spans, lengths, strict=True):
+            stream = bytes(cur.take(length, f"tile {first + len(out)} payload"))
+            for part in range(n):
+                src, row, col = next(at)
+                i = first + len(out)
+                out.append(
+                    TileRecord(i, src.name, row, col, src.height, src.width, stream, part, n)
+                )
         return out, last
+
+    @staticmethod
+    def _streams(index: _Index, tiles: int, where: str) -> tuple[list[int], list[int]]:
+        """Tiles per stream and stream lengths; the streams must hold the group's tiles."""
+        cur = index.cur
+        count = cur.uint(32, "stream count", tiles)
+        spans = [cur.uint(32, "tiles in a stream", MAX_GROUP_TILES) for _ in range(count)]
+        if 0 in spans or sum(spans) != tiles:
+            raise CorruptBitstream(
+                f"{where}: its streams hold {sum(spans)} tiles (each at least one), the group "
+                f"{tiles}"
+            )
+        return spans, [cur.uint(32, "payload length", MAX_PAYLOAD_BYTES) for _ in spans]
 
     @staticmethod
     def _index_bytes(cur: varint.Cursor, where: str) -> bytes:
@@ -588,6 +661,7 @@ class ContainerReader:
             yield record
             count += 1
             total += len(record.payload)
+            self.payload_bytes = total
 
     def _read_tile(self, count: int) -> TileRecord:
         fixed = self._read(_TILE.size, f"tile {count} header")

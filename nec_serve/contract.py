@@ -668,6 +668,10 @@ class ModelFamily:
         default_output: what decoding gives when no output is asked for (default: the
             output of its first decoding graph, else symbols).
         georeferenced: its containers record each source's CRS and transform.
+        shared_streams: a batch of its tiles is entropy-coded as one stream (one final-state
+            flush, one length): the tiles' symbol rows joined, row by row, as one tile of
+            ``batch x tokens`` positions. False keeps one stream per tile (NEC: the
+            payload of an image stays CompressAI's).
         default_roles: roles an export with default options has, which ``k8s/`` serves
             (``nec_serve.deploy``); empty: every role of ``graph_names``.
         trainers: its ``nec-serve train`` stages.
@@ -683,6 +687,7 @@ class ModelFamily:
     rate_help: str = ""
     default_output: str | None = None
     georeferenced: bool = False
+    shared_streams: bool = False
     trainers: Mapping[str, Trainer] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

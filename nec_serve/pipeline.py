@@ -26,7 +26,13 @@ from tqdm import tqdm
 
 from nec_serve import __version__
 from nec_serve.bundle import ModelBundle
-from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter, TileRecord
+from nec_serve.container import (
+    ContainerHeader,
+    ContainerReader,
+    ContainerWriter,
+    TilePlace,
+    TileRecord,
+)
 from nec_serve.contract import (
     UNNAMED_FAMILY,
     GraphRole,
@@ -157,15 +163,6 @@ class CompressStats:
         )
 
 
-@dataclass
-class _Pending:
-    name: str
-    row: int
-    col: int
-    height: int
-    width: int
-
-
 class _Counter:
     """Counts bytes written through to a file object."""
 
@@ -232,7 +229,7 @@ def compress(
             writer.write_source(name, geo)
         image_tiles, grid = tile_image(raw, bundle.img_size)
         for tile, (row, col) in zip(image_tiles, grid.origins(), strict=True):
-            batch.add(tile, _Pending(name, row, col, grid.height, grid.width))
+            batch.add(tile, TilePlace(name, row, col, grid.height, grid.width))
             if len(batch.tiles) == batch_size:
                 batch.flush(writer)
         t_read = time.perf_counter()
@@ -254,9 +251,9 @@ class _Batch:
         self.stats, self.bar = stats, bar
         self.norm: Normalisation | None = None  # the container's, set with its header
         self.tiles: list[np.ndarray] = []
-        self.pending: list[_Pending] = []
+        self.pending: list[TilePlace] = []
 
-    def add(self, tile: np.ndarray, where: _Pending) -> None:
+    def add(self, tile: np.ndarray, where: TilePlace) -> None:
         self.tiles.append(tile)
         self.pending.append(where)
 
@@ -269,21 +266,20 @@ class _Batch:
         symbols, latent = self.engine.encode(batch)
         t2 = time.perf_counter()
         _check_engine_output(symbols, len(self.tiles), self.bundle)
-        streams = codec.encode_batch(symbols, levels)
+        if self.bundle.manifest.family_spec.shared_streams:
+            stream = codec.encode_batch(join_tiles(symbols), levels)[0]
+            writer.write_stream(stream, self.pending)
+            stats.payload_bytes += len(stream)
+        else:
+            for place, payload in zip(
+                self.pending, codec.encode_batch(symbols, levels), strict=True
+            ):
+                writer.write_stream(payload, [place])
+                stats.payload_bytes += len(payload)
         # Report figures, kept cheap (they run on the wrapper's hot path): the bound in one
         # batched call, the rounding error without float64 temporaries.
         stats.entropy_bound_bits += codec.entropy_bound_bits(symbols, levels)
         stats.quant_sq_err += codec.rounding_sq_err(symbols, latent)
-        for info, payload in zip(self.pending, streams, strict=True):
-            writer.write_tile(
-                payload,
-                source=info.name,
-                row=info.row,
-                col=info.col,
-                source_height=info.height,
-                source_width=info.width,
-            )
-            stats.payload_bytes += len(payload)
         t3 = time.perf_counter()
         stats.seconds["preprocess"] += t1 - t0
         stats.seconds["inference"] += t2 - t1
@@ -470,11 +466,11 @@ def _iter_decoded(
     records: list[TileRecord] = []
 
     rate = bundle.manifest.family_spec.rate
-    levels = header.meta.get(rate) if rate else None
+    streams = _Streams(bundle, header.meta.get(rate) if rate else None)
 
     def run() -> np.ndarray:
         t0 = time.perf_counter()
-        symbols = bundle.codec.decode_batch([r.payload for r in records], bundle.tokens, levels)
+        symbols = streams.decode(records)
         t1 = time.perf_counter()
         out = symbols if role is None else engine.decode(role, symbols)
         if timer is not None:
@@ -490,6 +486,47 @@ def _iter_decoded(
             records.clear()
     if records:
         yield list(records), run()
+
+
+def join_tiles(symbols: np.ndarray) -> np.ndarray:
+    """``(n, rows, tokens)`` symbols as one tile ``(1, rows, n * tokens)``, row by row.
+
+    How a family with :attr:`ModelFamily.shared_streams` codes a batch as one stream: row
+    ``r`` of the joined tile is row ``r`` of every tile in turn, so each row keeps its
+    table. :func:`split_tiles` undoes it.
+    """
+    n, rows, tokens = symbols.shape
+    return np.ascontiguousarray(symbols.transpose(1, 0, 2)).reshape(1, rows, n * tokens)
+
+
+def split_tiles(joined: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` tiles ``(n, rows, tokens)`` of one joined tile ``(rows, n * tokens)``."""
+    rows, length = joined.shape
+    return joined.reshape(rows, n, length // n).transpose(1, 0, 2)
+
+
+class _Streams:
+    """Entropy-decodes tile records, a stream shared by several tiles once."""
+
+    def __init__(self, bundle: ModelBundle, levels: int | None):
+        self.codec, self.tokens, self.levels = bundle.codec, bundle.tokens, levels
+        self._last: tuple[bytes, np.ndarray] | None = None  # the last shared stream, decoded
+
+    def decode(self, records: list[TileRecord]) -> np.ndarray:
+        """The symbols of ``records``, ``(len(records), rows, tokens)``."""
+        if all(r.parts == 1 for r in records):
+            return self.codec.decode_batch([r.payload for r in records], self.tokens, self.levels)
+        return np.stack([self._tile(r) for r in records])
+
+    def _tile(self, record: TileRecord) -> np.ndarray:
+        if record.parts == 1:
+            return self.codec.decode_batch([record.payload], self.tokens, self.levels)[0]
+        if self._last is None or self._last[0] is not record.payload:
+            joined = self.codec.decode_batch(
+                [record.payload], self.tokens * record.parts, self.levels
+            )[0]
+            self._last = (record.payload, split_tiles(joined, record.parts))
+        return self._last[1][record.part]
 
 
 def check_decoded_size(

@@ -140,6 +140,7 @@ RVQ = register_family(
         "has)",
         default_output=GraphRole.RECONSTRUCTION.output,
         georeferenced=True,
+        shared_streams=True,
         trainers={
             "rvq": Trainer(
                 "nec_models.train_rvq:RVQConfig",

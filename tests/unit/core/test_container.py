@@ -61,8 +61,8 @@ def test_layout_matches_the_written_spec():
     assert crc == zlib.crc32(data[:meta_end])
     group = data[meta_end + 4 :]
     # one source of 11 bytes, 100 x 90, no info; a tile of the next source (delta +1,
-    # zigzag 2, shifted: 4) at its origin; a 4-byte payload
-    index = b"\x01\x0bscene-0.tif\x64\x5a\x00" + b"\x04" + b"\x04"
+    # zigzag 2, shifted: 4) at its origin; one stream of one tile, 4 bytes
+    index = b"\x01\x0bscene-0.tif\x64\x5a\x00" + b"\x04" + b"\x01\x01\x04"
     body = b"\x01" + b"\x00" + bytes([len(index)]) + index + b"abcd"
     assert group[:1] == b"G" and group[1] == len(body) and group[2 : 2 + len(body)] == body
     (crc,) = struct.unpack_from("<I", group, 2 + len(body))
@@ -425,10 +425,11 @@ def _v3(index: bytes, payloads: bytes, tiles: int, *, flags: int = 0, raw_len=No
 
 
 ONE_SOURCE = b"\x01\x01a\x08\x08\x00"  # one source "a", 8 x 8, no info
+S1 = b"\x01\x01"  # one stream of one tile (its length follows)
 
 
 def test_hand_built_group_reads_back():
-    _, tiles = _read_all(_v3(ONE_SOURCE + b"\x04" + b"\x03", b"xyz", 1))
+    _, tiles = _read_all(_v3(ONE_SOURCE + b"\x04" + b"\x01\x01\x03", b"xyz", 1))
     assert [(t.source, t.source_height, t.payload) for t in tiles] == [("a", 8, b"xyz")]
 
 
@@ -436,18 +437,26 @@ def test_hand_built_group_reads_back():
     ("index", "payloads", "tiles", "match"),
     [
         (b"\x7f" + b"\x01a" * 3, b"", 1, "declares 127 sources in 6 bytes"),
-        (ONE_SOURCE + b"\x08" + b"\x00", b"", 1, "refers to source 1, the name table holds 1"),
-        (ONE_SOURCE + b"\x03" + b"\x00", b"", 1, "refers to source -2"),
-        (ONE_SOURCE + b"\x04" + b"\x80\x80\x80\x80\x80\x01", b"", 1, "longer than a 32-bit"),
-        (ONE_SOURCE + b"\x04" + b"\x80\x80\x80\x80\x10", b"", 1, "overflows 32 bits"),
-        (ONE_SOURCE + b"\x04" + b"\x82\x00", b"ab", 1, "not minimally encoded"),
-        (ONE_SOURCE + b"\x04" + b"\x03", b"ab", 1, "declare 3 payload bytes, the group holds 2"),
-        (ONE_SOURCE + b"\x04" + b"\x02\x00", b"ab", 1, "1 bytes after the last tile"),
-        (ONE_SOURCE + b"\x04", b"", 1, "truncated inside payload length"),
+        (ONE_SOURCE + b"\x08" + S1 + b"\x00", b"", 1, "refers to source 1, the name table holds 1"),
+        (ONE_SOURCE + b"\x03" + S1 + b"\x00", b"", 1, "refers to source -2"),
+        (ONE_SOURCE + b"\x04" + S1 + b"\x80\x80\x80\x80\x80\x01", b"", 1, "longer than a 32-bit"),
+        (ONE_SOURCE + b"\x04" + S1 + b"\x80\x80\x80\x80\x10", b"", 1, "overflows 32 bits"),
+        (ONE_SOURCE + b"\x04" + S1 + b"\x82\x00", b"ab", 1, "not minimally encoded"),
+        (
+            ONE_SOURCE + b"\x04" + S1 + b"\x03",
+            b"ab",
+            1,
+            "declare 3 payload bytes, the group holds 2",
+        ),
+        (ONE_SOURCE + b"\x04" + S1 + b"\x02\x00", b"ab", 1, "1 bytes after the last stream"),
+        (ONE_SOURCE + b"\x04" + S1, b"", 1, "truncated inside payload length"),
+        (ONE_SOURCE + b"\x04" + b"\x02\x01\x01\x00\x00", b"", 1, "stream count 2 exceeds 1"),
+        (ONE_SOURCE + b"\x04" + b"\x01\x02\x00", b"", 1, "streams hold 2 tiles .*, the group 1"),
+        (ONE_SOURCE + b"\x04\x00" + b"\x02\x02\x00\x00\x00", b"", 2, "streams hold 2 tiles"),
         (ONE_SOURCE, b"", 0, "a group holds no tiles"),
-        (b"\x01\x02\xff\xfe\x01\x01\x00\x04\x00", b"", 1, "not valid UTF-8"),
-        (b"\x01\x01a\x01\x01\x02[]\x04\x00", b"", 1, "source info must be a JSON object"),
-        (ONE_SOURCE + b"\x05\x81\x80\x80\x80\x10\x00\x00", b"", 1, "row"),
+        (b"\x01\x02\xff\xfe\x01\x01\x00\x04" + S1 + b"\x00", b"", 1, "not valid UTF-8"),
+        (b"\x01\x01a\x01\x01\x02[]\x04" + S1 + b"\x00", b"", 1, "info must be a JSON object"),
+        (ONE_SOURCE + b"\x05\x81\x80\x80\x80\x10\x00" + S1 + b"\x00", b"", 1, "row"),
     ],
 )
 def test_malformed_group_index_is_corrupt_and_says_what(index, payloads, tiles, match):
@@ -456,7 +465,7 @@ def test_malformed_group_index_is_corrupt_and_says_what(index, payloads, tiles, 
 
 
 def test_unknown_group_flags_and_a_damaged_compressed_index_are_corrupt():
-    index = ONE_SOURCE + b"\x04\x03"
+    index = ONE_SOURCE + b"\x04" + S1 + b"\x03"
     with pytest.raises(CorruptBitstream, match="unknown group flags 0x02"):
         _read_all(_v3(index, b"xyz", 1, flags=2))
     packed = framing.lzma.compress(
@@ -538,3 +547,26 @@ def test_damage_to_a_compressed_header_is_detected_at_every_byte():
         damaged[pos] ^= 0x01
         with pytest.raises(CorruptBitstream):
             _read_all(bytes(damaged))
+
+
+def test_a_stream_of_several_tiles_is_shared_by_their_records():
+    buf = io.BytesIO()
+    places = [framing.TilePlace("s.tif", 0, 64 * i, 64, 192) for i in range(3)]
+    with ContainerWriter(buf, ContainerHeader(SHA, dict(META))) as w:
+        assert w.write_tile(b"one", source="a.tif") == 0
+        assert w.write_stream(b"joint", places) == 1
+        assert w.write_tile(b"two", source="b.tif") == 4
+    reader = ContainerReader(io.BytesIO(buf.getvalue()))
+    tiles = list(reader)
+    assert [(t.index, t.part, t.parts) for t in tiles] == [
+        (0, 0, 1),
+        (1, 0, 3),
+        (2, 1, 3),
+        (3, 2, 3),
+        (4, 0, 1),
+    ]
+    assert tiles[1].payload is tiles[3].payload and tiles[2].payload == b"joint"
+    assert [t.col for t in tiles[1:4]] == [0, 64, 128]
+    assert reader.payload_bytes == len(b"one" + b"joint" + b"two") and reader.tile_count == 5
+    with pytest.raises(ValueError, match="a stream holds 1..65536 tiles, got 0"):
+        ContainerWriter(io.BytesIO(), ContainerHeader(SHA, dict(META))).write_stream(b"", [])
