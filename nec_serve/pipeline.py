@@ -269,11 +269,10 @@ class _Batch:
         symbols, latent = self.engine.encode(batch)
         t2 = time.perf_counter()
         _check_engine_output(symbols, len(self.tiles), self.bundle)
-        streams = codec.encode_batch(symbols, levels)
-        # Report figures, kept cheap (they run on the wrapper's hot path): the bound in one
-        # batched call, the rounding error without float64 temporaries.
-        stats.entropy_bound_bits += codec.entropy_bound_bits(symbols, levels)
-        stats.quant_sq_err += codec.rounding_sq_err(symbols, latent)
+        # One coder call: the streams, and the report figures counted in the same pass.
+        streams, bound_bits, sq_err = codec.code_batch(symbols, latent, levels)
+        stats.entropy_bound_bits += bound_bits
+        stats.quant_sq_err += sq_err
         for info, payload in zip(self.pending, streams, strict=True):
             writer.write_tile(
                 payload,
