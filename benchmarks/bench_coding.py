@@ -17,8 +17,8 @@ Timed per tile, as the median over ``--repeats`` runs after one warm-up, in batc
   ``entropy_bound_bits`` and ``rounding_sq_err`` for a codec without it) and
   ``ContainerWriter.write_tile`` of every tile into an in-memory container;
 * ``stage_decode``: what ``pipeline.decompress`` does without a graph: iterate a
-  ``ContainerReader`` over that container, ``decode_batch`` each batch of payloads, and
-  gather the whole container's symbols into one ``(tiles, C, T)`` array.
+  ``ContainerReader`` over that container and ``decode_batch`` each batch of payloads
+  straight into the rows of one growing ``(tiles, C, T)`` output array.
 
 Targets (the issue's): 1,500 tiles/s per core for ``stage_encode``, 1,000 for
 ``stage_decode``. ``--profile`` prints the top of a cProfile of both stages.
@@ -48,6 +48,7 @@ from nec_dev.perf import machine_description  # noqa: E402
 from nec_serve.categorical import CategoricalCodec, categorical_tables  # noqa: E402
 from nec_serve.codec import FactorizedCodec  # noqa: E402
 from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter  # noqa: E402
+from nec_serve.pipeline import _Rows  # noqa: E402  (decompress's output, to time it as it is)
 
 ROOT = Path(__file__).resolve().parent
 CHANNELS, TOKENS = 768, 197
@@ -121,17 +122,23 @@ def stage_encode(codec, symbols, latent, levels, batch: int) -> bytes:
 
 
 def stage_decode(codec, data: bytes, tokens: int, levels, batch: int) -> np.ndarray:
-    """Read and decode every tile as ``pipeline.decompress`` does; ``(tiles, C, T)``."""
+    """Read and decode every tile as ``pipeline.decompress`` does; ``(tiles, C, T)``.
+
+    Each batch is decoded straight into the rows of the output, which grow in place
+    (``pipeline._Rows``), as ``decompress`` does when the output is the symbols.
+    """
     reader = ContainerReader(io.BytesIO(data))
-    parts, payloads = [], []
+    rows = _Rows(1 << 40)
+    shape, dtype = (codec.channels, tokens), np.dtype(np.int32)
+    payloads = []
     for record in reader:
         payloads.append(record.payload)
         if len(payloads) == batch:
-            parts.append(codec.decode_batch(payloads, tokens, levels))
+            codec.decode_batch(payloads, tokens, levels, out=rows.take(batch, shape, dtype))
             payloads = []
     if payloads:
-        parts.append(codec.decode_batch(payloads, tokens, levels))
-    return np.concatenate(parts)
+        codec.decode_batch(payloads, tokens, levels, out=rows.take(len(payloads), shape, dtype))
+    return rows.result()
 
 
 def timed(fn, repeats: int) -> float:

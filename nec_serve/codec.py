@@ -52,8 +52,15 @@ class LatentCodec(Protocol):
     def encode_batch(self, symbols: np.ndarray, rate: Any = None) -> list[bytes]:
         """One bitstream per tile of a ``(B, C, T)`` int32 batch."""
 
-    def decode_batch(self, streams: Sequence[bytes], tokens: int, rate: Any = None) -> np.ndarray:
-        """The ``(B, C, T)`` int32 symbols of ``streams``."""
+    def decode_batch(
+        self,
+        streams: Sequence[bytes],
+        tokens: int,
+        rate: Any = None,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The ``(B, C, T)`` int32 symbols of ``streams`` (written into ``out`` if given)."""
 
     def entropy_bound_bits(self, symbols: np.ndarray, rate: Any = None) -> float:
         """Ideal code length of the batch under the tables, in bits."""

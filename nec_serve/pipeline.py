@@ -16,7 +16,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -448,10 +448,13 @@ def _iter_decoded(
     *,
     limits: InputLimits | None = None,
     label: str = "container",
+    into: Callable[[int], np.ndarray] | None = None,
 ) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
     """As :func:`iter_decoded`; times its stages with ``timer`` when given.
 
-    Stage ``coding`` is entropy decoding, ``inference`` the graph.
+    Stage ``coding`` is entropy decoding, ``inference`` the graph. When the output is the
+    symbols, ``into(n)`` (if given) is where the next ``n`` tiles' symbols are decoded to,
+    a writable int32 ``(n, channels, tokens)`` array, which is then what is yielded.
     """
     limits = InputLimits() if limits is None else limits
     outputs = decode_outputs()
@@ -471,7 +474,12 @@ def _iter_decoded(
 
     def run() -> np.ndarray:
         t0 = time.perf_counter()
-        symbols = bundle.codec.decode_batch([r.payload for r in records], bundle.tokens, levels)
+        payloads = [r.payload for r in records]
+        if into is not None and role is None:
+            target = into(len(records))
+            symbols = bundle.codec.decode_batch(payloads, bundle.tokens, levels, out=target)
+        else:
+            symbols = bundle.codec.decode_batch(payloads, bundle.tokens, levels)
         t1 = time.perf_counter()
         out = symbols if role is None else engine.decode(role, symbols)
         if timer is not None:
@@ -554,7 +562,7 @@ def decompress(
     reader = ContainerReader(fileobj)
     bar = _progress(progress, "decompress", "tile")
     records: list[TileRecord] = []
-    parts: list[np.ndarray] = []
+    rows = _Rows(limits.max_decoded_bytes)
     tile: list[tuple[tuple[int, ...], np.dtype]] = []  # one decoded tile's shape, dtype
 
     def admitted() -> Iterator[TileRecord]:
@@ -565,19 +573,79 @@ def decompress(
                 check_decoded_size(n, *tile[0], limits, label)
             yield record
 
+    symbols = (bundle.codec.channels, bundle.tokens)  # symbols decode straight into rows
     for batch_records, arr in _iter_decoded(
-        reader.header, admitted(), bundle, engine, output, batch_size, limits=limits, label=label
+        reader.header,
+        admitted(),
+        bundle,
+        engine,
+        output,
+        batch_size,
+        limits=limits,
+        label=label,
+        into=lambda n: rows.take(n, symbols, np.dtype(np.int32)),
     ):
         if not tile:
             tile.append((tuple(arr.shape[1:]), arr.dtype))
         check_decoded_size(len(records) + len(batch_records), *tile[0], limits, label)
         records.extend(batch_records)
-        parts.append(arr)
+        rows.add(arr)
         bar.update(len(batch_records))
+        del arr  # no view of the rows while they grow: they can then grow in place
     bar.close()
-    if not parts:
+    if not rows.count:
         raise InvalidInput("container holds no tiles")
-    return reader.header, records, np.concatenate(parts)
+    return reader.header, records, rows.result()
+
+
+class _Rows:
+    """One ``(n, ...)`` array filled batch by batch, in place of a list and a concatenation.
+
+    It grows by doubling with ``ndarray.resize`` (``realloc``, which moves the pages of a
+    large array rather than copying them), so a decoded container is written once and
+    memory peaks at its size, not twice it; if a view of it is alive, it grows by copying.
+    Doubling stops at ``most_bytes`` (the decode limit, checked by the caller).
+    """
+
+    def __init__(self, most_bytes: int) -> None:
+        self.array: np.ndarray | None = None
+        self.count = 0
+        self.most_bytes = most_bytes
+
+    def take(self, n: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The next ``n`` rows of ``shape``/``dtype``, counted as filled."""
+        if self.array is None:
+            self.array = np.empty((n, *shape), dtype)
+        elif self.array.shape[1:] != shape or self.array.dtype != dtype:
+            raise InvalidInput(f"decoded tiles change from {self.array.shape[1:]} to {shape}")
+        if self.count + n > len(self.array):
+            most = self.most_bytes // max(1, self.array[0].nbytes)
+            self._resize(max(self.count + n, min(2 * len(self.array), most)))
+        self.count += n
+        return self.array[self.count - n : self.count]
+
+    def add(self, batch: np.ndarray) -> None:
+        """Append ``batch``, unless it is the rows :meth:`take` gave (then it is there)."""
+        if self.array is None or batch.base is not self.array:
+            self.take(len(batch), tuple(batch.shape[1:]), batch.dtype)[...] = batch
+
+    def result(self) -> np.ndarray:
+        """The filled rows, as one array."""
+        assert self.array is not None
+        self._resize(self.count)
+        return self.array
+
+    def _resize(self, length: int) -> None:
+        assert self.array is not None
+        if length == len(self.array):
+            return
+        try:
+            self.array.resize((length, *self.array.shape[1:]), refcheck=True)
+        except ValueError:  # referenced elsewhere: grow (or shrink) by copying
+            grown = np.empty((length, *self.array.shape[1:]), self.array.dtype)
+            keep = min(length, self.count)
+            grown[:keep] = self.array[:keep]
+            self.array = grown
 
 
 def write_embeddings(
