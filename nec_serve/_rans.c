@@ -36,6 +36,14 @@
  * directly unless the bucket straddles a symbol boundary (then a short scan of
  * the CDF follows).  Both are built once per Tables object.  The GIL is
  * released while coding.
+ *
+ * Batches: encode_tiles and decode_tiles code a whole (B, rows, tokens) batch in one call
+ * (row r with channel r, no index array), two tiles at a time with their symbols
+ * interleaved: each symbol waits on the one before it in its stream, so two independent
+ * streams nearly double the symbols coded per cycle.  encode_tiles also counts the
+ * entropy bound and the rounding error of the latents in the same pass.  A pair with a bad
+ * tile is coded again one tile at a time, so errors name the first bad tile or stream
+ * exactly as tile-by-tile calls would.
  */
 
 #define PY_SSIZE_T_CLEAN
