@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench bench-codec bench-encoder bench-serving \
-	bench-pipeline bench-perf bench-rate bench-rvq train-eurosat train-s2 clean
+.PHONY: install demo test test-fast lint format bench bench-codec bench-coding bench-encoder \
+	bench-serving bench-pipeline bench-perf bench-rate bench-rvq train-eurosat train-s2 clean
 
 $(STAMP): requirements/lock.txt requirements/build.txt pyproject.toml dev/pyproject.toml setup.py nec_serve/_rans.c scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -44,11 +44,14 @@ $(BENCH_EXPORT)/manifest.json: | install
 	PYTHONWARNINGS=ignore $(BIN)/nec-serve export --model mae_vit_compress_adapter \
 		--calibrate $(CALIBRATION) --calibrate-tiles 20 --out $(BENCH_EXPORT)
 
-bench: bench-codec bench-encoder bench-serving bench-pipeline bench-perf  ## all, then SUMMARY.md
+bench: bench-codec bench-coding bench-encoder bench-serving bench-pipeline bench-perf  ## all, then SUMMARY.md
 	$(BIN)/python benchmarks/report.py
 
 bench-codec: install  ## rANS coder vs CompressAI and constriction, against the entropy bound
 	$(BIN)/python benchmarks/bench_codec.py
+
+bench-coding: install  ## the coding stage per ViT-B tile, one core: coder alone and with the container
+	$(BIN)/python benchmarks/bench_coding.py --rvq
 
 bench-encoder: $(BENCH_EXPORT)/manifest.json  ## in-process PyTorch (GPU if any) and onnxruntime
 	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/bench_encoder.py --onnx-dir $(BENCH_EXPORT)

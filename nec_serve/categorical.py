@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from nec_serve import _rans
+from nec_serve.codec import output_array
 from nec_serve.errors import CorruptBitstream, InvalidInput
 from nec_serve.tables import EntropyTables
 
@@ -138,8 +139,16 @@ class CategoricalCodec:
         """Code the first ``levels`` rows of each ``(B, levels_total, T)`` tile; one stream each."""
         levels = self.check_levels(self.levels if levels is None else levels)
         used = self._check(indices, levels)
-        idx = self._indexes(levels, used.shape[2])
-        return [self._native.encode(tile, idx) for tile in used]
+        return self._native.encode_tiles(used, levels, used.shape[2])[0]
+
+    def code_batch(
+        self, indices: np.ndarray, latent: np.ndarray, levels: int | None = None
+    ) -> tuple[list[bytes], float, float]:
+        """:meth:`encode_batch` and :meth:`entropy_bound_bits` in one C pass; no rounding."""
+        levels = self.check_levels(self.levels if levels is None else levels)
+        used = self._check(indices, levels)
+        streams, bits, _ = self._native.encode_tiles(used, levels, used.shape[2])
+        return streams, bits, 0.0
 
     def entropy_bound_bits(self, indices: np.ndarray, levels: int | None = None) -> float:
         """Ideal code length of the first ``levels`` rows under the tables, in bits."""
@@ -153,17 +162,51 @@ class CategoricalCodec:
         return 0.0
 
     def decode_batch(
-        self, streams: Sequence[bytes], tokens: int, levels: int | None = None
+        self,
+        streams: Sequence[bytes],
+        tokens: int,
+        levels: int | None = None,
+        *,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Decode streams of ``levels`` rows into ``(B, levels_total, T)``, -1 in unused rows."""
+        """Decode streams of ``levels`` rows into ``(B, levels_total, T)``, -1 in unused rows.
+
+        One C call decodes the batch; ``out`` (a writable C-contiguous int32 array of that
+        shape) receives the indices instead of a new array.
+        """
         if isinstance(streams, (bytes, bytearray, memoryview, str)):
             raise InvalidInput("decode_batch expects a sequence of bitstreams, not one stream")
         levels = self.check_levels(self.levels if levels is None else levels)
         if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1:
             raise InvalidInput(f"tokens must be a positive integer, got {tokens!r}")
-        out = np.full((len(streams), self.levels, int(tokens)), UNUSED_LEVEL, dtype=np.int32)
-        idx = self._indexes(levels, int(tokens))
-        part = np.empty((levels, int(tokens)), dtype=np.int32)
+        streams = list(streams)
+        out = output_array(out, (len(streams), self.levels, int(tokens)))
+        part = (
+            out
+            if levels == self.levels
+            else np.empty((len(streams), levels, int(tokens)), np.int32)
+        )
+        try:
+            self._native.decode_tiles(streams, levels, int(tokens), part)
+        except (_rans.DecodeError, TypeError):
+            # Name the first bad stream as a stream-by-stream decode would.
+            self._decode_each(streams, levels, int(tokens))
+            raise  # pragma: no cover - _decode_each raises for the same stream
+        bad = ((part < 0) | (part >= self.entries)).any(axis=(1, 2))
+        if bad.any():
+            raise CorruptBitstream(
+                f"stream {int(np.argmax(bad))}: decodes to an index outside the codebook's "
+                f"{self.entries} entries (the stream is damaged or was coded with other tables)"
+            )
+        if part is not out:
+            out[:, :levels] = part
+            out[:, levels:] = UNUSED_LEVEL
+        return out
+
+    def _decode_each(self, streams: Sequence[bytes], levels: int, tokens: int) -> None:
+        """Decode stream by stream; raise for the first that is damaged or out of range."""
+        idx = self._indexes(levels, tokens)
+        part = np.empty((levels, tokens), dtype=np.int32)
         for i, data in enumerate(streams):
             try:
                 self._native.decode(data, idx, part)
@@ -178,5 +221,3 @@ class CategoricalCodec:
                     f"stream {i}: decodes to an index outside the codebook's {self.entries} "
                     "entries (the stream is damaged or was coded with other tables)"
                 )
-            out[i, :levels] = part
-        return out

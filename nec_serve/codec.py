@@ -52,14 +52,42 @@ class LatentCodec(Protocol):
     def encode_batch(self, symbols: np.ndarray, rate: Any = None) -> list[bytes]:
         """One bitstream per tile of a ``(B, C, T)`` int32 batch."""
 
-    def decode_batch(self, streams: Sequence[bytes], tokens: int, rate: Any = None) -> np.ndarray:
-        """The ``(B, C, T)`` int32 symbols of ``streams``."""
+    def decode_batch(
+        self,
+        streams: Sequence[bytes],
+        tokens: int,
+        rate: Any = None,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The ``(B, C, T)`` int32 symbols of ``streams`` (written into ``out`` if given)."""
 
     def entropy_bound_bits(self, symbols: np.ndarray, rate: Any = None) -> float:
         """Ideal code length of the batch under the tables, in bits."""
 
     def rounding_sq_err(self, symbols: np.ndarray, latent: np.ndarray) -> float:
         """Squared error between the latent and what the symbols decode to (0.0: none)."""
+
+    def code_batch(
+        self, symbols: np.ndarray, latent: np.ndarray, rate: Any = None
+    ) -> tuple[list[bytes], float, float]:
+        """``encode_batch``, ``entropy_bound_bits`` and ``rounding_sq_err`` in one pass."""
+
+
+def output_array(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """``out`` checked to be a writable C-contiguous int32 array of ``shape``, or a new one."""
+    if out is None:
+        return np.empty(shape, dtype=np.int32)
+    if (
+        not isinstance(out, np.ndarray)
+        or out.dtype != np.int32
+        or out.shape != shape
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        got = getattr(out, "shape", type(out).__name__)
+        raise InvalidInput(f"out must be a writable C-contiguous int32 array {shape}, got {got}")
+    return out
 
 
 class FactorizedCodec:
@@ -85,6 +113,7 @@ class FactorizedCodec:
         )
         self._offset = tables.offset.astype(np.int64)
         self._max_value = tables.cdf_length.astype(np.int64) - 2
+        self._medians = np.ascontiguousarray(tables.medians, dtype=np.float32)
         self._indexes: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -130,13 +159,34 @@ class FactorizedCodec:
         codes the first ``levels`` rows); a factorized prior codes every channel.
         """
         _no_levels(levels)
+        return self._code(self._check_symbols(symbols, batched=True), None)[0]
+
+    def code_batch(
+        self, symbols: np.ndarray, latent: np.ndarray, levels: None = None
+    ) -> tuple[list[bytes], float, float]:
+        """:meth:`encode_batch`, :meth:`entropy_bound_bits` and :meth:`rounding_sq_err` at once.
+
+        One C call codes the batch, counts the bound in the same pass over the symbols and
+        the rounding error beside it (the wrapper's hot path); the streams are those of
+        :meth:`encode_batch`.
+
+        Returns:
+            ``(streams, bound_bits, sq_err)``.
+        """
+        _no_levels(levels)
         sym = self._check_symbols(symbols, batched=True)
-        indexes = self._index_array(sym.shape[2])
+        lat = np.asarray(latent)
+        if lat.shape != sym.shape:
+            raise InvalidInput(f"latent has shape {lat.shape}, the symbols {sym.shape}")
+        return self._code(sym, np.ascontiguousarray(lat, dtype=np.float32))
+
+    def _code(self, sym: np.ndarray, latent: np.ndarray | None) -> tuple[list[bytes], float, float]:
+        medians = None if latent is None else self._medians
         try:
-            return [self._native.encode(image, indexes) for image in sym]
+            return self._native.encode_tiles(sym, self.channels, sym.shape[2], latent, medians)
         except ValueError:
             self._raise_range_error(sym)
-            raise  # pragma: no cover
+            raise  # pragma: no cover - the range check above always finds the culprit
 
     # -- decoding ------------------------------------------------------------------------
 
@@ -145,7 +195,7 @@ class FactorizedCodec:
 
         Computed without float64 temporaries: it runs on the wrapper's hot path.
         """
-        err = latent - self.tables.medians.astype(np.float32)[None, :, None]
+        err = latent - self._medians[None, :, None]
         err -= symbols
         return float(np.vdot(err, err))
 
@@ -170,16 +220,30 @@ class FactorizedCodec:
         return out
 
     def decode_batch(
-        self, streams: Sequence[bytes], tokens: int, levels: None = None
+        self,
+        streams: Sequence[bytes],
+        tokens: int,
+        levels: None = None,
+        *,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Decode several images of ``tokens`` tokens each into a ``(B, C, T)`` array."""
+        """Decode several images of ``tokens`` tokens each into a ``(B, C, T)`` array.
+
+        One C call decodes the batch. ``out``, a C-contiguous writable int32 ``(B, C, T)``
+        array (a slice of a larger output, say), receives the symbols instead of a new
+        array and is returned.
+        """
         _no_levels(levels)
         if isinstance(streams, (bytes, bytearray, memoryview, str)):
             raise InvalidInput("decode_batch expects a sequence of bitstreams, not one stream")
         tokens = self._check_tokens(tokens)
-        out = np.empty((len(streams), self.channels, tokens), dtype=np.int32)
-        for i, data in enumerate(streams):
-            self._decode_into(data, out[i], i)
+        out = output_array(out, (len(streams), self.channels, tokens))
+        try:
+            self._native.decode_tiles(streams, self.channels, tokens, out)
+        except _rans.DecodeError as err:
+            raise CorruptBitstream(str(err)) from None
+        except TypeError as err:
+            raise InvalidInput(str(err)) from None
         return out
 
     # -- model cost ----------------------------------------------------------------------

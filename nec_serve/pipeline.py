@@ -16,7 +16,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -266,20 +266,20 @@ class _Batch:
         symbols, latent = self.engine.encode(batch)
         t2 = time.perf_counter()
         _check_engine_output(symbols, len(self.tiles), self.bundle)
+        # One coder call: the streams, and the report figures counted in the same pass.
         if self.bundle.manifest.family_spec.shared_streams:
-            stream = codec.encode_batch(join_tiles(symbols), levels)[0]
-            writer.write_stream(stream, self.pending)
-            stats.payload_bytes += len(stream)
+            joined = latent
+            if latent.shape == symbols.shape:
+                joined = join_tiles(latent)
+            streams, bound_bits, sq_err = codec.code_batch(join_tiles(symbols), joined, levels)
+            writer.write_stream(streams[0], self.pending)
         else:
-            for place, payload in zip(
-                self.pending, codec.encode_batch(symbols, levels), strict=True
-            ):
+            streams, bound_bits, sq_err = codec.code_batch(symbols, latent, levels)
+            for place, payload in zip(self.pending, streams, strict=True):
                 writer.write_stream(payload, [place])
-                stats.payload_bytes += len(payload)
-        # Report figures, kept cheap (they run on the wrapper's hot path): the bound in one
-        # batched call, the rounding error without float64 temporaries.
-        stats.entropy_bound_bits += codec.entropy_bound_bits(symbols, levels)
-        stats.quant_sq_err += codec.rounding_sq_err(symbols, latent)
+        stats.payload_bytes += sum(map(len, streams))
+        stats.entropy_bound_bits += bound_bits
+        stats.quant_sq_err += sq_err
         t3 = time.perf_counter()
         stats.seconds["preprocess"] += t1 - t0
         stats.seconds["inference"] += t2 - t1
@@ -447,10 +447,13 @@ def _iter_decoded(
     *,
     limits: InputLimits | None = None,
     label: str = "container",
+    into: Callable[[int], np.ndarray] | None = None,
 ) -> Iterator[tuple[list[TileRecord], np.ndarray]]:
     """As :func:`iter_decoded`; times its stages with ``timer`` when given.
 
-    Stage ``coding`` is entropy decoding, ``inference`` the graph.
+    Stage ``coding`` is entropy decoding, ``inference`` the graph. When the output is the
+    symbols, ``into(n)`` (if given) is where the next ``n`` tiles' symbols are decoded to,
+    a writable int32 ``(n, channels, tokens)`` array, which is then what is yielded.
     """
     limits = InputLimits() if limits is None else limits
     outputs = decode_outputs()
@@ -470,7 +473,8 @@ def _iter_decoded(
 
     def run() -> np.ndarray:
         t0 = time.perf_counter()
-        symbols = streams.decode(records)
+        target = into(len(records)) if into is not None and role is None else None
+        symbols = streams.decode(records, out=target)
         t1 = time.perf_counter()
         out = symbols if role is None else engine.decode(role, symbols)
         if timer is not None:
@@ -512,11 +516,16 @@ class _Streams:
         self.codec, self.tokens, self.levels = bundle.codec, bundle.tokens, levels
         self._last: tuple[bytes, np.ndarray] | None = None  # the last shared stream, decoded
 
-    def decode(self, records: list[TileRecord]) -> np.ndarray:
-        """The symbols of ``records``, ``(len(records), rows, tokens)``."""
+    def decode(self, records: list[TileRecord], out: np.ndarray | None = None) -> np.ndarray:
+        """The symbols of ``records``, ``(len(records), rows, tokens)`` (into ``out``)."""
         if all(r.parts == 1 for r in records):
-            return self.codec.decode_batch([r.payload for r in records], self.tokens, self.levels)
-        return np.stack([self._tile(r) for r in records])
+            payloads = [r.payload for r in records]
+            return self.codec.decode_batch(payloads, self.tokens, self.levels, out=out)
+        tiles = np.stack([self._tile(r) for r in records])
+        if out is None:
+            return tiles
+        out[...] = tiles
+        return out
 
     def _tile(self, record: TileRecord) -> np.ndarray:
         if record.parts == 1:
@@ -594,7 +603,7 @@ def decompress(
     reader = ContainerReader(fileobj)
     bar = _progress(progress, "decompress", "tile")
     records: list[TileRecord] = []
-    parts: list[np.ndarray] = []
+    rows = _Rows(limits.max_decoded_bytes)
     tile: list[tuple[tuple[int, ...], np.dtype]] = []  # one decoded tile's shape, dtype
 
     def admitted() -> Iterator[TileRecord]:
@@ -605,19 +614,79 @@ def decompress(
                 check_decoded_size(n, *tile[0], limits, label)
             yield record
 
+    symbols = (bundle.codec.channels, bundle.tokens)  # symbols decode straight into rows
     for batch_records, arr in _iter_decoded(
-        reader.header, admitted(), bundle, engine, output, batch_size, limits=limits, label=label
+        reader.header,
+        admitted(),
+        bundle,
+        engine,
+        output,
+        batch_size,
+        limits=limits,
+        label=label,
+        into=lambda n: rows.take(n, symbols, np.dtype(np.int32)),
     ):
         if not tile:
             tile.append((tuple(arr.shape[1:]), arr.dtype))
         check_decoded_size(len(records) + len(batch_records), *tile[0], limits, label)
         records.extend(batch_records)
-        parts.append(arr)
+        rows.add(arr)
         bar.update(len(batch_records))
+        del arr  # no view of the rows while they grow: they can then grow in place
     bar.close()
-    if not parts:
+    if not rows.count:
         raise InvalidInput("container holds no tiles")
-    return reader.header, records, np.concatenate(parts)
+    return reader.header, records, rows.result()
+
+
+class _Rows:
+    """One ``(n, ...)`` array filled batch by batch, in place of a list and a concatenation.
+
+    It grows by doubling with ``ndarray.resize`` (``realloc``, which moves the pages of a
+    large array rather than copying them), so a decoded container is written once and
+    memory peaks at its size, not twice it; if a view of it is alive, it grows by copying.
+    Doubling stops at ``most_bytes`` (the decode limit, checked by the caller).
+    """
+
+    def __init__(self, most_bytes: int) -> None:
+        self.array: np.ndarray | None = None
+        self.count = 0
+        self.most_bytes = most_bytes
+
+    def take(self, n: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The next ``n`` rows of ``shape``/``dtype``, counted as filled."""
+        if self.array is None:
+            self.array = np.empty((n, *shape), dtype)
+        elif self.array.shape[1:] != shape or self.array.dtype != dtype:
+            raise InvalidInput(f"decoded tiles change from {self.array.shape[1:]} to {shape}")
+        if self.count + n > len(self.array):
+            most = self.most_bytes // max(1, self.array[0].nbytes)
+            self._resize(max(self.count + n, min(2 * len(self.array), most)))
+        self.count += n
+        return self.array[self.count - n : self.count]
+
+    def add(self, batch: np.ndarray) -> None:
+        """Append ``batch``, unless it is the rows :meth:`take` gave (then it is there)."""
+        if self.array is None or batch.base is not self.array:
+            self.take(len(batch), tuple(batch.shape[1:]), batch.dtype)[...] = batch
+
+    def result(self) -> np.ndarray:
+        """The filled rows, as one array."""
+        assert self.array is not None
+        self._resize(self.count)
+        return self.array
+
+    def _resize(self, length: int) -> None:
+        assert self.array is not None
+        if length == len(self.array):
+            return
+        try:
+            self.array.resize((length, *self.array.shape[1:]), refcheck=True)
+        except ValueError:  # referenced elsewhere: grow (or shrink) by copying
+            grown = np.empty((length, *self.array.shape[1:]), self.array.dtype)
+            keep = min(length, self.count)
+            grown[:keep] = self.array[:keep]
+            self.array = grown
 
 
 def write_embeddings(

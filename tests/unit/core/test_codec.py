@@ -465,3 +465,158 @@ def test_threads_share_one_codec(codec768):
         decoded = list(pool.map(lambda d: codec768.decode(d, 33), streams))
     assert streams == expected
     np.testing.assert_array_equal(np.stack(decoded), images)
+
+
+# -- batches: one C call per batch (encode_tiles / decode_tiles) -------------------------
+
+
+def _one_by_one(codec: FactorizedCodec, streams: list, tokens: int) -> str | None:
+    """The error a stream-by-stream decode raises for ``streams``, as the batch names it."""
+    for i, data in enumerate(streams):
+        try:
+            codec.decode(data, tokens)
+        except (CorruptBitstream, InvalidInput) as err:
+            return f"stream {i}: {err}"
+    return None
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])
+@pytest.mark.parametrize("dist", ["normal", "wide"])
+def test_batch_matches_compressai_and_single_calls(eb768, codec768, batch, dist):
+    """Odd batches too: tiles are coded two at a time, the last one alone."""
+    x = latents(eb768, batch, 197, dist, 40 + batch)
+    sym = symbols_of(eb768, x)
+    latent = x[..., 0].numpy()
+    streams, bits, sq_err = codec768.code_batch(sym, latent)
+    assert streams == [codec768.encode(s) for s in sym] == codec768.encode_batch(sym)
+    if dist == "normal":
+        assert streams == eb768.compress(x)
+    assert bits == pytest.approx(codec768.entropy_bound_bits(sym), rel=1e-12)
+    assert sq_err == pytest.approx(codec768.rounding_sq_err(sym, latent), rel=1e-5)
+    out = np.full((batch + 2, 768, 197), 7, np.int32)
+    got = codec768.decode_batch(streams, 197, out=out[1 : batch + 1])
+    np.testing.assert_array_equal(got, sym)
+    assert (out[0] == 7).all() and (out[-1] == 7).all()
+
+
+@pytest.mark.parametrize("precision", [1, 8, 16])
+def test_batch_round_trip_other_precisions(precision):
+    rng = np.random.default_rng(precision)
+    top = 1 << precision
+    channels, max_length = 5, min(top + 1, 24)
+    lengths = rng.integers(3, max_length + 1, size=channels).astype(np.int32)
+    cdf = np.zeros((channels, max_length), np.int32)
+    for c, n in enumerate(lengths):
+        cdf[c, 1 : n - 1] = np.sort(rng.choice(np.arange(1, top), size=n - 2, replace=False))
+        cdf[c, n - 1] = top
+    codec = FactorizedCodec(
+        EntropyTables(cdf, lengths, np.full(channels, -3), np.zeros(5), precision)
+    )
+    sym = rng.integers(-40, 40, size=(4, channels, 77)).astype(np.int32)
+    streams = codec.encode_batch(sym)
+    assert streams == [codec.encode(s) for s in sym]
+    np.testing.assert_array_equal(codec.decode_batch(streams, 77), sym)
+
+
+@pytest.mark.parametrize("bad_tile", [0, 1, 2])
+def test_batch_refuses_uncodable_symbol_naming_its_image(codec768, bad_tile):
+    sym = np.zeros((3, 768, 9), np.int32)
+    sym[bad_tile, 5, 4] = 2**30
+    for call in (codec768.encode_batch, lambda s: codec768.code_batch(s, s.astype(np.float32))):
+        with pytest.raises(InvalidInput, match=f"image {bad_tile}, channel 5, token 4"):
+            call(sym)
+
+
+def test_code_batch_checks_latent_shape(codec_small):
+    sym = np.zeros((2, codec_small.channels, 4), np.int32)
+    with pytest.raises(InvalidInput, match="latent"):
+        codec_small.code_batch(sym, np.zeros((2, codec_small.channels, 5), np.float32))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {3: lambda d: d[:-4]},  # the last, decoded alone
+        {2: lambda d: d[:-4]},  # the first of a pair
+        {1: lambda d: d[4:]},  # the second of a pair
+        {1: lambda d: d[:6], 2: lambda d: "text"},  # both of a pair: the first is named
+        {0: lambda d: d + b"\0\0\0\0", 3: lambda d: b""},
+        {2: lambda d: 12345},  # not bytes-like, after two good streams
+        {1: lambda d: memoryview(d + d)[::2]},  # not contiguous
+        {0: lambda d: d[:-1]},  # misaligned
+    ],
+)
+def test_batch_decode_names_the_first_bad_stream(codec768, stream768, damage):
+    """The batched decode raises what decoding stream by stream raises, for the same stream."""
+    sym, data = stream768
+    streams = [damage.get(i, lambda d: d)(data) for i in range(4)]
+    expected = _one_by_one(codec768, streams, 197)
+    with pytest.raises((CorruptBitstream, InvalidInput)) as info:
+        codec768.decode_batch(streams, 197)
+    assert f"{info.value}" == expected
+    assert isinstance(info.value, InvalidInput if "bytes-like" in expected else CorruptBitstream)
+
+
+def test_batch_decode_of_flipped_bytes_never_crashes(codec768, stream768):
+    sym, data = stream768
+    rng = np.random.default_rng(5)
+    for pos in list(range(8)) + list(rng.integers(0, len(data), 30)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x5A
+        streams = [data, bytes(bad), data] if pos % 2 else [bytes(bad), data, data]
+        try:
+            out = codec768.decode_batch(streams, 197)
+        except CorruptBitstream as err:
+            assert str(err) == _one_by_one(codec768, streams, 197)
+            continue
+        assert not np.array_equal(out, np.stack([sym] * 3))
+
+
+def test_batch_decode_checks_its_output(codec_small):
+    sym = np.ones((2, codec_small.channels, 5), np.int32)
+    streams = codec_small.encode_batch(sym)
+    assert codec_small.decode_batch([], 5).shape == (0, codec_small.channels, 5)
+    for out in (
+        np.empty((2, codec_small.channels, 6), np.int32),
+        np.empty((2, codec_small.channels, 5), np.int64),
+        np.empty((2, 5, codec_small.channels), np.int32).transpose(0, 2, 1),
+        "out",
+    ):
+        with pytest.raises(InvalidInput, match="out must be"):
+            codec_small.decode_batch(streams, 5, out=out)
+    frozen = np.empty((2, codec_small.channels, 5), np.int32)
+    frozen.setflags(write=False)
+    with pytest.raises(InvalidInput, match="out must be"):
+        codec_small.decode_batch(streams, 5, out=frozen)
+
+
+def test_low_level_batch_entry_points_check_their_arguments(codec_small):
+    native, c = codec_small._native, codec_small.channels
+    sym = np.zeros((3, c, 4), np.int32)
+    for rows, tokens in ((0, 4), (c + 1, 4), (c, 0), (c, 5), (c, 8)):
+        with pytest.raises(ValueError):
+            native.encode_tiles(sym, rows, tokens)
+    with pytest.raises(TypeError):
+        native.encode_tiles(sym.astype(np.int64), c, 4)
+    with pytest.raises(ValueError, match="together"):
+        native.encode_tiles(sym, c, 4, np.zeros(sym.shape, np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        native.encode_tiles(sym, c, 4, np.zeros(sym.shape), np.zeros(c, np.float32))
+    with pytest.raises(ValueError, match="latent"):
+        native.encode_tiles(sym, c, 4, np.zeros(5, np.float32), np.zeros(c, np.float32))
+    streams, bits, sq_err = native.encode_tiles(sym, c, 4)
+    assert len(streams) == 3 and bits > 0 and sq_err == 0.0
+    # Fewer rows than channels: the first rows' tables, as with explicit indexes.
+    part, _, _ = native.encode_tiles(np.ascontiguousarray(sym[:, :2]), 2, 4)
+    assert part[0] == native.encode(sym[0, :2], np.repeat(np.arange(2, dtype=np.int32), 4))
+    out = np.empty((3, c, 4), np.int32)
+    with pytest.raises(ValueError, match="streams"):
+        native.decode_tiles(streams[:2], c, 4, out)
+    with pytest.raises(ValueError):
+        native.decode_tiles(streams, c + 1, 4, out)
+    with pytest.raises(TypeError):
+        native.decode_tiles(streams, c, 4, out.astype(np.int64))
+    with pytest.raises(TypeError):
+        native.decode_tiles(42, c, 4, out)
+    native.decode_tiles(streams, c, 4, out)
+    np.testing.assert_array_equal(out, sym)

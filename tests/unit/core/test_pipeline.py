@@ -379,3 +379,26 @@ def test_decompress_of_bad_headers_raises_project_errors(tiny_export, change, er
     # The unchanged header passes every check; only the missing tiles are refused.
     with pytest.raises(InvalidInput, match="container holds no tiles"):
         decompress(io.BytesIO(_raw_container(meta, bundle.tables.sha256)), bundle, None, "symbols")
+
+
+def test_decompress_rows_grow_in_place_and_keep_every_batch():
+    from nec_serve.pipeline import _Rows
+
+    rows = _Rows(most_bytes=1 << 30)
+    first = rows.take(2, (3,), np.dtype(np.int32))
+    first[...] = 1
+    rows.add(first)  # already there: not appended again
+    del first
+    rows.add(np.full((3, 3), 2, np.int32))  # copied in, growing in place
+    held = rows.take(1, (3,), np.dtype(np.int32))  # a live view: growth copies instead
+    held[...] = 3
+    rows.add(np.full((5, 3), 4, np.int32))
+    out = rows.result()
+    assert out.shape == (11, 3) and rows.count == 11 and held.base is not out
+    np.testing.assert_array_equal(out[:, 0], [1, 1, 2, 2, 2, 3, 4, 4, 4, 4, 4])
+    with pytest.raises(InvalidInput, match="change"):
+        rows.take(1, (4,), np.dtype(np.int32))
+    capped = _Rows(most_bytes=5 * 12)
+    capped.take(4, (3,), np.dtype(np.int32))
+    capped.take(1, (3,), np.dtype(np.int32))
+    assert len(capped.array) == 5  # doubling stops at the decode limit

@@ -150,6 +150,41 @@ def test_codebook_counts_and_indices_outside_the_codebook_are_refused():
         codec.decode_batch([stream[:-4]], 4, 8)
 
 
+@pytest.mark.parametrize("levels", [3, 8])
+def test_categorical_batches_code_as_tile_by_tile(levels):
+    rng = np.random.default_rng(levels)
+    codec = CategoricalCodec(categorical_tables(rng.integers(0, 50, (8, 16))))
+    indices = rng.integers(0, 16, (5, 8, 7)).astype(np.int32)
+    idx = np.repeat(np.arange(levels, dtype=np.int32), 7)
+    single = [codec._native.encode(np.ascontiguousarray(t[:levels]), idx) for t in indices]
+    streams, bits, sq_err = codec.code_batch(indices, None, levels)
+    assert streams == single == codec.encode_batch(indices, levels) and sq_err == 0.0
+    assert bits == pytest.approx(codec.entropy_bound_bits(indices, levels), rel=1e-12)
+    out = np.zeros((6, 8, 7), np.int32)
+    back = codec.decode_batch(streams, 7, levels, out=out[1:])
+    np.testing.assert_array_equal(back[:, :levels], indices[:, :levels])
+    assert (back[:, levels:] == UNUSED_LEVEL).all() and (out[0] == 0).all()
+
+
+def test_categorical_batch_decode_names_the_first_bad_stream():
+    codec = CategoricalCodec(categorical_tables(np.ones((2, 16))))
+    good_tile = np.zeros((2, 4), np.int32)
+    good = codec._native.encode(good_tile.ravel(), np.repeat(np.arange(2, dtype=np.int32), 4))
+    beyond = good_tile.copy()
+    beyond[1, 2] = 20  # escape-coded: a stream that decodes to an index outside the codebook
+    outside = codec._native.encode(beyond.ravel(), np.repeat(np.arange(2, dtype=np.int32), 4))
+    cases = [
+        ([good, outside, good[:-4]], CorruptBitstream, "stream 1: decodes to an index outside"),
+        ([outside, good[:-4]], CorruptBitstream, "stream 0: decodes to an index outside"),
+        ([good, good[:-4], outside], CorruptBitstream, "stream 1: truncated"),
+        ([good, good, good, "x"], InvalidInput, "stream 3: bitstream must be"),
+        ([good, good, outside], CorruptBitstream, "stream 2: decodes to an index outside"),
+    ]
+    for streams, error, message in cases:
+        with pytest.raises(error, match=message):
+            codec.decode_batch(streams, 4, 2)
+
+
 # ------------------------------------------------------------------------------ the trainer
 
 
