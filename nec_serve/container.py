@@ -63,9 +63,11 @@ GROUP_TILES = 1 << 14
 #: The index's LZMA2 stream (raw, no container): dictionary size, what a reader allocates.
 INDEX_DICT_BYTES = 1 << 20
 _INDEX_LZMA = 1  # group flag: the index is an LZMA2 raw stream
+_GEO_EPSG, _GEO_CRS = b"\x01", b"\x02"  # format 3 source info: binary georeferencing
+_GEO_TRANSFORM = struct.Struct("<6d")
 _META_LZMA = 1  # format 3 header flag: u32 raw length, then the metadata as LZMA2 raw
 _LZMA_WRITE = [
-    {"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": INDEX_DICT_BYTES, "lc": 0, "pb": 0}
+    {"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": INDEX_DICT_BYTES, "lc": 2, "pb": 0}
 ]
 _LZMA_READ = [{"id": lzma.FILTER_LZMA2, "dict_size": INDEX_DICT_BYTES}]
 _READ_CHUNK = 1 << 20
@@ -254,7 +256,11 @@ class _Group:
     """The tiles a writer holds until it writes them as one group (format 3)."""
 
     def __init__(self) -> None:
-        self.sources = bytearray()  # the new sources' entries
+        # The new sources' name table, column by column (names, sizes, infos, transforms).
+        self.names = bytearray()
+        self.sizes = bytearray()
+        self.infos = bytearray()
+        self.transforms: list[bytes] = []
         self.new_sources = 0
         self.heads = bytearray()
         self.origins = bytearray()
@@ -267,7 +273,8 @@ class _Group:
     def index(self) -> bytes:
         out = bytearray()
         varint.put(out, self.new_sources)
-        out += self.sources + self.heads + self.origins
+        out += self.names + self.sizes + self.infos + _shuffle(self.transforms)
+        out += self.heads + self.origins
         varint.put(out, len(self.payloads))
         return bytes(out + self.stream_tiles + self.lengths)
 
@@ -314,7 +321,7 @@ class ContainerWriter:
         self._closed = False
         self._group = _Group()
         self._sources: dict[tuple[str, int, int], int] = {}
-        self._info: dict[str, bytes] = {}  # georeferencing for a source's next entry
+        self._info: dict[str, tuple[bytes, bytes | None]] = {}  # a source's next entry's info
         self._last_source = -1
         self._f.write(header.to_bytes())
 
@@ -396,15 +403,17 @@ class ContainerWriter:
         for what, value in (("height", height), ("width", width)):
             if not 0 <= value < 1 << 32:
                 raise ValueError(f"source {what} {value} is outside 0..2^32-1")
-        info = self._info.pop(name, b"")
-        entry = self._group.sources
-        varint.put(entry, len(encoded))
-        entry += encoded
-        varint.put(entry, height)
-        varint.put(entry, width)
-        varint.put(entry, len(info))
-        entry += info
-        self._group.new_sources += 1
+        info, transform = self._info.pop(name, (b"", None))
+        group = self._group
+        varint.put(group.names, len(encoded))
+        group.names += encoded
+        varint.put(group.sizes, height)
+        varint.put(group.sizes, width)
+        varint.put(group.infos, len(info))
+        group.infos += info
+        if transform is not None:
+            group.transforms.append(transform)
+        group.new_sources += 1
         number = self._sources[key] = len(self._sources)
         return number
 
@@ -417,10 +426,10 @@ class ContainerWriter:
         """
         if self._closed:
             raise ValueError("container already closed")
-        body = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+        body, transform = _encode_info(info)
         if len(source.encode()) > MAX_NAME_BYTES or len(body) > MAX_META_BYTES:
             raise ValueError(f"source record of {source!r} is over the size limits")
-        self._info[source] = body
+        self._info[source] = (body, transform)
 
     def _flush(self) -> None:
         if self._group.payloads:
@@ -735,16 +744,79 @@ def _header_meta(stored: bytes, flags: int) -> bytes:
     return _unlzma(stored[_U32.size :], raw_len, "container metadata")
 
 
-def _source_info(name: bytes, body: bytes, where: str) -> tuple[str, dict[str, Any] | None]:
-    """A source's name and georeferencing (None when ``body`` is empty)."""
+def _source_info(name: bytes, body: bytes, where: str) -> tuple[str, Any]:
+    """A source's name and info.
+
+    The info is a JSON object, None when ``body`` is empty, or the CRS of binary
+    georeferencing (its transform comes from the name table's transform column).
+    """
     try:
         source = name.decode()
-        info = json.loads(body) if body else None
+        if body[:1] == _GEO_EPSG:
+            cur = varint.Cursor(body[1:], where)
+            crs = f"EPSG:{cur.uint(32, 'EPSG code')}"
+        elif body[:1] == _GEO_CRS:
+            crs = body[1:].decode()
+        else:
+            info = json.loads(body) if body else None
+            if body and not isinstance(info, dict):
+                raise CorruptBitstream(f"{where}: source info must be a JSON object")
+            return source, info
     except (ValueError, RecursionError, UnicodeDecodeError) as err:
         raise CorruptBitstream(f"{where}: not valid UTF-8 JSON: {err}") from err
-    if body and not isinstance(info, dict):
-        raise CorruptBitstream(f"{where}: source info must be a JSON object")
-    return source, info
+    if body[:1] == _GEO_EPSG and cur.left:
+        raise CorruptBitstream(f"{where}: {cur.left} bytes after the EPSG code")
+    return source, _Crs(crs)
+
+
+@dataclass(frozen=True)
+class _Crs:
+    """The CRS of a source with binary georeferencing, until its transform is read."""
+
+    crs: str
+
+
+def _encode_info(info: dict[str, Any]) -> tuple[bytes, bytes | None]:
+    """A source's info as format 3 stores it: ``(info bytes, transform bytes or None)``.
+
+    ``{"crs", "transform"}`` with six floats is binary georeferencing: 0x01 and the EPSG
+    code as a varint (when the CRS is ``EPSG:<code>``) or 0x02 and the CRS as UTF-8, its
+    transform six float64 in the name table's transform column. Anything else is its JSON
+    object.
+    """
+    transform, crs = info.get("transform"), info.get("crs")
+    if (
+        set(info) == {"crs", "transform"}
+        and isinstance(crs, str)
+        and isinstance(transform, list | tuple)
+        and len(transform) == 6
+        and all(type(v) is float for v in transform)
+    ):
+        code = crs.removeprefix("EPSG:")
+        if crs.startswith("EPSG:") and code.isascii() and code.isdigit() and str(int(code)) == code:
+            out = bytearray(_GEO_EPSG)
+            varint.put(out, int(code))
+            head = bytes(out)
+        else:
+            head = _GEO_CRS + crs.encode()
+        return head, _GEO_TRANSFORM.pack(*transform)
+    return json.dumps(info, sort_keys=True, separators=(",", ":")).encode(), None
+
+
+def _shuffle(values: list[bytes]) -> bytes:
+    """Equal-length records as byte planes: byte 0 of each, then byte 1, ... (compresses)."""
+    if not values:
+        return b""
+    joined = b"".join(values)
+    return b"".join(joined[i :: len(values[0])] for i in range(len(values[0])))
+
+
+def _unshuffle(planes: bytes, count: int, size: int) -> list[bytes]:
+    """The inverse of :func:`_shuffle` for ``count`` records of ``size`` bytes."""
+    joined = bytearray(count * size)
+    for i in range(size):
+        joined[i::size] = planes[i * count : (i + 1) * count]
+    return [bytes(joined[k * size : (k + 1) * size]) for k in range(count)]
 
 
 class _Index:
@@ -762,12 +834,25 @@ class _Index:
             raise CorruptBitstream(
                 f"{self.where}: the name table declares {n} sources in {cur.left} bytes"
             )
-        for _ in range(n):
-            name = bytes(cur.take(cur.uint(32, "name length", MAX_NAME_BYTES), "source name"))
-            height = cur.uint(32, "source height")
-            width = cur.uint(32, "source width")
-            body = bytes(cur.take(cur.uint(32, "source info length", MAX_META_BYTES), "info"))
-            source, info = _source_info(name, body, f"{self.where} source {len(table)}")
+        names = [
+            bytes(cur.take(cur.uint(32, "name length", MAX_NAME_BYTES), "source name"))
+            for _ in range(n)
+        ]
+        sizes = [(cur.uint(32, "source height"), cur.uint(32, "source width")) for _ in names]
+        bodies = [
+            bytes(cur.take(cur.uint(32, "source info length", MAX_META_BYTES), "source info"))
+            for _ in names
+        ]
+        entries = [
+            _source_info(name, body, f"{self.where} source {len(table) + i}")
+            for i, (name, body) in enumerate(zip(names, bodies, strict=True))
+        ]
+        geo = sum(isinstance(info, _Crs) for _, info in entries)
+        size = _GEO_TRANSFORM.size
+        transforms = iter(_unshuffle(bytes(cur.take(geo * size, "transforms")), geo, size))
+        for (source, info), (height, width) in zip(entries, sizes, strict=True):
             table.append(_Source(source, height, width))
+            if isinstance(info, _Crs):
+                info = {"crs": info.crs, "transform": list(_GEO_TRANSFORM.unpack(next(transforms)))}
             if info is not None:
                 infos[source] = info

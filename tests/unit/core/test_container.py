@@ -570,3 +570,52 @@ def test_a_stream_of_several_tiles_is_shared_by_their_records():
     assert reader.payload_bytes == len(b"one" + b"joint" + b"two") and reader.tile_count == 5
     with pytest.raises(ValueError, match="a stream holds 1..65536 tiles, got 0"):
         ContainerWriter(io.BytesIO(), ContainerHeader(SHA, dict(META))).write_stream(b"", [])
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        GEO,
+        {"crs": 'PROJCS["x"]', "transform": [0.5, 0.0, -1e300, 0.0, -0.5, 2.0]},
+        {"crs": "EPSG:0326", "transform": [1.0, 0.0, 0.0, 0.0, -1.0, 0.0]},
+        {"crs": "EPSG:4326", "transform": [1, 0, 0, 0, -1, 0]},  # integers: kept as JSON
+        {"crs": "EPSG:4326", "transform": [1.0] * 6, "nodata": 0},
+    ],
+)
+def test_georeferencing_reads_back_exactly(info):
+    buf = io.BytesIO()
+    with ContainerWriter(buf, ContainerHeader(SHA, dict(META))) as w:
+        w.write_source("a.tif", info)
+        w.write_tile(b"t", source="a.tif")
+    reader = ContainerReader(io.BytesIO(buf.getvalue()))
+    list(reader)
+    assert reader.sources == {"a.tif": info}
+    assert json.dumps(reader.sources["a.tif"], sort_keys=True) == json.dumps(info, sort_keys=True)
+
+
+def test_binary_georeferencing_is_smaller_than_its_json():
+    head, transform = framing._encode_info(GEO)
+    assert len(head) == 1 + 3 and len(transform) == 48  # tag, EPSG 32633; six float64
+    assert len(head + transform) < len(json.dumps(GEO))
+
+
+def test_transforms_are_stored_as_byte_planes():
+    values = [bytes(range(k, k + 48)) for k in range(3)]
+    planes = framing._shuffle(values)
+    assert planes[:3] == bytes([0, 1, 2]) and framing._unshuffle(planes, 3, 48) == values
+
+
+@pytest.mark.parametrize(
+    ("info", "tail", "match"),
+    [
+        (b"\x01\x81\x01", b"", "transforms declares 48 bytes"),
+        (b"\x01\x81\x01\x00", b"\0" * 48, "1 bytes after the EPSG code"),
+        (b"\x01\x81", b"\0" * 48, "truncated inside EPSG code"),
+        (b"\x02\xff\xfe", b"\0" * 48, "not valid UTF-8"),
+        (b"\x03", b"\0" * 48, "not valid UTF-8 JSON"),
+    ],
+)
+def test_malformed_binary_georeferencing_is_corrupt(info, tail, match):
+    index = b"\x01\x01a\x08\x08" + bytes([len(info)]) + info + tail + b"\x04" + S1 + b"\x00"
+    with pytest.raises(CorruptBitstream, match=match):
+        _read_all(_v3(index, b"", 1))
