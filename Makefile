@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench bench-codec bench-coding bench-encoder \
+.PHONY: install demo test test-fast lint format bench bench-codec bench-coding bench-container bench-encoder \
 	bench-serving bench-pipeline bench-perf bench-rate bench-rvq train-eurosat train-s2 clean
 
 $(STAMP): requirements/lock.txt requirements/build.txt pyproject.toml dev/pyproject.toml setup.py nec_serve/_rans.c scripts/bootstrap.sh
@@ -52,6 +52,9 @@ bench-codec: install  ## rANS coder vs CompressAI and constriction, against the 
 
 bench-coding: install  ## the coding stage per ViT-B tile, one core: coder alone and with the container
 	$(BIN)/python benchmarks/bench_coding.py --rvq
+
+bench-container: install  ## container framing vs payload: NEC rate points on EuroSAT, RVQ N = 1..8
+	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/bench_container.py
 
 bench-encoder: $(BENCH_EXPORT)/manifest.json  ## in-process PyTorch (GPU if any) and onnxruntime
 	PYTHONWARNINGS=ignore $(BIN)/python benchmarks/bench_encoder.py --onnx-dir $(BENCH_EXPORT)

@@ -7,9 +7,11 @@ the real ``compress`` (exported graphs, rANS coder, container writer). Per image
 
 * ``container``: the format 3 file's bits (header, name tables, group indexes, CRCs,
   trailer: everything);
-* ``format2``: what format 2 would have written for the same tiles, computed exactly from
-  its spec (docs/bitstream.md: a 31-byte tile record plus the source name per tile, source
-  records, a 17-byte trailer; the same header);
+* ``format2``: format 2's framing around the same payload, computed exactly from its spec
+  (docs/bitstream.md: a 31-byte tile record plus the source name per tile, source records,
+  a 17-byte trailer; the same header, its metadata uncompressed). For NEC that is what
+  format 2 wrote; RVQ's format 2 also paid one stream (a final-state flush) per tile,
+  which this leaves out;
 * ``payload``: the entropy-coded payloads alone;
 * ``bound``: the tables' entropy bound of the coded symbols (what an ideal coder needs).
 
@@ -42,7 +44,7 @@ from nec_models.eurosat import read_split
 from nec_models.sentinel2 import read_s2_raw, read_s2_split
 from nec_models.shipped import load_trained, materialize, split_of
 from nec_serve.bundle import ModelBundle
-from nec_serve.container import ContainerReader
+from nec_serve.container import ContainerHeader, ContainerReader
 from nec_serve.engines import LocalEngine
 from nec_serve.pipeline import compress
 
@@ -67,7 +69,7 @@ FIELDS = [
 
 
 def format2_bytes(container: bytes) -> int:
-    """The size format 2 gives the tiles and sources of a format 3 ``container``.
+    """The size format 2's framing gives the tiles, sources and streams of ``container``.
 
     Format 2 per tile: tag, u32 index, i32 row and col, u32 source height and width, u16
     name length, the name, u32 payload length, the payload, CRC-32 (31 bytes + name +
@@ -76,9 +78,10 @@ def format2_bytes(container: bytes) -> int:
     """
     f = io.BytesIO(container)
     reader = ContainerReader(f)
-    size = len(reader.header.to_bytes()) + 1 + 12 + 4
+    header = ContainerHeader(reader.header.code_sha256, reader.header.meta, version=2)
+    size = len(header.to_bytes()) + 1 + 12 + 4  # its metadata uncompressed; the trailer
     for rec in reader:
-        size += 31 + len(rec.source.encode()) + len(rec.payload)
+        size += 31 + len(rec.source.encode()) + (len(rec.payload) if rec.part == 0 else 0)
     for name, info in reader.sources.items():
         body = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
         size += 1 + 6 + len(name.encode()) + len(body) + 4

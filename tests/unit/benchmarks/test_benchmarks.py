@@ -6,6 +6,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -153,3 +154,59 @@ def test_summary_from_partial_results(tmp_path, missing):
     assert ("## Codec" in text) == (missing != "codec.csv")
     assert ("## Serving overhead" in text) == (missing != "serving.csv")
     assert text.count("not measured") >= 2
+
+
+def test_bench_container_prices_format_2_exactly_and_measures_format_3(tmp_path, rvq_export):
+    """Format 2's framing, computed from the spec, is what the frozen format 2 golden holds."""
+    from nec_serve.bundle import ModelBundle
+
+    mod = _load("bench_container")
+    golden = ROOT / "tests" / "golden" / "nec"
+    assert mod.format2_bytes((golden / "nec.nec").read_bytes()) == len(
+        (golden / "nec.v2.nec").read_bytes()
+    )
+    rng = np.random.default_rng(0)
+    images = [(f"s{i}.tif", rng.integers(0, 3000, (10, 20, 20), dtype=np.uint16)) for i in range(3)]
+    row = mod.measure(ModelBundle.load(rvq_export), images, "rvq-s2", 1)
+    assert row["images"] == 3 and row["target"] == 0.01 and row["met"] == (row["overhead"] <= 0.01)
+    assert (
+        row["container_bits"] > row["payload_bits"] > 0
+        and row["format2_bits"] > row["payload_bits"]
+    )
+    text = mod.summary([row], 1.0)
+    assert "| rvq-s2 | 1 | 3 |" in text and ("1 %: met" in text or "1 %: missed" in text)
+
+
+def test_stage_targets_judge_the_coding_stage_and_the_framing():
+    report = _load("report")
+    coding = [
+        {"workload": "vit-b", "measure": "coder_encode", "target_tiles_per_s": ""},
+        {
+            "workload": "vit-b",
+            "measure": "stage_decode",
+            "target_tiles_per_s": "1000",
+            "tiles_per_s_per_core": "900",
+            "ms_per_tile": "1.11",
+            "target_met": "False",
+        },
+    ]
+    container = [
+        {"model": "m", "rate": "", "target": "", "overhead": "0.5"},
+        {
+            "model": "rvq",
+            "rate": "1",
+            "target": "0.01",
+            "overhead": "0.0097",
+            "container_bits": "100",
+            "payload_bits": "99",
+            "format2_overhead": "0.07",
+            "met": "True",
+        },
+    ]
+    speed, framing = report.stage_targets(coding, container)
+    assert speed["met"] is False and speed["measured"].startswith("900 tiles/s")
+    assert "(decode)" in speed["target"] and ">= 1000 tiles/s" in speed["target"]
+    assert framing["met"] is True and "+0.97 %" in framing["measured"]
+    assert "1 codebook(s): within 1 %" in framing["target"]
+    unmeasured = report.stage_targets([], [])
+    assert [r["met"] for r in unmeasured] == [None, None]
