@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from nec_dev.perf import machine_description
+from nec_dev.perf import machine_description, timed
 from nec_serve.codec import FactorizedCodec
 from nec_serve.tables import EntropyTables
 
@@ -97,17 +96,6 @@ def bottleneck_from_tables(tables: EntropyTables):
     with torch.no_grad():
         eb.quantiles[:, 0, 1] = torch.from_numpy(np.array(tables.medians))
     return eb
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of fn() over repeats runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def constriction_columns(tables: EntropyTables, sym: np.ndarray, repeats: int) -> dict:

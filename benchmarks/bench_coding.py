@@ -37,14 +37,12 @@ import csv  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
 import pstats  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from nec_dev.perf import machine_description  # noqa: E402
+from nec_dev.perf import machine_description, timed  # noqa: E402
 from nec_serve.categorical import CategoricalCodec, categorical_tables  # noqa: E402
 from nec_serve.codec import FactorizedCodec  # noqa: E402
 from nec_serve.container import ContainerHeader, ContainerReader, ContainerWriter  # noqa: E402
@@ -139,17 +137,6 @@ def stage_decode(codec, data: bytes, tokens: int, levels, batch: int) -> np.ndar
     if payloads:
         codec.decode_batch(payloads, tokens, levels, out=rows.take(len(payloads), shape, dtype))
     return rows.result()
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of fn() over repeats runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure(name: str, workload, batch: int, repeats: int, profile: bool) -> list[dict]:

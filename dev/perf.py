@@ -31,7 +31,9 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,17 @@ _COLUMNS: dict[str, tuple[str, type]] = {
     "Total GPU Memory": ("gpu_memory_total_raw", str),
 }
 _REQUIRED = ("Inferences/Second", "p50 latency", "p99 latency")
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _field_for(column: str) -> tuple[str, type]:

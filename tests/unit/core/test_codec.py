@@ -435,19 +435,24 @@ def test_bytes_like_inputs(codec_small):
         codec_small.decode(memoryview(data + data)[::2], 5)
 
 
-@pytest.mark.parametrize("precision", [1, 3, 8, 12, 15])
-def test_other_precisions_round_trip(precision):
-    """Precisions other than CompressAI's 16 bits (not comparable with CompressAI)."""
-    rng = np.random.default_rng(precision)
+def _random_tables(rng, precision: int, channels: int, longest: int) -> EntropyTables:
+    """Valid tables of random CDFs at ``precision`` bits, offsets -3, medians 0."""
     top = 1 << precision
-    channels, max_length = 4, min(top + 1, 20)
+    max_length = min(top + 1, longest)
     lengths = rng.integers(3, max_length + 1, size=channels).astype(np.int32)
     cdf = np.zeros((channels, max_length), np.int32)
     for c, n in enumerate(lengths):
         cdf[c, 1 : n - 1] = np.sort(rng.choice(np.arange(1, top), size=n - 2, replace=False))
         cdf[c, n - 1] = top
-    tables = EntropyTables(cdf, lengths, np.full(channels, -3), np.zeros(channels), precision)
-    codec = FactorizedCodec(tables)
+    return EntropyTables(cdf, lengths, np.full(channels, -3), np.zeros(channels), precision)
+
+
+@pytest.mark.parametrize("precision", [1, 3, 8, 12, 15])
+def test_other_precisions_round_trip(precision):
+    """Precisions other than CompressAI's 16 bits (not comparable with CompressAI)."""
+    rng = np.random.default_rng(precision)
+    channels = 4
+    codec = FactorizedCodec(_random_tables(rng, precision, channels, 20))
     sym = rng.integers(-30, 30, size=(channels, 300)).astype(np.int32)
     np.testing.assert_array_equal(codec.decode(codec.encode(sym), 300), sym)
     bound = codec.entropy_bound_bits(sym)
@@ -502,16 +507,8 @@ def test_batch_matches_compressai_and_single_calls(eb768, codec768, batch, dist)
 @pytest.mark.parametrize("precision", [1, 8, 16])
 def test_batch_round_trip_other_precisions(precision):
     rng = np.random.default_rng(precision)
-    top = 1 << precision
-    channels, max_length = 5, min(top + 1, 24)
-    lengths = rng.integers(3, max_length + 1, size=channels).astype(np.int32)
-    cdf = np.zeros((channels, max_length), np.int32)
-    for c, n in enumerate(lengths):
-        cdf[c, 1 : n - 1] = np.sort(rng.choice(np.arange(1, top), size=n - 2, replace=False))
-        cdf[c, n - 1] = top
-    codec = FactorizedCodec(
-        EntropyTables(cdf, lengths, np.full(channels, -3), np.zeros(5), precision)
-    )
+    channels = 5
+    codec = FactorizedCodec(_random_tables(rng, precision, channels, 24))
     sym = rng.integers(-40, 40, size=(4, channels, 77)).astype(np.int32)
     streams = codec.encode_batch(sym)
     assert streams == [codec.encode(s) for s in sym]
