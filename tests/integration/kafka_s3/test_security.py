@@ -367,20 +367,16 @@ def test_names_that_are_not_unicode_are_input_errors(
 
 def _forged(container: bytes, height: int, width: int) -> bytes:
     """``container`` with every tile claiming a ``height`` x ``width`` source (CRCs valid)."""
-    from nec_serve.container import ContainerReader, ContainerWriter
+    from nec_serve.container import ContainerReader, ContainerWriter, TilePlace
 
     reader = ContainerReader(io.BytesIO(container))
+    records = list(reader)
     out = io.BytesIO()
     with ContainerWriter(out, reader.header) as w:
-        for record in reader:
-            w.write_tile(
-                record.payload,
-                source=record.source,
-                row=record.row,
-                col=record.col,
-                source_height=height,
-                source_width=width,
-            )
+        for first in (r for r in records if r.part == 0):  # one stream may hold several tiles
+            tiles = records[first.index : first.index + first.parts]
+            places = [TilePlace(r.source, r.row, r.col, height, width) for r in tiles]
+            w.write_stream(first.payload, places)
     return out.getvalue()
 
 
