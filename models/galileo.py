@@ -74,6 +74,11 @@ S2_GROUPS: dict[str, tuple[str, ...]] = {
 # The published space-time groups are S1, the five above and NDVI: the row of each S2
 # group in the learned ``s_t_channel_embed`` is its position in that list.
 _CHANNEL_ROW = {name: 1 + i for i, name in enumerate(S2_GROUPS)}
+# Each group's bands as a slice of the ten-band input.
+_BAND_SLICE = {
+    name: slice(S2_BANDS.index(bands[0]), S2_BANDS.index(bands[-1]) + 1)
+    for name, bands in S2_GROUPS.items()
+}
 
 #: Mean and standard deviation of each of :data:`S2_BANDS` (L1C reflectance x 10000) over
 #: the publisher's pretraining data: nasaharvest/galileo ``config/normalization.json``,
@@ -147,8 +152,8 @@ def normalise(raw: torch.Tensor) -> torch.Tensor:
         )
     mean = torch.tensor(S2_MEAN[:bands], dtype=torch.float64)
     std = torch.tensor(S2_STD[:bands], dtype=torch.float64)
-    shift = (mean - STD_MULTIPLIER * std).to(raw.dtype)[:, None, None]
-    div = (2 * STD_MULTIPLIER * std).to(raw.dtype)[:, None, None]
+    shift = (mean - STD_MULTIPLIER * std).to(raw)[:, None, None]
+    div = (2 * STD_MULTIPLIER * std).to(raw)[:, None, None]
     return (raw - shift) / div
 
 
@@ -160,6 +165,10 @@ def eurosat_rgb_to_raw(rgb: torch.Tensor) -> torch.Tensor:
     if rgb.ndim < 3 or rgb.shape[-3] != 3:
         raise InvalidInput(f"expected (..., 3, H, W) RGB, got shape {tuple(rgb.shape)}")
     return rgb.flip(-3).to(torch.float32) * EUROSAT_RGB_SCALE
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
 
 
 def _sincos(pos: torch.Tensor, dim: int) -> torch.Tensor:
@@ -326,14 +335,14 @@ class GalileoEncoder(nn.Module):
                 f"expected (B, bands, H, W) with 3 bands ({', '.join(RGB_BANDS)}) or 10 "
                 f"({', '.join(S2_BANDS)}), got shape {tuple(x.shape)}"
             )
-        if isinstance(patch_size, bool) or patch_size not in range(1, self.max_patch_size + 1):
+        if not _is_int(patch_size) or patch_size not in range(1, self.max_patch_size + 1):
             raise InvalidInput(f"patch_size must be 1-{self.max_patch_size}, got {patch_size!r}")
         height, width = x.shape[-2:]
         if height % patch_size or width % patch_size or not height:
             raise InvalidInput(
                 f"image size {height}x{width} is not a positive multiple of patch_size {patch_size}"
             )
-        if isinstance(month, bool) or month not in range(12):
+        if not _is_int(month) or month not in range(12):
             raise InvalidInput(f"month must be 0-11, got {month!r}")
         if not torch.isfinite(x).all():
             raise InvalidInput("input holds NaN or infinite values")
@@ -371,22 +380,20 @@ class GalileoEncoder(nn.Module):
         """Raw bands ``(B, 3 or 10, H, W)`` -> tokens ``(B, H/p * W/p * G, D)``.
 
         Args:
-            x: L1C reflectance x 10000, bands in :data:`S2_BANDS` order (3: B2, B3, B4).
+            x: L1C reflectance x 10000 (any real dtype), bands in :data:`S2_BANDS` order
+                (3: B2, B3, B4).
             patch_size: 1 to ``max_patch_size`` pixels; H and W must be multiples of it.
             groups: the groups to encode (default: all the bands allow); the others are
-                absent, as if masked.
+                absent, as if masked. Tokens follow :data:`S2_GROUPS`' order whatever the
+                order given.
             month: month of acquisition, 0-11.
 
         Raises:
             InvalidInput: a wrong band count, size, patch size, month or group, or NaN.
         """
         chosen = self._check(x, patch_size, groups, month)
-        x = normalise(x)
-        first = {g: S2_BANDS.index(b[0]) for g, b in S2_GROUPS.items()}
-        patches = [
-            self.space_time_embed[g](x[:, first[g] : first[g] + len(S2_GROUPS[g])], patch_size)
-            for g in chosen
-        ]
+        x = normalise(x.to(self.norm.weight))
+        patches = [self.space_time_embed[g](x[:, _BAND_SLICE[g]], patch_size) for g in chosen]
         tokens = torch.stack(patches, dim=-1).permute(0, 2, 3, 4, 1)  # (B, h, w, G, D)
         b, h, w = tokens.shape[:3]
         tokens = tokens + self.encodings(chosen, h, w, patch_size, month)

@@ -135,6 +135,7 @@ def test_normalisation_and_eurosat_scale():
         ((1, 4, 32, 32), {}, "3 bands"),
         ((1, 10, 30, 32), {"patch_size": 4}, "30x32 is not a positive multiple of patch_size 4"),
         ((1, 3, 32, 32), {"patch_size": 9}, "patch_size must be 1-8"),
+        ((1, 3, 32, 32), {"patch_size": 4.0}, "patch_size must be 1-8, got 4.0"),
         ((1, 3, 32, 32), {"groups": ["S2_SWIR"]}, "among \\['S2_RGB'\\]"),
         ((1, 3, 32, 32), {"month": 12}, "month must be 0-11"),
         ((10, 32, 32), {}, "got shape \\(10, 32, 32\\)"),
@@ -144,6 +145,12 @@ def test_bad_input_is_refused_naming_what_is_wrong(shape, kwargs, message):
     model = create_model("galileo_test")
     with pytest.raises(InvalidInput, match=message):
         model(torch.zeros(shape), **kwargs)
+
+
+def test_integer_input_gives_the_float_tokens(nano):
+    raw = torch.randint(0, 5000, (1, 10, 16, 16), dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(nano(raw, patch_size=8), nano(raw.float(), patch_size=8))
 
 
 def test_nan_is_refused():
