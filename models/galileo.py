@@ -271,8 +271,8 @@ class GalileoEncoder(nn.Module):
         max_patch_size: int = 8,
     ):
         super().__init__()
-        if embedding_size % 8:
-            raise ValueError(f"embedding_size must be a multiple of 8, got {embedding_size}")
+        if embedding_size % 16:  # four encodings, the position one two sine-cosine halves
+            raise ValueError(f"embedding_size must be a multiple of 16, got {embedding_size}")
         self.embedding_size = embedding_size
         self.max_patch_size = max_patch_size
         quarter = embedding_size // 4
