@@ -391,16 +391,30 @@ class GalileoEncoder(nn.Module):
         Raises:
             InvalidInput: a wrong band count, size, patch size, month or group, or NaN.
         """
+        tokens = self.embed(x, patch_size, groups, month)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def embed(
+        self,
+        x: torch.Tensor,
+        patch_size: int = 4,
+        groups: Sequence[str] | None = None,
+        month: int = DEFAULT_MONTH,
+    ) -> torch.Tensor:
+        """The tokens that enter the first block, ``(B, N, D)``: :meth:`forward` before it.
+
+        Apart so that a model can run part of the blocks itself (the NEC adapter on it,
+        :mod:`nec_models.galileo_nec`). Same arguments and errors as :meth:`forward`.
+        """
         chosen = self._check(x, patch_size, groups, month)
         x = normalise(x.to(self.norm.weight))
         patches = [self.space_time_embed[g](x[:, _BAND_SLICE[g]], patch_size) for g in chosen]
         tokens = torch.stack(patches, dim=-1).permute(0, 2, 3, 4, 1)  # (B, h, w, G, D)
         b, h, w = tokens.shape[:3]
         tokens = tokens + self.encodings(chosen, h, w, patch_size, month)
-        tokens = tokens.reshape(b, h * w * len(chosen), self.embedding_size)
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.norm(tokens)
+        return tokens.reshape(b, h * w * len(chosen), self.embedding_size)
 
 
 def load_galileo_nano(folder: Path | None = None) -> GalileoEncoder:
