@@ -1,6 +1,7 @@
 """NEC models in PyTorch, created by name and loaded from the official checkpoints."""
 
 from nec_models import galileo as _galileo  # noqa: F401  (registers the architectures)
+from nec_models import galileo_nec as _galileo_nec  # noqa: F401
 from nec_models import nec as _nec  # noqa: F401
 from nec_models import rvq as _rvq  # noqa: F401
 from nec_models.checkpoint import load_checkpoint
