@@ -130,6 +130,20 @@ NEC = register_family(
                 },
                 {"rate_on": {"choices": ("visible", "all")}},
             ),
+            "galileo_nec": Trainer(
+                "nec_models.train_galileo_nec:GalileoNECConfig",
+                "nec_models.train_galileo_nec:train_galileo_nec",
+                "NEC on the frozen Galileo-nano encoder (adapter + bottleneck), resumable; "
+                "not exportable yet",
+                {
+                    "data": "EuroSAT RGB root (<Class>/<Class>_<n>.jpg)",
+                    "out": "run folder: split copy, cache, log.csv, checkpoint",
+                    "split": "path,label,split file (train and val are used, never test)",
+                    "lmbda": "weight of the token MSE vs bits per image",
+                    "bottleneck_lr": "the entropy model's density and the per-channel gain",
+                    "max_items": "first N images per class of train and val (0: all)",
+                },
+            ),
             "classifier": Trainer(
                 "nec_models.train:ClassifierConfig",
                 "nec_models.train:train_classifier",

@@ -185,3 +185,15 @@ def test_the_trainer_refuses_a_model_it_cannot_train(eurosat, sample_split, tmp_
     cfg = dataclasses.replace(cfg, model="galileo_nec_test", split=str(tmp_path / "none.csv"))
     with pytest.raises(InvalidInput, match="no split file"):
         train_galileo_nec(cfg, progress=False)
+
+
+def test_the_cli_trains_it(eurosat, sample_split, tmp_path, capsys):
+    from nec_cli.main import main
+
+    out = tmp_path / "run"
+    argv = ["train", "galileo_nec", "--data", str(eurosat), "--out", str(out), "--split"]
+    argv += [str(sample_split), "--model", "galileo_nec_test", "--lmbda", "300", "--epochs", "1"]
+    assert main([*argv, "--max-items", "1", "--batch-size", "8", "--threads", "1", "-q"]) == 0
+    args = torch.load(out / "checkpoint.pth", weights_only=True)["args"]
+    assert (args["lmbda"], args["max_items"], args["model"]) == (300.0, 1, "galileo_nec_test")
+    assert '"val_bits_coded"' in capsys.readouterr().out
