@@ -42,6 +42,7 @@ __all__ = [
     "fit",
     "run_task",
     "open_run",
+    "rate_distortion_optimizers",
     "rng_state",
     "save_checkpoint",
     "seed_everything",
@@ -327,6 +328,36 @@ def _train_epoch(
     if lr is None:
         lr = optimizer.param_groups[0]["lr"]
     return sums, lr
+
+
+def rate_distortion_optimizers(
+    model: nn.Module,
+    *,
+    lr: float,
+    density_lr: float,
+    aux_lr: float,
+    weight_decay: float,
+    density: tuple[str, ...],
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """An entropy-bottleneck model's optimizers: the main AdamW and the quantiles' Adam.
+
+    Trainable parameters whose names start with one of ``density`` (the bottleneck's
+    density and what trains beside it) go at ``density_lr`` without weight decay, the rest
+    at ``lr``; the bottleneck's quantiles (CompressAI's auxiliary loss) at ``aux_lr``.
+    """
+    aux = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
+    dens, rest = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad and not n.endswith("quantiles"):
+            (dens if n.startswith(density) else rest).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": rest}, {"params": dens, "lr": density_lr, "weight_decay": 0.0}],
+        lr=lr,
+        betas=betas,
+        weight_decay=weight_decay,
+    )
+    return optimizer, torch.optim.Adam(aux, lr=aux_lr)
 
 
 def run_task(task: Task, *, resume: bool = False, progress: bool = True) -> dict:

@@ -48,6 +48,7 @@ from nec_models.loop import (
     Task,
     TrainingDiverged,
     epoch_seed,
+    rate_distortion_optimizers,
     run_task,
 )
 from nec_models.registry import create_model
@@ -416,21 +417,15 @@ def _nec_optimizers(model: nn.Module, cfg: NECConfig):
     The adapter trains at ``lr``; the density and the encoder's final norm at
     ``bottleneck_lr``; the quantiles at ``aux_lr``.
     """
-    aux = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
-    density, adapter = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad and not n.endswith("quantiles"):
-            (density if n.startswith(("bottleneck.", "norm.")) else adapter).append(p)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": adapter},
-            {"params": density, "lr": cfg.bottleneck_lr, "weight_decay": 0.0},
-        ],
+    return rate_distortion_optimizers(
+        model,
         lr=cfg.lr,
-        betas=(0.9, 0.95),
+        density_lr=cfg.bottleneck_lr,
+        aux_lr=cfg.aux_lr,
         weight_decay=cfg.weight_decay,
+        density=("bottleneck.", "norm."),
+        betas=(0.9, 0.95),
     )
-    return optimizer, torch.optim.Adam(aux, lr=cfg.aux_lr)
 
 
 class _NECTask(Task):

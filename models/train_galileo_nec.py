@@ -38,7 +38,7 @@ from torch import nn
 from nec_models.eurosat import CLASSES, Decoded, Item, decode, read_split
 from nec_models.galileo import RGB_BANDS, eurosat_rgb_to_raw
 from nec_models.galileo_nec import GalileoNEC
-from nec_models.loop import SEED, EpochStats, Step, Task, run_task
+from nec_models.loop import SEED, EpochStats, Step, Task, rate_distortion_optimizers, run_task
 from nec_models.registry import create_model
 from nec_serve.errors import InvalidInput
 
@@ -138,20 +138,14 @@ def _raw(images: np.ndarray, gen: torch.Generator | None) -> torch.Tensor:
 
 def _optimizers(model: GalileoNEC, cfg: GalileoNECConfig):
     """Main AdamW (adapter at ``lr``; density and gain at ``bottleneck_lr``) and aux Adam."""
-    aux = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
-    density, adapter = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad and not n.endswith("quantiles"):
-            (density if n.startswith(("bottleneck.", "log_gain")) else adapter).append(p)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": adapter},
-            {"params": density, "lr": cfg.bottleneck_lr, "weight_decay": 0.0},
-        ],
+    return rate_distortion_optimizers(
+        model,
         lr=cfg.lr,
+        density_lr=cfg.bottleneck_lr,
+        aux_lr=cfg.aux_lr,
         weight_decay=cfg.weight_decay,
+        density=("bottleneck.", "log_gain"),
     )
-    return optimizer, torch.optim.Adam(aux, lr=cfg.aux_lr)
 
 
 @torch.no_grad()
